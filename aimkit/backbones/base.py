@@ -1,0 +1,212 @@
+"""The backbone contract shared by every sequence model (Mamba2, transformer, ...).
+
+A backbone is a stack of :class:`Block` s followed by a final RMSNorm. Each block holds a
+*mixer* (the sequence-mixing layer: Mamba2, attention) and optionally an MLP, and is modulated
+by per-layer ``(shift, scale, gate)`` tensors that the conditioning module computes.
+
+Inference cache interface (after mamba-ssm's ``utils/generation.py``):
+
+* ``backbone.allocate_inference_cache(batch_size, max_seqlen, dtype)`` returns a dict
+  ``layer_idx -> tuple of tensors`` that is stored in :class:`InferenceParams`.
+* ``backbone(x, mods, inference_params)`` runs a whole sequence (prefill when a cache is given:
+  the mixers fill their cache for positions ``[seqlen_offset, seqlen_offset + L)``).
+* ``backbone.step(x, mods, inference_params)`` runs one token at ``inference_params.seqlen_offset``
+  and updates the cache in place; it is CUDA-graph capturable (position-dependent mixers read the
+  device tensor ``inference_params.position``, never a Python int that changes between steps).
+
+Every mixer implements the same four members::
+
+    mixer = MixerCls(d_model, layer_idx=i, device=None, dtype=None)
+    mixer(x, inference_params=None)          # (B, L, D) -> (B, L, D)
+    mixer.step(x, inference_params)          # (B, 1, D) -> (B, 1, D)
+    mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=None) -> tuple[Tensor, ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["InferenceParams", "Block", "Backbone", "modulate"]
+
+
+@dataclass
+class InferenceParams:
+    """State of one incremental decoding run.
+
+    Attributes:
+        max_seqlen: longest sequence the cache holds (class token + image tokens).
+        max_batch_size: batch size the cache was allocated for.
+        seqlen_offset: number of positions already processed (Python int, host side).
+        key_value_memory_dict: ``layer_idx -> tuple`` of cache tensors, owned by each mixer.
+        position: ``()`` int64 tensor on the cache's device mirroring ``seqlen_offset``; mixers
+            that need the position inside a CUDA graph read it from here.
+    """
+
+    max_seqlen: int
+    max_batch_size: int
+    seqlen_offset: int = 0
+    key_value_memory_dict: Dict[int, Tuple[Tensor, ...]] = field(default_factory=dict)
+    position: Optional[Tensor] = None
+
+    def advance(self, n: int = 1) -> None:
+        """Move the offset forward by ``n`` positions (host int and device tensor alike)."""
+        self.seqlen_offset += n
+        if self.position is not None:
+            self.position.add_(n)
+
+    def reset(self) -> None:
+        """Start a new sequence in the same buffers (states are overwritten by the next prefill)."""
+        self.seqlen_offset = 0
+        if self.position is not None:
+            self.position.zero_()
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift``; x (B, L, D), shift/scale (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block with adaLN-modulated sublayers.
+
+    ``residual = x + residual``; ``h = gate * mixer(modulate(norm(residual), shift, scale))``;
+    with an MLP a second modulated sublayer follows. The residual stream is kept in float32 when
+    ``residual_in_fp32`` (as in the official AiM blocks).
+
+    Args:
+        dim: model width D.
+        mixer_cls: factory ``dim -> mixer`` (already bound to its layer index).
+        norm_cls: factory ``dim -> norm``.
+        mlp_cls: optional factory ``dim -> mlp``; adds a second sublayer and 3 more modulation rows.
+        residual_in_fp32: keep the residual stream in float32.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mixer_cls: Callable[[int], nn.Module],
+        norm_cls: Callable[[int], nn.Module],
+        mlp_cls: Optional[Callable[[int], nn.Module]] = None,
+        residual_in_fp32: bool = True,
+    ):
+        super().__init__()
+        self.residual_in_fp32 = residual_in_fp32
+        self.norm = norm_cls(dim)
+        self.mixer = mixer_cls(dim)
+        if mlp_cls is not None:
+            self.norm2 = norm_cls(dim)
+            self.mlp = mlp_cls(dim)
+        else:
+            self.norm2 = None
+            self.mlp = None
+
+    @property
+    def mod_chunks(self) -> int:
+        """How many modulation rows (each (B, D)) this block consumes: 3 per sublayer."""
+        return 3 if self.mlp is None else 6
+
+    def _pre(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module) -> Tuple[Tensor, Tensor]:
+        residual = hidden if residual is None else hidden + residual
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return norm(residual.to(norm.weight.dtype)), residual
+
+    def forward(
+        self,
+        hidden: Tensor,
+        residual: Optional[Tensor],
+        mod: Tensor,
+        inference_params: Optional[InferenceParams] = None,
+        step: bool = False,
+    ) -> Tuple[Tensor, Tensor]:
+        """hidden (B, L, D), residual (B, L, D) or None, mod (B, mod_chunks, D) -> (hidden, residual)."""
+        h, residual = self._pre(hidden, residual, self.norm)
+        shift, scale, gate = mod[:, 0], mod[:, 1], mod[:, 2]
+        h = modulate(h, shift, scale)
+        h = self.mixer.step(h, inference_params) if step else self.mixer(h, inference_params=inference_params)
+        h = gate.unsqueeze(1) * h
+        if self.mlp is not None:
+            h, residual = self._pre(h, residual, self.norm2)
+            shift2, scale2, gate2 = mod[:, 3], mod[:, 4], mod[:, 5]
+            h = gate2.unsqueeze(1) * self.mlp(modulate(h, shift2, scale2))
+        return h, residual
+
+
+class Backbone(nn.Module):
+    """A stack of modulated blocks and the final norm ``norm_f``.
+
+    Args:
+        d_model: width D.
+        n_layer: number of blocks.
+        mixer_cls: factory ``(dim, layer_idx) -> mixer``.
+        norm_cls: factory ``dim -> norm`` (RMSNorm in every preset).
+        mlp_cls: optional factory ``dim -> mlp`` (the transformer's SwiGLU; None for Mamba2).
+        residual_in_fp32: keep the residual stream in float32.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_layer: int,
+        mixer_cls: Callable[..., nn.Module],
+        norm_cls: Callable[[int], nn.Module],
+        mlp_cls: Optional[Callable[[int], nn.Module]] = None,
+        residual_in_fp32: bool = True,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.layers = nn.ModuleList(
+            Block(
+                d_model,
+                lambda dim, i=i: mixer_cls(dim, layer_idx=i),
+                norm_cls,
+                mlp_cls,
+                residual_in_fp32=residual_in_fp32,
+            )
+            for i in range(n_layer)
+        )
+        self.norm_f = norm_cls(d_model)
+
+    @property
+    def mod_chunks(self) -> int:
+        """Modulation rows per layer (3 for a mixer-only block, 6 with an MLP)."""
+        return self.layers[0].mod_chunks
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
+    ) -> Dict[int, Tuple[Tensor, ...]]:
+        """Per-layer cache tensors for ``batch_size`` sequences of up to ``max_seqlen`` positions."""
+        return {
+            i: layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
+            for i, layer in enumerate(self.layers)
+        }
+
+    def _run(self, x: Tensor, mods: Sequence[Tensor], inference_params, step: bool) -> Tensor:
+        if len(mods) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} modulation tensors, got {len(mods)}")
+        hidden, residual = x, None
+        for layer, mod in zip(self.layers, mods):
+            hidden, residual = layer(hidden, residual, mod, inference_params=inference_params, step=step)
+        residual = hidden + residual
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward(
+        self, x: Tensor, mods: Sequence[Tensor], inference_params: Optional[InferenceParams] = None
+    ) -> Tensor:
+        """x (B, L, D), mods: n_layer tensors (B, mod_chunks, D) -> normed hidden (B, L, D).
+
+        With ``inference_params`` the mixers also fill their caches (prefill)."""
+        return self._run(x, mods, inference_params, step=False)
+
+    def step(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
+        """One position: x (B, 1, D) -> (B, 1, D), updating every layer's cache in place."""
+        return self._run(x, mods, inference_params, step=True)
+
+
+def rms_norm_factory(eps: float = 1e-5, device=None, dtype=None) -> Callable[[int], nn.Module]:
+    """``dim -> nn.RMSNorm(dim, eps)``: the norm used by every AiM block."""
+    return lambda dim: nn.RMSNorm(dim, eps=eps, device=device, dtype=dtype)

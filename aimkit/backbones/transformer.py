@@ -1,0 +1,368 @@
+"""The ``transformer`` backbone: a LlamaGen-style decoder behind the same contract as Mamba2.
+
+Each block is RMSNorm -> causal self-attention (1-D rotary positions, optional grouped-query
+attention) and RMSNorm -> SwiGLU, both sublayers adaLN-modulated by the conditioning module
+(6 modulation rows per layer, see :class:`~aimkit.backbones.base.Block`). With the same width and
+depth as an AiM model it serves as the reference in comparisons.
+
+Inference cache per layer: ``(k_cache, v_cache)``, each ``(B, n_kv_head, max_seqlen, head_dim)``.
+``Attention.step`` reads the position only from the device tensor ``inference_params.position``,
+writes K and V there with ``index_copy_`` and attends over the whole preallocated cache under the
+mask ``arange(max_seqlen) <= position``: no host sync, no cache allocation, no branching on tensor
+values, so a decode step can be captured in a CUDA graph.
+
+Rotary angles are computed from the positions on every call (a few hundred flops) instead of being
+stored as a buffer, so they stay float32 when the module is cast to bf16 and need no resizing.
+Channel pairs ``(2i, 2i + 1)`` are rotated, as in LlamaGen's complex-number formulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..registry import BACKBONES
+from .base import Backbone, InferenceParams, rms_norm_factory
+
+__all__ = [
+    "TransformerConfig",
+    "Attention",
+    "SwiGLU",
+    "TransformerBackbone",
+    "rotary_angles",
+    "apply_rotary",
+]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of the transformer backbone (width and depth are the backbone's arguments).
+
+    Attributes:
+        n_head: query heads; None means ``d_model // 64``.
+        n_kv_head: key/value heads; None means ``n_head``, fewer gives grouped-query attention.
+        mlp_hidden: SwiGLU hidden width; None derives it from ``d_model`` (see :meth:`mlp_width`).
+        multiple_of: rounding unit of the derived SwiGLU width.
+        rope_base: base of the rotary frequencies.
+        norm_eps: RMSNorm epsilon, used when the backbone is given no ``norm_eps``.
+        qkv_bias: bias on the fused q/k/v projection.
+    """
+
+    n_head: Optional[int] = 12  # query heads (LlamaGen-B/AiM-B width 768 -> 12 heads of 64)
+    n_kv_head: Optional[int] = None  # None -> n_head (plain multi-head attention)
+    mlp_hidden: Optional[int] = None  # None -> 4 * d * 2 / 3 rounded up to multiple_of
+    multiple_of: int = 256  # SwiGLU width granularity, as in LlamaGen
+    rope_base: float = 10000.0  # rotary theta
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    qkv_bias: bool = False  # LlamaGen uses no bias anywhere
+
+    def __post_init__(self):
+        for name in ("n_head", "n_kv_head", "mlp_hidden"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"transformer {name} must be positive, got {value}")
+        if self.multiple_of <= 0:
+            raise ConfigError(f"transformer multiple_of must be positive, got {self.multiple_of}")
+        if self.rope_base <= 0:
+            raise ConfigError(f"transformer rope_base must be positive, got {self.rope_base}")
+
+    def head_counts(self, d_model: int) -> Tuple[int, int]:
+        """``(n_head, n_kv_head)`` resolved for width ``d_model``, checked for consistency."""
+        n_head = self.n_head if self.n_head is not None else d_model // 64
+        n_kv_head = self.n_kv_head if self.n_kv_head is not None else n_head
+        if n_head <= 0 or d_model % n_head:
+            raise ConfigError(f"d_model {d_model} is not divisible into {n_head} heads")
+        if (d_model // n_head) % 2:
+            raise ConfigError(f"head_dim {d_model // n_head} must be even for rotary embeddings")
+        if n_head % n_kv_head:
+            raise ConfigError(f"n_head {n_head} is not a multiple of n_kv_head {n_kv_head}")
+        return n_head, n_kv_head
+
+    def mlp_width(self, d_model: int) -> int:
+        """SwiGLU hidden width: ``mlp_hidden``, else ``int(8 * d_model / 3)`` rounded up.
+
+        The rounding is up to a multiple of ``multiple_of`` (768 -> 2048, 1024 -> 2816).
+        """
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        hidden = int(2 * (4 * d_model) / 3)
+        return -(-hidden // self.multiple_of) * self.multiple_of
+
+
+def rotary_angles(positions: Tensor, head_dim: int, base: float) -> Tuple[Tensor, Tensor]:
+    """Rotary cos/sin tables for the given absolute positions.
+
+    Args:
+        positions: (L,) integer positions (device tensor; never read on the host).
+        head_dim: per-head channels, even.
+        base: frequency base theta.
+
+    Returns:
+        ``(cos, sin)``, each (L, head_dim // 2) float32.
+    """
+    channels = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    exponents = channels / head_dim  # (head_dim / 2,)
+    inv_freq = 1.0 / torch.pow(base, exponents)  # (head_dim / 2,)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, head_dim / 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs ``(2i, 2i + 1)`` of x by the position angles.
+
+    Args:
+        x: (B, L, H, head_dim).
+        cos: (L, head_dim // 2) from :func:`rotary_angles`.
+        sin: (L, head_dim // 2).
+
+    Returns:
+        (B, L, H, head_dim) in x's dtype (the rotation itself runs in float32).
+    """
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, head_dim / 2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (L, 1, head_dim / 2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def _init_linear(layer: nn.Linear, std: float) -> None:
+    nn.init.normal_(layer.weight, mean=0.0, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+class Attention(nn.Module):
+    """Causal multi-head (or grouped-query) self-attention with 1-D rotary positions.
+
+    Args:
+        d_model: width D.
+        layer_idx: key of this layer's cache in ``inference_params.key_value_memory_dict``.
+        config: head counts, rotary base and bias flag.
+        device: parameter device.
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer_idx: int,
+        config: TransformerConfig = TransformerConfig(),
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.head_counts(d_model)
+        self.head_dim = d_model // self.n_head
+        self.rope_base = config.rope_base
+        kv_dim = self.n_kv_head * self.head_dim
+        self.wqkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=config.qkv_bias, **factory)
+        self.wo = nn.Linear(d_model, d_model, bias=False, **factory)
+        self.reset_parameters()
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_head // self.n_kv_head
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, zero biases."""
+        _init_linear(self.wqkv, std)
+        _init_linear(self.wo, std)
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"
+
+    def _project(self, x: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, D), positions (L,) -> q (B, H, L, hd), k and v (B, Hkv, L, hd), rotated."""
+        batch, seqlen, _ = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.d_model, kv_dim, kv_dim], dim=-1)
+        q = q.view(batch, seqlen, self.n_head, self.head_dim)  # (B, L, H, hd)
+        k = k.view(batch, seqlen, self.n_kv_head, self.head_dim)  # (B, L, Hkv, hd)
+        v = v.view(batch, seqlen, self.n_kv_head, self.head_dim)
+        cos, sin = rotary_angles(positions, self.head_dim, self.rope_base)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _cache(self, inference_params: InferenceParams, batch: int) -> Tuple[Tensor, Tensor]:
+        """This layer's ``(k_cache, v_cache)`` views for the first ``batch`` rows."""
+        try:
+            k_cache, v_cache = inference_params.key_value_memory_dict[self.layer_idx]
+        except KeyError:
+            raise ValueError(
+                f"no inference cache for layer {self.layer_idx}: fill "
+                "inference_params.key_value_memory_dict with backbone.allocate_inference_cache(...)"
+            ) from None
+        if batch > k_cache.shape[0]:
+            raise ValueError(f"batch {batch} exceeds the cache's batch size {k_cache.shape[0]}")
+        return k_cache[:batch], v_cache[:batch]
+
+    def _expand_kv(self, t: Tensor) -> Tensor:
+        """(B, Hkv, S, hd) -> (B, H, S, hd), each key/value head serving n_rep query heads."""
+        return t if self.n_rep == 1 else t.repeat_interleave(self.n_rep, dim=1)
+
+    def forward(self, x: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
+        """Attend over a whole chunk; with a cache, also store its K and V (prefill).
+
+        Args:
+            x: (B, L, D) normalized, modulated hidden states.
+            inference_params: None for training; otherwise the chunk covers positions
+                ``[seqlen_offset, seqlen_offset + L)`` and attends to the cached earlier ones.
+
+        Returns:
+            (B, L, D).
+        """
+        batch, seqlen, _ = x.shape
+        offset = 0 if inference_params is None else inference_params.seqlen_offset
+        positions = torch.arange(offset, offset + seqlen, device=x.device)  # (L,)
+        q, k, v = self._project(x, positions)  # (B, H, L, hd), (B, Hkv, L, hd) x2
+        mask = None
+        if inference_params is not None:
+            k_cache, v_cache = self._cache(inference_params, batch)
+            if offset + seqlen > k_cache.shape[2]:
+                raise ValueError(
+                    f"positions up to {offset + seqlen} do not fit a cache of {k_cache.shape[2]}"
+                )
+            k_cache[:, :, offset : offset + seqlen].copy_(k)
+            v_cache[:, :, offset : offset + seqlen].copy_(v)
+            if offset > 0:  # earlier positions come from the cache
+                k = k_cache[:, :, : offset + seqlen].to(q.dtype)  # (B, Hkv, S, hd)
+                v = v_cache[:, :, : offset + seqlen].to(q.dtype)
+                keys = torch.arange(offset + seqlen, device=x.device)
+                mask = keys[None, :] <= positions[:, None]  # (L, S)
+        out = F.scaled_dot_product_attention(
+            q, self._expand_kv(k), self._expand_kv(v), attn_mask=mask, is_causal=mask is None
+        )  # (B, H, L, hd)
+        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, self.d_model))
+
+    def step(self, x: Tensor, inference_params: InferenceParams) -> Tensor:
+        """Decode one token at position ``inference_params.position`` (CUDA-graph capturable).
+
+        Args:
+            x: (B, 1, D).
+            inference_params: holds the cache and the ``()`` int64 device tensor ``position``; the
+                host-side ``seqlen_offset`` is not read.
+
+        Returns:
+            (B, 1, D).
+        """
+        batch, seqlen, _ = x.shape
+        if seqlen != 1:
+            raise ValueError(f"step takes one token per sequence, got {seqlen}")
+        if inference_params.position is None:
+            raise ValueError("Attention.step needs inference_params.position (a () int64 tensor)")
+        position = inference_params.position.reshape(1)  # (1,)
+        q, k, v = self._project(x, position)  # (B, H, 1, hd), (B, Hkv, 1, hd) x2
+        k_cache, v_cache = self._cache(inference_params, batch)  # (B, Hkv, S, hd)
+        k_cache.index_copy_(2, position, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, position, v.to(v_cache.dtype))
+        visible = (torch.arange(k_cache.shape[2], device=x.device) <= position)[None, :]  # (1, S)
+        # All query heads of a group share one key/value head and the same mask, so the group's
+        # heads stand in for the query length: no repeated copy of the cache.
+        q = q.reshape(batch, self.n_kv_head, self.n_rep, self.head_dim)  # (B, Hkv, n_rep, hd)
+        out = F.scaled_dot_product_attention(
+            q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=visible
+        )  # (B, Hkv, n_rep, hd)
+        return self.wo(out.reshape(batch, 1, self.d_model))
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """Zeroed ``(k_cache, v_cache)``, each (B, n_kv_head, max_seqlen, head_dim).
+
+        Args:
+            batch_size: sequences decoded together.
+            max_seqlen: positions the cache holds.
+            dtype: cache dtype; defaults to the projection weight's dtype.
+        """
+        weight = self.wqkv.weight
+        shape = (batch_size, self.n_kv_head, max_seqlen, self.head_dim)
+        kwargs = {"device": weight.device, "dtype": dtype or weight.dtype}
+        return torch.zeros(shape, **kwargs), torch.zeros(shape, **kwargs)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP ``w2(silu(w1 x) * w3 x)`` without biases.
+
+    Args:
+        d_model: width D.
+        hidden_features: hidden width F.
+        device: parameter device.
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, d_model: int, hidden_features: int, *, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.w1 = nn.Linear(d_model, hidden_features, bias=False, **factory)
+        self.w3 = nn.Linear(d_model, hidden_features, bias=False, **factory)
+        self.w2 = nn.Linear(hidden_features, d_model, bias=False, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights."""
+        for layer in (self.w1, self.w3, self.w2):
+            _init_linear(layer, std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, L, D) -> (B, L, D)."""
+        hidden = F.silu(self.w1(x)) * self.w3(x)  # (B, L, F)
+        return self.w2(hidden)
+
+
+@BACKBONES.register("transformer")
+class TransformerBackbone(Backbone):
+    """LlamaGen-style decoder: ``n_layer`` blocks of attention + SwiGLU with adaLN modulation.
+
+    Every block consumes 6 modulation rows (shift, scale, gate for attention, then for the MLP).
+
+    Args:
+        d_model: width D.
+        n_layer: number of blocks.
+        config: :class:`TransformerConfig`.
+        norm_eps: RMSNorm epsilon; None takes ``config.norm_eps``.
+        device: parameter device.
+        dtype: parameter dtype.
+    """
+
+    config_cls = TransformerConfig
+
+    def __init__(
+        self,
+        d_model: int,
+        n_layer: int,
+        config: TransformerConfig = TransformerConfig(),
+        norm_eps: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ):
+        factory = {"device": device, "dtype": dtype}
+        eps = config.norm_eps if norm_eps is None else norm_eps
+        super().__init__(
+            d_model,
+            n_layer,
+            mixer_cls=partial(Attention, config=config, **factory),
+            norm_cls=rms_norm_factory(eps, **factory),
+            mlp_cls=partial(SwiGLU, hidden_features=config.mlp_width(d_model), **factory),
+            residual_in_fp32=True,
+        )
+        self.config = config
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Re-initialize every block: normal(0, std) linear weights, unit norm weights."""
+        for layer in self.layers:
+            layer.mixer.reset_parameters(std)
+            layer.mlp.reset_parameters(std)
+            layer.norm.reset_parameters()
+            layer.norm2.reset_parameters()
+        self.norm_f.reset_parameters()

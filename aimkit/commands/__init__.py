@@ -1,0 +1,1 @@
+"""Subcommands of the ``aimkit`` CLI, one module each (see :mod:`aimkit.cli`)."""

@@ -1,0 +1,142 @@
+"""Configuration records of a generator: one small frozen dataclass per component, nested.
+
+A :class:`GeneratorConfig` names every component by its registry name (:class:`ComponentSpec`)
+and carries that component's own config dataclass. It round-trips through JSON exactly
+(``to_dict`` / ``from_dict``), which is what ``Generator.save_pretrained`` writes to ``config.json``.
+Inference sizes (batch, cache length) are not part of it: they belong to the inference cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from ._config import config_from_dict, config_to_dict
+from .errors import ConfigError
+from .registry import BACKBONES, CONDITIONING, SAMPLERS, TOKENIZERS, Registry
+
+__all__ = ["ComponentSpec", "SamplingDefaults", "GeneratorConfig"]
+
+_REGISTRIES: Dict[str, Registry] = {
+    "tokenizer": TOKENIZERS,
+    "backbone": BACKBONES,
+    "conditioning": CONDITIONING,
+    "sampler": SAMPLERS,
+}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A registered component: its registry ``name`` and its config dataclass (None = defaults)."""
+
+    name: str
+    config: Any = None
+
+    def resolved(self, kind: str) -> "ComponentSpec":
+        """The same spec with ``config`` filled in with the component's default config."""
+        cls = _REGISTRIES[kind].get(self.name)
+        config_cls = getattr(cls, "config_cls", None)
+        if self.config is None and config_cls is not None:
+            return ComponentSpec(self.name, config_cls())
+        if config_cls is not None and not isinstance(self.config, config_cls):
+            raise ConfigError(
+                f"{kind} {self.name!r} expects a {config_cls.__name__}, got {type(self.config).__name__}"
+            )
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "config": None if self.config is None else config_to_dict(self.config)}
+
+    @classmethod
+    def from_dict(cls, kind: str, data: Mapping[str, Any]) -> "ComponentSpec":
+        if not isinstance(data, Mapping) or "name" not in data:
+            raise ConfigError(f"{kind} entry must be a mapping with a 'name', got {data!r}")
+        component = _REGISTRIES[kind].get(data["name"])
+        config_cls = getattr(component, "config_cls", None)
+        raw = data.get("config")
+        config = None
+        if config_cls is not None:
+            config = config_from_dict(config_cls, raw or {}, where=f"{kind} {data['name']!r}")
+        return cls(data["name"], config)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling settings a preset recommends (used when the caller does not pass them)."""
+
+    cfg_scale: float = 2.0  # classifier-free guidance scale
+    temperature: float = 1.0  # softmax temperature
+    top_k: int = 0  # 0 = no top-k filtering
+    top_p: float = 1.0  # 1.0 = no nucleus filtering
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Everything needed to build a :class:`~aimkit.generator.Generator`.
+
+    Attributes mirror the AiM architecture; defaults are AiM-B's.
+    """
+
+    d_model: int = 768  # width D of embeddings and blocks
+    n_layer: int = 24  # number of backbone blocks
+    vocab_size: int = 16384  # tokenizer codebook size
+    num_classes: int = 1000  # real classes; the class table has one more row (null class)
+    num_tokens: int = 256  # image tokens per sample (16 x 16 grid)
+    class_dropout: float = 0.1  # label dropout probability during training (CFG)
+    norm_eps: float = 1e-5  # RMSNorm epsilon of blocks and head
+    decode_position_offset: int = 0  # 0: decode token k at position k as in training; 1: official sampler (k + 1)
+    backbone: ComponentSpec = field(default_factory=lambda: ComponentSpec("mamba2"))
+    conditioning: ComponentSpec = field(default_factory=lambda: ComponentSpec("adaln"))
+    tokenizer: Optional[ComponentSpec] = field(default_factory=lambda: ComponentSpec("vq-f16"))
+    sampler: ComponentSpec = field(default_factory=lambda: ComponentSpec("autoregressive"))
+    fid_sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # for FID numbers
+    pretty_sampling: SamplingDefaults = field(
+        default_factory=lambda: SamplingDefaults(cfg_scale=5.0, top_k=600, top_p=0.98)
+    )  # for pictures people look at
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "num_classes", "num_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.decode_position_offset not in (0, 1):
+            raise ConfigError(f"decode_position_offset must be 0 or 1, got {self.decode_position_offset!r}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}")
+
+    def resolved(self) -> "GeneratorConfig":
+        """Fill every component's config with its defaults (looks the names up in the registries)."""
+        return dataclasses.replace(
+            self,
+            backbone=self.backbone.resolved("backbone"),
+            conditioning=self.conditioning.resolved("conditioning"),
+            tokenizer=None if self.tokenizer is None else self.tokenizer.resolved("tokenizer"),
+            sampler=self.sampler.resolved("sampler"),
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ComponentSpec):
+                value = value.to_dict()
+            elif isinstance(value, SamplingDefaults):
+                value = config_to_dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GeneratorConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - valid
+        if unknown:
+            raise ConfigError(f"unknown generator config keys: {', '.join(sorted(unknown))}")
+        kwargs: Dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _REGISTRIES:
+                value = None if value is None else ComponentSpec.from_dict(key, value)
+            elif key in ("fid_sampling", "pretty_sampling"):
+                value = config_from_dict(SamplingDefaults, value, where=key)
+            kwargs[key] = value
+        return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""aimkit.data."""

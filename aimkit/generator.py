@@ -1,0 +1,334 @@
+"""The class-conditional token generator (AiM) assembled from registered components.
+
+Data flow (B images, N = 256 tokens, D = d_model, V = vocab)::
+
+    labels (B,) ──class_embed──► c (B, D) ──conditioning──► per-layer (shift, scale, gate)
+    codes (B, N) ─tok_embed + pos_embed─► x (B, N-1, D)
+    [c ; x] (B, N, D) ──backbone (modulated blocks, norm_f)──► final adaLN ──lm_head──► logits (B, N, V)
+    logits ──sampler──► codes ──tokenizer.decode──► images (B, 3, H, W)
+
+The state-dict layout is aimkit's own (``tok_embed``, ``backbone.layers.i.mixer``, ``conditioning``,
+...); :mod:`aimkit.official` maps it to and from the official AiM checkpoint names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones.base import InferenceParams, modulate
+from .conditioning.label import ClassEmbedder
+from .config import ComponentSpec, GeneratorConfig
+from .errors import CheckpointError, ConfigError
+from .registry import BACKBONES, CONDITIONING, TOKENIZERS
+
+__all__ = ["Generator", "DecodeCondition", "FinalLayer"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class DecodeCondition(NamedTuple):
+    """Per-sample conditioning computed once per decoding run.
+
+    Attributes:
+        class_emb: (B, D) class embeddings (the first sequence position).
+        mods: (n_layer, B, chunks, D) modulation rows of every block.
+        final: (B, 2, D) shift and scale of the final adaLN.
+    """
+
+    class_emb: Tensor
+    mods: Tensor
+    final: Tensor
+
+
+class FinalLayer(nn.Module):
+    """Final adaLN before the LM head: ``modulate(norm(x), shift, scale)``, zero-initialised."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.norm = nn.RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
+        self.modulation = nn.Linear(d_model, 2 * d_model, device=device, dtype=dtype)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def shift_scale(self, c: Tensor) -> Tensor:
+        """c (B, D) -> (B, 2, D): shift then scale."""
+        return self.modulation(F.silu(c)).view(c.shape[0], 2, -1)
+
+    def forward(self, x: Tensor, final: Tensor) -> Tensor:
+        """x (B, L, D), final (B, 2, D) -> (B, L, D)."""
+        return modulate(self.norm(x), final[:, 0], final[:, 1])
+
+
+def _build(registry, spec: ComponentSpec, *args, **kwargs):
+    cls = registry.get(spec.name)
+    if spec.config is not None:
+        kwargs["config"] = spec.config
+    return cls(*args, **kwargs)
+
+
+class Generator(nn.Module):
+    """A class-conditional autoregressive image-token generator with an optional tokenizer.
+
+    Build one with :func:`aimkit.build` rather than directly.
+
+    Args:
+        config: the full configuration (components by registry name); its
+            ``decode_position_offset`` chooses where decoding feeds image token k (see there).
+    """
+
+    def __init__(self, config: GeneratorConfig, device=None, dtype=None):
+        super().__init__()
+        config = config.resolved()
+        self.config = config
+        d, kw = config.d_model, {"device": device, "dtype": dtype}
+        self.class_embed = ClassEmbedder(config.num_classes, d, config.class_dropout, **kw)
+        self.tok_embed = nn.Embedding(config.vocab_size, d, **kw)
+        self.pos_embed = nn.Embedding(config.num_tokens + 1, d, **kw)
+        self.backbone = _build(BACKBONES, config.backbone, d, config.n_layer, norm_eps=config.norm_eps, **kw)
+        self.conditioning = _build(
+            CONDITIONING, config.conditioning, d, config.n_layer, self.backbone.mod_chunks, **kw
+        )
+        self.final_layer = FinalLayer(d, config.norm_eps, **kw)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False, **kw)
+        self.lm_head.weight = self.tok_embed.weight  # tied, as in AiM
+        self.tokenizer = None if config.tokenizer is None else _build(TOKENIZERS, config.tokenizer).to(**kw)
+        self._init_embeddings()
+
+    def _init_embeddings(self) -> None:
+        for emb in (self.class_embed.embedding_table, self.tok_embed, self.pos_embed):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def position_offset(self) -> int:
+        """0: decoding feeds token k at position k (as training); 1: the official sampler's k + 1."""
+        return self.config.decode_position_offset
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def null_class(self) -> int:
+        """Label of the unconditional branch used for classifier-free guidance."""
+        return self.class_embed.null_class
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embed.weight.dtype
+
+    def num_params(self, include_tokenizer: bool = False) -> int:
+        """Parameter count with tied weights counted once (tokenizer excluded by default)."""
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if not include_tokenizer and name.startswith("tokenizer."):
+                continue
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    def generator_state_dict(self) -> Dict[str, Tensor]:
+        """State dict without the tokenizer's tensors and without the tied ``lm_head.weight``."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith("tokenizer.") and k != "lm_head.weight"
+        }
+
+    # ------------------------------------------------------------------ validation
+    def _check_labels(self, labels: Tensor, allow_null: bool = False) -> Tensor:
+        if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ConfigError("labels must be an integer tensor of shape (B,)")
+        if labels.dim() != 1:
+            raise ConfigError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+        hi = self.num_classes + (1 if allow_null else 0)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= hi):
+            raise ConfigError(
+                f"labels must be in [0, {self.num_classes}) (got min {int(labels.min())}, max {int(labels.max())})"
+            )
+        return labels.long()
+
+    def _check_codes(self, codes: Tensor) -> Tensor:
+        if not torch.is_tensor(codes) or codes.is_floating_point() or codes.dim() != 2:
+            raise ConfigError("codes must be an integer tensor of shape (B, num_tokens)")
+        if codes.shape[1] != self.num_tokens:
+            raise ConfigError(f"codes must have {self.num_tokens} tokens per sample, got {codes.shape[1]}")
+        if int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size:
+            raise ConfigError(f"codes must be in [0, {self.vocab_size})")
+        return codes.long()
+
+    # ------------------------------------------------------------------ teacher-forced forward
+    def forward(self, codes: Tensor, labels: Tensor, force_drop: Optional[Tensor] = None) -> Tensor:
+        """Teacher-forced logits, exactly as the official training forward.
+
+        Args:
+            codes: (B, N) int64 image tokens in raster order.
+            labels: (B,) int64 class labels in [0, num_classes) (the null class is allowed too).
+            force_drop: optional (B,) bool, replace those labels by the null class.
+        Returns:
+            logits (B, N, V): position k predicts token k (position 0 sees only the class token).
+        """
+        codes = self._check_codes(codes)
+        labels = self._check_labels(labels, allow_null=True)
+        c = self.class_embed(labels, force_drop)  # (B, D)
+        n_in = codes.shape[1] - 1
+        positions = torch.arange(n_in, device=codes.device)
+        x = self.tok_embed(codes[:, :-1]) + self.pos_embed(positions)  # (B, N-1, D)
+        x = torch.cat([c.unsqueeze(1).to(x.dtype), x], dim=1)  # (B, N, D)
+        h = self.backbone(x, self.conditioning(c))  # (B, N, D)
+        h = self.final_layer(h, self.final_layer.shift_scale(c))
+        return self.lm_head(h.to(self.lm_head.weight.dtype))
+
+    def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
+        """Mean next-token cross-entropy of the teacher-forced forward (float32)."""
+        logits = self(codes, labels)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1).long())
+
+    # ------------------------------------------------------------------ incremental decoding
+    def condition(self, labels: Tensor) -> DecodeCondition:
+        """Everything label-dependent for a decoding run; labels (B,) may include the null class."""
+        labels = self._check_labels(labels, allow_null=True)
+        c = self.class_embed.embedding_table(labels)  # never dropped at inference
+        mods = torch.stack(self.conditioning(c))  # (n_layer, B, chunks, D)
+        return DecodeCondition(c, mods, self.final_layer.shift_scale(c))
+
+    def allocate_inference_cache(
+        self, batch_size: int, dtype: Optional[torch.dtype] = None, max_seqlen: Optional[int] = None
+    ) -> InferenceParams:
+        """A fresh cache for ``batch_size`` sequences of the class token + ``num_tokens`` tokens."""
+        max_seqlen = max_seqlen or self.num_tokens + 1
+        params = InferenceParams(
+            max_seqlen=max_seqlen,
+            max_batch_size=batch_size,
+            position=torch.zeros((), dtype=torch.long, device=self.device),
+        )
+        params.key_value_memory_dict = self.backbone.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
+        return params
+
+    def _head(self, h: Tensor, cond: DecodeCondition) -> Tensor:
+        h = self.final_layer(h, cond.final)
+        return self.lm_head(h.to(self.lm_head.weight.dtype))[:, -1]
+
+    def prefill(self, cond: DecodeCondition, inference_params: InferenceParams) -> Tensor:
+        """Run the class token (position 0) and fill the cache; returns logits (B, V) for token 0.
+
+        The caller advances ``inference_params`` by one afterwards."""
+        x = cond.class_emb.unsqueeze(1).to(self.dtype)  # (B, 1, D)
+        h = self.backbone(x, list(cond.mods), inference_params=inference_params)
+        return self._head(h, cond)
+
+    def decode_step(self, tokens: Tensor, cond: DecodeCondition, inference_params: InferenceParams) -> Tensor:
+        """Feed image token k (at cache position k + 1); returns logits (B, V) for token k + 1.
+
+        Reads the position from the device tensor ``inference_params.position`` only, so the step
+        can be captured in a CUDA graph. The caller advances ``inference_params`` afterwards."""
+        pos = inference_params.position - 1 + self.position_offset  # () long
+        x = self.tok_embed(tokens.view(-1, 1)) + self.pos_embed.weight.index_select(0, pos.view(1))  # (B, 1, D)
+        h = self.backbone.step(x, list(cond.mods), inference_params)
+        return self._head(h, cond)
+
+    # ------------------------------------------------------------------ conversions
+    def convert_conditioning(self, kind: str, approximate: bool = False, **kwargs: Any) -> "Generator":
+        """A copy of this generator with another conditioning kind (``"adaln"``, ``"adaln-group"``, ...).
+
+        Conversions to a more expressive kind (single → group → per-layer adaLN) are exact. The
+        reverse is exact only when the layers that would share a projection have equal weights;
+        otherwise a :class:`~aimkit.conditioning.adaln.InexactConversionError` is raised, unless
+        ``approximate=True``, which averages the weights and records the largest weight change in
+        ``result.conversion_error`` (and warns).
+        """
+        import copy
+        import warnings
+
+        from ._config import config_from_dict
+
+        target_cls = CONDITIONING.get(kind)
+        target_config = config_from_dict(target_cls.config_cls, kwargs, where=f"conditioning {kind!r}")
+        weight, bias = self.conditioning.per_layer_affine()
+        with torch.no_grad():
+            new_cond, err = target_cls.from_per_layer_affine(
+                weight.detach(), bias.detach(), self.conditioning.chunks, target_config, approximate=approximate
+            )
+        new = copy.deepcopy(self)
+        new.conditioning = new_cond
+        new.config = type(self.config)(**{**self.config.__dict__, "conditioning": ComponentSpec(kind, target_config)})
+        new.conversion_error = err
+        if err > 0:
+            warnings.warn(f"approximate conversion to {kind}: max abs weight change {err:.4g}", stacklevel=2)
+        return new
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, labels=None, **kwargs):
+        """Sample images; see :func:`aimkit.samplers.generate` for the arguments."""
+        from .samplers.api import generate
+
+        return generate(self, labels, **kwargs)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: Union[str, os.PathLike], include_tokenizer: bool = True) -> Path:
+        """Write ``config.json`` (registry names of every component) and ``model.safetensors``."""
+        from .weights import save_safetensors_atomic
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.generator_state_dict()
+        if include_tokenizer and self.tokenizer is not None:
+            state.update({f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()})
+        cfg = {"aimkit_format": 1, "generator": self.config.to_dict()}
+        save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "aimkit"})
+        tmp = directory / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, directory / CONFIG_NAME)
+        return directory
+
+    def load_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:
+        """Load aimkit-layout tensors strictly; a missing tokenizer part is allowed and reported.
+
+        Returns the list of parts that were not in the file (e.g. ``["tokenizer"]``)."""
+        from .weights import check_state_dict
+
+        state = dict(state)
+        if "lm_head.weight" in state:
+            tied = state.pop("lm_head.weight")
+            if "tok_embed.weight" not in state:
+                state["tok_embed.weight"] = tied
+            elif not torch.equal(tied, state["tok_embed.weight"]):
+                raise CheckpointError(f"{source}: lm_head.weight differs from tok_embed.weight but they are tied")
+        expected = {k: v.shape for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        has_tok = any(k.startswith("tokenizer.") for k in state)
+        has_gen = any(not k.startswith("tokenizer.") for k in state)
+        not_found = []
+        if not has_tok:
+            expected = {k: v for k, v in expected.items() if not k.startswith("tokenizer.")}
+            if self.tokenizer is not None:
+                not_found.append("tokenizer")
+        if not has_gen:
+            expected = {k: v for k, v in expected.items() if k.startswith("tokenizer.")}
+            not_found.append("generator")
+        check_state_dict(expected, state, what=source)
+        own = self.state_dict()
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+        return not_found

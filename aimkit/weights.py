@@ -1,0 +1,349 @@
+"""Reading, checking and writing weight files, strictly.
+
+Every component loads its weights through this module so that all of them share one policy:
+
+* safetensors first; PyTorch pickles are opened with ``weights_only=True`` only;
+* a file that cannot be read, or that holds no state dict, raises
+  :class:`~aimkit.errors.CheckpointError` naming the path (never a raw pickle or zip traceback);
+* tensors are checked against the model *before* anything is copied, so a module is never left
+  half-loaded, and a mismatch lists the missing, unexpected and mis-shaped names together;
+* writes go to a temporary file in the target folder and are moved into place atomically.
+
+Typical use::
+
+    sd = read_state_dict("vq_ds16_c2i.pt")          # {"model": {...}} is unwrapped
+    sd = select_prefix(sd, "vqvae.")                # keep one component of a full checkpoint
+    load_strict(tokenizer, sd, "vq-f16", source="vq_ds16_c2i.pt")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError
+
+__all__ = [
+    "WRAPPER_KEYS",
+    "read_state_dict",
+    "strip_prefix",
+    "select_prefix",
+    "check_state_dict",
+    "load_strict",
+    "save_safetensors_atomic",
+]
+
+PathLike = Union[str, os.PathLike]
+
+#: Entries that training scripts wrap a state dict in, searched in this order (LlamaGen's own
+#: loaders prefer ``ema`` over ``model`` over ``state_dict``; ``module`` comes from DDP wrappers).
+WRAPPER_KEYS: Tuple[str, ...] = ("ema", "model", "state_dict", "module")
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_SAFETENSORS_SUFFIX = ".safetensors"
+# Files searched in a folder, in order; a glob that matches several files is ambiguous.
+_DIR_CANDIDATES = ("model.safetensors", "pytorch_model.bin", "*.safetensors", "*.pt")
+# Harmless classes that training scripts commonly pickle next to the weights (LlamaGen stores
+# its argparse arguments); they are allowed by the weights-only unpickler.
+_SAFE_GLOBALS = (argparse.Namespace,)
+_MAX_LISTED = 5
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: PathLike, key: Optional[str] = None) -> Dict[str, Tensor]:
+    """Read a flat ``name -> tensor`` dict from a weight file or folder, on the CPU.
+
+    Args:
+        path: a ``.safetensors`` file, a PyTorch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``),
+            or a folder holding ``model.safetensors``, ``pytorch_model.bin``, or exactly one
+            ``*.safetensors`` / ``*.pt`` file. Files with another suffix are recognised by
+            their first bytes.
+        key: the entry of a wrapping dict to use (``"model"``); by default the first of
+            :data:`WRAPPER_KEYS` present is taken, repeatedly, until a flat tensor dict is found.
+
+    Returns:
+        The tensors by name, in file order.
+
+    Raises:
+        CheckpointError: the path does not exist, the file is truncated or corrupt, or it holds
+            something other than a state dict.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _find_in_dir(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file {path} does not exist")
+
+    kind = _file_kind(path)
+    obj = _load_safetensors(path) if kind == "safetensors" else _load_torch(path)
+    return _unwrap(obj, path, key)
+
+
+def _find_in_dir(folder: Path) -> Path:
+    for pattern in _DIR_CANDIDATES:
+        found = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found[:_MAX_LISTED])
+            raise CheckpointError(
+                f"folder {folder} holds several weight files ({names}); pass the file to use"
+            )
+    raise CheckpointError(
+        f"folder {folder} holds no weight file (looked for {', '.join(_DIR_CANDIDATES)})"
+    )
+
+
+def _file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == _SAFETENSORS_SUFFIX:
+        return "safetensors"
+    if suffix in _TORCH_SUFFIXES:
+        return "torch"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip archive (torch.save) or raw pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then a JSON header
+        return "safetensors"
+    raise CheckpointError(
+        f"{path} is not a weight file: expected a .safetensors or PyTorch "
+        f"({', '.join(_TORCH_SUFFIXES)}) checkpoint"
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _load_safetensors(path: Path) -> Dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # the Rust reader raises its own error type
+        raise CheckpointError(
+            f"cannot read safetensors file {path}: it is truncated, corrupt or not a "
+            f"safetensors file ({_short(exc)})"
+        ) from None
+
+
+def _load_torch(path: Path) -> object:
+    try:
+        if hasattr(torch.serialization, "safe_globals"):
+            with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and is not loaded for safety "
+                f"(weights_only=True); re-save its state dict with torch.save or as safetensors "
+                f"({_short(exc)})"
+            ) from None
+        raise CheckpointError(
+            f"cannot read PyTorch file {path}: it is truncated, corrupt or not a checkpoint "
+            f"({_short(exc)})"
+        ) from None
+    except Exception as exc:  # zip errors, EOFError, UnicodeDecodeError, ...
+        raise CheckpointError(
+            f"cannot read PyTorch file {path}: it is truncated, corrupt or not a checkpoint "
+            f"({_short(exc)})"
+        ) from None
+
+
+def _is_flat(obj: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def _unwrap(obj: object, path: Path, key: Optional[str]) -> Dict[str, Tensor]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if key is not None:
+        if key not in obj:
+            keys = ", ".join(map(str, list(obj)[:10]))
+            raise CheckpointError(f"{path} has no entry {key!r} (top-level entries: {keys})")
+        obj = obj[key]
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"entry {key!r} of {path} is a {type(obj).__name__}, not a state dict")
+    while not _is_flat(obj):
+        inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            keys = ", ".join(map(str, list(obj)[:10]))
+            raise CheckpointError(
+                f"{path} does not hold a state dict: its entries ({keys}) are not all tensors and "
+                f"none of {', '.join(WRAPPER_KEYS)} wraps one"
+            )
+        obj = obj[inner]
+    if not obj:
+        raise CheckpointError(f"{path} holds no tensors")
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# key maps
+# --------------------------------------------------------------------------------------------
+
+
+def strip_prefix(sd: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    """Remove ``prefix`` from every key that has it; other keys are kept unchanged."""
+    n = len(prefix)
+    return {(k[n:] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def select_prefix(sd: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    """Keep only the keys that start with ``prefix``, with the prefix removed.
+
+    ``select_prefix(aim_checkpoint, "vqvae.")`` is the tokenizer part of an AiM checkpoint.
+    """
+    n = len(prefix)
+    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------------------------
+# checking and loading
+# --------------------------------------------------------------------------------------------
+
+
+def _expected_shapes(module_or_expected: Union[nn.Module, Mapping[str, torch.Size]]) -> Dict[str, Tuple[int, ...]]:
+    if isinstance(module_or_expected, nn.Module):
+        # state_dict() holds the parameters and the persistent buffers, nothing else.
+        return {k: tuple(v.shape) for k, v in module_or_expected.state_dict().items()}
+    return {k: tuple(v) for k, v in module_or_expected.items()}
+
+
+def _listing(names: List[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (", ..." if len(names) > _MAX_LISTED else "")
+
+
+def check_state_dict(
+    module_or_expected: Union[nn.Module, Mapping[str, torch.Size]],
+    sd: Mapping[str, Tensor],
+    what: str,
+    source: Optional[PathLike] = None,
+) -> None:
+    """Raise unless ``sd`` has exactly the expected tensor names and shapes.
+
+    Args:
+        module_or_expected: the module to load into (its parameters and persistent buffers are
+            expected), or a ``name -> shape`` mapping.
+        sd: the tensors to check.
+        what: the component, for the message (``"vq-f16"``).
+        source: where ``sd`` came from (a path), for the message.
+
+    Raises:
+        CheckpointError: listing the counts and the first names of missing, unexpected and
+            mis-shaped tensors, e.g. ``vq-f16 weights from x.pt do not fit: 2 missing (a.b,
+            a.c), 1 mis-shaped (d: file (3, 4) vs model (4, 4))``.
+    """
+    expected = _expected_shapes(module_or_expected)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    misshaped = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_listing(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_listing(unexpected)})")
+    if misshaped:
+        problems.append(f"{len(misshaped)} mis-shaped ({_listing(misshaped)})")
+    if problems:
+        origin = f" from {source}" if source is not None else ""
+        raise CheckpointError(f"{what} weights{origin} do not fit: {', '.join(problems)}")
+
+
+def load_strict(
+    module: nn.Module, sd: Mapping[str, Tensor], what: str, source: Optional[PathLike] = None
+) -> nn.Module:
+    """Check ``sd`` against ``module`` (nothing is copied on a mismatch), then load it strictly.
+
+    Tensors are copied into the module's existing parameters and buffers, so they take the
+    module's dtype and device.
+
+    Returns:
+        ``module``, for chaining.
+
+    Raises:
+        CheckpointError: see :func:`check_state_dict`.
+    """
+    check_state_dict(module, sd, what, source)
+    module.load_state_dict(dict(sd), strict=True)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def _storage_key(t: Tensor) -> Tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _owned(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Tensors safetensors accepts: contiguous, each with a storage of its own."""
+    counts: Dict[Tuple[str, int], int] = {}
+    for t in sd.values():
+        if t.numel():
+            counts[_storage_key(t)] = counts.get(_storage_key(t), 0) + 1
+    out = {}
+    for k, t in sd.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"state dict entry {k!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        shared = t.numel() and counts[_storage_key(t)] > 1
+        partial = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        out[k] = t.clone(memory_format=torch.contiguous_format) if shared or partial else t.contiguous()
+    return out
+
+
+def save_safetensors_atomic(
+    sd: Mapping[str, Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None
+) -> Path:
+    """Write ``sd`` as a safetensors file that appears at ``path`` complete or not at all.
+
+    Tied or otherwise storage-sharing tensors are written as separate copies (safetensors
+    refuses shared storage); values of ``metadata`` are converted to strings.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    tensors = _owned(sd)
+    meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
