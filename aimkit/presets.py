@@ -74,5 +74,5 @@ def aim_xl() -> GeneratorConfig:
 
 @GENERATORS.register("aim-1b")
 def aim_1b() -> GeneratorConfig:
-    """AiM-1B (the paper's 1.3B model, no public weights): 1,336,115,200 parameters; d_model 2048, 48 layers, G=4."""
+    """AiM-1B (the paper's 1.3B model, no public weights): 1,335,944,192 parameters; d_model 2048, 48 layers, G=4."""
     return _aim(2048, 48, 4, cfg_scale=1.75)

@@ -1,0 +1,485 @@
+"""The ``mamba2`` backbone: Mamba2 mixers (state-space duality) behind the backbone contract.
+
+:class:`Mamba2` reproduces mamba-ssm's ``Mamba2`` layer with its defaults (no ``d_mlp`` part,
+scalar ``D`` per head, gated RMSNorm with ``norm_before_gate=False``); parameter names and shapes
+match, so official AiM checkpoints load without renaming. Data flow for input ``u`` (B, L, D)::
+
+    z, xBC, dt = split(in_proj(u))            # d_inner, conv_dim, nheads
+    xBC = silu(causal depthwise conv(xBC))    # kernel d_conv
+    x, B, C = split(xBC)                      # d_inner, ngroups*d_state, ngroups*d_state
+    y = SSD(x, softplus(dt + dt_bias), A=-exp(A_log), B, C, D)
+    out = out_proj(rmsnorm(y * silu(z)) * norm.weight)
+
+Two implementations of every step, chosen per call:
+
+* PyTorch (:mod:`aimkit.backbones._ssd`): runs on any device, used on CPU and whenever
+  ``use_kernels="never"``; never imports mamba-ssm.
+* Fused (CUDA inputs with mamba-ssm installed, see :mod:`aimkit.backbones._mamba_kernels`):
+  Triton ``mamba_chunk_scan_combined`` for the scan (forward and backward),
+  ``selective_state_update`` for decoding, the Triton gated RMSNorm, and causal-conv1d's
+  convolution kernels when that package is installed.
+
+Inference cache per layer: ``(conv_state, ssm_state)`` with conv_state (B, conv_dim, d_conv), the
+last ``d_conv`` convolution inputs (channels contiguous in memory, as the conv kernels expect),
+and ssm_state (B, nheads, headdim, d_state). ``step`` updates both in place with ``copy_`` (or
+in-place kernels): no cache allocation, no host sync, no branching on tensor values, so a decode
+step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..registry import BACKBONES
+from . import _mamba_kernels
+from ._mamba_kernels import MambaKernels
+from ._ssd import ssd_chunked, ssd_recurrent_step
+from .base import Backbone, InferenceParams, rms_norm_factory
+
+__all__ = ["Mamba2Config", "GatedRMSNorm", "Mamba2", "Mamba2Backbone"]
+
+_USE_KERNELS = ("auto", "never", "always")
+_STATE_DTYPES = ("float32", "model")
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """Hyperparameters of one Mamba2 mixer (the width comes from the backbone).
+
+    Attributes:
+        d_state: SSM state size N per head channel.
+        d_conv: kernel width of the depthwise causal convolution.
+        expand: inner width ``d_inner = expand * d_model``.
+        headdim: channels P per head; ``nheads = d_inner // headdim``.
+        ngroups: groups G of heads sharing B and C; also the gated-norm groups.
+        chunk_size: chunk length of the chunked scan (a speed knob, not a model change).
+        A_init_range: ``A = -uniform(A_init_range)`` at initialisation.
+        dt_min, dt_max: range of the log-uniform initial step size.
+        dt_init_floor: lower clamp of the initial step size.
+        norm_eps: epsilon of the gated RMSNorm inside the mixer.
+        conv_bias: bias on the convolution.
+        bias: bias on ``in_proj`` and ``out_proj``.
+        use_kernels: ``"auto"`` (fused kernels for CUDA inputs when installed), ``"never"``
+            (always PyTorch), ``"always"`` (fused kernels or an error).
+        state_dtype: SSM cache dtype: ``"float32"`` (float64 for a float64 model) or ``"model"``
+            (the cache's / parameters' dtype, e.g. bf16: half the decode memory traffic).
+    """
+
+    d_state: int = 128  # N, state per channel (AiM and mamba-ssm default)
+    d_conv: int = 4  # causal conv width
+    expand: int = 2  # d_inner = 2 * d_model
+    headdim: int = 64  # P; d_model 768 -> 24 heads
+    ngroups: int = 1  # one B/C shared by all heads
+    chunk_size: int = 256  # = AiM's 256-token sequences: one chunk per image
+    A_init_range: Tuple[float, float] = (1, 16)  # A in -[1, 16] at init
+    dt_min: float = 0.001  # smallest initial dt
+    dt_max: float = 0.1  # largest initial dt
+    dt_init_floor: float = 1e-4  # clamp of the initial dt
+    norm_eps: float = 1e-5  # gated RMSNorm epsilon, as mamba-ssm's RMSNormGated
+    conv_bias: bool = True  # conv1d.bias present (official checkpoints have it)
+    bias: bool = False  # no bias on in_proj / out_proj
+    use_kernels: str = "auto"  # "auto" | "never" | "always"
+    state_dtype: str = "float32"  # "float32" | "model": dtype of the decoding SSM state
+
+    def __post_init__(self):
+        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"mamba2 {name} must be a positive integer, got {value!r}")
+        low, high = self.A_init_range
+        if not 0 < low <= high:
+            raise ConfigError(f"mamba2 A_init_range must satisfy 0 < low <= high, got {self.A_init_range}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError(f"mamba2 needs 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.use_kernels not in _USE_KERNELS:
+            raise ConfigError(f"mamba2 use_kernels must be one of {_USE_KERNELS}, got {self.use_kernels!r}")
+        if self.state_dtype not in _STATE_DTYPES:
+            raise ConfigError(f"mamba2 state_dtype must be one of {_STATE_DTYPES}, got {self.state_dtype!r}")
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """t in float32, or unchanged if already float32/float64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(x * silu(z)) * weight``, normalised over groups of ``group_size`` channels.
+
+    The PyTorch version of mamba-ssm's ``RMSNormGated`` with ``norm_before_gate=False``; computed
+    in float32 (float64 for float64 inputs), returned in ``x.dtype``.
+
+    Args:
+        dim: channels.
+        group_size: channels per normalisation group (``dim`` for one group).
+        eps: added to the mean square.
+    """
+
+    def __init__(self, dim: int, group_size: Optional[int] = None, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.group_size = dim if group_size is None else group_size
+        if dim % self.group_size:
+            raise ConfigError(f"gated norm width {dim} is not a multiple of its group size {self.group_size}")
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """x, z (..., dim) -> (..., dim)."""
+        h = _upcast(x) * F.silu(_upcast(z))  # (..., dim)
+        h = h.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        h = h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (h.flatten(-2) * self.weight.to(h.dtype)).to(x.dtype)
+
+
+class Mamba2(nn.Module):
+    """The Mamba2 mixer, parameter-compatible with mamba-ssm's ``Mamba2``.
+
+    Parameters (d_model 768, defaults): ``in_proj.weight`` (3352, 768), ``conv1d.weight``
+    (1792, 1, 4), ``conv1d.bias`` (1792), ``dt_bias``/``A_log``/``D`` (24), ``norm.weight`` (1536),
+    ``out_proj.weight`` (768, 1536).
+
+    Args:
+        d_model: width D of the input and output.
+        layer_idx: index of this layer's entry in ``InferenceParams.key_value_memory_dict``.
+        config: :class:`Mamba2Config`.
+        device: parameter device.
+        dtype: parameter dtype (``D`` is kept at least float32, as in mamba-ssm).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer_idx: int,
+        config: Mamba2Config = Mamba2Config(),
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.config = config
+        self.d_model = d_model
+        self.layer_idx = layer_idx
+        self.d_inner = config.expand * d_model
+        self.d_state = config.d_state
+        self.d_conv = config.d_conv
+        self.headdim = config.headdim
+        self.ngroups = config.ngroups
+        if self.d_inner % self.headdim:
+            raise ConfigError(f"mamba2 d_inner {self.d_inner} is not a multiple of headdim {self.headdim}")
+        self.nheads = self.d_inner // self.headdim
+        if self.nheads % self.ngroups:
+            raise ConfigError(f"mamba2 nheads {self.nheads} is not a multiple of ngroups {self.ngroups}")
+        self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+
+        d_in_proj = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads  # z, xBC, dt
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=config.bias, **factory)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=self.d_conv,
+            groups=self.conv_dim,
+            padding=self.d_conv - 1,
+            bias=config.conv_bias,
+            **factory,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads, **factory))
+        self.A_log = nn.Parameter(torch.empty(self.nheads, **factory))
+        d_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
+        self.D = nn.Parameter(torch.empty(self.nheads, device=device, dtype=d_dtype))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(
+            self.d_inner, group_size=self.d_inner // self.ngroups, eps=config.norm_eps, **factory
+        )
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=config.bias, **factory)
+        self.reset_ssm_parameters()
+
+    def reset_ssm_parameters(self) -> None:
+        """Initialise ``dt_bias``, ``A_log`` and ``D`` as mamba-ssm does.
+
+        ``dt`` is log-uniform in ``[dt_min, dt_max]``, clamped below at ``dt_init_floor``, and
+        stored as its inverse softplus; ``A_log = log(uniform(A_init_range))``; ``D = 1``.
+        """
+        cfg = self.config
+        device = self.dt_bias.device
+        with torch.no_grad():
+            u = torch.rand(self.nheads, device=device, dtype=torch.float32)
+            dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+            dt = dt.clamp(min=cfg.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
+            A = torch.empty(self.nheads, device=device, dtype=torch.float32).uniform_(*cfg.A_init_range)
+            self.A_log.copy_(torch.log(A))
+            self.D.fill_(1.0)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter as at construction (PyTorch default linear/conv init)."""
+        self.in_proj.reset_parameters()
+        self.conv1d.reset_parameters()
+        self.out_proj.reset_parameters()
+        self.norm.reset_parameters()
+        self.reset_ssm_parameters()
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, layer_idx={self.layer_idx}, nheads={self.nheads}, "
+                f"headdim={self.headdim}, d_state={self.d_state}, ngroups={self.ngroups}, "
+                f"use_kernels={self.config.use_kernels!r}")
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _kernels(self, x: Tensor) -> Optional[MambaKernels]:
+        """The fused kernels to use for input ``x``, or None for the PyTorch path."""
+        mode = self.config.use_kernels
+        if mode == "never":
+            return None
+        if not x.is_cuda:
+            if mode == "always":
+                raise ConfigError(
+                    f"mamba2 use_kernels='always' needs CUDA inputs (mamba-ssm's Triton kernels), "
+                    f"got a tensor on {x.device}; use use_kernels='auto' or 'never' off the GPU"
+                )
+            return None
+        kernels = _mamba_kernels.load_kernels()
+        if kernels is None and mode == "always":
+            error = _mamba_kernels.kernel_info().get("error")
+            raise ConfigError(
+                f"mamba2 use_kernels='always' but mamba-ssm's Triton kernels cannot be imported ({error}); "
+                "install mamba-ssm (a Triton-only build is enough) or use use_kernels='auto'"
+            )
+        return kernels
+
+    def _cache(self, inference_params: InferenceParams, batch: int) -> Tuple[Tensor, Tensor]:
+        """This layer's ``(conv_state, ssm_state)`` views for the first ``batch`` rows."""
+        try:
+            conv_state, ssm_state = inference_params.key_value_memory_dict[self.layer_idx]
+        except KeyError:
+            raise ValueError(
+                f"no inference cache for layer {self.layer_idx}: fill "
+                "inference_params.key_value_memory_dict with backbone.allocate_inference_cache(...)"
+            ) from None
+        if batch > conv_state.shape[0]:
+            raise ValueError(f"batch {batch} exceeds the cache's batch size {conv_state.shape[0]}")
+        return conv_state[:batch], ssm_state[:batch]
+
+    def _conv(self, xBC: Tensor, context: Optional[Tensor], kernels: Optional[MambaKernels]) -> Tensor:
+        """silu(causal depthwise conv): xBC (B, L, conv_dim) -> (B, L, conv_dim).
+
+        ``context`` (B, conv_dim, d_conv) holds the inputs before this chunk (a prefill that
+        continues a cached sequence); None means zeros (the sequence starts here).
+        """
+        seqlen = xBC.shape[1]
+        xt = xBC.transpose(1, 2)  # (B, conv_dim, L)
+        if context is None and kernels is not None and kernels.causal_conv1d_fn is not None:
+            # Channel-last input needs 8-aligned strides in causal-conv1d; else use plain layout.
+            if xt.stride(1) == 1 and (xt.stride(2) % 8 or self.conv_dim % 8):
+                xt = xt.contiguous()
+            weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
+            out = kernels.causal_conv1d_fn(xt, weight, bias=self.conv1d.bias, activation="silu")
+            return out.transpose(1, 2)
+        if context is None:
+            out = self.conv1d(xt)[..., :seqlen]  # (B, conv_dim, L), padding d_conv-1 on both sides
+        else:
+            xt = torch.cat([context[..., 1:].to(xt.dtype), xt], dim=-1)  # (B, conv_dim, d_conv-1+L)
+            out = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        return F.silu(out).transpose(1, 2)
+
+    def _conv_step(self, xBC: Tensor, conv_state: Tensor, kernels: Optional[MambaKernels]) -> Tensor:
+        """One conv position: xBC (B, conv_dim) -> (B, conv_dim); shifts conv_state in place."""
+        if kernels is not None and kernels.causal_conv1d_update is not None:
+            weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
+            out = kernels.causal_conv1d_update(
+                xBC.to(conv_state.dtype), conv_state, weight, self.conv1d.bias, "silu"
+            )
+            return out.to(xBC.dtype)
+        window = torch.cat([conv_state[..., 1:], xBC.to(conv_state.dtype).unsqueeze(-1)], dim=-1)
+        conv_state.copy_(window)  # (B, conv_dim, d_conv)
+        weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
+        out = (window.to(weight.dtype) * weight).sum(dim=-1)  # (B, conv_dim)
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias
+        return F.silu(out).to(xBC.dtype)
+
+    def _gated_norm(self, y: Tensor, z: Tensor, kernels: Optional[MambaKernels]) -> Tensor:
+        """rmsnorm(y * silu(z)) * weight; y, z (..., d_inner)."""
+        if kernels is None:
+            return self.norm(y, z)
+        return kernels.rmsnorm_fn(
+            y, self.norm.weight, None, z=z, eps=self.norm.eps,
+            group_size=self.norm.group_size, norm_before_gate=False,
+        )
+
+    def _split_xbc(self, xBC: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(..., conv_dim) -> x (..., H, P), B (..., G, N), C (..., G, N) (views)."""
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        return (x.unflatten(-1, (self.nheads, self.headdim)),
+                B.unflatten(-1, (self.ngroups, self.d_state)),
+                C.unflatten(-1, (self.ngroups, self.d_state)))
+
+    # ----------------------------------------------------------------------------- contract
+
+    def forward(self, x: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
+        """Mix a whole sequence: x (B, L, D) -> (B, L, D).
+
+        With ``inference_params`` this is a prefill of positions ``[seqlen_offset,
+        seqlen_offset + L)``: the layer's conv_state (last ``d_conv`` conv inputs, zero-padded on
+        the left when fewer exist) and ssm_state (state after the last position) are overwritten.
+        ``seqlen_offset == 0`` starts a new sequence; a positive offset continues the cached one.
+        """
+        batch, seqlen, _ = x.shape
+        kernels = self._kernels(x)
+        zxbcdt = self.in_proj(x)  # (B, L, 2*d_inner + 2*G*N + H)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        # z (B, L, d_inner), xBC (B, L, conv_dim), dt (B, L, H)
+
+        conv_state = ssm_state = None
+        continuing = False
+        if inference_params is not None:
+            conv_state, ssm_state = self._cache(inference_params, batch)
+            continuing = inference_params.seqlen_offset > 0
+        xBC_in = xBC
+        xBC = self._conv(xBC, conv_state if continuing else None, kernels)  # (B, L, conv_dim)
+        if conv_state is not None:
+            inputs = xBC_in.detach().transpose(1, 2)  # (B, conv_dim, L)
+            if continuing:
+                window = torch.cat([conv_state.to(inputs.dtype), inputs], dim=-1)[..., -self.d_conv:]
+            else:  # left-pad short prompts with zeros, keep the last d_conv inputs of long ones
+                window = F.pad(inputs, (self.d_conv - seqlen, 0))
+            conv_state.copy_(window)  # (B, conv_dim, d_conv)
+
+        xs, B, C = self._split_xbc(xBC)  # (B, L, H, P), (B, L, G, N), (B, L, G, N)
+        A = -torch.exp(_upcast(self.A_log))  # (H,)
+        # A copy, so that overwriting the cache below cannot corrupt what autograd saved.
+        initial_state = ssm_state.clone() if continuing else None
+        want_state = ssm_state is not None
+        if kernels is not None:
+            out = kernels.mamba_chunk_scan_combined(
+                xs, dt, A, B, C, chunk_size=self.config.chunk_size, D=self.D,
+                dt_bias=self.dt_bias, dt_softplus=True, initial_states=initial_state,
+                return_final_states=want_state,
+            )
+        else:
+            dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, L, H)
+            out = ssd_chunked(
+                xs, dt, A, B, C, self.config.chunk_size, D=self.D,
+                initial_state=initial_state, return_final_state=want_state,
+            )
+        if want_state:
+            y, final_state = out
+            ssm_state.copy_(final_state.detach())  # (B, H, P, N)
+        else:
+            y = out
+        y = y.flatten(-2)  # (B, L, d_inner)
+        y = self._gated_norm(y, z, kernels)  # (B, L, d_inner)
+        return self.out_proj(y)  # (B, L, D)
+
+    def step(self, x: Tensor, inference_params: InferenceParams) -> Tensor:
+        """Decode one position: x (B, 1, D) -> (B, 1, D), updating the cache in place."""
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"Mamba2.step takes one position (B, 1, D), got shape {tuple(x.shape)}")
+        batch = x.shape[0]
+        kernels = self._kernels(x)
+        conv_state, ssm_state = self._cache(inference_params, batch)
+        zxbcdt = self.in_proj(x.squeeze(1))  # (B, 2*d_inner + 2*G*N + H)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = self._conv_step(xBC, conv_state, kernels)  # (B, conv_dim)
+        xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
+        A = -torch.exp(_upcast(self.A_log))  # (H,)
+        if kernels is not None:
+            hp = (self.nheads, self.headdim)
+            y = kernels.selective_state_update(  # updates ssm_state in place
+                ssm_state, xs, dt.unsqueeze(-1).expand(*dt.shape, self.headdim),
+                A[:, None, None].expand(*hp, self.d_state), B, C,
+                D=self.D[:, None].expand(hp), z=None,
+                dt_bias=self.dt_bias[:, None].expand(hp), dt_softplus=True,
+            )  # (B, H, P); stride-0 broadcasts let the kernel share dt and A across a head
+        else:
+            dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, H)
+            y, new_state = ssd_recurrent_step(ssm_state, xs, dt, A, B, C, self.D)
+            ssm_state.copy_(new_state.detach())  # (B, H, P, N)
+        y = y.flatten(-2)  # (B, d_inner)
+        y = self._gated_norm(y, z, kernels)  # (B, d_inner)
+        return self.out_proj(y).unsqueeze(1)  # (B, 1, D)
+
+    def allocate_inference_cache(
+        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """Zeroed ``(conv_state, ssm_state)`` on the module's device.
+
+        Args:
+            batch_size: sequences decoded together.
+            max_seqlen: unused (the state does not grow with length); part of the contract.
+            dtype: conv_state dtype (default: the conv weight's) and, with
+                ``state_dtype="model"``, the ssm_state dtype (default: the parameters').
+
+        Returns:
+            conv_state (B, conv_dim, d_conv), stored channels-contiguous; ssm_state
+            (B, nheads, headdim, d_state) in float32 (float64 for a float64 model) or, with
+            ``state_dtype="model"``, in the model dtype.
+        """
+        del max_seqlen
+        device = self.conv1d.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(
+            batch_size, self.d_conv, self.conv_dim, device=device, dtype=conv_dtype
+        ).transpose(1, 2)  # (B, conv_dim, d_conv) with stride 1 over channels
+        model_dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        if self.config.state_dtype == "model":
+            ssm_dtype = model_dtype
+        else:
+            ssm_dtype = torch.promote_types(model_dtype, torch.float32)
+        ssm_state = torch.zeros(
+            batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype
+        )
+        return conv_state, ssm_state
+
+
+@BACKBONES.register("mamba2")
+class Mamba2Backbone(Backbone):
+    """AiM's backbone: ``n_layer`` adaLN-modulated blocks of one Mamba2 mixer each, no MLP.
+
+    Every block consumes 3 modulation rows (shift, scale, gate). Residuals stay in float32.
+
+    Args:
+        d_model: width D.
+        n_layer: number of blocks.
+        config: :class:`Mamba2Config` shared by every mixer.
+        norm_eps: epsilon of the block RMSNorms and the final norm.
+        device: parameter device.
+        dtype: parameter dtype.
+    """
+
+    config_cls = Mamba2Config
+
+    def __init__(
+        self,
+        d_model: int,
+        n_layer: int,
+        config: Mamba2Config = Mamba2Config(),
+        norm_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(
+            d_model,
+            n_layer,
+            mixer_cls=partial(Mamba2, config=config, **factory),
+            norm_cls=rms_norm_factory(norm_eps, **factory),
+            mlp_cls=None,
+            residual_in_fp32=True,
+        )
+        self.config = config

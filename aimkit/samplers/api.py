@@ -1,0 +1,244 @@
+"""``generate``: class labels in, images (or tokens) out, in batches with a progress bar.
+
+Example::
+
+    model = aimkit.build("aim-b", pretrained=True, device="cuda")
+    images = aimkit.generate(model, [207, 360, 387], seed=0, output="pil")
+
+Unspecified sampling settings come from the model's preset: ``model.config.fid_sampling``
+(``defaults="fid"``, what FID numbers are measured with) or ``model.config.pretty_sampling``
+(``defaults="pretty"``, for pictures people look at).
+"""
+
+from __future__ import annotations
+
+import numbers
+import sys
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..registry import SAMPLERS
+from .logits import check_sampling_args
+from .schedules import get_schedule
+
+__all__ = ["OUTPUTS", "generate", "resolve_labels", "to_uint8", "to_pil"]
+
+OUTPUTS = ("tokens", "tensor", "uint8", "pil")
+_DECODE_CHUNK = 16  # images decoded by the tokenizer at once (bounds activation memory)
+_LABEL_SEED_SALT = 0x5DEECE66D  # labels are drawn from a generator seeded apart from the tokens'
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def resolve_labels(
+    model, labels: Any = None, num_images: Optional[int] = None, seed: Optional[int] = None
+) -> Tensor:
+    """The (n,) int64 CPU label tensor :func:`generate` samples for.
+
+    Args:
+        model: gives ``num_classes``.
+        labels: an int, a sequence / array / tensor of ints in ``[0, num_classes)``, or None for
+            ``num_images`` uniformly random labels (drawn from ``seed`` when given).
+        num_images: with labels given, repeat them cyclically to this many images.
+        seed: seed of the random labels.
+
+    Raises:
+        ConfigError: bad labels or count.
+    """
+    if num_images is not None and (not _is_int(num_images) or num_images <= 0):
+        raise ConfigError(f"num_images must be a positive integer, got {num_images!r}")
+    num_classes = model.num_classes
+    if labels is None:
+        if num_images is None:
+            raise ConfigError("pass labels, num_images, or both")
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed((seed ^ _LABEL_SEED_SALT) % 2**63)
+        return torch.randint(0, num_classes, (num_images,), generator=gen)
+    if _is_int(labels):
+        labels = [labels]
+    bad = ConfigError(f"labels must be a non-empty 1-D list or tensor of integer class ids, got {labels!r}")
+    if torch.is_tensor(labels):
+        if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.is_complex():
+            raise bad
+        if labels.dtype == torch.bool:
+            raise bad
+        out = labels.detach().cpu().long()
+    else:
+        try:
+            items = list(labels)
+        except TypeError:
+            raise bad from None
+        if not items or not all(_is_int(v) for v in items):
+            raise bad
+        out = torch.tensor([int(v) for v in items], dtype=torch.long)
+    lo, hi = int(out.min()), int(out.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(f"label {bad} is outside [0, {num_classes}): the model has {num_classes} classes")
+    if num_images is not None:
+        out = out[torch.arange(num_images) % out.numel()]
+    return out
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) float images in [-1, 1] -> (B, H, W, 3) uint8 numpy array."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(images: Tensor) -> List[Any]:
+    """(B, 3, H, W) float images in [-1, 1] -> list of RGB ``PIL.Image``."""
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in to_uint8(images)]
+
+
+def _decode(model, codes: Tensor) -> Tensor:
+    """(B, N) codes -> (B, 3, H, W) float32 CPU images in [-1, 1], decoded in chunks."""
+    out = []
+    with torch.inference_mode():
+        for chunk in codes.split(_DECODE_CHUNK):
+            images = model.tokenizer.decode(chunk)
+            out.append(images.float().clamp(-1, 1).cpu())
+    return torch.cat(out).clone()
+
+
+def _convert(model, codes: Tensor, output: str):
+    if output == "tokens":
+        return codes.cpu()
+    images = _decode(model, codes)
+    if output == "tensor":
+        return images
+    if output == "uint8":
+        return to_uint8(images)
+    return to_pil(images)
+
+
+def _join(parts: list, output: str):
+    if output in ("tokens", "tensor"):
+        return torch.cat(parts)
+    if output == "uint8":
+        return np.concatenate(parts)
+    return [im for part in parts for im in part]
+
+
+def _resolve_sampler(model, sampler):
+    if sampler is None:
+        spec = model.config.sampler
+        cls = SAMPLERS.get(spec.name)
+        return cls() if spec.config is None else cls(config=spec.config)
+    if isinstance(sampler, str):
+        return SAMPLERS.get(sampler)()
+    if not callable(getattr(sampler, "sample_tokens", None)):
+        raise ConfigError(f"sampler must be a registered name or have sample_tokens(), got {sampler!r}")
+    return sampler
+
+
+def _device_generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def generate(
+    model,
+    labels: Any = None,
+    *,
+    num_images: Optional[int] = None,
+    cfg_scale: Optional[float] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    output: str = "tensor",
+    batch_size: int = 64,
+    schedule: Union[str, Callable[[int, int, float], float]] = "constant",
+    progress: Optional[bool] = None,
+    defaults: str = "fid",
+    sampler: Any = None,
+):
+    """Generate images of the given classes.
+
+    Args:
+        model: a :class:`~aimkit.generator.Generator`.
+        labels: class ids in ``[0, num_classes)`` (int, list, array or tensor), or None for
+            ``num_images`` random classes.
+        num_images: number of images; with ``labels`` the labels repeat cyclically to this count.
+        cfg_scale: classifier-free guidance scale (1 = no guidance, half the compute).
+        temperature: softmax temperature (0 = greedy).
+        top_k: keep the k most likely tokens at each step (0 = all).
+        top_p: nucleus mass in (0, 1] (1 = all).
+        seed: makes the call reproducible: the same call returns the same images, another seed
+            different ones. Tokens are drawn from a ``torch.Generator`` on the model's device.
+            None uses torch's global random state.
+        output: ``"tokens"`` (B, N) int64 codes, no decoding; ``"tensor"`` (B, 3, H, W) float32
+            in [-1, 1]; ``"uint8"`` (B, H, W, 3) numpy array; ``"pil"`` list of PIL images.
+            Tensors are returned on the CPU.
+        batch_size: images sampled together (the decoding batch is twice this under guidance).
+        schedule: guidance schedule, ``"constant"``, ``"linear"`` or a callable, see
+            :mod:`aimkit.samplers.schedules`.
+        progress: show a tqdm bar; None shows it when there is more than one batch or stderr
+            is a terminal.
+        defaults: ``"fid"`` or ``"pretty"``: which preset sampling settings fill the arguments
+            left as None.
+        sampler: a sampler object or registered sampler name; None uses ``model.config.sampler``.
+
+    Returns:
+        The images (or tokens) in the format chosen by ``output``, in label order.
+
+    Raises:
+        ConfigError: an argument is out of range, or pixels are requested from a model without
+            a tokenizer.
+    """
+    if output not in OUTPUTS:
+        raise ConfigError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    if defaults not in ("fid", "pretty"):
+        raise ConfigError(f"defaults must be 'fid' or 'pretty', got {defaults!r}")
+    preset = model.config.fid_sampling if defaults == "fid" else model.config.pretty_sampling
+    cfg_scale, temperature, top_k, top_p = check_sampling_args(
+        preset.cfg_scale if cfg_scale is None else cfg_scale,
+        preset.temperature if temperature is None else temperature,
+        preset.top_k if top_k is None else top_k,
+        preset.top_p if top_p is None else top_p,
+    )
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise ConfigError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+    schedule = get_schedule(schedule)
+    if output != "tokens" and getattr(model, "tokenizer", None) is None:
+        raise ConfigError(
+            f"output={output!r} needs a tokenizer to decode pixels but this model has none; "
+            "build it with a tokenizer or use output='tokens'"
+        )
+    labels = resolve_labels(model, labels, num_images, seed)
+    sampler = _resolve_sampler(model, sampler)
+    generator = _device_generator(seed, model.device)
+
+    from tqdm.auto import tqdm
+
+    batches = labels.split(batch_size)
+    show = (len(batches) > 1 or sys.stderr.isatty()) if progress is None else bool(progress)
+    parts = []
+    with tqdm(total=labels.numel(), unit="img", desc="generating", disable=not show) as bar:
+        for batch in batches:
+            codes = sampler.sample_tokens(
+                model,
+                batch,
+                cfg_scale=cfg_scale,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                schedule=schedule,
+            )
+            parts.append(_convert(model, codes, output))
+            bar.update(batch.numel())
+    return _join(parts, output)

@@ -1,0 +1,150 @@
+"""The ``autoregressive`` sampler: raster-order token-by-token decoding with guidance.
+
+The sampler drives any model exposing the decoding protocol of
+:class:`~aimkit.generator.Generator`::
+
+    cond = model.condition(labels)                     # labels (R,) incl. the null class
+    params = model.allocate_inference_cache(R)
+    logits = model.prefill(cond, params)               # (R, V) for token 0
+    params.advance(1)
+    logits = model.decode_step(tokens, cond, params)   # tokens (R,) -> (R, V) for the next token
+    params.advance(1)
+
+plus ``model.num_tokens`` and ``model.null_class``. Under classifier-free guidance the batch is
+doubled: rows ``[0, B)`` carry the labels, rows ``[B, 2B)`` the null class, and both halves are
+fed the same sampled token. It sees logits and the cache only and never asks what the model is.
+
+On CUDA (``use_cuda_graph``) the decode step is replayed from a captured CUDA graph (see
+:mod:`aimkit.samplers._cuda_graph`); elsewhere it runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..registry import SAMPLERS
+from ._cuda_graph import get_decode_graph
+from .logits import apply_guidance, check_sampling_args, sample
+from .schedules import get_schedule
+
+__all__ = ["AutoregressiveConfig", "AutoregressiveSampler"]
+
+
+@dataclass(frozen=True)
+class AutoregressiveConfig:
+    """Options of the autoregressive sampler.
+
+    Attributes:
+        use_cuda_graph: on CUDA devices, capture the decode step in a CUDA graph once per
+            batch size and replay it (ignored on CPU).
+    """
+
+    use_cuda_graph: bool = True  # replay a captured decode step on CUDA
+
+
+def _device_of(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+class _EagerDecoder:
+    """Plain decode steps on a freshly allocated cache (CPU, or CUDA without graphs)."""
+
+    def __init__(self, model, cond: Any, rows: int):
+        self._model = model
+        self.cond = cond
+        self.inference_params = model.allocate_inference_cache(rows)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return self._model.decode_step(tokens, self.cond, self.inference_params)
+
+
+@SAMPLERS.register("autoregressive")
+class AutoregressiveSampler:
+    """Token-by-token sampler with classifier-free guidance, temperature, top-k and top-p.
+
+    Args:
+        config: :class:`AutoregressiveConfig`.
+
+    Attributes:
+        last_capture_seconds: seconds spent capturing CUDA graphs during the latest
+            :meth:`sample_tokens` call (0.0 when cached graphs were reused or decoding was eager;
+            None before the first call).
+    """
+
+    config_cls = AutoregressiveConfig
+
+    def __init__(self, config: Optional[AutoregressiveConfig] = None):
+        self.config = AutoregressiveConfig() if config is None else config
+        self.last_capture_seconds: Optional[float] = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    def _decoder(self, model, cond: Any, rows: int, device: torch.device):
+        if device.type == "cuda" and self.config.use_cuda_graph:
+            graph, seconds = get_decode_graph(model, cond, rows)
+            graph.start(cond)
+            self.last_capture_seconds = seconds
+            return graph
+        self.last_capture_seconds = 0.0
+        return _EagerDecoder(model, cond, rows)
+
+    def sample_tokens(
+        self,
+        model,
+        labels: Tensor,
+        *,
+        cfg_scale: float,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        generator: Optional[torch.Generator] = None,
+        schedule: Union[str, Callable[[int, int, float], float]] = "constant",
+    ) -> Tensor:
+        """Sample ``model.num_tokens`` image tokens per label.
+
+        Args:
+            model: a generator implementing the decoding protocol (see the module docstring).
+            labels: (B,) integer class labels in ``[0, num_classes)``.
+            cfg_scale: guidance scale; exactly 1 disables guidance (no unconditional rows are
+                computed and ``schedule`` is not consulted).
+            temperature: softmax temperature; 0 is greedy.
+            top_k: keep the k most likely tokens (0 = all).
+            top_p: nucleus mass in (0, 1] (1 = all).
+            generator: random source on the model's device; seed it for reproducible tokens.
+            schedule: guidance schedule name or callable ``(step, num_steps, base_scale)``.
+
+        Returns:
+            (B, N) int64 codes on the model's device, N = ``model.num_tokens``.
+        """
+        cfg_scale, temperature, top_k, top_p = check_sampling_args(cfg_scale, temperature, top_k, top_p)
+        scale_at = get_schedule(schedule)
+        if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point():
+            raise ConfigError("labels must be an integer tensor of shape (B,)")
+        device = _device_of(model)
+        labels = labels.to(device=device, dtype=torch.long)
+        batch, num_tokens = labels.shape[0], model.num_tokens
+        guided = cfg_scale != 1.0
+        with torch.inference_mode():
+            rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+            decoder = self._decoder(model, model.condition(rows), rows.shape[0], device)
+            params = decoder.inference_params
+            logits = model.prefill(decoder.cond, params)  # (R, V) for token 0
+            params.advance(1)
+            codes = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+            for k in range(num_tokens):
+                mixed = apply_guidance(logits, scale_at(k, num_tokens, cfg_scale)) if guided else logits
+                token = sample(mixed, temperature, top_k, top_p, generator=generator)  # (B,)
+                codes[:, k] = token
+                if k + 1 < num_tokens:
+                    logits = decoder.step(torch.cat([token, token]) if guided else token)
+                    params.advance(1)
+        return codes.clone()  # a normal tensor, usable outside inference mode

@@ -1,0 +1,166 @@
+"""Logit processing for token sampling: guidance, temperature, top-k, top-p, drawing a token.
+
+Every function takes ``(B, V)`` logits and returns new tensors; the caller's tensor is never
+modified. Removed tokens get ``-inf``. Processing happens in float32 whatever the model's dtype.
+
+The order used by :func:`sample` is temperature, then top-k, then top-p (the nucleus is measured
+on the tempered distribution, as in LlamaGen).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+__all__ = [
+    "check_sampling_args",
+    "apply_guidance", "apply_temperature", "top_k_filter", "top_p_filter",
+    "sample",
+]
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling_args(cfg_scale, temperature, top_k, top_p) -> Tuple[float, float, int, float]:
+    """Validate sampling settings; each bad value raises one :class:`ConfigError` naming it.
+
+    Args:
+        cfg_scale: guidance scale, any finite number (1 = no guidance).
+        temperature: finite, >= 0 (0 = greedy).
+        top_k: integer >= 0 (0 = no top-k filtering).
+        top_p: in (0, 1] (1 = no nucleus filtering).
+
+    Returns:
+        ``(cfg_scale, temperature, top_k, top_p)`` as ``(float, float, int, float)``.
+    """
+    if not _is_real(cfg_scale):
+        raise ConfigError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale!r}")
+    if not _is_real(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = keep all tokens), got {top_k!r}")
+    if not _is_real(top_p) or not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1] (1 = keep all tokens), got {top_p!r}")
+    return float(cfg_scale), float(temperature), int(top_k), float(top_p)
+
+
+def apply_guidance(logits: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance over a doubled batch.
+
+    Args:
+        logits: (2B, V); rows ``[0, B)`` are conditional, rows ``[B, 2B)`` unconditional.
+        scale: guidance scale ``s``; the result is ``uncond + s * (cond - uncond)``.
+
+    Returns:
+        (B, V) float32. With ``scale == 1`` it is exactly the conditional rows.
+    """
+    if logits.shape[0] % 2:
+        raise ValueError(f"guidance needs an even number of rows, got {logits.shape[0]}")
+    cond, uncond = logits.float().chunk(2, dim=0)
+    if scale == 1.0:
+        return cond.clone()
+    return uncond + scale * (cond - uncond)
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """Divide logits by a positive temperature.
+
+    Args:
+        logits: (B, V).
+        temperature: > 0; below 1 sharpens, above 1 flattens. 0 (greedy) is handled by
+            :func:`sample`, not here.
+
+    Returns:
+        (B, V) float32.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 here (0 means greedy, see sample()), got {temperature}")
+    logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits.clone()
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest logits of each row, set the rest to ``-inf``.
+
+    Exactly ``k`` tokens survive even when values tie at the boundary.
+
+    Args:
+        logits: (B, V).
+        k: tokens to keep; 0 (or ``k >= V``) keeps all.
+
+    Returns:
+        (B, V), a new tensor in the input's dtype.
+    """
+    if k < 0:
+        raise ValueError(f"top_k must be >= 0, got {k}")
+    if k == 0 or k >= logits.shape[-1]:
+        return logits.clone()
+    keep_idx = torch.topk(logits, k, dim=-1).indices  # (B, k)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, keep_idx, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filtering: keep the smallest set of most probable tokens whose mass reaches ``p``.
+
+    Tokens are ranked by probability; token ``i`` of the ranking is kept when the mass of the
+    tokens ranked before it is below ``p``. So the most probable token is always kept, and the
+    kept set is the shortest prefix of the ranking whose total probability is ``>= p``.
+
+    Args:
+        logits: (B, V); ``-inf`` entries (already removed tokens) have zero mass.
+        p: in (0, 1]; 1 keeps all.
+
+    Returns:
+        (B, V), a new tensor in the input's dtype.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p >= 1.0:
+        return logits.clone()
+    sorted_logits, order = torch.sort(logits.float(), dim=-1, descending=True)  # (B, V)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V) mass up to and including i
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass before i
+    drop_sorted = before >= p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocab order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Draw one token per row.
+
+    Args:
+        logits: (B, V) float logits (not modified).
+        temperature: 0 picks the argmax (greedy, no randomness); > 0 divides the logits.
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: nucleus mass in (0, 1] (1 = all).
+        generator: random source on the logits' device; a seeded generator makes the draw
+            reproducible (``torch.multinomial`` is deterministic per generator state on CPU and
+            CUDA).
+
+    Returns:
+        (B,) int64 token ids.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:  # filtering never removes the top token, so it cannot change the argmax
+        return logits.argmax(dim=-1)
+    x = apply_temperature(logits, temperature)
+    x = top_k_filter(x, top_k)
+    x = top_p_filter(x, top_p)
+    probs = x.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

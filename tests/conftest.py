@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny generators and deterministic parameter randomisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aimkit
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Fill every floating parameter with seeded noise (zero-inits would hide wiring bugs).
+
+    Mamba2's A_log and dt_bias keep sensible ranges so the scan stays stable.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.is_floating_point():
+                continue
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2.0)
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2.0 - 3.0)
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith(".D"):
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+@pytest.fixture
+def tiny_kwargs():
+    """Overrides giving a fast Mamba2 generator without a tokenizer."""
+    return dict(
+        d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
+        d_state=16, headdim=8, chunk_size=8,
+    )
+
+
+@pytest.fixture
+def tiny_gen(tiny_kwargs):
+    torch.manual_seed(0)
+    return randomize_(aimkit.build("aim-b", **tiny_kwargs))
