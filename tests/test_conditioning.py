@@ -1,0 +1,87 @@
+"""Exact conversion between conditioning kinds, and the class embedder's dropout rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aimkit
+from aimkit.conditioning import ClassEmbedder, InexactConversionError
+
+from conftest import randomize_
+
+TINY = dict(d_model=32, n_layer=4, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
+            d_state=16, headdim=8, chunk_size=8)
+
+
+def _logits(gen):
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 64, (3, 16), generator=g)
+    return gen(codes, torch.tensor([0, 5, 10]))
+
+
+def test_group_to_per_layer_is_exact():
+    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY))
+    conv = gen.convert_conditioning("adaln")
+    assert conv.config.conditioning.name == "adaln" and type(conv.conditioning).__name__ == "AdaLN"
+    assert (_logits(gen) - _logits(conv)).abs().max() <= 1e-6
+
+
+def test_single_to_group_to_per_layer_is_exact():
+    gen = randomize_(aimkit.build("aim-l", conditioning="adaln-single", **TINY))
+    group = gen.convert_conditioning("adaln-group", num_groups=2)
+    assert group.conditioning.num_groups == 2
+    per_layer = group.convert_conditioning("adaln")
+    ref = _logits(gen)
+    assert (ref - _logits(group)).abs().max() <= 1e-6
+    assert (ref - _logits(per_layer)).abs().max() <= 1e-6
+
+
+def test_reverse_direction_exact_when_projections_equal():
+    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY))
+    back = gen.convert_conditioning("adaln").convert_conditioning("adaln-group", num_groups=2)
+    assert (_logits(gen) - _logits(back)).abs().max() <= 1e-6
+    # G=2 -> G=1 would merge different projections
+    with pytest.raises(InexactConversionError, match="approximate=True"):
+        gen.convert_conditioning("adaln-single")
+
+
+def test_inexact_request_raises_and_approximate_reports():
+    gen = randomize_(aimkit.build("aim-b", **TINY))  # per-layer, all projections differ
+    with pytest.raises(InexactConversionError, match="layers \\[0, 2\\]"):
+        gen.convert_conditioning("adaln-group", num_groups=2)
+    with pytest.warns(UserWarning, match="approximate conversion"):
+        approx = gen.convert_conditioning("adaln-group", num_groups=2, approximate=True)
+    assert approx.conversion_error > 0
+    assert approx.config.conditioning.config.num_groups == 2
+
+
+def test_unknown_conversion_option():
+    gen = aimkit.build("aim-b", **TINY)
+    with pytest.raises(aimkit.ConfigError, match="num_group"):
+        gen.convert_conditioning("adaln-group", num_group=2)
+
+
+def test_converted_generator_saves_and_reloads(tmp_path):
+    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY)).convert_conditioning("adaln")
+    gen.save_pretrained(tmp_path / "m")
+    again = aimkit.build(tmp_path / "m")
+    assert torch.equal(_logits(gen), _logits(again))
+
+
+def test_label_dropout_only_in_training():
+    emb = ClassEmbedder(10, 8, dropout_prob=0.5)
+    labels = torch.arange(10).repeat(20)
+    emb.eval()
+    assert torch.equal(emb(labels), emb.embedding_table(labels))
+    emb.train()
+    torch.manual_seed(0)
+    out = emb(labels)
+    dropped = (out == emb.embedding_table.weight[10]).all(-1)
+    assert 0.3 < dropped.float().mean() < 0.7
+
+
+def test_adaln_zero_init_makes_blocks_identity():
+    gen = aimkit.build("aim-b", **TINY)
+    mods = gen.conditioning(torch.randn(2, 32))
+    assert all(m.abs().max() == 0 for m in mods)
