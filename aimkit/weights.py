@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,19 +32,19 @@ from .errors import CheckpointError
 
 __all__ = [
     "WRAPPER_KEYS",
-    "read_state_dict",
-    "strip_prefix",
-    "select_prefix",
     "check_state_dict",
     "load_strict",
+    "read_state_dict",
     "save_safetensors_atomic",
+    "select_prefix",
+    "strip_prefix",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 #: Entries that training scripts wrap a state dict in, searched in this order (LlamaGen's own
 #: loaders prefer ``ema`` over ``model`` over ``state_dict``; ``module`` comes from DDP wrappers).
-WRAPPER_KEYS: Tuple[str, ...] = ("ema", "model", "state_dict", "module")
+WRAPPER_KEYS: tuple[str, ...] = ("ema", "model", "state_dict", "module")
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIX = ".safetensors"
@@ -62,7 +61,7 @@ _MAX_LISTED = 5
 # --------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: PathLike, key: Optional[str] = None) -> Dict[str, Tensor]:
+def read_state_dict(path: PathLike, key: str | None = None) -> dict[str, Tensor]:
     """Read a flat ``name -> tensor`` dict from a weight file or folder, on the CPU.
 
     Args:
@@ -126,18 +125,18 @@ def _file_kind(path: Path) -> str:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
+    first = text[0].split(". ")[0] if text else ""
     if len(first) > 160:
         first = first[:157] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _load_safetensors(path: Path) -> Dict[str, Tensor]:
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
-    except Exception as exc:  # the Rust reader raises its own error type
+    except Exception as exc:  # noqa: BLE001  (the Rust reader raises its own error type)
         raise CheckpointError(
             f"cannot read safetensors file {path}: it is truncated, corrupt or not a "
             f"safetensors file ({_short(exc)})"
@@ -150,21 +149,18 @@ def _load_torch(path: Path) -> object:
             with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
                 return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+    except Exception as exc:  # noqa: BLE001  (zip errors, EOFError, UnpicklingError, ...)
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
             raise CheckpointError(
-                f"{path} holds Python objects other than tensors and is not loaded for safety "
-                f"(weights_only=True); re-save its state dict with torch.save or as safetensors "
-                f"({_short(exc)})"
+                f"{path} stores a {found.group(1)} object next to its tensors, which weights-only "
+                "loading refuses for safety; re-save the state dict alone (torch.save or safetensors)"
             ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        reason = f"unpickler: {detail.group(1).strip()}" if detail else _short(exc)
         raise CheckpointError(
-            f"cannot read PyTorch file {path}: it is truncated, corrupt or not a checkpoint "
-            f"({_short(exc)})"
-        ) from None
-    except Exception as exc:  # zip errors, EOFError, UnicodeDecodeError, ...
-        raise CheckpointError(
-            f"cannot read PyTorch file {path}: it is truncated, corrupt or not a checkpoint "
-            f"({_short(exc)})"
+            f"cannot read PyTorch file {path}: it is truncated, corrupt or not a checkpoint ({reason})"
         ) from None
 
 
@@ -172,7 +168,7 @@ def _is_flat(obj: Mapping) -> bool:
     return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
-def _unwrap(obj: object, path: Path, key: Optional[str]) -> Dict[str, Tensor]:
+def _unwrap(obj: object, path: Path, key: str | None) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if key is not None:
@@ -201,13 +197,13 @@ def _unwrap(obj: object, path: Path, key: Optional[str]) -> Dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def strip_prefix(sd: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+def strip_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Remove ``prefix`` from every key that has it; other keys are kept unchanged."""
     n = len(prefix)
     return {(k[n:] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
-def select_prefix(sd: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+def select_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Keep only the keys that start with ``prefix``, with the prefix removed.
 
     ``select_prefix(aim_checkpoint, "vqvae.")`` is the tokenizer part of an AiM checkpoint.
@@ -221,23 +217,23 @@ def select_prefix(sd: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def _expected_shapes(module_or_expected: Union[nn.Module, Mapping[str, torch.Size]]) -> Dict[str, Tuple[int, ...]]:
+def _expected_shapes(module_or_expected: nn.Module | Mapping[str, torch.Size]) -> dict[str, tuple[int, ...]]:
     if isinstance(module_or_expected, nn.Module):
         # state_dict() holds the parameters and the persistent buffers, nothing else.
         return {k: tuple(v.shape) for k, v in module_or_expected.state_dict().items()}
     return {k: tuple(v) for k, v in module_or_expected.items()}
 
 
-def _listing(names: List[str]) -> str:
+def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (", ..." if len(names) > _MAX_LISTED else "")
 
 
 def check_state_dict(
-    module_or_expected: Union[nn.Module, Mapping[str, torch.Size]],
+    module_or_expected: nn.Module | Mapping[str, torch.Size],
     sd: Mapping[str, Tensor],
     what: str,
-    source: Optional[PathLike] = None,
+    source: PathLike | None = None,
 ) -> None:
     """Raise unless ``sd`` has exactly the expected tensor names and shapes.
 
@@ -274,7 +270,7 @@ def check_state_dict(
 
 
 def load_strict(
-    module: nn.Module, sd: Mapping[str, Tensor], what: str, source: Optional[PathLike] = None
+    module: nn.Module, sd: Mapping[str, Tensor], what: str, source: PathLike | None = None
 ) -> nn.Module:
     """Check ``sd`` against ``module`` (nothing is copied on a mismatch), then load it strictly.
 
@@ -297,13 +293,13 @@ def load_strict(
 # --------------------------------------------------------------------------------------------
 
 
-def _storage_key(t: Tensor) -> Tuple[str, int]:
+def _storage_key(t: Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
-def _owned(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def _owned(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Tensors safetensors accepts: contiguous, each with a storage of its own."""
-    counts: Dict[Tuple[str, int], int] = {}
+    counts: dict[tuple[str, int], int] = {}
     for t in sd.values():
         if t.numel():
             counts[_storage_key(t)] = counts.get(_storage_key(t), 0) + 1
@@ -319,7 +315,7 @@ def _owned(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def save_safetensors_atomic(
-    sd: Mapping[str, Tensor], path: PathLike, metadata: Optional[Mapping[str, str]] = None
+    sd: Mapping[str, Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write ``sd`` as a safetensors file that appears at ``path`` complete or not at all.
 

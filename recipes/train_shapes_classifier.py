@@ -47,16 +47,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     # 1. Train on an endless stream of freshly rendered images.
-    start = time.perf_counter()
-    model, history = train_classifier(
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr, device=args.device
-    )
-    train_seconds = time.perf_counter() - start
-    for record in history:
+    def show(record: dict) -> None:
         print(
             f"step {record['step']:5d}  loss {record['loss']:.4f}  train-acc {record['accuracy']:.4f}"
-            f"  lr {record['lr']:.2e}  {record['elapsed_s']:.0f}s"
+            f"  lr {record['lr']:.2e}  {record['elapsed_s']:.0f}s",
+            flush=True,
         )
+
+    start = time.perf_counter()
+    model, history = train_classifier(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        lr=args.lr,
+        device=args.device,
+        on_log=show,
+    )
+    train_seconds = time.perf_counter() - start
 
     # 2. Save, reload, and score the reloaded weights on held-out images.
     save_classifier(model, args.out)

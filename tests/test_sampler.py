@@ -5,12 +5,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_
 
 import aimkit
 from aimkit.errors import ConfigError
 from aimkit.registry import SAMPLERS
 from aimkit.samplers import AutoregressiveConfig, AutoregressiveSampler, generate, resolve_labels, save_grid
-from conftest import randomize_
 
 COMMON = dict(d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None)
 BACKBONE_KWARGS = {
@@ -128,11 +128,17 @@ def test_tokens_output_and_seeds(model):
 
 
 def test_defaults_choose_preset_settings(model):
-    pretty = dataclasses.replace(model.config.pretty_sampling, temperature=0.0)
-    model.config = dataclasses.replace(model.config, pretty_sampling=pretty)
-    a = generate(model, [1, 2], output="tokens", defaults="pretty", seed=0, progress=False)
-    b = generate(model, [1, 2], output="tokens", defaults="pretty", seed=1, progress=False)
+    config = model.config
+    pretty = dataclasses.replace(config.pretty_sampling, temperature=0.0)
+    model.config = dataclasses.replace(config, pretty_sampling=pretty)
+    try:
+        a = generate(model, [1, 2], output="tokens", defaults="pretty", seed=0, progress=False)
+        b = generate(model, [1, 2], output="tokens", defaults="pretty", seed=1, progress=False)
+        c = generate(model, [1, 2], output="tokens", defaults="fid", seed=1, progress=False)
+    finally:
+        model.config = config
     assert torch.equal(a, b)  # greedy preset: the seed does not matter
+    assert not torch.equal(b, c)
 
 
 def test_resolve_labels(model):
@@ -193,7 +199,66 @@ def test_save_grid(tmp_path):
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
     assert np.array_equal(grid[2:18, 2:18], images[0])
-    captioned = np.asarray(Image.open(save_grid(images, tmp_path / "c.png", labels=[0, 1, 2, 3, 4], class_names=["a"] * 5)))
+    captioned_path = save_grid(images, tmp_path / "c.png", labels=[0, 1, 2, 3, 4], class_names=["a"] * 5)
+    captioned = np.asarray(Image.open(captioned_path))
     assert captioned.shape[0] > grid.shape[0]
     with pytest.raises(ConfigError, match="uint8"):
         save_grid(images.astype(np.float32), tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- CUDA graphs (device machine only)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backbone", ["mamba2", "transformer"])
+def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone):
+    from aimkit.samplers._cuda_graph import clear_decode_graphs, get_decode_graph
+
+    model = _tiny(backbone).cuda()
+    labels = torch.tensor([1, 7, 3], device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    with torch.inference_mode():
+        cond = model.condition(labels)
+        graph, seconds = get_decode_graph(model, cond, 3)
+        assert seconds > 0 and get_decode_graph(model, cond, 3) == (graph, 0.0)
+        for run in range(2):  # the second run reuses the cache the first one filled
+            codes = torch.randint(0, model.vocab_size, (3, model.num_tokens), device="cuda", generator=gen)
+            graph.start(cond)
+            params = graph.inference_params
+            seen = [model.prefill(graph.cond, params)]
+            params.advance(1)
+            for k in range(model.num_tokens - 1):
+                seen.append(graph.step(codes[:, k]).clone())
+                params.advance(1)
+            forced = model(codes, labels)
+            assert (torch.stack(seen, 1) - forced).abs().max().item() <= 1e-4
+    clear_decode_graphs(model)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backbone", ["mamba2", "transformer"])
+def test_cuda_graph_sampler_matches_eager(backbone):
+    model = _tiny(backbone).cuda()
+    labels = torch.tensor([1, 7, 3, 0], device="cuda")
+    graphed, eager = AutoregressiveSampler(), AutoregressiveSampler(AutoregressiveConfig(use_cuda_graph=False))
+    greedy = dict(cfg_scale=3.0, temperature=0.0, top_k=0, top_p=1.0)
+    a = graphed.sample_tokens(model, labels, **greedy)
+    assert graphed.last_capture_seconds > 0
+    b = graphed.sample_tokens(model, labels, **greedy)
+    assert graphed.last_capture_seconds == 0.0  # reused
+    assert torch.equal(a, b) and torch.equal(a, eager.sample_tokens(model, labels, **greedy))
+    with torch.no_grad():  # greedy tokens are the argmax of the guided teacher-forced logits
+        forced = model(torch.cat([a, a]), torch.cat([labels, torch.full_like(labels, model.null_class)])).float()
+    assert torch.equal((forced[4:] + 3.0 * (forced[:4] - forced[4:])).argmax(-1), a)
+    random = dict(cfg_scale=2.0, temperature=1.0, top_k=20, top_p=0.9)
+    s1 = graphed.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(0), **random)
+    s2 = graphed.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(0), **random)
+    s3 = eager.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(0), **random)
+    s4 = graphed.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(1), **random)
+    assert torch.equal(s1, s2) and torch.equal(s1, s3) and not torch.equal(s1, s4)
+    out = generate(model, [3, 1], num_images=5, output="tokens", seed=0, batch_size=2, progress=False)
+    again = generate(model, [3, 1], num_images=5, output="tokens", seed=0, batch_size=2, progress=False)
+    assert torch.equal(out, again) and out.device.type == "cpu"

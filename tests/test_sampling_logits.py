@@ -153,7 +153,9 @@ def test_schedules():
     assert all(math.isclose(a, b) for a, b in zip(ramp, [1.0, 1.5, 2.0, 2.5, 3.0]))
     assert linear(0, 1, 4.0) == 4.0
     assert get_schedule("linear") is linear and get_schedule("constant") is constant
-    custom = lambda step, n, s: s  # noqa: E731
+    def custom(step, num_steps, base_scale):
+        return base_scale
+
     assert get_schedule(custom) is custom
     with pytest.raises(ConfigError, match="unknown guidance schedule 'cosine'.*constant, linear"):
         get_schedule("cosine")

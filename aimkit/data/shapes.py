@@ -132,21 +132,25 @@ def _polygon(shape: str, radius: float, angle: float, rng: np.random.Generator) 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     """A dark, near-neutral background, flat or with subtle noise/stripes: uint8 (H, W, 3)."""
     tone = rng.uniform(*_BACKGROUND_TONE) + rng.uniform(-_BACKGROUND_TINT, _BACKGROUND_TINT, 3)
+    base = np.round(tone * 255.0).astype(np.int16)  # (3,)
     kind = rng.integers(3)  # 0 flat, 1 noise, 2 stripes
-    amplitude = rng.uniform(*_TEXTURE_AMPLITUDE)
+    amplitude = rng.uniform(*_TEXTURE_AMPLITUDE) * 255.0  # in grey levels
     if kind == 0:
-        return np.broadcast_to(np.round(tone * 255).astype(np.uint8), (size, size, 3)).copy()
+        return np.broadcast_to(base.astype(np.uint8), (size, size, 3)).copy()
+    # The texture is one grey-level offset per pixel, stored as uint8 around 128; a (256, 3)
+    # lookup table adds it to the tinted tone and clips, in one indexing pass.
     if kind == 1:
-        texture = (rng.random((size, size, 1), dtype=np.float32) - 0.5) * (2.0 * amplitude)
+        level = int(round(amplitude))
+        texture = rng.integers(128 - level, 128 + level + 1, (size, size), dtype=np.uint8)
     else:
         period = rng.uniform(4.0, 12.0)
         phi, phase = rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi)
-        coords = np.arange(size, dtype=np.float32)
         freq = 2 * math.pi / period
-        line = (coords[:, None] * (math.sin(phi) * freq) + coords[None, :] * (math.cos(phi) * freq))
-        texture = (amplitude * np.sin(line + phase))[..., None]
-    image = texture + tone.astype(np.float32)  # (H, W, 3)
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        coords = np.arange(size, dtype=np.float32)
+        line = (coords * (math.sin(phi) * freq) + phase)[:, None] + coords * (math.cos(phi) * freq)
+        texture = (np.sin(line) * amplitude + 128.5).astype(np.uint8)  # (H, W)
+    lut = np.clip(base + np.arange(-128, 128, dtype=np.int16)[:, None], 0, 255).astype(np.uint8)
+    return lut[texture]  # (H, W, 3)
 
 
 def render(label: int, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:

@@ -88,12 +88,20 @@ def code_dtype(codebook_size: int) -> torch.dtype:
     return torch.uint16 if codebook_size <= 65536 else torch.int32
 
 
+def _default_mode() -> int:
+    """Permissions of a new file under the current umask (mkstemp would give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -300,6 +308,7 @@ class TokenShardWriter:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            os.chmod(tmp, _default_mode())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

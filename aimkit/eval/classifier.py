@@ -21,7 +21,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -145,6 +145,7 @@ def train_classifier(
     config: Optional[ClassifierConfig] = None,
     log_every: int = 50,
     augment: bool = True,
+    on_log: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> Tuple[ShapesClassifier, List[Dict[str, float]]]:
     """Train a classifier on an endless stream of freshly rendered images.
 
@@ -160,6 +161,7 @@ def train_classifier(
         config: Architecture; defaults to :class:`ClassifierConfig()`.
         log_every: Record the running loss/accuracy every this many steps.
         augment: Apply mild blur/noise corruptions (see :func:`_augment`).
+        on_log: Called with each history record as it is made (e.g. to print progress).
 
     Returns:
         ``(model, history)``: the trained model in eval mode, and a list of
@@ -204,15 +206,16 @@ def train_classifier(
         correct += (logits.argmax(dim=1) == labels).sum().item()
         seen += batch_size
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append(
-                {
-                    "step": step + 1,
-                    "loss": loss_sum / seen,
-                    "accuracy": correct / seen,
-                    "lr": lr_at(step),
-                    "elapsed_s": time.perf_counter() - start_time,
-                }
-            )
+            record = {
+                "step": step + 1,
+                "loss": loss_sum / seen,
+                "accuracy": correct / seen,
+                "lr": lr_at(step),
+                "elapsed_s": time.perf_counter() - start_time,
+            }
+            history.append(record)
+            if on_log is not None:
+                on_log(record)
             loss_sum, correct, seen = 0.0, 0, 0
     return model.eval(), history
 

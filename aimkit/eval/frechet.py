@@ -6,7 +6,8 @@ For ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``::
 
 All arithmetic is float64. The matrix square root uses ``scipy.linalg.sqrtm`` when scipy is
 importable, as the reference FID code does (with an ``eps`` ridge when the product is
-near-singular and small imaginary parts dropped). Without scipy, or when sqrtm's result is not
+near-singular and small imaginary parts dropped; scipy's singularity warnings are caught
+and trigger that ridge). Without scipy, or when sqrtm's result is not
 usable, the trace is taken through symmetric eigen-decompositions in numpy:
 ``Tr((s1 s2)^{1/2}) = sum(sqrt(eig(s1^{1/2} s2 s1^{1/2})))``, which is exact for symmetric
 positive semi-definite inputs.
@@ -14,6 +15,7 @@ positive semi-definite inputs.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Tuple
 
 import numpy as np
@@ -75,21 +77,29 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(vals, 0.0, None)).sum())
 
 
+def _scipy_sqrtm(matrix: np.ndarray) -> Tuple[np.ndarray, bool]:
+    """``scipy.linalg.sqrtm`` with its warnings caught; returns (root, warned)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        root = _scipy_linalg.sqrtm(matrix)
+    return root, bool(caught)
+
+
 def _trace_sqrt_product_scipy(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
     """``Tr((sigma1 sigma2)^{1/2})`` via ``scipy.linalg.sqrtm`` as in the reference FID code."""
-    covmean = _scipy_linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    covmean, warned = _scipy_sqrtm(sigma1 @ sigma2)
+    if warned or not np.isfinite(covmean).all():
         # Product is (near-)singular: add a small ridge to both covariances and retry.
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _scipy_linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean, _ = _scipy_sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not np.isfinite(covmean).all():
+        return _trace_sqrt_product_eigh(sigma1, sigma2)
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0.0, atol=_IMAG_TOLERANCE):
             # Large imaginary parts: sqrtm went astray on an ill-conditioned product. The
-            # reference code raises here; the symmetric route below is exact for PSD inputs.
+            # reference code raises here; the symmetric route is exact for PSD inputs.
             return _trace_sqrt_product_eigh(sigma1, sigma2)
         covmean = covmean.real
-    if not np.isfinite(covmean).all():
-        return _trace_sqrt_product_eigh(sigma1, sigma2)
     return float(np.trace(covmean))
 
 

@@ -6,12 +6,12 @@
 * :mod:`.api`: :func:`generate`, the one-call entry point; :mod:`.grid`: PNG grids.
 """
 
+from ._cuda_graph import clear_decode_graphs
 from .api import OUTPUTS, generate, resolve_labels, to_pil, to_uint8
 from .autoregressive import AutoregressiveConfig, AutoregressiveSampler
 from .grid import make_grid, save_grid
 from .logits import apply_guidance, apply_temperature, check_sampling_args, sample, top_k_filter, top_p_filter
 from .schedules import SCHEDULES, GuidanceSchedule, constant, get_schedule, linear
-from ._cuda_graph import clear_decode_graphs
 
 __all__ = [
     "generate",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,16 @@ _LABEL_SEED_SALT = 0x5DEECE66D  # labels are drawn from a generator seeded apart
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _bad_labels(labels: Any) -> ConfigError:
+    text = repr(labels)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return ConfigError(f"labels must be a non-empty 1-D list or tensor of integer class ids, got {text}")
 
 
 def resolve_labels(
@@ -63,25 +73,22 @@ def resolve_labels(
         return torch.randint(0, num_classes, (num_images,), generator=gen)
     if _is_int(labels):
         labels = [labels]
-    bad = ConfigError(f"labels must be a non-empty 1-D list or tensor of integer class ids, got {labels!r}")
     if torch.is_tensor(labels):
-        if labels.dim() != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.is_complex():
-            raise bad
-        if labels.dtype == torch.bool:
-            raise bad
+        if labels.dim() != 1 or labels.numel() == 0 or not _integer_dtype(labels.dtype):
+            raise _bad_labels(labels)
         out = labels.detach().cpu().long()
     else:
         try:
             items = list(labels)
         except TypeError:
-            raise bad from None
+            raise _bad_labels(labels) from None
         if not items or not all(_is_int(v) for v in items):
-            raise bad
+            raise _bad_labels(labels)
         out = torch.tensor([int(v) for v in items], dtype=torch.long)
     lo, hi = int(out.min()), int(out.max())
     if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ConfigError(f"label {bad} is outside [0, {num_classes}): the model has {num_classes} classes")
+        worst = lo if lo < 0 else hi
+        raise ConfigError(f"label {worst} is outside [0, {num_classes}): the model has {num_classes} classes")
     if num_images is not None:
         out = out[torch.arange(num_images) % out.numel()]
     return out

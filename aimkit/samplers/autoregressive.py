@@ -77,6 +77,7 @@ class AutoregressiveSampler:
         last_capture_seconds: seconds spent capturing CUDA graphs during the latest
             :meth:`sample_tokens` call (0.0 when cached graphs were reused or decoding was eager;
             None before the first call).
+        total_capture_seconds: the same summed over every call of this sampler.
     """
 
     config_cls = AutoregressiveConfig
@@ -84,6 +85,7 @@ class AutoregressiveSampler:
     def __init__(self, config: Optional[AutoregressiveConfig] = None):
         self.config = AutoregressiveConfig() if config is None else config
         self.last_capture_seconds: Optional[float] = None
+        self.total_capture_seconds = 0.0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -93,6 +95,7 @@ class AutoregressiveSampler:
             graph, seconds = get_decode_graph(model, cond, rows)
             graph.start(cond)
             self.last_capture_seconds = seconds
+            self.total_capture_seconds += seconds
             return graph
         self.last_capture_seconds = 0.0
         return _EagerDecoder(model, cond, rows)

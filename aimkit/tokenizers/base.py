@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import math
 import os
-from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +38,7 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
     """
 
     name: str = "tokenizer"
-    checkpoint_prefixes: Tuple[str, ...] = ()
+    checkpoint_prefixes: tuple[str, ...] = ()
 
     # ---- sizes -----------------------------------------------------------------------------
 
@@ -86,7 +85,7 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
         """
 
     @abc.abstractmethod
-    def decode(self, codes: Tensor, *, grid: Optional[Tuple[int, int]] = None, clamp: bool = False) -> Tensor:
+    def decode(self, codes: Tensor, *, grid: tuple[int, int] | None = None, clamp: bool = False) -> Tensor:
         """Codes to images.
 
         Args:
@@ -122,7 +121,7 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
                 f"tokenizer's downsampling factor (or the batch is empty)"
             )
 
-    def check_codes(self, codes: Tensor, grid: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    def check_codes(self, codes: Tensor, grid: tuple[int, int] | None = None) -> tuple[int, int]:
         """Raise :class:`ConfigError` unless ``codes`` is a valid integer ``(B, N)`` batch.
 
         Args:
@@ -159,7 +158,7 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
 
     # ---- weights ---------------------------------------------------------------------------
 
-    def select_weights(self, sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def select_weights(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
         """This tokenizer's tensors from ``sd``: the part under one of
         :attr:`checkpoint_prefixes` if ``sd`` has such keys (a whole generator checkpoint),
         else ``sd`` unchanged."""
@@ -168,7 +167,7 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
                 return select_prefix(sd, prefix)
         return sd
 
-    def load_weights(self, path: Union[str, os.PathLike]) -> "Tokenizer":
+    def load_weights(self, path: str | os.PathLike) -> Tokenizer:
         """Load weights strictly from a file or folder (see :func:`aimkit.weights.read_state_dict`).
 
         Accepts a bare state dict, one wrapped in a ``model`` / ``state_dict`` / ``ema`` entry

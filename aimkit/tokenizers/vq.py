@@ -11,9 +11,7 @@ and of the ``vqvae.`` part of the official AiM checkpoints, so both load strictl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +37,7 @@ class VQConfig:
     codebook_embed_dim: int = 8  # dimension of a codebook row (the quantised latent)
     z_channels: int = 256  # channels of the encoder output / decoder input
     ch: int = 128  # base width; level i has ch * ch_mult[i] channels
-    ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)  # width per level; len - 1 halvings -> f16
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # width per level; len - 1 halvings -> f16
     encoder_res_blocks: int = 2  # residual blocks per encoder level
     decoder_res_blocks: int = 3  # residual blocks per decoder level (LlamaGen: num_res_blocks + 1)
     dropout: float = 0.0  # dropout inside residual blocks
@@ -74,6 +72,11 @@ class VQConfig:
 # --------------------------------------------------------------------------------------------
 
 
+def _swish(x: Tensor) -> Tensor:
+    """``x * sigmoid(x)``, written out as LlamaGen does (``F.silu`` rounds differently)."""
+    return x * torch.sigmoid(x)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
 
@@ -95,8 +98,8 @@ class _ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(self.dropout(_swish(self.norm2(h))))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -116,13 +119,14 @@ class _AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
         b, c, h, w = x.shape
         y = self.norm(x)
-
-        def tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1, H*W, C)
-            return t.flatten(2).transpose(1, 2).unsqueeze(1)
-
-        # softmax(q k^T / sqrt(C)) v, the scale being SDPA's default 1/sqrt(C)
-        out = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+        # Same products, in the same order, as LlamaGen (so float32 results agree to the bit
+        # on one machine); the (B, HW, HW) weights are small at the 16x16 level.
+        q = self.q(y).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        k = self.k(y).reshape(b, c, h * w)  # (B, C, HW)
+        v = self.v(y).reshape(b, c, h * w)  # (B, C, HW)
+        scores = torch.bmm(q, k) * c ** -0.5  # (B, HW_q, HW_k)
+        weights = torch.softmax(scores, dim=2, dtype=torch.float32).to(v.dtype)
+        out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w)  # (B, C, H, W)
         return x + self.proj_out(out)
 
 
@@ -200,7 +204,7 @@ class _Encoder(nn.Module):
                 h = level.downsample(h)  # halves H, W
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, h, w)
+        return self.conv_out(_swish(self.norm_out(h)))  # (B, z_channels, h, w)
 
 
 class _Decoder(nn.Module):
@@ -232,7 +236,7 @@ class _Decoder(nn.Module):
             h = level.blocks(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)  # doubles H, W
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W); no tanh/clamp
+        return self.conv_out(_swish(self.norm_out(h)))  # (B, in_channels, H, W); no tanh/clamp
 
 
 class _Quantizer(nn.Module):
@@ -271,7 +275,7 @@ class _Quantizer(nn.Module):
             codes.append(dist.argmin(dim=1))
         return torch.cat(codes).view(b, h * w)
 
-    def lookup(self, codes: Tensor, grid: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+    def lookup(self, codes: Tensor, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """Normalised rows of ``codes`` (B, h * w) as latents (B, dim, h, w) in ``dtype``."""
         b = codes.shape[0]
         z = F.embedding(codes.long(), self.codebook())  # (B, h*w, dim)
@@ -337,7 +341,7 @@ class VQModel(Tokenizer):
     def in_channels(self) -> int:
         return self.config.in_channels
 
-    def channels_last(self, enabled: bool = True) -> "VQModel":
+    def channels_last(self, enabled: bool = True) -> VQModel:
         """Store conv weights, and run on inputs, in ``torch.channels_last`` layout (or undo it)."""
         self._memory_format = torch.channels_last if enabled else torch.contiguous_format
         return self.to(memory_format=self._memory_format)
@@ -354,7 +358,7 @@ class VQModel(Tokenizer):
         """Images (B, C, H, W) in [-1, 1] -> int64 codes (B, (H/16) * (W/16)), raster order."""
         return self.quantize.nearest(self.encode_latents(images))
 
-    def decode(self, codes: Tensor, *, grid: Optional[Tuple[int, int]] = None, clamp: bool = False) -> Tensor:
+    def decode(self, codes: Tensor, *, grid: tuple[int, int] | None = None, clamp: bool = False) -> Tensor:
         """Codes (B, N) -> images (B, C, h * 16, w * 16) in the module's dtype.
 
         Args:

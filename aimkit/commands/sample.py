@@ -1,0 +1,158 @@
+"""``aimkit sample``: many class-conditional samples for FID, sharded, resumable, multi-GPU.
+
+::
+
+    aimkit sample --model aim-xl --pretrained published --num 50000 --out samples.npz
+    accelerate launch --num_processes 8 -m aimkit.cli sample --model aim-xl --pretrained published \\
+        --num 50000 --out samples.npz --dtype bfloat16
+
+Sampling settings left out are the preset's FID settings (``config.fid_sampling``). Images go to
+``<out>.shards/shard-NNNNN.npz`` first; the main process packs them into ``--out`` (the ADM
+evaluator's ``arr_0`` / ``arr_1`` layout) once every process is done. Rerunning the same command
+after an interruption generates only the missing shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..build import build
+from ..errors import ConfigError
+
+HELP = "sample images for FID into an ADM-layout .npz (sharded, resumable, accelerate-ready)"
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text!r}")
+    return value
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="preset name (see `aimkit list`) or a save_pretrained directory")
+    parser.add_argument(
+        "--pretrained", metavar="PATH",
+        help="weights: a file or directory (official AiM or aimkit layout), hf-hub:ORG/NAME, or 'published' "
+        "for the preset's published weights; default: the weights the model ships with, else random",
+    )
+    parser.add_argument("--num", type=_positive_int, default=50_000, metavar="N",
+                        help="number of images (default 50000, the FID protocol)")
+    parser.add_argument("--out", required=True, metavar="NPZ", help="packed samples to write (ADM layout: arr_0, arr_1)")
+    parser.add_argument("--shard-dir", metavar="DIR", help="where the shards go (default: <out>.shards)")
+    parser.add_argument(
+        "--labels", default="balanced", metavar="balanced|random|FILE",
+        help="'balanced' (default: num/num_classes per class, seeded order), 'random' (uniform), or a file "
+        "of N class ids (.npy, or text with one id per line)",
+    )
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the whole run (default 0)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                        help="images per sampling call (default 64); keep it fixed when resuming")
+    parser.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
+                        help="images per shard file, the unit of resuming (default 1000)")
+    parser.add_argument("--cfg-scale", type=float, metavar="F", help="guidance scale (default: the preset's FID setting)")
+    parser.add_argument("--temperature", type=float, metavar="F", help="softmax temperature (default: preset FID setting)")
+    parser.add_argument("--top-k", type=int, metavar="N", help="top-k, 0 = all (default: preset FID setting)")
+    parser.add_argument("--top-p", type=float, metavar="F", help="nucleus mass, 1 = all (default: preset FID setting)")
+    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant",
+                        help="guidance scale over the tokens (default constant)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto (default): the device accelerate assigns to this process (CUDA when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter dtype (default float32)")
+    parser.add_argument("--delete-shards", action="store_true", help="remove the shard directory after packing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _process_device(name: str, state) -> torch.device:
+    """This process's device: accelerate's choice, unless one process was told otherwise."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    if state.num_processes > 1 or name == "auto":
+        return torch.device(state.device)
+    return torch.device(name)
+
+
+def build_model(args, device: torch.device):
+    """Build the generator named on the command line on ``device``."""
+    pretrained = True if args.pretrained == "published" else args.pretrained
+    return build(args.model, pretrained=pretrained, device=device, dtype=args.dtype)
+
+
+def run(args) -> int:
+    from accelerate import PartialState
+
+    from ..eval.sample import pack_npz, sample_to_shards
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out must end in .npz (the ADM evaluator reads npz files), got {out}")
+    shard_dir = Path(args.shard_dir) if args.shard_dir else out.with_name(out.name + ".shards")
+    labels = args.labels if args.labels in ("balanced", "random") else Path(args.labels)
+
+    # one process unless started by `accelerate launch` / torchrun; on CPU, gloo joins the processes
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    device = _process_device(args.device, state)
+    model = build_model(args, device)
+    if args.pretrained is None and not Path(args.model).is_dir():
+        from ..assets import embedded_weights
+
+        if embedded_weights(args.model) is None and state.is_main_process:
+            print(f"aimkit sample: warning: no --pretrained weights; {args.model} samples with random weights",
+                  file=sys.stderr)
+
+    start = time.perf_counter()
+    summary = sample_to_shards(
+        model,
+        shard_dir,
+        args.num,
+        labels=labels,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        progress=not args.no_progress,
+        metadata={"model": args.model, "pretrained": args.pretrained, "dtype": args.dtype},
+        cfg_scale=args.cfg_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        schedule=args.schedule,
+    )
+    seconds = time.perf_counter() - start
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    pack_npz(shard_dir, out)
+    if args.delete_shards:
+        shutil.rmtree(shard_dir)
+    rate = f" ({summary.images / seconds:.2f} images/s)" if summary.images and seconds > 0 else ""
+    where = f"{state.num_processes} processes" if state.num_processes > 1 else str(device)
+    print(
+        f"wrote {out}: {args.num} images ({args.labels} labels); the main process generated "
+        f"{summary.images} now{rate} on {where} and skipped {len(summary.skipped)} finished shards"
+    )
+    return 0

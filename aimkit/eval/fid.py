@@ -1,0 +1,359 @@
+"""FID and Inception Score of an ``.npz`` of samples against an ADM reference batch.
+
+Both files use the ADM evaluator's layout: ``arr_0`` holds (N, H, W, 3) uint8 images. A reference
+batch may also hold precomputed statistics: ``mu`` (2048,) and ``sigma`` (2048, 2048) of the
+Inception pool features (and ``mu_s``, ``sigma_s`` of spatial features, for sFID, unused here),
+as ``VIRTUAL_imagenet256_labeled.npz`` does. Those are used when present; otherwise the
+reference statistics are computed from its images with the same network.
+
+Images are read from the npz in batches (never the whole array at once), converted to [0, 1],
+fed to the Inception network (:mod:`aimkit.eval.inception`), and the pool features' mean and
+covariance (:func:`aimkit.eval.frechet.feature_statistics`) enter the Fréchet distance
+(:func:`aimkit.eval.frechet.frechet_distance`).
+
+Example::
+
+    net = load_inception(device="cuda")
+    result = fid_from_npz("samples.npz", "VIRTUAL_imagenet256_labeled.npz", net)
+    print(result.fid, result.inception_score)
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .frechet import feature_statistics, frechet_distance
+
+__all__ = [
+    "Statistics",
+    "FIDResult",
+    "NpzArrayReader",
+    "iter_image_batches",
+    "compute_statistics",
+    "inception_score",
+    "load_reference_statistics",
+    "fid_from_npz",
+]
+
+PathLike = Union[str, os.PathLike]
+ImageSource = Union[PathLike, np.ndarray, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Feature statistics of an image set.
+
+    Attributes:
+        mu: (F,) float64 mean feature.
+        sigma: (F, F) float64 covariance.
+        num_images: images the statistics were computed from (0 when read from a file).
+        inception_score: mean Inception Score over the splits, when logits were available.
+        inception_score_std: its standard deviation over the splits.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int = 0
+    inception_score: Optional[float] = None
+    inception_score_std: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class FIDResult:
+    """Result of :func:`fid_from_npz`.
+
+    Attributes:
+        fid: Fréchet Inception Distance (lower is better).
+        inception_score: Inception Score of the samples (higher is better), None without logits.
+        inception_score_std: standard deviation of the score over its splits.
+        num_samples: images in the samples file.
+        ref_source: ``"precomputed"`` (the reference file's mu / sigma) or ``"images"``.
+    """
+
+    fid: float
+    inception_score: Optional[float]
+    inception_score_std: Optional[float]
+    num_samples: int
+    ref_source: str
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+class NpzArrayReader:
+    """Read one array of an ``.npz`` in row batches without loading it whole.
+
+    Args:
+        path: the archive (``np.savez`` or ``np.savez_compressed``).
+        key: the array's name (``"arr_0"``).
+
+    Attributes:
+        shape, dtype: of the whole array.
+
+    Use as a context manager; :meth:`batches` yields C-ordered row blocks.
+    """
+
+    def __init__(self, path: PathLike, key: str = "arr_0"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"{self.path} does not exist")
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ConfigError(f"{self.path} is not an .npz archive: {exc}") from None
+        member = f"{key}.npy"
+        if member not in self._zip.namelist():
+            names = ", ".join(n[:-4] for n in self._zip.namelist() if n.endswith(".npy"))
+            self._zip.close()
+            raise ConfigError(f"{self.path} has no array {key!r} (it holds: {names or 'nothing'})")
+        self._file = self._zip.open(member)
+        try:
+            version = np.lib.format.read_magic(self._file)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(self._file)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(self._file)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except ValueError as exc:
+            self.close()
+            raise ConfigError(f"cannot read {key!r} of {self.path}: {exc}") from None
+        if fortran or dtype.hasobject:
+            self.close()
+            raise ConfigError(f"{key!r} of {self.path} must be a C-ordered numeric array")
+        self.key, self.shape, self.dtype = key, tuple(shape), dtype
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Yield consecutive blocks of at most ``batch_size`` rows."""
+        if not self.shape:
+            raise ConfigError(f"{self.key!r} of {self.path} is a scalar, not an array of rows")
+        row = self.shape[1:]
+        row_bytes = int(np.prod(row, dtype=np.int64)) * self.dtype.itemsize
+        for start in range(0, self.shape[0], batch_size):
+            count = min(batch_size, self.shape[0] - start)
+            data = self._file.read(count * row_bytes)
+            if len(data) != count * row_bytes:
+                raise ConfigError(f"{self.path} is truncated ({self.key!r} ends after {start} rows)")
+            yield np.frombuffer(bytearray(data), dtype=self.dtype).reshape((count,) + row)  # writable
+
+    def close(self) -> None:
+        if hasattr(self, "_file"):
+            self._file.close()
+        self._zip.close()
+
+    def __enter__(self) -> "NpzArrayReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_images(shape: Tuple[int, ...], dtype: np.dtype, what: str) -> None:
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ConfigError(
+            f"{what} must hold uint8 images of shape (N, H, W, 3) in [0, 255] (ADM evaluator layout), "
+            f"got {dtype} {shape}"
+        )
+    if shape[0] < 2:
+        raise ConfigError(f"{what} holds {shape[0]} image(s); statistics need at least 2")
+
+
+def iter_image_batches(images: ImageSource, batch_size: int) -> Tuple[int, Iterator[np.ndarray]]:
+    """``(N, batches)`` of (n, H, W, 3) uint8 arrays from an ``.npz`` path (``arr_0``) or an array."""
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(images, (str, os.PathLike)):
+        reader = NpzArrayReader(images, "arr_0")
+        try:
+            _check_images(reader.shape, reader.dtype, f"arr_0 of {reader.path}")
+        except ConfigError:
+            reader.close()
+            raise
+
+        def stream() -> Iterator[np.ndarray]:
+            with reader:
+                yield from reader.batches(batch_size)
+
+        return reader.shape[0], stream()
+    if torch.is_tensor(images):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    _check_images(images.shape, images.dtype, "images")
+    return images.shape[0], (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+
+
+def inception_score(logits: Any, splits: int = 10) -> Tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``, mean and std over ``splits`` equal parts.
+
+    Part ``i`` holds rows ``[i N / splits, (i + 1) N / splits)`` (the improved-GAN split; for
+    50,000 samples it equals the ADM evaluator's parts of 5,000).
+
+    Args:
+        logits: (N, C) classifier logits (all 1008 outputs of the FID network).
+        splits: number of parts, each with its own marginal ``p(y)``.
+
+    Returns:
+        ``(mean, std)`` over the parts.
+    """
+    x = torch.as_tensor(np.asarray(logits) if not torch.is_tensor(logits) else logits).double()
+    if x.dim() != 2:
+        raise ConfigError(f"logits must have shape (N, C), got {tuple(x.shape)}")
+    n = x.shape[0]
+    if not isinstance(splits, int) or not 1 <= splits <= n:
+        raise ConfigError(f"splits must be an integer in [1, {n}] for {n} samples, got {splits!r}")
+    log_p = torch.log_softmax(x, dim=1)  # (N, C)
+    scores = []
+    for i in range(splits):
+        part = log_p[i * n // splits:(i + 1) * n // splits]
+        log_marginal = torch.logsumexp(part, dim=0) - np.log(part.shape[0])  # (C,) log of mean p(y|x)
+        kl = (part.exp() * (part - log_marginal)).sum(dim=1).mean()
+        scores.append(float(torch.exp(kl)))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(n, H, W, 3) uint8 -> (n, 3, H, W) float32 in [0, 1] on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _model_device(extractor: Any, device: Optional[Union[str, torch.device]]) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(extractor, torch.nn.Module):
+        for p in extractor.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def compute_statistics(
+    images: ImageSource,
+    extractor: Callable[..., Any],
+    batch_size: int = 50,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dims: Optional[int] = None,
+    splits: int = 10,
+    progress: bool = False,
+) -> Statistics:
+    """Mean and covariance of the Inception features of an image set (and its Inception Score).
+
+    Args:
+        images: an ``.npz`` (``arr_0``) path or an (N, H, W, 3) uint8 array / tensor.
+        extractor: the FID network (:class:`~aimkit.eval.inception.FIDInceptionV3`), or any
+            callable taking (B, 3, H, W) float images in [0, 1] and returning (B, F) features
+            or a ``(features, logits)`` pair.
+        batch_size: images per forward pass.
+        device: where to run (default: the extractor's device).
+        dims: feature size for :class:`FIDInceptionV3` (2048, 768, 192 or 64); None = its default.
+        splits: Inception Score parts (used only when logits come back).
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`Statistics`; ``inception_score`` is set when the extractor returned logits.
+    """
+    total, batches = iter_image_batches(images, batch_size)
+    run_device = _model_device(extractor, device)
+    kwargs = {} if dims is None else {"dims": dims}
+    features, logits = [], []
+    from tqdm.auto import tqdm
+
+    with torch.no_grad(), tqdm(total=total, unit="img", desc="inception", disable=not progress) as bar:
+        for batch in batches:
+            out = extractor(_to_input(batch, run_device), **kwargs)
+            feats, batch_logits = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+            features.append(feats.detach().float().cpu().reshape(feats.shape[0], -1))
+            if batch_logits is not None:
+                logits.append(batch_logits.detach().float().cpu())
+            bar.update(len(batch))
+    all_features = torch.cat(features).numpy()
+    if all_features.shape[0] != total:
+        raise ConfigError(f"the extractor returned {all_features.shape[0]} feature rows for {total} images")
+    mu, sigma = feature_statistics(all_features)
+    score = std = None
+    if logits and len(logits) == len(features):
+        score, std = inception_score(torch.cat(logits), splits=min(splits, total))
+    return Statistics(mu, sigma, total, score, std)
+
+
+def load_reference_statistics(path: PathLike) -> Optional[Statistics]:
+    """The precomputed ``mu`` / ``sigma`` of an ADM reference batch, or None when it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"reference batch {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data.files or "sigma" not in data.files:
+                return None
+            return Statistics(np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64))
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"cannot read reference batch {path}: {exc}") from None
+
+
+def fid_from_npz(
+    samples_npz: PathLike,
+    ref_npz: PathLike,
+    extractor: Optional[Callable[..., Any]] = None,
+    *,
+    inception_weights: Optional[PathLike] = None,
+    batch_size: int = 50,
+    device: Optional[Union[str, torch.device]] = None,
+    dims: int = 2048,
+    recompute_ref: bool = False,
+    splits: int = 10,
+    progress: bool = False,
+) -> FIDResult:
+    """FID of a samples ``.npz`` against a reference ``.npz`` (ADM layout), and the Inception Score.
+
+    Args:
+        samples_npz: ``arr_0`` (N, H, W, 3) uint8 samples (e.g. from :func:`~aimkit.eval.sample.pack_npz`).
+        ref_npz: the reference batch: ``mu`` / ``sigma`` when present (2048-d only), else ``arr_0``.
+        extractor: the feature network; default :func:`~aimkit.eval.inception.load_inception`
+            with ``inception_weights`` on ``device``.
+        inception_weights: weight file for the default extractor.
+        batch_size: images per forward pass.
+        device: where to run the network.
+        dims: feature size (2048 is the standard FID; smaller ones come from earlier stages
+            and are only comparable among themselves).
+        recompute_ref: ignore the reference's stored ``mu`` / ``sigma`` and use its images.
+        splits: Inception Score parts.
+        progress: show progress bars.
+
+    Raises:
+        ConfigError: malformed files, or a reference without usable statistics or images.
+    """
+    from .inception import FIDInceptionV3, load_inception
+
+    if extractor is None:
+        extractor = load_inception(inception_weights, device=device)
+    net_dims = dims if isinstance(extractor, FIDInceptionV3) else None  # other extractors pick their own
+    ref, ref_source = None, "images"
+    if not recompute_ref:
+        ref = load_reference_statistics(ref_npz)
+        if ref is not None and ref.mu.shape != (dims,):
+            if dims == 2048:
+                raise ConfigError(f"{ref_npz} holds {ref.mu.shape[0]}-d statistics; FID uses 2048-d features")
+            ref = None  # stored statistics are 2048-d; other dims need the images
+        ref_source = "precomputed" if ref is not None else "images"
+    samples = compute_statistics(
+        samples_npz, extractor, batch_size, device=device, dims=net_dims, splits=splits, progress=progress
+    )
+    if ref is None:
+        ref = compute_statistics(ref_npz, extractor, batch_size, device=device, dims=net_dims, progress=progress)
+    fid = frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma)
+    return FIDResult(fid, samples.inception_score, samples.inception_score_std, samples.num_images, ref_source)

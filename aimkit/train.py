@@ -1,0 +1,1015 @@
+"""Train a class-conditional AiM generator with HF accelerate: one readable loop, one YAML config.
+
+::
+
+    aimkit train --config aim_b data=tokens/in256 output_dir=runs/aim_b          # one device
+    accelerate launch --multi_gpu --num_processes 8 -m aimkit.train \\
+        --config aim_b data=tokens/in256 output_dir=runs/aim_b                     # 8 GPUs (DDP)
+    aimkit train --config aim_b output_dir=runs/aim_b --resume auto                # continue
+
+The config is a YAML file (or the name of one shipped in ``aimkit/recipes/configs``) holding the
+fields of :class:`TrainConfig`; ``key=value`` arguments override it (``model_args.d_model=64``
+sets one entry of a mapping). Values are parsed as YAML (``lr=3e-4``, ``betas=[0.9,0.95]``).
+
+The loop, top to bottom: build the generator from a preset (:func:`aimkit.build`), an AdamW with
+weight decay on matrices only, a warmup + constant/cosine/linear schedule; then per optimizer step
+``grad_accum`` micro-batches per process -> teacher-forced cross-entropy -> one clipped AdamW
+update, skipped (and counted) when the loss or the gradient norm is not finite.
+
+Data position: each optimizer step consumes the next ``global_batch_size`` items of a seeded
+permutation of the dataset (one permutation per epoch), split across processes and micro-batches.
+Step ``s`` therefore always sees the same items, which, with the RNG states saved in every
+checkpoint, makes ``--resume`` continue exactly where the run stopped (bit for bit on CPU).
+
+Output directory::
+
+    OUT/config.yaml                     the resolved config
+    OUT/metrics.jsonl                   one JSON line per log step
+    OUT/checkpoints/step-00001000/      model.safetensors, optimizer.pt, scheduler.pt,
+                                        rng-00000.pt (one per process), trainer_state.json
+    OUT/checkpoints/latest              name of the newest checkpoint (informational)
+    OUT/final/                          Generator.save_pretrained -> aimkit.build("OUT/final")
+
+Checkpoints appear atomically (written to ``.tmp-step-*`` and renamed). SIGTERM / SIGINT finish
+the current step, write a checkpoint and exit (a second SIGINT stops at once). Multi-node runs
+need ``output_dir`` on a file system every node sees. FSDP is untested: the checkpoint code saves
+full (unsharded) state from the main process, which is what DDP needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from .errors import AimkitError, ConfigError
+
+__all__ = [
+    "TrainConfig",
+    "TrainingStopped",
+    "TrainResult",
+    "load_config",
+    "find_config",
+    "find_checkpoint",
+    "param_fingerprint",
+    "train",
+    "main",
+]
+
+
+class TrainingStopped(AimkitError):
+    """The run cannot continue (too many non-finite steps, diverged replicas)."""
+
+
+# ============================================================================================
+# config
+# ============================================================================================
+
+
+_REQUIRED_KEY = {"required": True}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; a YAML file holds these keys (see ``recipes/configs``)."""
+
+    # --- what to train
+    model: str = field(default=None, metadata=_REQUIRED_KEY)  # preset name ("aim-b") or a save_pretrained directory
+    model_args: Dict[str, Any] = field(default_factory=dict)  # aimkit.build overrides: {d_model: 64, tokenizer: null}
+    init_from: Optional[str] = None  # weights to start from (file, directory or hf-hub:ORG/NAME)
+    # --- data
+    data: str = field(default=None, metadata=_REQUIRED_KEY)  # token directory (aimkit tokenize), "random" (random codes) or "shapes"
+    data_size: int = 1_281_167  # items per epoch of "random" / "shapes" (ImageNet-1k train size)
+    crop_variant: str = "random"  # which stored crop an item uses: random | epoch | first
+    num_workers: int = 2  # data-loader worker processes per process
+    # --- batch: global_batch_size = batch_size * num_processes * grad_accum
+    global_batch_size: int = 2048  # the paper's batch
+    batch_size: Optional[int] = None  # per-process micro-batch; default global / (processes * grad_accum)
+    grad_accum: Optional[int] = None  # micro-batches per step; default from batch_size, else 1
+    # --- optimizer (AdamW, decay on matrices only)
+    lr: Optional[float] = None  # absolute peak learning rate; overrides lr_per_256
+    lr_per_256: Optional[float] = 1e-4  # peak lr = lr_per_256 * global_batch_size / 256 (8e-4 at 2048)
+    betas: Tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05  # on parameters with >= 2 dims, never on those marked _no_weight_decay
+    adam_eps: float = 1e-8
+    fused_adamw: Optional[bool] = None  # None: fused on CUDA
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    # --- schedule
+    warmup_steps: int = 0  # linear warmup from 0
+    schedule: str = "constant"  # constant | cosine | linear (decay after warmup)
+    min_lr_ratio: float = 0.0  # floor of cosine / linear decay, as a fraction of the peak lr
+    # --- length: max_steps wins over epochs; stop_after ends early without changing the schedule
+    epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    stop_after: Optional[int] = None  # stop (with a checkpoint) after this step, e.g. for job slices
+    # --- numerics
+    mixed_precision: str = "bf16"  # no | bf16 | fp16
+    compile: bool = False  # torch.compile the model (inductor)
+    seed: int = 0
+    max_nonfinite: int = 20  # consecutive skipped steps before the run stops
+    # --- output
+    output_dir: str = field(default=None, metadata=_REQUIRED_KEY)  # where checkpoints, metrics and final/ go
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end and on SIGTERM
+    keep_last: int = 3  # checkpoints kept (older ones are deleted); 0 keeps all
+    log_every: int = 10  # steps between metric lines
+    log_with: Optional[str] = None  # tensorboard | wandb (if installed); metrics.jsonl is always written
+    project_name: str = "aimkit"  # tracker project name
+    check_replicas_every: int = 0  # compare parameter fingerprints across processes every N steps (0: off)
+    progress_bar: bool = True
+
+
+_REQUIRED = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("required")]
+_CHOICES = {
+    "crop_variant": ("random", "epoch", "first"),
+    "schedule": ("constant", "cosine", "linear"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+    "log_with": (None, "tensorboard", "wandb"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(key, value, inner)
+    bad = ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    return value  # pragma: no cover - every field type is handled above
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(TrainConfig)]
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def config_from_dict(data: Dict[str, Any], where: str = "config") -> TrainConfig:
+    """Validate a plain mapping (from YAML) into a :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: a required key is missing, a key is unknown (the closest keys are
+            suggested), a value has the wrong type or is not one of the allowed choices.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    for key in data:
+        if key not in hints:
+            raise _unknown_key(key, where)
+    for key in _REQUIRED:
+        if data.get(key) is None:
+            raise ConfigError(f"missing required config key {key!r} in {where} (set it there or pass {key}=...)")
+    kwargs = {key: _coerce(key, value, hints[key]) for key, value in data.items()}
+    for key, choices in _CHOICES.items():
+        if key in kwargs and kwargs[key] not in choices:
+            shown = ", ".join("null" if c is None else c for c in choices)
+            raise ConfigError(f"config key {key!r} must be one of {shown}, got {kwargs[key]!r}")
+    cfg = TrainConfig(**kwargs)
+    _check_ranges(cfg, where)
+    return cfg
+
+
+def _check_ranges(cfg: TrainConfig, where: str) -> None:
+    positive = ["global_batch_size", "checkpoint_every", "log_every", "max_nonfinite", "data_size"]
+    positive += [k for k in ("batch_size", "grad_accum", "max_steps", "stop_after") if getattr(cfg, k) is not None]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {getattr(cfg, key)!r} ({where})")
+    for key in ("warmup_steps", "num_workers", "keep_last", "check_replicas_every", "weight_decay", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)!r} ({where})")
+    if cfg.lr is None and cfg.lr_per_256 is None:
+        raise ConfigError(f"set either lr or lr_per_256 ({where})")
+    if cfg.lr is not None and cfg.lr_per_256 is not None:
+        raise ConfigError(f"set only one of lr ({cfg.lr}) and lr_per_256 ({cfg.lr_per_256}); use lr_per_256=null ({where})")
+    if cfg.max_steps is None and cfg.epochs is None:
+        raise ConfigError(f"set max_steps or epochs ({where})")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise ConfigError(f"config key 'epochs' must be positive, got {cfg.epochs!r} ({where})")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio!r} ({where})")
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config file: a path, or a name shipped in ``aimkit/recipes/configs`` (``aim_b``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    folders = []
+    try:
+        from importlib.resources import files
+
+        folders.append(Path(str(files("aimkit") / "recipes" / "configs")))
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover
+        pass
+    folders.append(Path(__file__).resolve().parent.parent / "recipes" / "configs")  # a source checkout
+    available: List[str] = []
+    for folder in folders:
+        if (folder / f"{stem}.yaml").is_file() and os.sep not in name_or_path:
+            return folder / f"{stem}.yaml"
+        if folder.is_dir():
+            available += [p.stem for p in folder.glob("*.yaml")]
+    available = sorted(set(available))
+    close = difflib.get_close_matches(stem, available, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a file nor a shipped config{hint} (shipped: {', '.join(available) or 'none'})"
+    )
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["lr=3e-4", "model_args.d_model=64"]`` -> ``{"lr": 3e-4, "model_args": {"d_model": 64}}``."""
+    import yaml
+
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ConfigError(f"expected a key=value override, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a mapping")
+        node[leaf] = value
+    return out
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(name_or_path: Optional[str], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config (by path or shipped name) and apply ``key=value`` overrides."""
+    import yaml
+
+    data: Dict[str, Any] = {}
+    where = "the overrides"
+    if name_or_path:
+        path = find_config(name_or_path)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+    extra = parse_overrides(overrides)
+    for key in extra:
+        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise _unknown_key(key, "the command-line overrides")
+    return config_from_dict(_merge(data, extra), where=where)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    data = dataclasses.asdict(cfg)
+    data["betas"] = list(cfg.betas)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# ============================================================================================
+# data
+# ============================================================================================
+
+
+class RandomCodes(Dataset):
+    """``size`` items of uniformly random codes (for throughput runs): item i is seeded by i."""
+
+    def __init__(self, size: int, num_tokens: int, vocab_size: int, num_classes: int, seed: int = 0):
+        self.size, self.num_tokens, self.vocab_size, self.num_classes, self.seed = size, num_tokens, vocab_size, num_classes, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        codes = torch.randint(0, self.vocab_size, (self.num_tokens,), generator=g)
+        return codes, torch.tensor(int(i) % self.num_classes)
+
+
+class ShapesImages(Dataset):
+    """Procedural shapes images (:mod:`aimkit.data.shapes`), encoded in the loop by the model's tokenizer."""
+
+    def __init__(self, size: int, image_size: int, seed: int = 0):
+        from .data.shapes import ShapesDataset
+
+        self.images = ShapesDataset(size, seed=seed, image_size=image_size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __getitem__(self, i: int):
+        image, label = self.images[i]
+        return image, torch.tensor(label)
+
+
+class StepBatches(Sampler):
+    """The micro-batches one process reads in one epoch, from step ``start_step`` on.
+
+    Optimizer step ``s`` of the epoch uses items ``perm[s * G : (s + 1) * G]`` of a permutation
+    seeded by ``(seed, epoch)``, ``G = micro * accum * world``; micro-batch ``a`` of process
+    ``r`` is the slice at ``(a * world + r) * micro``. The last incomplete global batch is dropped.
+    """
+
+    def __init__(self, n: int, *, seed: int, epoch: int, start_step: int, micro: int, accum: int, rank: int, world: int):
+        self.n, self.seed, self.epoch, self.start_step = n, seed, epoch, start_step
+        self.micro, self.accum, self.rank, self.world = micro, accum, rank, world
+        self.global_batch = micro * accum * world
+        self.steps = n // self.global_batch
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step) * self.accum
+
+    def __iter__(self) -> Iterator[List[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        for s in range(self.start_step, self.steps):
+            block = perm[s * self.global_batch : (s + 1) * self.global_batch]
+            for a in range(self.accum):
+                offset = (a * self.world + self.rank) * self.micro
+                yield block[offset : offset + self.micro].tolist()
+
+
+def _make_dataset(cfg: TrainConfig, gen) -> Dataset:
+    if cfg.data == "random":
+        return RandomCodes(cfg.data_size, gen.num_tokens, gen.vocab_size, gen.num_classes, seed=cfg.seed)
+    if cfg.data == "shapes":
+        from .data.shapes import NUM_CLASSES
+
+        if gen.tokenizer is None:
+            raise ConfigError("data: shapes encodes images with the model's tokenizer, but this model has none")
+        side = math.isqrt(gen.num_tokens)
+        if gen.num_classes < NUM_CLASSES:
+            raise ConfigError(f"data: shapes has {NUM_CLASSES} classes; set model_args.num_classes >= {NUM_CLASSES}")
+        return ShapesImages(cfg.data_size, side * gen.tokenizer.downsample, seed=cfg.seed)
+    from .data.tokens import TokenDataset
+
+    ds = TokenDataset(cfg.data, variant=cfg.crop_variant, seed=cfg.seed)
+    if ds.num_tokens != gen.num_tokens:
+        raise ConfigError(
+            f"{cfg.data} holds {ds.num_tokens} tokens per image but the model expects {gen.num_tokens} "
+            f"(set model_args.num_tokens={ds.num_tokens} or re-tokenize)"
+        )
+    if ds.codebook_size > gen.vocab_size:
+        raise ConfigError(
+            f"{cfg.data} uses a codebook of {ds.codebook_size} codes but the model's vocab_size is {gen.vocab_size} "
+            f"(set model_args.vocab_size={ds.codebook_size})"
+        )
+    if ds.num_classes > gen.num_classes:
+        raise ConfigError(
+            f"{cfg.data} has {ds.num_classes} classes but the model has {gen.num_classes} "
+            f"(set model_args.num_classes={ds.num_classes})"
+        )
+    if gen.tokenizer is not None and ds.tokenizer != gen.config.tokenizer.name:
+        print(f"warning: {cfg.data} was made with tokenizer {ds.tokenizer!r}, the model has {gen.config.tokenizer.name!r}")
+    if len(ds) == 0:
+        raise ConfigError(f"{cfg.data} holds no images")
+    return ds
+
+
+# ============================================================================================
+# optimizer and schedule
+# ============================================================================================
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: decay on trainable tensors with >= 2 dims (matrices, embeddings, convs)
+    unless marked ``_no_weight_decay`` (Mamba2's A_log, D, dt_bias); biases and norms never decay.
+    Tied weights appear once (``named_parameters`` de-duplicates them)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - (1.0 - min_ratio) * progress  # linear
+
+
+# ============================================================================================
+# checkpoints
+# ============================================================================================
+
+STATE_NAME = "trainer_state.json"
+_CKPT_PREFIX = "step-"
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _is_valid_checkpoint(path: Path) -> bool:
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    if not all((path / f).is_file() for f in (STATE_NAME, "model.safetensors", "optimizer.pt", "scheduler.pt")):
+        return False
+    try:
+        json.loads((path / STATE_NAME).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def find_checkpoint(path: Union[str, os.PathLike]) -> Optional[Path]:
+    """The newest valid checkpoint at ``path``: a checkpoint directory itself, a ``checkpoints``
+    folder, or a run's output directory. Incomplete ``.tmp-*`` directories are ignored."""
+    path = Path(path)
+    if _is_valid_checkpoint(path):
+        return path
+    for folder in (path / "checkpoints", path):
+        if folder.is_dir():
+            found = [p for p in folder.iterdir() if p.name.startswith(_CKPT_PREFIX) and _is_valid_checkpoint(p)]
+            if found:
+                return max(found, key=lambda p: json.loads((p / STATE_NAME).read_text())["step"])
+    return None
+
+
+def _describe_missing_checkpoint(path: Path) -> str:
+    if not path.exists():
+        return f"resume path {path} does not exist"
+    partial = sorted(p.name for folder in (path, path / "checkpoints") if folder.is_dir() for p in folder.iterdir()
+                     if p.name.startswith((".tmp-", _CKPT_PREFIX)))
+    seen = f" (found only incomplete: {', '.join(partial[:5])})" if partial else ""
+    return f"no valid checkpoint in {path}{seen}; a checkpoint is a step-* directory holding {STATE_NAME}"
+
+
+class _Checkpointer:
+    """Writes, lists and prunes ``OUT/checkpoints/step-*``; every process takes part in a save."""
+
+    def __init__(self, accelerator, root: Path, keep_last: int):
+        self.acc, self.root, self.keep_last = accelerator, root, keep_last
+        self.last: Optional[Path] = None
+
+    def save(self, step: int, gen, optimizer, scheduler, state: Dict[str, Any]) -> Path:
+        from .weights import save_safetensors_atomic
+
+        acc = self.acc
+        final = self.root / f"{_CKPT_PREFIX}{step:08d}"
+        tmp = self.root / f".tmp-{_CKPT_PREFIX}{step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{acc.process_index:05d}.pt")
+        if acc.is_main_process:
+            save_safetensors_atomic(gen.generator_state_dict(), tmp / "model.safetensors", metadata={"step": step})
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")  # written last
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = self.root / ".latest.tmp"
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, self.root / "latest")
+            self._prune()
+        acc.wait_for_everyone()
+        self.last = final
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.iterdir() if p.name.startswith(_CKPT_PREFIX) and _is_valid_checkpoint(p))
+        for old in done[: max(0, len(done) - self.keep_last)] if self.keep_last else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-*"):  # left behind by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, accelerator, gen, optimizer, scheduler) -> Dict[str, Any]:
+    from .weights import read_state_dict
+
+    state = json.loads((path / STATE_NAME).read_text())
+    gen.load_aimkit_state_dict(read_state_dict(path / "model.safetensors"), source=str(path))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng = path / f"rng-{accelerator.process_index:05d}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    else:
+        print(f"warning: {rng.name} missing in {path} (different number of processes?); RNG reseeded")
+        torch.manual_seed(state["step"] * 7919 + accelerator.process_index)
+    return state
+
+
+# ============================================================================================
+# helpers
+# ============================================================================================
+
+
+def param_fingerprint(module: torch.nn.Module) -> int:
+    """A 56-bit hash of every tensor of ``module``'s state dict (equal iff bitwise equal, w.h.p.)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:7], "little")
+
+
+class _StopSignal:
+    """Remember SIGTERM / SIGINT so the loop can checkpoint and exit; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _batch_layout(cfg: TrainConfig, world: int) -> Tuple[int, int]:
+    """``(micro_batch, grad_accum)`` with ``micro_batch * world * grad_accum == global_batch_size``."""
+    g = cfg.global_batch_size
+    if cfg.batch_size is not None:
+        per_step = cfg.batch_size * world
+        if g % per_step:
+            raise ConfigError(
+                f"global_batch_size {g} is not a multiple of batch_size {cfg.batch_size} x {world} process(es)"
+            )
+        accum = g // per_step
+        if cfg.grad_accum is not None and cfg.grad_accum != accum:
+            raise ConfigError(
+                f"global_batch_size {g} != batch_size {cfg.batch_size} x {world} process(es) x grad_accum {cfg.grad_accum}"
+            )
+        return cfg.batch_size, accum
+    accum = cfg.grad_accum or 1
+    if g % (world * accum):
+        raise ConfigError(f"global_batch_size {g} is not divisible by {world} process(es) x grad_accum {accum}")
+    return g // (world * accum), accum
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did."""
+
+    step: int  # optimizer steps done (including skipped ones)
+    final_dir: Optional[Path]  # the save_pretrained export (None when stopped early)
+    last_checkpoint: Optional[Path]
+    skipped_steps: int  # non-finite steps skipped in this run
+    stopped_by: Optional[str] = None  # "SIGTERM", "SIGINT", "stop_after" or None
+    losses: List[float] = field(default_factory=list)  # per-step mean loss of this run (main process)
+
+    @property
+    def exit_code(self) -> int:
+        return {"SIGTERM": 143, "SIGINT": 130}.get(self.stopped_by or "", 0)
+
+
+# ============================================================================================
+# the loop
+# ============================================================================================
+
+
+def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
+    """Run (or continue) training as ``cfg`` says.
+
+    Args:
+        cfg: the run's configuration.
+        resume: None (start fresh; an output directory that already holds checkpoints is an
+            error), ``"auto"`` (continue from the newest valid checkpoint in ``output_dir`` if
+            there is one) or a path (a checkpoint, or a directory holding checkpoints).
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .build import build
+
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+
+    # ---- where to resume from (checked before anything is allocated)
+    resume_from: Optional[Path] = None
+    if resume == "auto":
+        resume_from = find_checkpoint(out)
+    elif resume:
+        resume_from = find_checkpoint(resume)
+        if resume_from is None:
+            raise ConfigError(_describe_missing_checkpoint(Path(resume)))
+    elif find_checkpoint(out) is not None:
+        raise ConfigError(f"{out} already holds checkpoints; pass --resume auto to continue, or use a new output_dir")
+
+    # ---- accelerator (devices, processes, mixed precision, trackers)
+    if cfg.log_with == "tensorboard":
+        from accelerate.utils import is_tensorboard_available
+
+        if not is_tensorboard_available():
+            raise ConfigError("log_with: tensorboard needs `pip install tensorboard`")
+    if cfg.log_with == "wandb":
+        from accelerate.utils import is_wandb_available
+
+        if not is_wandb_available():
+            raise ConfigError("log_with: wandb needs `pip install wandb`")
+    accelerator = Accelerator(
+        cpu=_distributed_cpu(),
+        mixed_precision=cfg.mixed_precision,
+        log_with=cfg.log_with,
+        project_dir=str(out),
+        dynamo_backend="inductor" if cfg.compile else None,
+    )
+    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    micro, accum = _batch_layout(cfg, world)
+    say = accelerator.print
+
+    # ---- model: identical initialisation on every process
+    set_seed(cfg.seed)
+    gen = build(cfg.model, pretrained=cfg.init_from, device=accelerator.device, **cfg.model_args).train()
+    if gen.tokenizer is not None:
+        gen.tokenizer.requires_grad_(False).eval()  # frozen: it only encodes shapes images
+
+    # ---- data
+    dataset = _make_dataset(cfg, gen)
+    steps_per_epoch = len(dataset) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the dataset has {len(dataset)} items, fewer than global_batch_size {cfg.global_batch_size}")
+    total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * steps_per_epoch)
+    stop_at = min(total_steps, cfg.stop_after) if cfg.stop_after is not None else total_steps
+
+    # ---- optimizer and schedule
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_256 * cfg.global_batch_size / 256
+    fused = cfg.fused_adamw if cfg.fused_adamw is not None else accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        param_groups(gen, cfg.weight_decay), lr=peak_lr, betas=cfg.betas, eps=cfg.adam_eps, fused=fused or None
+    )
+    schedule = dict(total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **schedule))
+    model, optimizer = accelerator.prepare(gen, optimizer)
+
+    # ---- resume: weights, optimizer, schedule, RNG, data position
+    step, run_state = 0, {"total_skipped": 0}
+    if resume_from is not None:
+        run_state = _load_checkpoint(resume_from, accelerator, gen, optimizer, scheduler)
+        step = run_state["step"]
+        if run_state.get("global_batch_size") != cfg.global_batch_size:
+            say(f"warning: global_batch_size changed ({run_state.get('global_batch_size')} -> {cfg.global_batch_size}); "
+                "the data order differs from an uninterrupted run")
+        say(f"resumed from {resume_from} at step {step}")
+    else:
+        set_seed(cfg.seed + rank)  # label dropout differs per process; init is done
+    accelerator.wait_for_everyone()
+
+    checkpointer = _Checkpointer(accelerator, ckpt_root, cfg.keep_last)
+    checkpointer.last = resume_from
+    metrics_path = out / "metrics.jsonl"
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        _truncate_metrics(metrics_path, step)
+    if cfg.log_with:
+        accelerator.init_trackers(cfg.project_name, config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+
+    n_params = gen.num_params()
+    tokens_per_step = cfg.global_batch_size * gen.num_tokens
+    say(
+        f"{cfg.model}: {n_params:,} params | {world} process(es) x batch {micro} x accum {accum} = {cfg.global_batch_size} | "
+        f"peak lr {peak_lr:.3g} | {total_steps} steps ({steps_per_epoch}/epoch) | {cfg.mixed_precision} | {accelerator.device}"
+    )
+
+    # ---- the loop
+    encode = gen.tokenizer.encode if isinstance(dataset, ShapesImages) else None
+    result = TrainResult(step=step, final_dir=None, last_checkpoint=resume_from, skipped_steps=0)
+    consecutive_bad = run_state.get("consecutive_nonfinite", 0)
+    window: Dict[str, float] = {"loss": 0.0, "n": 0, "time": 0.0, "steps": 0}
+    bar = tqdm(total=stop_at, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (main_proc and cfg.progress_bar))
+
+    def trainer_state() -> Dict[str, Any]:
+        return {
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "step_in_epoch": step % steps_per_epoch,
+            "samples_seen": step * cfg.global_batch_size,
+            "global_batch_size": cfg.global_batch_size,
+            "num_processes": world,
+            "consecutive_nonfinite": consecutive_bad,
+            "total_skipped": run_state.get("total_skipped", 0) + result.skipped_steps,
+            "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        }
+
+    with _StopSignal() as stop:
+        while step < stop_at:
+            epoch, start = divmod(step, steps_per_epoch)
+            dataset.set_epoch(epoch)
+            sampler = StepBatches(len(dataset), seed=cfg.seed, epoch=epoch, start_step=start,
+                                  micro=micro, accum=accum, rank=rank, world=world)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                pin_memory=accelerator.device.type == "cuda",
+                generator=torch.Generator(),  # keeps the global torch RNG untouched (exact resume)
+            )
+            batches = iter(loader)
+            for _ in range(start, steps_per_epoch):
+                t0 = time.perf_counter()
+                # -- forward / backward over grad_accum micro-batches
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for a in range(accum):
+                    inputs, labels = next(batches)
+                    inputs = inputs.to(accelerator.device, non_blocking=True)
+                    labels = labels.to(accelerator.device, non_blocking=True)
+                    if encode is not None:
+                        with torch.no_grad():
+                            inputs = encode(inputs)
+                    with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
+                        logits = model(inputs, labels)  # (B, N, V)
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), inputs.flatten())
+                        accelerator.backward(loss / accum)
+                    loss_sum += loss.detach()
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                step_loss = accelerator.reduce(loss_sum / accum, reduction="mean").item()
+                grad_norm = float(grad_norm)
+                # -- the update, unless the loss or the gradient is not finite
+                fp16_overflow = cfg.mixed_precision == "fp16" and math.isfinite(step_loss)  # the scaler decides
+                bad = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+                if not bad or fp16_overflow:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                if bad and not fp16_overflow:
+                    consecutive_bad += 1
+                    result.skipped_steps += 1
+                    if main_proc:
+                        bar.write(f"step {step}: non-finite loss {step_loss} / grad norm {grad_norm}; update skipped "
+                                  f"({consecutive_bad} in a row)", file=sys.stdout)
+                    if consecutive_bad >= cfg.max_nonfinite:
+                        bar.close()
+                        last = checkpointer.last
+                        raise TrainingStopped(
+                            f"stopped at step {step}: {consecutive_bad} consecutive steps with a non-finite loss or "
+                            f"gradient; the last good checkpoint is {last if last else 'none (no checkpoint yet)'}; "
+                            "lower the lr, check the data, or raise max_nonfinite"
+                        )
+                else:
+                    consecutive_bad = 0
+                    window["loss"] += step_loss
+                    window["n"] += 1
+                result.losses.append(step_loss)
+                window["time"] += time.perf_counter() - t0
+                window["steps"] += 1
+
+                # -- logging
+                if step % cfg.log_every == 0 or step == 1 or step == stop_at:
+                    record = {
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 4),
+                        "loss": window["loss"] / max(1, window["n"]) if window["n"] else float("nan"),
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_step * window["steps"] / max(window["time"], 1e-9),
+                        "step_time_s": window["time"] / max(1, window["steps"]),
+                        "skipped_steps": run_state.get("total_skipped", 0) + result.skipped_steps,
+                    }
+                    if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
+                        record["replica_fingerprints"] = _check_replicas(accelerator, gen, step)
+                    if main_proc:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                        bar.write(
+                            f"step {step:>7d} | loss {record['loss']:.4f} | lr {lr:.3e} | grad {grad_norm:.3f} | "
+                            f"{record['tokens_per_s']:,.0f} tok/s | {record['step_time_s'] * 1e3:.1f} ms/step",
+                            file=sys.stdout,
+                        )
+                    if cfg.log_with:
+                        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+                    window = {"loss": 0.0, "n": 0, "time": 0.0, "steps": 0}
+                elif cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
+                    _check_replicas(accelerator, gen, step)
+
+                # -- checkpoints and stopping
+                signalled = _any_process(accelerator, stop.received is not None)
+                periodic = (step % cfg.checkpoint_every == 0 or step == stop_at) and consecutive_bad == 0
+                if periodic or signalled:  # no periodic checkpoint inside a non-finite streak
+                    result.last_checkpoint = checkpointer.save(step, gen, optimizer, scheduler, trainer_state())
+                if signalled:
+                    name = signal.Signals(stop.received).name if stop.received else "signal"
+                    bar.close()
+                    say(f"received {name}: saved {result.last_checkpoint}; continue with --resume auto")
+                    result.step, result.stopped_by = step, name
+                    return _finish(accelerator, result, cfg)
+                if step >= stop_at:
+                    break
+
+    bar.close()
+    result.step = step
+    if step < total_steps:
+        result.stopped_by = "stop_after"
+        say(f"stopped after step {step} of {total_steps} (stop_after); continue with --resume auto")
+    else:
+        final = out / "final"
+        if main_proc:
+            gen.save_pretrained(final)
+        result.final_dir = final
+        say(f"done: {step} steps; model saved to {final} (load with aimkit.build({str(final)!r}))")
+    return _finish(accelerator, result, cfg)
+
+
+def _finish(accelerator, result: TrainResult, cfg: TrainConfig) -> TrainResult:
+    accelerator.wait_for_everyone()
+    if cfg.log_with:
+        accelerator.end_training()
+    return result
+
+
+def _distributed_cpu() -> bool:
+    """True for a multi-process launch on a machine without CUDA: accelerate then needs
+    ``cpu=True`` to pick gloo (``accelerate launch --cpu`` alone starts only one process)."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (so all take part in the same save)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _check_replicas(accelerator, gen, step: int) -> List[int]:
+    fp = torch.tensor([param_fingerprint(gen)], dtype=torch.int64, device=accelerator.device)
+    prints = [int(x) for x in accelerator.gather(fp).tolist()]
+    if len(set(prints)) > 1:
+        raise TrainingStopped(f"step {step}: parameters differ across processes (fingerprints {prints})")
+    return prints
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (written by a run that was killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ============================================================================================
+# command line
+# ============================================================================================
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``aimkit train`` and ``python -m aimkit.train``."""
+    parser.add_argument("--config", required=True, help="YAML file, or a shipped config name (aim_b, tiny_test, ...)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue from the newest checkpoint in output_dir (auto) or from PATH")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4 model_args.d_model=64")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    result = train(cfg, resume=args.resume)
+    return result.exit_code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aimkit.train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except AimkitError as exc:
+        print(f"aimkit train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aimkit train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Training-step throughput of AiM generators: the step :mod:`aimkit.train` runs, without the loop.
+
+One step = teacher-forced forward on random codes (batch x 256 tokens) under bf16 autocast,
+float32 cross-entropy, backward, global grad-norm clip at 1.0, fused AdamW (weight decay on
+matrices only, as the recipe). Reported per model: median / mean step time, tokens/s,
+``6 * N * tokens/s`` in TFLOP/s (N = generator parameters, the usual dense estimate; it ignores
+the scan's own FLOPs) and peak GPU memory. Run from the repository root, no install needed::
+
+    python benchmarks/train_throughput.py --models aim-b,aim-l --batch 64 --steps 20
+    python benchmarks/train_throughput.py --models aim-b --compile          # torch.compile too
+    python benchmarks/train_throughput.py --device cpu --models aim-b --batch 2 --steps 2 \\
+        --set d_model=64 --set n_layer=2                                     # smoke test on CPU
+
+With ``$OUT`` set, the results are also written to ``$OUT/train_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _parse_set(items):
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def measure(name: str, args, overrides) -> dict:
+    import aimkit
+    from aimkit.train import param_groups
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    gen = aimkit.build(name, tokenizer=None, device=device, **overrides).train()
+    n_params = gen.num_params()
+    optimizer = torch.optim.AdamW(param_groups(gen, 0.05), lr=8e-4, betas=(0.9, 0.95), fused=cuda or None)
+    model = torch.compile(gen) if args.compile else gen
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+
+    g = torch.Generator(device=device).manual_seed(0)
+    codes = torch.randint(0, gen.vocab_size, (args.batch, gen.num_tokens), device=device, generator=g)
+    labels = torch.randint(0, gen.num_classes, (args.batch,), device=device, generator=g)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(codes, labels)  # (B, N, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):  # kernels' autotuning, compilation, allocator warm-up
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t)
+    tokens = args.batch * gen.num_tokens
+    median = statistics.median(times)
+    result = {
+        "model": name,
+        "overrides": overrides,
+        "params": n_params,
+        "batch": args.batch,
+        "tokens_per_step": tokens,
+        "precision": args.precision,
+        "compile": args.compile,
+        "steps": args.steps,
+        "warmup_s": round(warmup_s, 3),
+        "step_s_median": median,
+        "step_s_mean": statistics.fmean(times),
+        "tokens_per_s": tokens / median,
+        "tflops_6n": 6 * n_params * tokens / median / 1e12,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+        "final_loss": float(loss),
+    }
+    del model, gen, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="aim-b,aim-l", help="comma-separated presets")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="aimkit.build override")
+    args = parser.parse_args(argv)
+    overrides = _parse_set(args.set)
+
+    env = {"torch": torch.__version__, "device": args.device}
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+        from aimkit.backbones._mamba_kernels import kernel_info
+
+        info = kernel_info()
+        env["mamba_kernels"] = {"available": info["available"], "versions": info["versions"], "kernels": info["kernels"]}
+    print(json.dumps(env))
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        row = measure(name, args, overrides)
+        rows.append(row)
+        mem = f"{row['peak_memory_gb']:.1f} GB" if row["peak_memory_gb"] is not None else "n/a"
+        print(
+            f"{name:8s} {row['params']:>13,d} params | step {row['step_s_median'] * 1e3:8.1f} ms | "
+            f"{row['tokens_per_s']:>10,.0f} tok/s | {row['tflops_6n']:6.1f} TFLOP/s (6N) | peak {mem}",
+            flush=True,
+        )
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "train_throughput.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"env": env, "results": rows}, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
