@@ -788,7 +788,7 @@ def markdown(data: Dict[str, Any]) -> str:
     decode = [r for r in rows if r["suite"] == "decode"]
     if decode:
         lines += [
-            "## One decode step (captured graph replay, mid-sequence)",
+            "## One decode step (CUDA-graph replay on the GPU, eager elsewhere; mid-sequence)",
             "",
             "| model | batch (rows) | cache dtype | step (ms) | floor (ms) | state GB / step | achieved TB/s "
             "| fraction of floor | status |",

@@ -97,7 +97,8 @@ class TrainConfig:
     model_args: Dict[str, Any] = field(default_factory=dict)  # aimkit.build overrides: {d_model: 64, tokenizer: null}
     init_from: Optional[str] = None  # weights to start from (file, directory or hf-hub:ORG/NAME)
     # --- data
-    data: str = field(default=None, metadata=_REQUIRED_KEY)  # token directory (aimkit tokenize), "random" (random codes) or "shapes"
+    # a token directory (aimkit tokenize), "random" (random codes) or "shapes" (encoded on the fly)
+    data: str = field(default=None, metadata=_REQUIRED_KEY)
     data_size: int = 1_281_167  # items per epoch of "random" / "shapes" (ImageNet-1k train size)
     crop_variant: str = "random"  # which stored crop an item uses: random | epoch | first
     num_workers: int = 2  # data-loader worker processes per process
@@ -231,7 +232,9 @@ def _check_ranges(cfg: TrainConfig, where: str) -> None:
     if cfg.lr is None and cfg.lr_per_256 is None:
         raise ConfigError(f"set either lr or lr_per_256 ({where})")
     if cfg.lr is not None and cfg.lr_per_256 is not None:
-        raise ConfigError(f"set only one of lr ({cfg.lr}) and lr_per_256 ({cfg.lr_per_256}); use lr_per_256=null ({where})")
+        raise ConfigError(
+            f"set only one of lr ({cfg.lr}) and lr_per_256 ({cfg.lr_per_256}); use lr_per_256=null ({where})"
+        )
     if cfg.max_steps is None and cfg.epochs is None:
         raise ConfigError(f"set max_steps or epochs ({where})")
     if cfg.epochs is not None and cfg.epochs <= 0:
@@ -264,7 +267,8 @@ def find_config(name_or_path: str) -> Path:
     close = difflib.get_close_matches(stem, available, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
-        f"config {name_or_path!r} is neither a file nor a shipped config{hint} (shipped: {', '.join(available) or 'none'})"
+        f"config {name_or_path!r} is neither a file nor a shipped config{hint} "
+        f"(shipped: {', '.join(available) or 'none'})"
     )
 
 
@@ -338,7 +342,8 @@ class RandomCodes(Dataset):
     """``size`` items of uniformly random codes (for throughput runs): item i is seeded by i."""
 
     def __init__(self, size: int, num_tokens: int, vocab_size: int, num_classes: int, seed: int = 0):
-        self.size, self.num_tokens, self.vocab_size, self.num_classes, self.seed = size, num_tokens, vocab_size, num_classes, seed
+        self.size, self.num_tokens, self.vocab_size = size, num_tokens, vocab_size
+        self.num_classes, self.seed = num_classes, seed
 
     def __len__(self) -> int:
         return self.size
@@ -379,7 +384,9 @@ class StepBatches(Sampler):
     ``r`` is the slice at ``(a * world + r) * micro``. The last incomplete global batch is dropped.
     """
 
-    def __init__(self, n: int, *, seed: int, epoch: int, start_step: int, micro: int, accum: int, rank: int, world: int):
+    def __init__(
+        self, n: int, *, seed: int, epoch: int, start_step: int, micro: int, accum: int, rank: int, world: int
+    ):
         self.n, self.seed, self.epoch, self.start_step = n, seed, epoch, start_step
         self.micro, self.accum, self.rank, self.world = micro, accum, rank, world
         self.global_batch = micro * accum * world
@@ -429,7 +436,8 @@ def _make_dataset(cfg: TrainConfig, gen) -> Dataset:
             f"(set model_args.num_classes={ds.num_classes})"
         )
     if gen.tokenizer is not None and ds.tokenizer != gen.config.tokenizer.name:
-        print(f"warning: {cfg.data} was made with tokenizer {ds.tokenizer!r}, the model has {gen.config.tokenizer.name!r}")
+        print(f"warning: {cfg.data} was made with tokenizer {ds.tokenizer!r}, "
+              f"the model has {gen.config.tokenizer.name!r}")
     if len(ds) == 0:
         raise ConfigError(f"{cfg.data} holds no images")
     return ds
@@ -492,7 +500,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -652,7 +661,8 @@ def _batch_layout(cfg: TrainConfig, world: int) -> Tuple[int, int]:
         accum = g // per_step
         if cfg.grad_accum is not None and cfg.grad_accum != accum:
             raise ConfigError(
-                f"global_batch_size {g} != batch_size {cfg.batch_size} x {world} process(es) x grad_accum {cfg.grad_accum}"
+                f"global_batch_size {g} != batch_size {cfg.batch_size} x {world} process(es) "
+                f"x grad_accum {cfg.grad_accum}"
             )
         return cfg.batch_size, accum
     accum = cfg.grad_accum or 1
@@ -765,8 +775,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     if resume_from is not None:
         run_state = _load_checkpoint(resume_from, accelerator, gen, optimizer, scheduler)
         step = run_state["step"]
-        if run_state.get("global_batch_size") != cfg.global_batch_size:
-            say(f"warning: global_batch_size changed ({run_state.get('global_batch_size')} -> {cfg.global_batch_size}); "
+        old_batch = run_state.get("global_batch_size")
+        if old_batch != cfg.global_batch_size:
+            say(f"warning: global_batch_size changed ({old_batch} -> {cfg.global_batch_size}); "
                 "the data order differs from an uninterrupted run")
         say(f"resumed from {resume_from} at step {step}")
     else:
@@ -786,8 +797,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     n_params = gen.num_params()
     tokens_per_step = cfg.global_batch_size * gen.num_tokens
     say(
-        f"{cfg.model}: {n_params:,} params | {world} process(es) x batch {micro} x accum {accum} = {cfg.global_batch_size} | "
-        f"peak lr {peak_lr:.3g} | {total_steps} steps ({steps_per_epoch}/epoch) | {cfg.mixed_precision} | {accelerator.device}"
+        f"{cfg.model}: {n_params:,} params | {world} process(es) x batch {micro} x accum {accum} "
+        f"= {cfg.global_batch_size} | peak lr {peak_lr:.3g} | {total_steps} steps ({steps_per_epoch}/epoch) | "
+        f"{cfg.mixed_precision} | {accelerator.device}"
     )
 
     # ---- the loop
@@ -839,20 +851,22 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
                         loss = F.cross_entropy(logits.float().flatten(0, 1), inputs.flatten())
                         accelerator.backward(loss / accum)
                     loss_sum += loss.detach()
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure only
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                 step_loss = accelerator.reduce(loss_sum / accum, reduction="mean").item()
                 grad_norm = float(grad_norm)
                 # -- the update, unless the loss or the gradient is not finite
-                fp16_overflow = cfg.mixed_precision == "fp16" and math.isfinite(step_loss)  # the scaler decides
                 bad = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
-                if not bad or fp16_overflow:
+                # fp16: gradient overflows are routine; the loss scaler skips those updates itself
+                scaler_decides = cfg.mixed_precision == "fp16" and math.isfinite(step_loss)
+                if not bad or scaler_decides:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                if bad and not fp16_overflow:
+                if bad and not scaler_decides:
                     consecutive_bad += 1
                     result.skipped_steps += 1
                     if main_proc:
@@ -904,12 +918,12 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
                     _check_replicas(accelerator, gen, step)
 
                 # -- checkpoints and stopping
-                signalled = _any_process(accelerator, stop.received is not None)
+                signalled = _signal_on_any_process(accelerator, stop.received)
                 periodic = (step % cfg.checkpoint_every == 0 or step == stop_at) and consecutive_bad == 0
                 if periodic or signalled:  # no periodic checkpoint inside a non-finite streak
                     result.last_checkpoint = checkpointer.save(step, gen, optimizer, scheduler, trainer_state())
                 if signalled:
-                    name = signal.Signals(stop.received).name if stop.received else "signal"
+                    name = signal.Signals(signalled).name
                     bar.close()
                     say(f"received {name}: saved {result.last_checkpoint}; continue with --resume auto")
                     result.step, result.stopped_by = step, name
@@ -944,12 +958,12 @@ def _distributed_cpu() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    """True on every process if ``flag`` is true on any (so all take part in the same save)."""
+def _signal_on_any_process(accelerator, received: Optional[int]) -> int:
+    """The signal any process received (0: none), on every process, so that all join one save."""
     if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+        return received or 0
+    t = torch.tensor([received or 0], dtype=torch.int64, device=accelerator.device)
+    return int(accelerator.gather(t).max().item())
 
 
 def _check_replicas(accelerator, gen, step: int) -> List[int]:
@@ -985,7 +999,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue from the newest checkpoint in output_dir (auto) or from PATH")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-4 model_args.d_model=64")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. lr=3e-4 model_args.d_model=64")
 
 
 def run(args) -> int:

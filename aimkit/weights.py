@@ -97,12 +97,8 @@ def _find_in_dir(folder: Path) -> Path:
             return found[0]
         if len(found) > 1:
             names = ", ".join(p.name for p in found[:_MAX_LISTED])
-            raise CheckpointError(
-                f"folder {folder} holds several weight files ({names}); pass the file to use"
-            )
-    raise CheckpointError(
-        f"folder {folder} holds no weight file (looked for {', '.join(_DIR_CANDIDATES)})"
-    )
+            raise CheckpointError(f"folder {folder} holds several weight files ({names}); pass the file to use")
+    raise CheckpointError(f"folder {folder} holds no weight file (looked for {', '.join(_DIR_CANDIDATES)})")
 
 
 def _file_kind(path: Path) -> str:
@@ -118,8 +114,7 @@ def _file_kind(path: Path) -> str:
     if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then a JSON header
         return "safetensors"
     raise CheckpointError(
-        f"{path} is not a weight file: expected a .safetensors or PyTorch "
-        f"({', '.join(_TORCH_SUFFIXES)}) checkpoint"
+        f"{path} is not a weight file: expected a .safetensors or PyTorch ({', '.join(_TORCH_SUFFIXES)}) checkpoint"
     )
 
 
@@ -138,8 +133,7 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001  (the Rust reader raises its own error type)
         raise CheckpointError(
-            f"cannot read safetensors file {path}: it is truncated, corrupt or not a "
-            f"safetensors file ({_short(exc)})"
+            f"cannot read safetensors file {path}: it is truncated, corrupt or not a safetensors file ({_short(exc)})"
         ) from None
 
 
@@ -269,9 +263,7 @@ def check_state_dict(
         raise CheckpointError(f"{what} weights{origin} do not fit: {', '.join(problems)}")
 
 
-def load_strict(
-    module: nn.Module, sd: Mapping[str, Tensor], what: str, source: PathLike | None = None
-) -> nn.Module:
+def load_strict(module: nn.Module, sd: Mapping[str, Tensor], what: str, source: PathLike | None = None) -> nn.Module:
     """Check ``sd`` against ``module`` (nothing is copied on a mismatch), then load it strictly.
 
     Tensors are copied into the module's existing parameters and buffers, so they take the

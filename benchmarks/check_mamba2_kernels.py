@@ -36,11 +36,11 @@ from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import torch  # noqa: E402
+import torch
 
-from aimkit.backbones import _mamba_kernels  # noqa: E402
-from aimkit.backbones.base import InferenceParams  # noqa: E402
-from aimkit.backbones.mamba2 import Mamba2, Mamba2Config  # noqa: E402
+from aimkit.backbones import _mamba_kernels
+from aimkit.backbones.base import InferenceParams
+from aimkit.backbones.mamba2 import Mamba2, Mamba2Config
 
 MODES = ("fp32", "bf16-autocast", "bf16")
 # A wrong kernel gives relative errors of order 1; these bounds only catch such failures.
@@ -195,7 +195,7 @@ def time_paths(kernel: Mamba2, ref: Mamba2, x: torch.Tensor, gout: torch.Tensor,
         x1 = x[:, -1:].clone()
 
         @torch.no_grad()
-        def step(mixer=mixer, cache=cache):
+        def step(mixer=mixer, cache=cache, x1=x1):
             with ctx():
                 mixer.step(x1, cache)
 
@@ -251,7 +251,7 @@ def check_width(d_model: int, args, failures: List[str]) -> Dict[str, object]:
             entry["ok"] = worst <= TOLERANCE[mode] and entry["cuda_graph_step"]["out"] <= 1e-6
             if not entry["ok"]:
                 failures.append(f"d_model {d_model} {mode}: worst relative error {worst:.3g}")
-        except Exception as exc:  # record and go on with the next mode
+        except Exception as exc:  # noqa: BLE001  (record it and go on with the next mode)
             entry["error"] = "".join(traceback.format_exception(exc))
             failures.append(f"d_model {d_model} {mode}: {type(exc).__name__}: {exc}")
         print_entry(d_model, mode, entry)

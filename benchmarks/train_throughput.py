@@ -103,9 +103,6 @@ def measure(name: str, args, overrides) -> dict:
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
         "final_loss": float(loss),
     }
-    del model, gen, optimizer
-    if cuda:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -128,12 +125,14 @@ def main(argv=None) -> int:
         from aimkit.backbones._mamba_kernels import kernel_info
 
         info = kernel_info()
-        env["mamba_kernels"] = {"available": info["available"], "versions": info["versions"], "kernels": info["kernels"]}
+        env["mamba_kernels"] = {k: info[k] for k in ("available", "versions", "kernels")}
     print(json.dumps(env))
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         row = measure(name, args, overrides)
         rows.append(row)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the model and optimizer are gone with measure()'s frame
         mem = f"{row['peak_memory_gb']:.1f} GB" if row["peak_memory_gb"] is not None else "n/a"
         print(
             f"{name:8s} {row['params']:>13,d} params | step {row['step_s_median'] * 1e3:8.1f} ms | "

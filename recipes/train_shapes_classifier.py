@@ -2,7 +2,7 @@
 
 Launch (the shipped weights were made with exactly this)::
 
-    python recipes/train_shapes_classifier.py --steps 1000 --batch-size 64 --seed 0 --lr 3e-3 \
+    python recipes/train_shapes_classifier.py --steps 800 --batch-size 64 --seed 0 --lr 3e-3 \
         --threads 1 --out aimkit/assets/shapes_classifier.safetensors
 
 Every step renders a fresh batch of procedural images (aimkit.data.shapes), so there is no
@@ -31,7 +31,7 @@ from aimkit.eval.classifier import (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--seed", type=int, default=0, help="training image stream and init seed")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine)")

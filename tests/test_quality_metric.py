@@ -26,6 +26,7 @@ def _random_spd(rng, dim, rank=None):
 
 # --- Fréchet distance ---------------------------------------------------------------------------
 
+
 def test_frechet_diagonal_closed_form():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
@@ -86,6 +87,7 @@ def test_frechet_rejects_bad_shapes():
 
 # --- classifier -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def classifier():
     torch.set_num_threads(1)
@@ -120,6 +122,7 @@ def test_save_load_roundtrip_and_errors(tmp_path):
 
 
 # --- quality report ---------------------------------------------------------------------------
+
 
 def test_evaluate_generated_real_vs_noise(classifier):
     n = 216  # six images per class

@@ -335,16 +335,17 @@ def fresh_accelerate_state():
 def test_cli_sample_then_fid(tmp_path, monkeypatch, capsys, inception_file, fresh_accelerate_state):
     built = []
 
-    def fake_build(name, pretrained=None, device=None, dtype=None):
-        built.append((name, pretrained, str(device), dtype))
+    def fake_build(name, pretrained=None, device=None, dtype=None, **overrides):
+        built.append((name, pretrained, str(device), dtype, overrides))
         return _pixel_gen()
 
     monkeypatch.setattr("aimkit.commands.sample.build", fake_build)
     out = tmp_path / "samples.npz"
     argv = ["sample", "--model", "aim-b", "--pretrained", "w.safetensors", "--num", "10", "--out", str(out),
-            "--batch-size", "2", "--shard-size", "4", "--cfg-scale", "1.5", "--device", "cpu", "--no-progress"]
+            "--batch-size", "2", "--shard-size", "4", "--cfg-scale", "1.5", "--device", "cpu", "--no-progress",
+            "--decode-position-offset", "1"]
     assert main(argv) == 0
-    assert built == [("aim-b", "w.safetensors", "cpu", "float32")]
+    assert built == [("aim-b", "w.safetensors", "cpu", "float32", {"decode_position_offset": 1})]
     samples = _load_npz(out)
     assert samples["arr_0"].shape == (10, 16, 16, 3) and samples["arr_0"].dtype == np.uint8
     shard_dir = tmp_path / "samples.npz.shards"

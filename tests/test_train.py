@@ -47,7 +47,6 @@ def tokens(tmp_path_factory):
             "--image-size", "64", "--batch-size", "36", "--shard-size", "40", "--workers", "0", "--no-progress"]
     for opt in TINY_VQ:
         argv += ["--tokenizer-option", opt]
-    torch.manual_seed(0)
     import io
     from contextlib import redirect_stderr, redirect_stdout
 

@@ -36,7 +36,7 @@ from importlib import metadata
 from types import ModuleType
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["MambaKernels", "load_kernels", "kernels_available", "kernel_info"]
+__all__ = ["MambaKernels", "kernel_info", "kernels_available", "load_kernels"]
 
 _COMPILED_EXTENSION = "selective_scan_cuda"
 _SSD_MODULE = "mamba_ssm.ops.triton.ssd_combined"
@@ -110,12 +110,12 @@ def _load() -> Optional[MambaKernels]:
     try:
         mods = _import_triton_ops()
         ssd, step, norm = (mods[n] for n in (_SSD_MODULE, _STEP_MODULE, _NORM_MODULE))
-        found = dict(
-            mamba_chunk_scan_combined=ssd.mamba_chunk_scan_combined,
-            selective_state_update=step.selective_state_update,
-            rmsnorm_fn=norm.rmsnorm_fn,
-        )
-    except Exception as exc:  # not installed, or installed but broken: fall back to PyTorch
+        found = {
+            "mamba_chunk_scan_combined": ssd.mamba_chunk_scan_combined,
+            "selective_state_update": step.selective_state_update,
+            "rmsnorm_fn": norm.rmsnorm_fn,
+        }
+    except Exception as exc:  # noqa: BLE001  (not installed, or broken: fall back to PyTorch)
         _status["error"] = f"{type(exc).__name__}: {exc}"
         if _missing_module(exc) != "mamba_ssm":  # installed but unusable: say so once
             warnings.warn(f"mamba-ssm kernels unavailable, using the PyTorch path ({_status['error']})")
@@ -124,7 +124,7 @@ def _load() -> Optional[MambaKernels]:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 
         found.update(causal_conv1d_fn=causal_conv1d_fn, causal_conv1d_update=causal_conv1d_update)
-    except Exception as exc:  # optional: the mixer has a PyTorch convolution
+    except Exception as exc:  # noqa: BLE001  (optional: the mixer has a PyTorch convolution)
         _status["causal_conv1d_error"] = f"{type(exc).__name__}: {exc}"
     return MambaKernels(**found)
 

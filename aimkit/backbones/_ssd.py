@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ssd_chunked", "ssd_recurrent_step", "ssd_naive"]
+__all__ = ["ssd_chunked", "ssd_naive", "ssd_recurrent_step"]
 
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:

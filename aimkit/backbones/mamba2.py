@@ -44,7 +44,7 @@ from ._mamba_kernels import MambaKernels
 from ._ssd import ssd_chunked, ssd_recurrent_step
 from .base import Backbone, InferenceParams, rms_norm_factory
 
-__all__ = ["Mamba2Config", "GatedRMSNorm", "Mamba2", "Mamba2Backbone"]
+__all__ = ["GatedRMSNorm", "Mamba2", "Mamba2Backbone", "Mamba2Config"]
 
 _USE_KERNELS = ("auto", "never", "always")
 _STATE_DTYPES = ("float32", "model")

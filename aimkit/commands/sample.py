@@ -82,6 +82,9 @@ def add_arguments(parser) -> None:
                         help="auto (default): the device accelerate assigns to this process (CUDA when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter dtype (default float32)")
+    parser.add_argument("--decode-position-offset", type=int, choices=(0, 1),
+                        help="1: feed token k at position k + 1 as the official AiM sampler does (its published "
+                        "FIDs); 0: as in training (default: the model's config)")
     parser.add_argument("--delete-shards", action="store_true", help="remove the shard directory after packing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -98,7 +101,10 @@ def _process_device(name: str, state) -> torch.device:
 def build_model(args, device: torch.device):
     """Build the generator named on the command line on ``device``."""
     pretrained = True if args.pretrained == "published" else args.pretrained
-    return build(args.model, pretrained=pretrained, device=device, dtype=args.dtype)
+    overrides = {}
+    if args.decode_position_offset is not None:
+        overrides["decode_position_offset"] = args.decode_position_offset
+    return build(args.model, pretrained=pretrained, device=device, dtype=args.dtype, **overrides)
 
 
 def run(args) -> int:
@@ -135,7 +141,8 @@ def run(args) -> int:
         process_index=state.process_index,
         num_processes=state.num_processes,
         progress=not args.no_progress,
-        metadata={"model": args.model, "pretrained": args.pretrained, "dtype": args.dtype},
+        metadata={"model": args.model, "pretrained": args.pretrained, "dtype": args.dtype,
+                  "decode_position_offset": getattr(model, "position_offset", None)},
         cfg_scale=args.cfg_scale,
         temperature=args.temperature,
         top_k=args.top_k,

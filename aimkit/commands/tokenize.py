@@ -376,7 +376,9 @@ def load_tokenizer(args) -> Tuple[Any, str]:
                 raise ConfigError(f"tokenizer {spec.name!r} has no config options")
             cfg = replace_checked(cfg, where=f"tokenizer {spec.name!r}", **options)
         cls = TOKENIZERS.get(spec.name)
-        tok = cls(config=cfg) if cfg is not None else cls()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random weights: the same in every process and on every rerun
+            tok = cls(config=cfg) if cfg is not None else cls()
         if args.tokenizer_weights:
             tok.load_weights(args.tokenizer_weights)
     return tok, spec.name

@@ -12,7 +12,8 @@ the shape's colour stays unambiguous.
 
 Rendering draws a coverage mask with PIL at 4x resolution and box-reduces it (an exact
 16-sample area average per pixel), then alpha-blends the shape colour onto the background in
-PIL's C code. One 64 px image takes well under a millisecond on one CPU core.
+PIL's C code (a LANCZOS downsample costs ~0.6 ms per mask and is not needed for flat shapes).
+One 64 px image takes about 0.25 ms on one CPU core (~4000 images/s).
 
 Seeding: item ``i`` of ``ShapesDataset(n, seed)`` is rendered from
 ``numpy.random.default_rng([seed, i])`` and has label ``i % NUM_CLASSES``; :func:`make_batch`
@@ -28,8 +29,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,19 +40,19 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 
 __all__ = [
-    "SHAPES",
     "COLOURS",
     "NUM_CLASSES",
-    "class_names",
-    "class_folder_names",
-    "render",
-    "make_batch",
+    "SHAPES",
     "ShapesDataset",
+    "class_folder_names",
+    "class_names",
     "export_image_folder",
+    "make_batch",
+    "render",
 ]
 
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "star")
-COLOURS: Tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "star")
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
 NUM_CLASSES: int = len(SHAPES) * len(COLOURS)
 
 # Base RGB of each colour in [0, 1]; saturated and bright so they stand out on dark backgrounds.
@@ -76,7 +77,7 @@ _TEXTURE_AMPLITUDE = (0.01, 0.04)  # amplitude of background noise / stripes
 _MIN_IMAGE_SIZE = 8
 
 
-def class_names() -> List[str]:
+def class_names() -> list[str]:
     """Human-readable class names, index = label.
 
     Returns:
@@ -85,7 +86,7 @@ def class_names() -> List[str]:
     return [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
 
 
-def class_folder_names() -> List[str]:
+def class_folder_names() -> list[str]:
     """ImageFolder directory names, index = label: ``"00_red_circle"``, ``"01_green_circle"``, ..."""
     return [f"{k:02d}_{name.replace(' ', '_')}" for k, name in enumerate(class_names())]
 
@@ -118,10 +119,9 @@ def _polygon(shape: str, radius: float, angle: float, rng: np.random.Generator) 
         ratio = rng.uniform(0.28, 0.36)  # arm half-width / arm half-length
         arm = radius / math.sqrt(1.0 + ratio * ratio)  # outer corners touch the circle
         w = ratio * arm
-        xy = np.array(
-            [(w, arm), (w, w), (arm, w), (arm, -w), (w, -w), (w, -arm),
-             (-w, -arm), (-w, -w), (-arm, -w), (-arm, w), (-w, w), (-w, arm)]
-        )
+        quarter = np.array([(w, arm), (w, w), (arm, w)])  # one arm tip's side, inner corner, next arm
+        turn = np.array([[0.0, -1.0], [1.0, 0.0]])  # (x, y) -> (y, -x): a quarter turn
+        xy = np.concatenate([quarter @ np.linalg.matrix_power(turn, q) for q in range(4)])  # (12, 2)
         c, s = math.cos(angle), math.sin(angle)
         return xy @ np.array([[c, s], [-s, c]])
     else:  # pragma: no cover - guarded by SHAPES
@@ -129,28 +129,31 @@ def _polygon(shape: str, radius: float, angle: float, rng: np.random.Generator) 
     return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A dark, near-neutral background, flat or with subtle noise/stripes: uint8 (H, W, 3)."""
+_UNIT_LEVELS = np.linspace(-1.0, 1.0, 256)[:, None]  # (256, 1): uint8 texture code -> [-1, 1]
+
+
+def _background(size: int, rng: np.random.Generator) -> Image.Image:
+    """A dark, near-neutral background, flat or with subtle noise/stripes: RGB (W=H=size)."""
     tone = rng.uniform(*_BACKGROUND_TONE) + rng.uniform(-_BACKGROUND_TINT, _BACKGROUND_TINT, 3)
-    base = np.round(tone * 255.0).astype(np.int16)  # (3,)
     kind = rng.integers(3)  # 0 flat, 1 noise, 2 stripes
-    amplitude = rng.uniform(*_TEXTURE_AMPLITUDE) * 255.0  # in grey levels
+    amplitude = rng.uniform(*_TEXTURE_AMPLITUDE)
     if kind == 0:
-        return np.broadcast_to(base.astype(np.uint8), (size, size, 3)).copy()
-    # The texture is one grey-level offset per pixel, stored as uint8 around 128; a (256, 3)
-    # lookup table adds it to the tinted tone and clips, in one indexing pass.
+        return Image.new("RGB", (size, size), tuple(int(v) for v in np.round(tone * 255.0)))
+    # The texture is a uint8 code per pixel (0..255 <-> -1..1); a 256-entry RGB palette maps
+    # each code to tone + amplitude * code, so the RGB image is made in one C pass.
     if kind == 1:
-        level = int(round(amplitude))
-        texture = rng.integers(128 - level, 128 + level + 1, (size, size), dtype=np.uint8)
+        codes = np.frombuffer(rng.bytes(size * size), dtype=np.uint8)  # uniform noise
     else:
         period = rng.uniform(4.0, 12.0)
         phi, phase = rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi)
         freq = 2 * math.pi / period
         coords = np.arange(size, dtype=np.float32)
         line = (coords * (math.sin(phi) * freq) + phase)[:, None] + coords * (math.cos(phi) * freq)
-        texture = (np.sin(line) * amplitude + 128.5).astype(np.uint8)  # (H, W)
-    lut = np.clip(base + np.arange(-128, 128, dtype=np.int16)[:, None], 0, 255).astype(np.uint8)
-    return lut[texture]  # (H, W, 3)
+        codes = ((np.sin(line) + 1.0) * 127.5 + 0.5).astype(np.uint8)  # stripes (H, W)
+    palette = np.clip(np.round((tone + amplitude * _UNIT_LEVELS) * 255.0), 0, 255).astype(np.uint8)
+    image = Image.frombytes("L", (size, size), codes.tobytes())
+    image.putpalette(palette.tobytes(), "RGB")  # (256, 3) palette; image becomes mode "P"
+    return image.convert("RGB")
 
 
 def render(label: int, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
@@ -169,7 +172,7 @@ def render(label: int, rng: np.random.Generator, image_size: int = 64) -> np.nda
     shape = SHAPES[label // len(COLOURS)]
     base = _COLOUR_RGB[label % len(COLOURS)]
 
-    background = _background(size, rng)
+    image = _background(size, rng)  # PIL RGB
     colour = np.clip(base + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, 3), 0.0, 1.0)
     radius = 0.5 * size * rng.uniform(*_SIZE_RANGE)
     margin = radius + 0.5
@@ -190,7 +193,6 @@ def render(label: int, rng: np.random.Generator, image_size: int = 64) -> np.nda
         draw.polygon([tuple(p) for p in xy.tolist()], fill=255)
     mask = mask.reduce(k)  # box filter: each pixel = fraction of its 16 sub-samples covered
 
-    image = Image.fromarray(background)
     image.paste(tuple(int(v) for v in np.round(colour * 255)), mask=mask)  # alpha blend
     return np.array(image)  # writable copy
 
@@ -205,9 +207,9 @@ def make_batch(
     n: int,
     seed: int,
     image_size: int = 64,
-    labels: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    labels: Sequence[int] | torch.Tensor | None = None,
     start: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Render a batch of images; image ``j`` equals ``ShapesDataset(.., seed)[start + j]``.
 
     Args:
@@ -270,7 +272,7 @@ class ShapesDataset(Dataset):
         i = self._index(index)
         return render(i % NUM_CLASSES, np.random.default_rng([self.seed, i]), self.image_size)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """Returns ``(image, label)``: float32 (3, H, W) in [-1, 1] and an int."""
         return _to_tensor(self.render_uint8(index)), self.label(index)
 
@@ -283,9 +285,7 @@ class ShapesDataset(Dataset):
         return i
 
 
-def export_image_folder(
-    out_dir: Union[str, Path], num_per_class: int, seed: int = 0, image_size: int = 64
-) -> Path:
+def export_image_folder(out_dir: str | Path, num_per_class: int, seed: int = 0, image_size: int = 64) -> Path:
     """Write an ImageFolder tree of PNGs for the generic tokenize/train pipeline.
 
     Layout: ``out_dir/<class_idx:02d>_<colour>_<shape>/<i:05d>.png``. Image ``i`` of class

@@ -423,7 +423,7 @@ class TokenDataset(Dataset):
         self._offsets = np.cumsum([0] + counts)
         self._codes: List[Optional[np.ndarray]] = [None] * len(self._files)
         labels = [_memmap(f, "labels") for f in self._files]
-        self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64)) if labels else torch.zeros(0, dtype=torch.int64)
+        self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64))
 
     # ---- metadata --------------------------------------------------------------------------
 

@@ -15,17 +15,18 @@ Weights are stored as safetensors with the config in the file's metadata, so
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .._config import config_from_dict, config_to_dict
 from ..data.shapes import NUM_CLASSES, make_batch
@@ -35,11 +36,11 @@ __all__ = [
     "HELDOUT_SEED",
     "ClassifierConfig",
     "ShapesClassifier",
-    "train_classifier",
-    "evaluate_accuracy",
-    "save_classifier",
-    "load_classifier",
     "classifier_from_bytes",
+    "evaluate_accuracy",
+    "load_classifier",
+    "save_classifier",
+    "train_classifier",
 ]
 
 HELDOUT_SEED = 1_000_003  # image stream for held-out accuracy; never used for training
@@ -58,7 +59,7 @@ class ClassifierConfig:
     """
 
     in_channels: int = 3  # RGB
-    widths: Tuple[int, ...] = (16, 32, 64, 128)  # last width is the feature size
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # last width is the feature size
     num_classes: int = NUM_CLASSES  # 6 shapes x 6 colours
     image_size: int = 64  # training resolution
 
@@ -85,11 +86,11 @@ class ShapesClassifier(nn.Module):
         config: Architecture; defaults to :class:`ClassifierConfig()`.
     """
 
-    def __init__(self, config: Optional[ClassifierConfig] = None) -> None:
+    def __init__(self, config: ClassifierConfig | None = None) -> None:
         super().__init__()
         self.config = config or ClassifierConfig()
         channels = (self.config.in_channels,) + tuple(self.config.widths)
-        self.blocks = nn.Sequential(*[_conv_block(a, b) for a, b in zip(channels[:-1], channels[1:])])
+        self.blocks = nn.Sequential(*[_conv_block(a, b) for a, b in itertools.pairwise(channels)])
         self.head = nn.Linear(channels[-1], self.config.num_classes)
 
     @property
@@ -137,16 +138,16 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(
-    steps: int = 1000,
+    steps: int = 800,
     batch_size: int = 64,
     seed: int = 0,
     lr: float = 3e-3,
-    device: Union[str, torch.device] = "cpu",
-    config: Optional[ClassifierConfig] = None,
+    device: str | torch.device = "cpu",
+    config: ClassifierConfig | None = None,
     log_every: int = 50,
     augment: bool = True,
-    on_log: Optional[Callable[[Dict[str, float]], None]] = None,
-) -> Tuple[ShapesClassifier, List[Dict[str, float]]]:
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[ShapesClassifier, list[dict[str, float]]]:
     """Train a classifier on an endless stream of freshly rendered images.
 
     The learning rate warms up linearly over the first 5% of steps, then follows a cosine
@@ -185,7 +186,7 @@ def train_classifier(
         return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     generator = torch.Generator().manual_seed(seed)
-    history: List[Dict[str, float]] = []
+    history: list[dict[str, float]] = []
     loss_sum, correct, seen = 0.0, 0, 0
     start_time = time.perf_counter()
     model.train()
@@ -253,7 +254,7 @@ def evaluate_accuracy(
     return correct / num_images
 
 
-def save_classifier(model: ShapesClassifier, path: Union[str, Path]) -> Path:
+def save_classifier(model: ShapesClassifier, path: str | Path) -> Path:
     """Write weights and config to a safetensors file.
 
     Args:
@@ -273,7 +274,7 @@ def save_classifier(model: ShapesClassifier, path: Union[str, Path]) -> Path:
     return path
 
 
-def _read_metadata(data: bytes, source: str) -> Dict[str, str]:
+def _read_metadata(data: bytes, source: str) -> dict[str, str]:
     """The ``__metadata__`` dict of a safetensors blob (header: u64 length + JSON)."""
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
@@ -301,8 +302,7 @@ def classifier_from_bytes(data: bytes, source: str = "<bytes>") -> ShapesClassif
     metadata = _read_metadata(data, source)
     if metadata.get("format") != _FORMAT:
         raise CheckpointError(
-            f"{source} is not an aimkit shapes classifier (format {metadata.get('format')!r}, "
-            f"expected {_FORMAT!r})"
+            f"{source} is not an aimkit shapes classifier (format {metadata.get('format')!r}, expected {_FORMAT!r})"
         )
     try:
         config = config_from_dict(ClassifierConfig, json.loads(metadata["config"]), "classifier config")
@@ -317,7 +317,7 @@ def classifier_from_bytes(data: bytes, source: str = "<bytes>") -> ShapesClassif
     return model.eval()
 
 
-def load_classifier(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> ShapesClassifier:
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> ShapesClassifier:
     """Load a classifier saved by :func:`save_classifier`.
 
     Args:

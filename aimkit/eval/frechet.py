@@ -16,7 +16,7 @@ positive semi-definite inputs.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +27,7 @@ try:  # scipy is optional
 except ImportError:  # pragma: no cover - exercised only without scipy
     _scipy_linalg = None
 
-__all__ = ["frechet_distance", "feature_statistics"]
+__all__ = ["feature_statistics", "frechet_distance"]
 
 _IMAG_TOLERANCE = 1e-3  # |imag| on sqrtm's diagonal that still counts as round-off
 
@@ -42,7 +42,7 @@ def _as_float64(array: Any, name: str) -> np.ndarray:
         raise ConfigError(f"{name} must be a real numeric array: {exc}") from exc
 
 
-def feature_statistics(features: Any) -> Tuple[np.ndarray, np.ndarray]:
+def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of a feature set, in float64.
 
     Args:
@@ -77,7 +77,7 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(vals, 0.0, None)).sum())
 
 
-def _scipy_sqrtm(matrix: np.ndarray) -> Tuple[np.ndarray, bool]:
+def _scipy_sqrtm(matrix: np.ndarray) -> tuple[np.ndarray, bool]:
     """``scipy.linalg.sqrtm`` with its warnings caught; returns (root, warned)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -103,9 +103,7 @@ def _trace_sqrt_product_scipy(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
     return float(np.trace(covmean))
 
 
-def frechet_distance(
-    mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6
-) -> float:
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
     """Squared Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``.
 
     Args:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
-from typing import Optional, Tuple, Union
 
 import torch
 
@@ -27,7 +26,7 @@ from ..errors import CheckpointError, ConfigError
 from .classifier import ShapesClassifier, classifier_from_bytes
 from .frechet import feature_statistics, frechet_distance
 
-__all__ = ["REAL_SEED", "DEFAULT_CLASSIFIER_FILE", "QualityReport", "load_default_classifier", "evaluate_generated"]
+__all__ = ["DEFAULT_CLASSIFIER_FILE", "REAL_SEED", "QualityReport", "evaluate_generated", "load_default_classifier"]
 
 REAL_SEED = 2_000_003  # image stream of the real reference images; disjoint from training/held-out
 DEFAULT_CLASSIFIER_FILE = "shapes_classifier.safetensors"  # inside the aimkit/assets package data
@@ -53,7 +52,7 @@ class QualityReport:
     num_real: int = 0
 
 
-def load_default_classifier(device: Union[str, torch.device] = "cpu") -> ShapesClassifier:
+def load_default_classifier(device: str | torch.device = "cpu") -> ShapesClassifier:
     """Load the classifier shipped in ``aimkit/assets`` (works from an installed wheel).
 
     Args:
@@ -77,7 +76,7 @@ def load_default_classifier(device: Union[str, torch.device] = "cpu") -> ShapesC
 @torch.no_grad()
 def _features_and_predictions(
     classifier: ShapesClassifier, images: torch.Tensor, batch_size: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, F) float64 and predicted labels (N,) on the CPU."""
     device = next(classifier.parameters()).device
     feats, preds = [], []
@@ -92,9 +91,9 @@ def _features_and_predictions(
 def evaluate_generated(
     images: torch.Tensor,
     labels: torch.Tensor,
-    classifier: Optional[ShapesClassifier] = None,
+    classifier: ShapesClassifier | None = None,
     real_seed: int = REAL_SEED,
-    num_real: Optional[int] = None,
+    num_real: int | None = None,
     batch_size: int = 250,
 ) -> QualityReport:
     """Score generated images against their conditioning labels and against real images.

@@ -115,10 +115,12 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
                 f"images have {c} channels but the {self.name} tokenizer expects {self.in_channels} "
                 f"(shape (B, C, H, W) = {tuple(images.shape)})"
             )
-        if b == 0 or h == 0 or w == 0 or h % self.downsample or w % self.downsample:
+        if b == 0:
+            raise ConfigError("images: the batch is empty")
+        if h == 0 or w == 0 or h % self.downsample or w % self.downsample:
             raise ConfigError(
                 f"image size {h}x{w} is not a multiple of {self.downsample}, the {self.name} "
-                f"tokenizer's downsampling factor (or the batch is empty)"
+                "tokenizer's downsampling factor"
             )
 
     def check_codes(self, codes: Tensor, grid: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -142,8 +144,7 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
             side = math.isqrt(n)
             if side * side != n:
                 raise ConfigError(
-                    f"{n} codes per image do not form a square grid; pass grid=(h, w) for "
-                    f"non-square images"
+                    f"{n} codes per image do not form a square grid; pass grid=(h, w) for non-square images"
                 )
             grid = (side, side)
         elif len(grid) != 2 or grid[0] * grid[1] != n:

@@ -45,8 +45,16 @@ class VQConfig:
     image_size: int = 256  # training resolution; attention sits at the lowest level (16x16)
 
     def __post_init__(self) -> None:
-        positive = ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "encoder_res_blocks",
-                    "decoder_res_blocks", "in_channels", "image_size")
+        positive = (
+            "codebook_size",
+            "codebook_embed_dim",
+            "z_channels",
+            "ch",
+            "encoder_res_blocks",
+            "decoder_res_blocks",
+            "in_channels",
+            "image_size",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -124,7 +132,7 @@ class _AttnBlock(nn.Module):
         q = self.q(y).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         k = self.k(y).reshape(b, c, h * w)  # (B, C, HW)
         v = self.v(y).reshape(b, c, h * w)  # (B, C, HW)
-        scores = torch.bmm(q, k) * c ** -0.5  # (B, HW_q, HW_k)
+        scores = torch.bmm(q, k) * c**-0.5  # (B, HW_q, HW_k)
         weights = torch.softmax(scores, dim=2, dtype=torch.float32).to(v.dtype)
         out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w)  # (B, C, H, W)
         return x + self.proj_out(out)
@@ -157,9 +165,7 @@ class _Level(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, n_blocks: int, attn: bool, dropout: float):
         super().__init__()
-        self.res = nn.ModuleList(
-            [_ResBlock(c_in if i == 0 else c_out, c_out, dropout) for i in range(n_blocks)]
-        )
+        self.res = nn.ModuleList([_ResBlock(c_in if i == 0 else c_out, c_out, dropout) for i in range(n_blocks)])
         self.attn = nn.ModuleList([_AttnBlock(c_out) for _ in range(n_blocks)] if attn else [])
 
     def blocks(self, x: Tensor) -> Tensor:
@@ -375,9 +381,10 @@ class VQModel(Tokenizer):
 
     def forward(self, images: Tensor) -> Tensor:
         """Reconstruction ``decode(encode(images))``, (B, C, H, W) -> (B, C, H, W)."""
-        b, _, h, w = images.shape
+        self.check_images(images)
         f = self.downsample
-        return self.decode(self.encode(images), grid=(h // f, w // f))
+        grid = (images.shape[2] // f, images.shape[3] // f)
+        return self.decode(self.encode(images), grid=grid)
 
     def extra_repr(self) -> str:
         c = self.config
