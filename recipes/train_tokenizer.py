@@ -281,7 +281,7 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, An
     restart_rng = torch.Generator().manual_seed(recipe.seed + 1)
     sums: Dict[str, float] = {}
     total_restarted, restarted_since_log, history = 0, 0, []
-    step, t_log = 0, time.perf_counter()
+    step, last_logged, t_log = 0, 0, time.perf_counter()
     last_record: Dict[str, Any] = {}
     metrics_path = out / "metrics.jsonl"
     if main:
@@ -317,8 +317,7 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, An
                 restarted_since_log += moved
             window_counts.zero_()
         if step % recipe.log_every == 0 or step == 1 or step == recipe.steps:
-            n_steps = recipe.log_every if step % recipe.log_every == 0 else max(1, step % recipe.log_every)
-            n_steps = 1 if step == 1 else n_steps
+            n_steps = step - last_logged
             means = {k: accelerator.reduce(v, reduction="mean").item() / n_steps for k, v in sums.items()}
             used, perplexity = usage_stats(accelerator.reduce(log_counts, reduction="sum").cpu())
             elapsed = time.perf_counter() - t_log
@@ -336,7 +335,7 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, An
                 f"edge {means['edge']:.4f} cb {means['codebook']:.4f} commit {means['commit']:.4f}) | "
                 f"codes used {used:6.1%} ppl {perplexity:6.1f} restarted {restarted_since_log:4d} | "
                 f"{last_record['images_per_s']:,.0f} img/s", flush=True)
-            sums, restarted_since_log, t_log = {}, 0, time.perf_counter()
+            sums, restarted_since_log, last_logged, t_log = {}, 0, step, time.perf_counter()
             log_counts.zero_()
     train_seconds = time.perf_counter() - start_time
     if step != recipe.steps:

@@ -1,7 +1,6 @@
 """Tests of the FID pipeline: sharded sampling, ADM npz packing, the FID Inception network, FID/IS, CLI."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -96,7 +95,9 @@ def test_packed_npz_has_the_adm_layout_and_fid_settings(tmp_path):
 
     manifest = json.loads((tmp_path / "shards" / MANIFEST_NAME).read_text())
     fid = gen.config.fid_sampling
-    assert manifest["sampling"] == dict(cfg_scale=fid.cfg_scale, temperature=fid.temperature, top_k=fid.top_k, top_p=fid.top_p)
+    assert manifest["sampling"] == {
+        "cfg_scale": fid.cfg_scale, "temperature": fid.temperature, "top_k": fid.top_k, "top_p": fid.top_p
+    }
     # the first batch of shard 1 is exactly one generate call with that batch's derived seed
     direct = gen.generate(torch.from_numpy(labels[4:6]), seed=shard_seed(3, 1, 0), output="uint8", progress=False)
     np.testing.assert_array_equal(images[4:6], direct)
@@ -151,6 +152,12 @@ def test_resume_regenerates_only_the_missing_shard(tmp_path):
 
     with pytest.raises(ConfigError, match="other settings.*seed: 5 on disk vs 6 now"):
         sample_to_shards(CountingStub(), shards, 12, seed=6, batch_size=2, shard_size=3, progress=False)
+
+
+def test_resume_with_other_weights_is_refused(tmp_path):
+    sample_to_shards(_pixel_gen(seed=0), tmp_path, 2, labels=[1, 2], batch_size=2, shard_size=1, progress=False)
+    with pytest.raises(ConfigError, match="other settings \\(weights_fingerprint: "):
+        sample_to_shards(_pixel_gen(seed=1), tmp_path, 2, labels=[1, 2], batch_size=2, shard_size=1, progress=False)
 
 
 def test_result_does_not_depend_on_the_number_of_processes(tmp_path):
@@ -340,6 +347,8 @@ def test_cli_sample_then_fid(tmp_path, monkeypatch, capsys, inception_file, fres
         return _pixel_gen()
 
     monkeypatch.setattr("aimkit.commands.sample.build", fake_build)
+    tiny_config = lambda name, **kw: aimkit.resolve_config(name, **TINY, **kw)  # noqa: E731
+    monkeypatch.setattr("aimkit.commands.sample.resolve_config", tiny_config)
     out = tmp_path / "samples.npz"
     argv = ["sample", "--model", "aim-b", "--pretrained", "w.safetensors", "--num", "10", "--out", str(out),
             "--batch-size", "2", "--shard-size", "4", "--cfg-scale", "1.5", "--device", "cpu", "--no-progress",

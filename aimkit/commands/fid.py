@@ -37,7 +37,8 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("samples", metavar="SAMPLES.npz", help="samples: arr_0 (N, H, W, 3) uint8 (from `aimkit sample`)")
+    parser.add_argument("samples", metavar="SAMPLES.npz",
+                        help="samples: arr_0 (N, H, W, 3) uint8 (from `aimkit sample`)")
     parser.add_argument("--ref", required=True, metavar="REF.npz",
                         help="reference batch: its mu/sigma when present (ADM's VIRTUAL_*.npz), else its arr_0 images")
     parser.add_argument("--inception-weights", metavar="PATH",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..build import build
+from ..build import build, resolve_config
 from ..errors import ConfigError
 
 HELP = "sample images for FID into an ADM-layout .npz (sharded, resumable, accelerate-ready)"
@@ -60,7 +60,8 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--num", type=_positive_int, default=50_000, metavar="N",
                         help="number of images (default 50000, the FID protocol)")
-    parser.add_argument("--out", required=True, metavar="NPZ", help="packed samples to write (ADM layout: arr_0, arr_1)")
+    parser.add_argument("--out", required=True, metavar="NPZ",
+                        help="packed samples to write (ADM layout: arr_0, arr_1)")
     parser.add_argument("--shard-dir", metavar="DIR", help="where the shards go (default: <out>.shards)")
     parser.add_argument(
         "--labels", default="balanced", metavar="balanced|random|FILE",
@@ -72,8 +73,9 @@ def add_arguments(parser) -> None:
                         help="images per sampling call (default 64); keep it fixed when resuming")
     parser.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
                         help="images per shard file, the unit of resuming (default 1000)")
-    parser.add_argument("--cfg-scale", type=float, metavar="F", help="guidance scale (default: the preset's FID setting)")
-    parser.add_argument("--temperature", type=float, metavar="F", help="softmax temperature (default: preset FID setting)")
+    parser.add_argument("--cfg-scale", type=float, metavar="F", help="guidance scale (default: preset FID setting)")
+    parser.add_argument("--temperature", type=float, metavar="F",
+                        help="softmax temperature (default: preset FID setting)")
     parser.add_argument("--top-k", type=int, metavar="N", help="top-k, 0 = all (default: preset FID setting)")
     parser.add_argument("--top-p", type=float, metavar="F", help="nucleus mass, 1 = all (default: preset FID setting)")
     parser.add_argument("--schedule", choices=("constant", "linear"), default="constant",
@@ -98,25 +100,30 @@ def _process_device(name: str, state) -> torch.device:
     return torch.device(name)
 
 
+def _overrides(args) -> dict:
+    if args.decode_position_offset is None:
+        return {}
+    return {"decode_position_offset": args.decode_position_offset}
+
+
 def build_model(args, device: torch.device):
     """Build the generator named on the command line on ``device``."""
     pretrained = True if args.pretrained == "published" else args.pretrained
-    overrides = {}
-    if args.decode_position_offset is not None:
-        overrides["decode_position_offset"] = args.decode_position_offset
-    return build(args.model, pretrained=pretrained, device=device, dtype=args.dtype, **overrides)
+    return build(args.model, pretrained=pretrained, device=device, dtype=args.dtype, **_overrides(args))
 
 
 def run(args) -> int:
     from accelerate import PartialState
 
-    from ..eval.sample import pack_npz, sample_to_shards
+    from ..eval.sample import pack_npz, resolve_sample_labels, sample_to_shards
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out must end in .npz (the ADM evaluator reads npz files), got {out}")
     shard_dir = Path(args.shard_dir) if args.shard_dir else out.with_name(out.name + ".shards")
     labels = args.labels if args.labels in ("balanced", "random") else Path(args.labels)
+    # check the labels against the config before the (slow) model build
+    resolve_sample_labels(labels, args.num, resolve_config(args.model, **_overrides(args)).num_classes, args.seed)
 
     # one process unless started by `accelerate launch` / torchrun; on CPU, gloo joins the processes
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())

@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +37,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -65,6 +64,8 @@ MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.npy"
 _FORMAT = "aimkit.sample_shards/1"
 _SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p")
+_JSON_SCALARS = (bool, int, float, str, type(None))
+_FINGERPRINT_ELEMENTS = 4096  # leading elements of every tensor that enter the weights fingerprint
 # Streams of the seed tree: labels and shard batches never share random numbers.
 _LABEL_STREAM = 0
 _SHARD_STREAM = 1
@@ -242,7 +243,11 @@ def _prepare_dir(out_dir: Path, manifest: Dict[str, Any], labels: np.ndarray) ->
         wanted = _normalised(manifest)
         if existing != wanted:
             keys = sorted(set(existing) | set(wanted))
-            diffs = [f"{k}: {existing.get(k)!r} on disk vs {wanted.get(k)!r} now" for k in keys if existing.get(k) != wanted.get(k)]
+            diffs = [
+                f"{k}: {existing.get(k)!r} on disk vs {wanted.get(k)!r} now"
+                for k in keys
+                if existing.get(k) != wanted.get(k)
+            ]
             raise ConfigError(
                 f"{out_dir} holds shards of a run with other settings ({'; '.join(diffs)}); "
                 "rerun with the same settings to resume, or use another shard directory"
@@ -303,6 +308,22 @@ class ShardRun:
     written: Tuple[int, ...]
     skipped: Tuple[int, ...]
     images: int
+
+
+def _weights_fingerprint(model) -> Optional[str]:
+    """A cheap hash of a module's weights (names, shapes, dtypes, leading values of each tensor).
+
+    Stored in the manifest so that resuming with other weights (a path overwritten with another
+    checkpoint, say) is refused. None for objects that are not modules.
+    """
+    if not isinstance(model, torch.nn.Module):
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        head = tensor.detach().flatten()[:_FINGERPRINT_ELEMENTS].cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(head.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _sampling_settings(model, sampling: Dict[str, Any]) -> Dict[str, Any]:
@@ -380,7 +401,8 @@ def sample_to_shards(
         "seed": seed,
         "labels": label_source,
         "labels_sha256": hashlib.sha256(label_array.tobytes()).hexdigest(),
-        "sampling": {k: (v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)) for k, v in settings.items()},
+        "sampling": {k: (v if isinstance(v, _JSON_SCALARS) else repr(v)) for k, v in settings.items()},
+        "weights_fingerprint": _weights_fingerprint(model),
         "metadata": metadata or {},
     }
     out_dir = Path(out_dir)
@@ -433,7 +455,9 @@ def _shard_arrays(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"cannot read shard {path}: {exc}; delete it and rerun sampling to regenerate it") from None
 
 
-def _write_npy_member(zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: Tuple[int, ...], chunks: Iterator[np.ndarray]) -> None:
+def _write_npy_member(
+    zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: Tuple[int, ...], chunks: Iterator[np.ndarray]
+) -> None:
     """Stream ``chunks`` (C-order, concatenated along axis 0) as ``name`` of an npz archive."""
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
     with zf.open(name, "w", force_zip64=True) as f:

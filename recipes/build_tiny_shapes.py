@@ -1,0 +1,419 @@
+"""Build aimkit's embedded ``aim-tiny-shapes`` model from nothing, with one command.
+
+On one GPU (H100 / H200; about 5 minutes, at most 8)::
+
+    PYTHONPATH=$PWD python recipes/build_tiny_shapes.py --out-root runs/tiny_shapes
+
+On a CPU, with tiny step counts, to check that every stage runs (writes nothing into the package)::
+
+    PYTHONPATH=$PWD python recipes/build_tiny_shapes.py --out-root /tmp/tiny_smoke --smoke
+
+Stages (each training stage is its own process, so every recipe runs exactly as launched by hand):
+
+1. tokenizer: ``recipes/train_tokenizer.py --config vq_f4_tiny`` -> ``ROOT/tokenizer/tokenizer.safetensors``.
+2. generator: ``python -m aimkit.train --config aim_tiny_shapes init_from=<tokenizer>`` (the generic
+   training recipe; shapes rendered and tokenized on the fly) -> ``ROOT/generator/final``. Before it
+   starts, a few timed training steps check that ``max_steps`` fits the time budget (``--budget-s``);
+   if not, the step count is lowered and the record says so.
+3. export: the trained generator, tokenizer included, stored as float16 (loading casts back to the
+   model's dtype) -> ``aimkit/assets/aim_tiny_shapes/`` (config.json + model.safetensors); its config
+   must equal the registered preset's, since ``aimkit.build("aim-tiny-shapes")`` builds from the preset.
+4. evaluate the exported weights as users load them: conditional accuracy and Fréchet distance with
+   the shipped shapes classifier over 1008 images (28 per class) at the preset's FID sampling
+   defaults, a guidance sweep, the pretty defaults; a sample grid -> ``docs/images/aim_tiny_shapes_grid.png``.
+5. record: ``aimkit/assets/aim_tiny_shapes/training_record.json`` (configs, commands, steps, seeds,
+   device, wall times, final losses, evaluation). With ``OUT`` set in the environment, the weights
+   folder, the grid and the logs are copied to ``$OUT`` as well.
+
+Any failing stage stops the run with its error. A model below the quality target (conditional
+accuracy 0.9) is still written, and the run exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PRESET = "aim-tiny-shapes"
+ACCURACY_TARGET = 0.9  # conditional accuracy at the preset's FID defaults
+SIZE_LIMIT_MB = 12.5  # the whole shipped folder
+EXPORT_DTYPE = torch.float16
+
+# Step counts and evaluation sizes: the full build, and the CPU smoke run.
+FULL = dict(eval_images=1008, sweep=(1.0, 2.0, 3.0, 4.0, 5.0), sweep_images=360, grid_per_class=4,
+            tokenizer_args=[], generator_args=[], sample_batch=504)
+SMOKE = dict(eval_images=50, sweep=(1.0, 3.0), sweep_images=36, grid_per_class=1,
+             tokenizer_args=["--steps", "20", "--batch-size", "8", "--num-workers", "0",
+                             "--mixed-precision", "no", "--eval-images", "50", "--cpu"],
+             generator_args=["max_steps=20", "global_batch_size=8", "num_workers=0", "mixed_precision=no",
+                             "data_size=2000", "log_every=5", "warmup_steps=5", "checkpoint_every=20"],
+             sample_batch=64)
+
+
+def say(text: str) -> None:
+    print(f"[build_tiny_shapes {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def run_stage(name: str, cmd: List[str], log_path: Path) -> float:
+    """Run ``cmd`` with the repository on PYTHONPATH, echo and log its output; returns seconds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    say(f"stage {name}: {' '.join(cmd)}")
+    start = time.perf_counter()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log, subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        code = proc.wait()
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise StageFailed(f"stage {name} failed with exit status {code} after {seconds:.0f} s (log: {log_path})")
+    say(f"stage {name} done in {seconds:.0f} s")
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# time budget
+# --------------------------------------------------------------------------------------------
+
+
+def probe_step_seconds(batch_size: int, device: str, steps: int = 15, warmup: int = 5) -> float:
+    """Seconds per generator training step (tokenizer encode + bf16 forward/backward + AdamW),
+    measured on random weights with the training recipe's batch."""
+    import torch.nn.functional as F
+
+    import aimkit
+    from aimkit.data.shapes import make_batch
+
+    gen = aimkit.build(PRESET, pretrained=False, device=device).train()
+    gen.tokenizer.requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    images, labels = make_batch(batch_size, seed=12345)
+    images, labels = images.to(device), labels.to(device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        with torch.no_grad():
+            codes = gen.tokenizer.encode(images)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = gen(codes, labels)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    del gen, opt
+    torch.cuda.empty_cache()
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# export and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def export(final_dir: Path, assets_dir: Path) -> Dict[str, Any]:
+    """Write the trained generator (tokenizer included) to ``assets_dir`` in float16."""
+    import aimkit
+
+    gen = aimkit.build(final_dir)
+    preset = aimkit.resolve_config(PRESET)
+    if gen.config != preset:
+        raise StageFailed(
+            f"the trained config differs from the registered {PRESET!r} preset, so aimkit.build({PRESET!r}) "
+            f"could not load it:\n trained: {gen.config}\n preset:  {preset}"
+        )
+    if assets_dir.exists():
+        shutil.rmtree(assets_dir)
+    gen.to(EXPORT_DTYPE).save_pretrained(assets_dir, include_tokenizer=True)
+    files = {}
+    for path in sorted(assets_dir.iterdir()):
+        path.chmod(0o644)  # the atomic writer creates 0600 temp files; package data must be readable
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"dtype": str(EXPORT_DTYPE).replace("torch.", ""), "files": files,
+            "generator_parameters": gen.num_params(),
+            "tokenizer_parameters": gen.num_params(include_tokenizer=True) - gen.num_params()}
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+def evaluate(gen, plan: Dict[str, Any], device: str, classifier) -> Dict[str, Any]:
+    """Conditional accuracy / Fréchet distance at the FID defaults, a guidance sweep, pretty defaults."""
+    from aimkit.eval.quality import evaluate_generated
+
+    def score(n: int, seed: int, **sampling) -> Dict[str, Any]:
+        labels = balanced_labels(n, gen.num_classes)
+        start = time.perf_counter()
+        images = gen.generate(labels, seed=seed, batch_size=plan["sample_batch"], progress=False, **sampling)
+        seconds = time.perf_counter() - start
+        report = evaluate_generated(images, labels, classifier=classifier)
+        out = dataclasses.asdict(report)
+        out.update(seed=seed, sampling_seconds=round(seconds, 2), **{k: v for k, v in sampling.items()})
+        return out
+
+    fid = gen.config.fid_sampling
+    main = score(plan["eval_images"], seed=0, defaults="fid")
+    main["sampling"] = dataclasses.asdict(fid)
+    say(f"FID defaults {dataclasses.asdict(fid)}: conditional accuracy {main['conditional_accuracy']:.4f}, "
+        f"Fréchet distance {main['frechet_distance']:.3f} over {main['num_images']} images "
+        f"(classifier on real images {main['classifier_accuracy_real']:.4f})")
+    sweep = []
+    for cfg_scale in plan["sweep"]:
+        r = score(plan["sweep_images"], seed=1, defaults="fid", cfg_scale=cfg_scale)
+        say(f"  cfg {cfg_scale:.1f}: accuracy {r['conditional_accuracy']:.4f}, Fréchet {r['frechet_distance']:.3f} "
+            f"({r['num_images']} images)")
+        sweep.append(r)
+    pretty = score(plan["sweep_images"], seed=2, defaults="pretty")
+    pretty["sampling"] = dataclasses.asdict(gen.config.pretty_sampling)
+    say(f"pretty defaults: accuracy {pretty['conditional_accuracy']:.4f}, Fréchet {pretty['frechet_distance']:.3f}")
+    return {"fid_defaults": main, "cfg_sweep": sweep, "pretty_defaults": pretty, "classifier": "aimkit/assets/shapes_classifier.safetensors"}
+
+
+def save_sample_grid(gen, per_class: int, path: Path) -> Dict[str, Any]:
+    """One row block per class, ``per_class`` samples each, pretty defaults, seed 0, captioned."""
+    from aimkit.data.shapes import class_names
+    from aimkit.samplers import save_grid
+
+    labels = torch.arange(gen.num_classes).repeat_interleave(per_class)
+    images = gen.generate(labels, seed=0, defaults="pretty", output="uint8", progress=False)
+    save_grid(images, path, nrow=12 if per_class > 1 else 9, labels=labels.tolist(), class_names=class_names())
+    path.chmod(0o644)
+    return {"file": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+            "labels": "each class 0..35 repeated %d times" % per_class, "seed": 0, "defaults": "pretty"}
+
+
+def last_metrics(path: Path) -> Dict[str, Any]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise StageFailed(f"{path} holds no metrics")
+    return lines[-1]
+
+
+def device_record(device: str) -> Dict[str, Any]:
+    from aimkit.backbones._mamba_kernels import kernel_info
+
+    rec = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+           "host_cpus": os.cpu_count()}
+    if device == "cuda":
+        rec.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+        info = kernel_info()
+        rec["mamba_kernels"] = {"available": info["available"], "versions": info["versions"]}
+    else:
+        rec["cpu"] = platform.processor() or platform.machine()
+    return rec
+
+
+def copy_out(out_env: Path, assets_dir: Path, grid: Path, logs: Dict[str, Path]) -> None:
+    """Copy the weights folder, the grid and the logs under ``$OUT``."""
+    out_env.mkdir(parents=True, exist_ok=True)
+    target = out_env / assets_dir.name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(assets_dir, target)
+    if grid.is_file():
+        shutil.copy2(grid, out_env / grid.name)
+    log_dir = out_env / "logs"
+    log_dir.mkdir(exist_ok=True)
+    for name, path in logs.items():
+        if path.is_file():
+            shutil.copy2(path, log_dir / name)
+    say(f"copied {target}, {grid.name} and {len(logs)} logs to {out_env}")
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-root", type=Path, required=True, help="run folder for checkpoints and logs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU check with tiny step counts; assets and grid go under --out-root")
+    parser.add_argument("--overwrite", action="store_true", help="delete a non-empty --out-root first")
+    parser.add_argument("--tokenizer-steps", type=int, help="override the tokenizer recipe's steps")
+    parser.add_argument("--generator-steps", type=int, help="override the generator recipe's max_steps")
+    parser.add_argument("--budget-s", type=float, default=450.0,
+                        help="wall-clock budget of the whole run; the generator's steps are lowered to fit "
+                        "(0: no limit; default 450)")
+    parser.add_argument("--assets-dir", type=Path, help="default: aimkit/assets/aim_tiny_shapes")
+    parser.add_argument("--grid", type=Path, help="default: docs/images/aim_tiny_shapes_grid.png")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    plan = SMOKE if args.smoke else FULL
+    root = args.out_root.resolve()
+    assets_dir = (args.assets_dir or (root / "assets" / "aim_tiny_shapes" if args.smoke
+                                      else REPO / "aimkit" / "assets" / "aim_tiny_shapes")).resolve()
+    grid_path = (args.grid or (root / "aim_tiny_shapes_grid.png" if args.smoke
+                               else REPO / "docs" / "images" / "aim_tiny_shapes_grid.png")).resolve()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if not args.smoke and device != "cuda":
+        raise StageFailed("no CUDA device: the full build needs a GPU (use --smoke for a CPU check)")
+    if root.exists() and any(root.iterdir()):
+        if not args.overwrite:
+            raise StageFailed(f"{root} is not empty; pass --overwrite or choose a new --out-root")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    say(f"{'smoke run' if args.smoke else 'full build'} on {device}; run folder {root}; assets -> {assets_dir}")
+    py = sys.executable
+    logs: Dict[str, Path] = {}
+    record: Dict[str, Any] = {"model": PRESET, "smoke": args.smoke, "command": [Path(py).name] + sys.argv,
+                              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    # ---- 1. tokenizer
+    tok_dir = root / "tokenizer"
+    tok_cmd = [py, "recipes/train_tokenizer.py", "--config", "recipes/configs/vq_f4_tiny.yaml",
+               "--out", str(tok_dir), *plan["tokenizer_args"]]
+    if args.tokenizer_steps:
+        tok_cmd += ["--steps", str(args.tokenizer_steps)]
+    logs["tokenizer.log"] = root / "tokenizer.log"
+    tok_seconds = run_stage("tokenizer", tok_cmd, logs["tokenizer.log"])
+    tok_record = json.loads((tok_dir / "tokenizer.json").read_text())
+    logs["tokenizer.json"] = tok_dir / "tokenizer.json"
+    logs["tokenizer_metrics.jsonl"] = tok_dir / "metrics.jsonl"
+
+    # ---- 2. generator, through the generic training recipe
+    import yaml
+
+    gen_config = yaml.safe_load((REPO / "recipes" / "configs" / "aim_tiny_shapes.yaml").read_text())
+    steps = args.generator_steps or gen_config["max_steps"]
+    budget_note = None
+    if args.budget_s and device == "cuda":
+        step_s = probe_step_seconds(gen_config["global_batch_size"], device)
+        spent = time.perf_counter() - t_start
+        reserve = 25 + 75  # generator process start-up and final save; export + evaluation + grid
+        affordable = int((args.budget_s - spent - reserve) / (1.15 * step_s))
+        say(f"probe: {step_s * 1e3:.1f} ms per generator step; {spent:.0f} s spent; "
+            f"{steps} steps need ~{steps * step_s:.0f} s, the budget allows {affordable}")
+        if affordable < steps:
+            budget_note = f"max_steps lowered from {steps} to {max(affordable // 100 * 100, 100)} to fit --budget-s {args.budget_s:g}"
+            steps = max(affordable // 100 * 100, 100)
+            say("WARNING: " + budget_note)
+        record["probe_step_ms"] = round(step_s * 1e3, 2)
+    gen_dir = root / "generator"
+    gen_cmd = [py, "-m", "aimkit.train", "--config", "recipes/configs/aim_tiny_shapes.yaml",
+               f"init_from={tok_dir / 'tokenizer.safetensors'}", f"output_dir={gen_dir}", *plan["generator_args"]]
+    if steps != gen_config["max_steps"] and not args.smoke:
+        gen_cmd.append(f"max_steps={steps}")
+    logs["generator.log"] = root / "generator.log"
+    gen_seconds = run_stage("generator", gen_cmd, logs["generator.log"])
+    logs["generator_metrics.jsonl"] = gen_dir / "metrics.jsonl"
+    logs["generator_config.yaml"] = gen_dir / "config.yaml"
+    resolved = yaml.safe_load((gen_dir / "config.yaml").read_text())
+
+    # ---- 3. export
+    say(f"stage export -> {assets_dir}")
+    exported = export(gen_dir / "final", assets_dir)
+    size_mb = sum(f["bytes"] for f in exported["files"].values()) / 1e6
+    say(f"exported {', '.join(f'{k} ({v['bytes'] / 1e6:.2f} MB)' for k, v in exported['files'].items())}")
+
+    # ---- 4. evaluate the exported weights, loaded the way users load them
+    import aimkit
+    from aimkit.assets import embedded_weights
+    from aimkit.eval.quality import load_default_classifier
+
+    t_eval = time.perf_counter()
+    shipped = embedded_weights(PRESET) is not None and embedded_weights(PRESET).resolve() == assets_dir
+    gen = aimkit.build(PRESET, device=device) if shipped else aimkit.build(assets_dir, device=device)
+    say(f"stage evaluate: {'aimkit.build(%r)' % PRESET if shipped else 'aimkit.build(%s)' % assets_dir} on {device}")
+    classifier = load_default_classifier(device)
+    evaluation = evaluate(gen, plan, device, classifier)
+    grid = save_sample_grid(gen, plan["grid_per_class"], grid_path)
+    eval_seconds = time.perf_counter() - t_eval
+    say(f"stage evaluate done in {eval_seconds:.0f} s; grid {grid_path}")
+
+    # ---- 5. record
+    gen_last = last_metrics(gen_dir / "metrics.jsonl")
+    record.update({
+        "environment": device_record(device),
+        "aimkit_version": aimkit.__version__,
+        "generator_parameters": exported["generator_parameters"],
+        "tokenizer_parameters": exported["tokenizer_parameters"],
+        "stored_dtype": exported["dtype"],
+        "files": exported["files"],
+        "folder_mb": round(size_mb, 3),
+        "tokenizer": {
+            "command": [Path(c).name if c == py else c for c in tok_cmd],
+            "recipe": tok_record["recipe"],
+            "steps": tok_record["steps"],
+            "seeds": {"init": tok_record["recipe"]["seed"], "data": tok_record["recipe"]["data_seed"]},
+            "final_log": tok_record["final_log"],
+            "heldout": tok_record["heldout"],
+            "codes_restarted": tok_record["codes_restarted"],
+            "wall_time_s": round(tok_seconds, 1),
+        },
+        "generator": {
+            "command": [Path(c).name if c == py else c for c in gen_cmd],
+            "resolved_config": resolved,
+            "steps": gen_last["step"],
+            "seed": resolved["seed"],
+            "budget_note": budget_note,
+            "final_loss": gen_last["loss"],
+            "final_log": gen_last,
+            "wall_time_s": round(gen_seconds, 1),
+        },
+        "evaluation": evaluation,
+        "evaluation_wall_time_s": round(eval_seconds, 1),
+        "grid": grid,
+        "total_wall_time_s": round(time.perf_counter() - t_start, 1),
+    })
+    record_path = assets_dir / "training_record.json"
+    tmp = record_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, record_path)
+    record_path.chmod(0o644)
+    say(f"wrote {record_path}; total {record['total_wall_time_s']:.0f} s")
+    if os.environ.get("OUT"):
+        copy_out(Path(os.environ["OUT"]), assets_dir, grid_path, logs)
+
+    # ---- checks, after everything is written
+    problems = []
+    if size_mb > SIZE_LIMIT_MB:
+        problems.append(f"the weights folder is {size_mb:.2f} MB (limit {SIZE_LIMIT_MB} MB)")
+    accuracy = evaluation["fid_defaults"]["conditional_accuracy"]
+    if not args.smoke and accuracy < ACCURACY_TARGET:
+        problems.append(f"conditional accuracy {accuracy:.4f} < target {ACCURACY_TARGET}")
+    if problems:
+        say("TARGET MISSED: " + "; ".join(problems))
+        return 3
+    say("all stages done" + ("" if args.smoke else f"; conditional accuracy {accuracy:.4f} >= {ACCURACY_TARGET}"))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except StageFailed as exc:
+        say(f"FAILED: {exc}")
+        sys.exit(1)
