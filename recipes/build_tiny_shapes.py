@@ -59,7 +59,7 @@ FULL = dict(eval_images=1008, sweep=(1.0, 2.0, 3.0, 4.0, 5.0), sweep_images=360,
 SMOKE = dict(eval_images=50, sweep=(1.0, 3.0), sweep_images=36, grid_per_class=1,
              tokenizer_args=["--steps", "20", "--batch-size", "8", "--num-workers", "0",
                              "--mixed-precision", "no", "--eval-images", "50", "--cpu"],
-             generator_args=["max_steps=20", "global_batch_size=8", "num_workers=0", "mixed_precision=no",
+             generator_args=["max_steps=20", "global_batch_size=8", "num_workers=0", "mixed_precision='no'",
                              "data_size=2000", "log_every=5", "warmup_steps=5", "checkpoint_every=20"],
              sample_batch=64)
 
@@ -336,7 +336,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     say(f"stage export -> {assets_dir}")
     exported = export(gen_dir / "final", assets_dir)
     size_mb = sum(f["bytes"] for f in exported["files"].values()) / 1e6
-    say(f"exported {', '.join(f'{k} ({v['bytes'] / 1e6:.2f} MB)' for k, v in exported['files'].items())}")
+    sizes = ", ".join(f"{name} ({info['bytes'] / 1e6:.2f} MB)" for name, info in exported["files"].items())
+    say(f"exported {sizes}")
 
     # ---- 4. evaluate the exported weights, loaded the way users load them
     import aimkit

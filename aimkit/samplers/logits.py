@@ -149,8 +149,8 @@ def sample(
         top_k: keep the k most likely tokens (0 = all).
         top_p: nucleus mass in (0, 1] (1 = all).
         generator: random source on the logits' device; a seeded generator makes the draw
-            reproducible (``torch.multinomial`` is deterministic per generator state on CPU and
-            CUDA).
+            reproducible on CPU and CUDA alike. The draw is an exponential race (equivalent to
+            Gumbel-max), which, unlike ``torch.multinomial``, needs no host synchronisation.
 
     Returns:
         (B,) int64 token ids.
@@ -163,4 +163,7 @@ def sample(
     x = top_k_filter(x, top_k)
     x = top_p_filter(x, top_p)
     probs = x.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (the
+    # Gumbel-max trick in another form). Unlike torch.multinomial it never waits for the device.
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
