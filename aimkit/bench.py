@@ -70,8 +70,8 @@ _GB = 1e9
 _PER_STEP_EXCLUDE = ("class_embed.", "pos_embed.", "conditioning.", "final_layer.modulation.", "tokenizer.")
 _MAMBA_ONLY = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "A_init_range", "dt_min",
                "dt_max", "dt_init_floor", "conv_bias", "bias", "use_kernels", "state_dtype")
-# The official AiM code on one H200 (bf16, guidance, causal-conv1d installed), images/s; from
-# shared/reference/performance.md. Drawn on the throughput plot as a reference, labelled as such.
+# The official AiM code on one H200 (bf16, guidance; with causal-conv1d where performance.md has
+# that figure, else without), images/s. Drawn on the throughput plot as a reference, labelled as such.
 OFFICIAL_H200_IMAGES_PER_S = {
     "aim-b": {64: 56.1, 256: 112.4},
     "aim-l": {64: 27.6, 256: 51.2},
@@ -274,6 +274,12 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+def _aimkit_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _copy_rate(device: torch.device, numel: int, repeats: int) -> Tuple[int, float]:
     """``(bytes, bytes/s)`` of a float32 copy of ``numel`` random elements, read + write counted."""
     src = torch.randn(numel, device=device)
@@ -307,7 +313,7 @@ def measure_device(device: torch.device, dtype: torch.dtype, repeats: int = 10) 
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "aimkit": _version("aimkit"),
+        "aimkit": _aimkit_version(),
         "triton": _version("triton"),
         "mamba-ssm": _version("mamba-ssm"),
         "causal-conv1d": _version("causal-conv1d"),
@@ -891,6 +897,9 @@ def plots(data: Dict[str, Any], out: Path) -> List[str]:
         ax.plot([], [], "x", color="gray", label="official AiM code, H200 (reference)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        batches = sorted({r["batch"] for r in sampling} | {b for ref in OFFICIAL_H200_IMAGES_PER_S.values() for b in ref})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.set_xlabel("batch (images)")
         ax.set_ylabel("images/s (tokens only)")
         ax.set_title(f"Sampling throughput, {base_tokens} tokens ({(data.get('device') or {}).get('gpu')})")
@@ -914,12 +923,16 @@ def plots(data: Dict[str, Any], out: Path) -> List[str]:
                 rs = sorted(rs, key=lambda r: r["tokens"])
                 style = "-" if backbone == "mamba2" else "--"
                 xs = [r["tokens"] for r in rs]
-                ax.plot(xs, [r["seconds_per_batch"] for r in rs], style, marker="o", color=f"C{i}",
+                ax.plot(xs, [r["seconds_per_batch"] for r in rs], style, marker="o" if backbone == "mamba2" else "s",
+                        color=f"C{i}",
                         label=f"{model} {backbone} (batch {batch})")
                 ax.plot(xs, [r["floor"]["seconds"] for r in rs], style, color=f"C{i}", alpha=0.35)
         ax.plot([], [], color="gray", alpha=0.35, label="floors (same line style)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        tokens = sorted({r["tokens"] for group in pairs.values() for rs in group.values() for r in rs})
+        ax.set_xticks(tokens, [str(t) for t in tokens])
+        ax.minorticks_off()
         ax.set_xlabel("tokens per image")
         ax.set_ylabel("seconds per batch (tokens only)")
         ax.set_title("Mamba2 state vs transformer KV cache")

@@ -14,6 +14,11 @@ see ``shared/tools/gpu_wheels.sh``), carrying ``[".whl", ".whl-cc"]``::
       && cat .whl-cc/*.part-* | tar xzf - -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD \
       && PYTHONUNBUFFERED=1 python3 benchmarks/run_all.py
 
+(timeout_s 600). Validated on one H200 on 2026-11-22 with a reduced grid (aim-b only): 156 s, of
+which 48 s are the first Triton compiles (correctness row) and 75 s the first training step
+(backward-kernel autotuning). The full default grid is expected to take 6-7 minutes on an H100;
+``--repeats 2`` saves about a minute.
+
 Outputs go to ``$OUT`` (``bench.json``, ``bench.md``, ``bench.log`` and three PNGs: 6 files).
 It exits 3 without timing anything when the Mamba2 kernels cannot be imported on CUDA
 (``--no-require-kernels`` to measure the PyTorch path anyway) and 1 when the correctness check fails.

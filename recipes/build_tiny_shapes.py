@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -43,7 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -54,14 +53,14 @@ SIZE_LIMIT_MB = 12.5  # the whole shipped folder
 EXPORT_DTYPE = torch.float16
 
 # Step counts and evaluation sizes: the full build, and the CPU smoke run.
-FULL = dict(eval_images=1008, sweep=(1.0, 2.0, 3.0, 4.0, 5.0), sweep_images=360, grid_per_class=4,
-            tokenizer_args=[], generator_args=[], sample_batch=504)
-SMOKE = dict(eval_images=50, sweep=(1.0, 3.0), sweep_images=36, grid_per_class=1,
-             tokenizer_args=["--steps", "20", "--batch-size", "8", "--num-workers", "0",
-                             "--mixed-precision", "no", "--eval-images", "50", "--cpu"],
-             generator_args=["max_steps=20", "global_batch_size=8", "num_workers=0", "mixed_precision='no'",
-                             "data_size=2000", "log_every=5", "warmup_steps=5", "checkpoint_every=20"],
-             sample_batch=64)
+FULL = {"eval_images": 1008, "sweep": (1.0, 2.0, 3.0, 4.0, 5.0), "sweep_images": 360, "grid_per_class": 2,
+        "tokenizer_args": [], "generator_args": [], "sample_batch": 504}
+SMOKE = {"eval_images": 50, "sweep": (1.0, 3.0), "sweep_images": 36, "grid_per_class": 1,
+         "tokenizer_args": ["--steps", "20", "--batch-size", "8", "--num-workers", "0",
+                            "--mixed-precision", "no", "--eval-images", "50", "--cpu"],
+         "generator_args": ["max_steps=20", "global_batch_size=8", "num_workers=0", "mixed_precision='no'",
+                            "data_size=2000", "log_every=5", "warmup_steps=5", "checkpoint_every=20"],
+         "sample_batch": 64}
 
 
 def say(text: str) -> None:
@@ -72,7 +71,7 @@ class StageFailed(RuntimeError):
     pass
 
 
-def run_stage(name: str, cmd: List[str], log_path: Path) -> float:
+def run_stage(name: str, cmd: list[str], log_path: Path) -> float:
     """Run ``cmd`` with the repository on PYTHONPATH, echo and log its output; returns seconds."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -137,7 +136,7 @@ def probe_step_seconds(batch_size: int, device: str, steps: int = 15, warmup: in
 # --------------------------------------------------------------------------------------------
 
 
-def export(final_dir: Path, assets_dir: Path) -> Dict[str, Any]:
+def export(final_dir: Path, assets_dir: Path) -> dict[str, Any]:
     """Write the trained generator (tokenizer included) to ``assets_dir`` in float16."""
     import aimkit
 
@@ -164,11 +163,11 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def evaluate(gen, plan: Dict[str, Any], device: str, classifier) -> Dict[str, Any]:
+def evaluate(gen, plan: dict[str, Any], device: str, classifier) -> dict[str, Any]:
     """Conditional accuracy / Fréchet distance at the FID defaults, a guidance sweep, pretty defaults."""
     from aimkit.eval.quality import evaluate_generated
 
-    def score(n: int, seed: int, **sampling) -> Dict[str, Any]:
+    def score(n: int, seed: int, **sampling) -> dict[str, Any]:
         labels = balanced_labels(n, gen.num_classes)
         start = time.perf_counter()
         images = gen.generate(labels, seed=seed, batch_size=plan["sample_batch"], progress=False, **sampling)
@@ -196,27 +195,30 @@ def evaluate(gen, plan: Dict[str, Any], device: str, classifier) -> Dict[str, An
     return {"fid_defaults": main, "cfg_sweep": sweep, "pretty_defaults": pretty, "classifier": "aimkit/assets/shapes_classifier.safetensors"}
 
 
-def save_sample_grid(gen, per_class: int, path: Path) -> Dict[str, Any]:
-    """One row block per class, ``per_class`` samples each, pretty defaults, seed 0, captioned."""
-    from aimkit.data.shapes import class_names
+def save_sample_grid(gen, per_class: int, path: Path) -> dict[str, Any]:
+    """``per_class`` samples of every class (pretty defaults, seed 0), shown at 2x, captioned;
+    one shape per row, its six colours side by side."""
+    from aimkit.data.shapes import COLOURS, class_names
     from aimkit.samplers import save_grid
 
     labels = torch.arange(gen.num_classes).repeat_interleave(per_class)
     images = gen.generate(labels, seed=0, defaults="pretty", output="uint8", progress=False)
-    save_grid(images, path, nrow=12 if per_class > 1 else 9, labels=labels.tolist(), class_names=class_names())
+    images = images.repeat(2, axis=1).repeat(2, axis=2)  # (N, 128, 128, 3), nearest-neighbour 2x
+    save_grid(images, path, nrow=len(COLOURS) * per_class, labels=labels.tolist(), class_names=class_names())
     path.chmod(0o644)
     return {"file": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
-            "labels": "each class 0..35 repeated %d times" % per_class, "seed": 0, "defaults": "pretty"}
+            "labels": f"classes 0..35, {per_class} samples each; rows are shapes", "seed": 0,
+            "defaults": "pretty", "scale": 2}
 
 
-def last_metrics(path: Path) -> Dict[str, Any]:
+def last_metrics(path: Path) -> dict[str, Any]:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise StageFailed(f"{path} holds no metrics")
     return lines[-1]
 
 
-def device_record(device: str) -> Dict[str, Any]:
+def device_record(device: str) -> dict[str, Any]:
     from aimkit.backbones._mamba_kernels import kernel_info
 
     rec = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
@@ -230,7 +232,7 @@ def device_record(device: str) -> Dict[str, Any]:
     return rec
 
 
-def copy_out(out_env: Path, assets_dir: Path, grid: Path, logs: Dict[str, Path]) -> None:
+def copy_out(out_env: Path, assets_dir: Path, grid: Path, logs: dict[str, Path]) -> None:
     """Copy the weights folder, the grid and the logs under ``$OUT``."""
     out_env.mkdir(parents=True, exist_ok=True)
     target = out_env / assets_dir.name
@@ -252,7 +254,7 @@ def copy_out(out_env: Path, assets_dir: Path, grid: Path, logs: Dict[str, Path])
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-root", type=Path, required=True, help="run folder for checkpoints and logs")
     parser.add_argument("--smoke", action="store_true",
@@ -268,7 +270,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     plan = SMOKE if args.smoke else FULL
@@ -287,8 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     say(f"{'smoke run' if args.smoke else 'full build'} on {device}; run folder {root}; assets -> {assets_dir}")
     py = sys.executable
-    logs: Dict[str, Path] = {}
-    record: Dict[str, Any] = {"model": PRESET, "smoke": args.smoke, "command": [Path(py).name] + sys.argv,
+    logs: dict[str, Path] = {}
+    record: dict[str, Any] = {"model": PRESET, "smoke": args.smoke, "command": [Path(py).name] + sys.argv,
                               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     # ---- 1. tokenizer
@@ -346,8 +348,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t_eval = time.perf_counter()
     shipped = embedded_weights(PRESET) is not None and embedded_weights(PRESET).resolve() == assets_dir
-    gen = aimkit.build(PRESET, device=device) if shipped else aimkit.build(assets_dir, device=device)
-    say(f"stage evaluate: {'aimkit.build(%r)' % PRESET if shipped else 'aimkit.build(%s)' % assets_dir} on {device}")
+    source = PRESET if shipped else assets_dir  # the package's own folder: load it as users do
+    gen = aimkit.build(source, device=device)
+    say(f"stage evaluate: aimkit.build({str(source)!r}) on {device}")
     classifier = load_default_classifier(device)
     evaluation = evaluate(gen, plan, device, classifier)
     grid = save_sample_grid(gen, plan["grid_per_class"], grid_path)

@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +68,14 @@ class TokenizerRecipe:
     """The keys of a tokenizer config (``recipes/configs/vq_f4_tiny.yaml``)."""
 
     tokenizer: str = "vq-f4-tiny"  # registered tokenizer name
-    tokenizer_config: Dict[str, Any] = field(default_factory=dict)  # overrides of its config dataclass
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)  # overrides of its config dataclass
     image_size: int = 64  # training resolution
     # --- length and batch
     steps: int = 2000  # optimizer steps
     batch_size: int = 128  # images per step (per process)
     # --- optimizer: AdamW, warmup then cosine decay to min_lr_ratio * lr
     lr: float = 5e-4
-    betas: Tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm
     warmup_steps: int = 100
@@ -98,7 +98,7 @@ class TokenizerRecipe:
     eval_images: int = 1000  # held-out images scored after training
 
 
-def load_recipe(name_or_path: str, overrides: Dict[str, Any]) -> TokenizerRecipe:
+def load_recipe(name_or_path: str, overrides: dict[str, Any]) -> TokenizerRecipe:
     """Read a YAML recipe (a path or a name in ``recipes/configs``) and apply ``overrides``."""
     import yaml
 
@@ -140,7 +140,7 @@ class VQTrainingModel(nn.Module):
         self.tok = tok
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def forward(self, images: Tensor) -> Dict[str, Tensor]:
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
         """images (B, 3, H, W) in [-1, 1] -> recon (B, 3, H, W), the two VQ losses, codes, latents."""
         tok = self.tok
         z = F.normalize(tok.encode_latents(images).float(), dim=1)  # (B, d, h, w), unit vectors
@@ -156,7 +156,7 @@ class VQTrainingModel(nn.Module):
                 "latents": z.detach().permute(0, 2, 3, 1).reshape(-1, d)}
 
 
-def reconstruction_losses(recon: Tensor, images: Tensor) -> Dict[str, Tensor]:
+def reconstruction_losses(recon: Tensor, images: Tensor) -> dict[str, Tensor]:
     """L1, L2 and edge (L1 of horizontal/vertical finite differences) terms, float32."""
     recon, images = recon.float(), images.float()
     diff = recon - images
@@ -164,7 +164,7 @@ def reconstruction_losses(recon: Tensor, images: Tensor) -> Dict[str, Tensor]:
     return {"l1": diff.abs().mean(), "l2": diff.pow(2).mean(), "edge": edge}
 
 
-def usage_stats(counts: Tensor) -> Tuple[float, float]:
+def usage_stats(counts: Tensor) -> tuple[float, float]:
     """(fraction of codes used, perplexity of the code distribution) from per-code counts."""
     total = counts.sum().clamp_min(1)
     p = counts.double() / total
@@ -194,7 +194,7 @@ def restart_dead_codes(tok: nn.Module, counts: Tensor, pool: Tensor, generator: 
 
 
 @torch.no_grad()
-def evaluate_reconstruction(tok: nn.Module, num_images: int, device: torch.device, chunk: int = 250) -> Dict[str, float]:
+def evaluate_reconstruction(tok: nn.Module, num_images: int, device: torch.device, chunk: int = 250) -> dict[str, float]:
     """Held-out quality: PSNR, codebook usage, and the shapes classifier's accuracy on the
     reconstructions (an upper bound for what a generator using this tokenizer can reach)."""
     from aimkit.eval.quality import load_default_classifier
@@ -233,7 +233,7 @@ def evaluate_reconstruction(tok: nn.Module, num_images: int, device: torch.devic
 # ============================================================================================
 
 
-def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, Any]:
+def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> dict[str, Any]:
     """Train, evaluate, save; returns the record written to ``OUT/tokenizer.json``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -258,7 +258,8 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, An
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
     )
-    schedule = dict(total=recipe.steps, warmup=recipe.warmup_steps, schedule="cosine", min_ratio=recipe.min_lr_ratio)
+    schedule = {"total": recipe.steps, "warmup": recipe.warmup_steps, "schedule": "cosine",
+                "min_ratio": recipe.min_lr_ratio}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **schedule))
 
     # ---- data: an endless-looking stream of freshly rendered images, one pass
@@ -279,10 +280,10 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, An
     window_counts = torch.zeros(K, dtype=torch.long, device=device)  # since the last restart check
     log_counts = torch.zeros(K, dtype=torch.long, device=device)  # since the last log line
     restart_rng = torch.Generator().manual_seed(recipe.seed + 1)
-    sums: Dict[str, float] = {}
+    sums: dict[str, float] = {}
     total_restarted, restarted_since_log, history = 0, 0, []
     step, last_logged, t_log = 0, 0, time.perf_counter()
-    last_record: Dict[str, Any] = {}
+    last_record: dict[str, Any] = {}
     metrics_path = out / "metrics.jsonl"
     if main:
         metrics_path.write_text("")
@@ -343,7 +344,7 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, An
 
     # ---- save, read back strictly, evaluate the reloaded weights
     accelerator.wait_for_everyone()
-    record: Dict[str, Any] = {}
+    record: dict[str, Any] = {}
     if main:
         trained = accelerator.unwrap_model(model).tok
         state = {KEY_PREFIX + k: v.detach().float().cpu() for k, v in trained.state_dict().items()}
@@ -383,7 +384,7 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> Dict[str, An
     return record
 
 
-def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="vq_f4_tiny", help="YAML recipe: a path or a name in recipes/configs")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -396,7 +397,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.config, {

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_
 
 import aimkit
 from aimkit.assets import embedded_weights
@@ -15,8 +16,6 @@ from aimkit.config import GeneratorConfig
 from aimkit.registry import TOKENIZERS
 from aimkit.tokenizers.vq_tiny import VQTiny, VQTinyConfig
 from aimkit.weights import read_state_dict, save_safetensors_atomic
-
-from .conftest import randomize_
 
 GENERATOR_PARAMS = 4_195_520
 TOKENIZER_PARAMS = 1_076_843
@@ -53,7 +52,7 @@ def test_vq_f4_tiny_weights_round_trip_under_generator_prefix(tmp_path):
 
 
 def test_tokenizer_recipe_writes_loadable_weights(tmp_path):
-    from recipes.train_tokenizer import load_recipe, train
+    from aimkit.recipes.train_tokenizer import load_recipe, train
 
     recipe = load_recipe("vq_f4_tiny", {"steps": 2, "batch_size": 4, "num_workers": 0, "mixed_precision": "no",
                                         "eval_images": 8, "log_every": 1, "restart_every": 1})

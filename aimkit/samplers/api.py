@@ -3,7 +3,7 @@
 Example::
 
     model = aimkit.build("aim-b", pretrained=True, device="cuda")
-    images = aimkit.generate(model, [207, 360, 387], seed=0, output="pil")
+    images = model.generate([207, 360, 387], seed=0, output="pil")  # or samplers.generate(model, ...)
 
 Unspecified sampling settings come from the model's preset: ``model.config.fid_sampling``
 (``defaults="fid"``, what FID numbers are measured with) or ``model.config.pretty_sampling``

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ..registry import TOKENIZERS
 from .vq import VQConfig, VQModel
 
-__all__ = ["VQTinyConfig", "VQTiny"]
+__all__ = ["VQTiny", "VQTinyConfig"]
 
 
 @dataclass(frozen=True)
