@@ -22,7 +22,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
                 p.copy_(torch.rand(p.shape, generator=g) * 2.0)
             elif name.endswith("dt_bias"):
                 p.copy_(torch.rand(p.shape, generator=g) * 2.0 - 3.0)
-            elif name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith(".D"):
+            elif name.endswith(("norm.weight", "norm2.weight", "norm_f.weight")) or name.endswith(".D"):
                 p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
