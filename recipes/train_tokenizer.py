@@ -176,15 +176,15 @@ def usage_stats(counts: Tensor) -> tuple[float, float]:
 def restart_dead_codes(tok: nn.Module, counts: Tensor, pool: Tensor, generator: torch.Generator) -> int:
     """Move codes with ``counts == 0`` onto random rows of ``pool`` (N, d); returns how many moved.
 
-    ``pool`` and ``generator`` must be identical on every process so replicas stay equal."""
+    ``pool`` (on the CPU) and ``generator`` must be identical on every process so replicas stay equal."""
     dead = (counts == 0).nonzero().flatten()
     if dead.numel() == 0:
         return 0
     pick = torch.randint(pool.shape[0], (dead.numel(),), generator=generator)
     noise = 0.01 * torch.randn(dead.numel(), pool.shape[1], generator=generator)
-    new = F.normalize(pool[pick.to(pool.device)].float() + noise.to(pool.device), dim=-1)
+    new = F.normalize(pool[pick].float() + noise, dim=-1)  # (n_dead, d) on the CPU
     weight = tok.quantize.embedding.weight
-    weight[dead] = new.to(weight.dtype)
+    weight[dead.to(weight.device)] = new.to(device=weight.device, dtype=weight.dtype)
     return dead.numel()
 
 
