@@ -25,7 +25,7 @@ $(VENV)/.aimkit: pyproject.toml $(VENV)/.torch
 setup: $(VENV)/.aimkit
 
 demo: setup
-	$(BIN)/aimkit generate --model aim-tiny-shapes --num 16 --out demo.png
+	$(BIN)/aimkit generate --model aim-tiny-shapes --num 16 --captions --out demo.png
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu" -p no:cacheprovider

@@ -18,13 +18,13 @@ from .errors import AimkitError, CheckpointError, ConfigError, DuplicateNameErro
 from .registry import BACKBONES, CONDITIONING, GENERATORS, SAMPLERS, TOKENIZERS, list_models
 
 # components: importing a module registers what it defines
-from .tokenizers import vq as _vq  # noqa: F401  (vq-f16, vq-f4-tiny)
+from .tokenizers import vq as _vq  # noqa: F401  (vq-f16)
 from .tokenizers import vq_tiny as _vq_tiny  # noqa: F401  (vq-f4-tiny)
 from .backbones import mamba2 as _mamba2  # noqa: F401  (mamba2)
 from .backbones import transformer as _transformer  # noqa: F401  (transformer)
 from .conditioning import adaln as _adaln  # noqa: F401  (adaln, adaln-group, adaln-single)
 from .samplers import autoregressive as _autoregressive  # noqa: F401  (autoregressive)
-from . import presets as _presets  # noqa: F401  (aim-b, aim-l, aim-xl, aim-1b, aim-tiny-shapes)
+from . import presets as _presets  # noqa: F401  (aim-b, aim-l, aim-xl, aim-1b)
 from . import presets_tiny as _presets_tiny  # noqa: F401  (aim-tiny-shapes)
 
 from .build import build, resolve_config

@@ -329,6 +329,9 @@ def save_safetensors_atomic(
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is ordinary data
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -102,6 +102,16 @@ def _device(name: str) -> str:
     return name
 
 
+def _class_names(gen):
+    """Readable class names where aimkit knows them (generators of the procedural shapes data)."""
+    from ..data import shapes
+
+    tok = gen.config.tokenizer
+    if gen.num_classes == shapes.NUM_CLASSES and tok is not None and tok.name == "vq-f4-tiny":
+        return shapes.class_names()
+    return None
+
+
 def run(args) -> int:
     from ..build import build
     from ..registry import SAMPLERS
@@ -137,7 +147,12 @@ def run(args) -> int:
 
     written = []
     if args.out:
-        written.append(str(save_grid(images, args.out, labels=labels.tolist() if args.captions else None)))
+        names = _class_names(model) if args.captions else None
+        shown = images
+        if images.shape[1] < 128:  # small images: nearest-neighbour 2x so the grid and captions are readable
+            shown = images.repeat(2, axis=1).repeat(2, axis=2)
+        written.append(str(save_grid(shown, args.out, labels=labels.tolist() if args.captions else None,
+                                     class_names=names)))
     if args.out_dir:
         from PIL import Image
 
