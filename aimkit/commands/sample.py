@@ -109,6 +109,9 @@ def _overrides(args) -> dict:
 def build_model(args, device: torch.device):
     """Build the generator named on the command line on ``device``."""
     pretrained = True if args.pretrained == "published" else args.pretrained
+    # seeded so that parameters left random (no weights given) are the same in every process and on
+    # every rerun: resuming checks a fingerprint of the weights
+    torch.manual_seed(args.seed)
     return build(args.model, pretrained=pretrained, device=device, dtype=args.dtype, **_overrides(args))
 
 

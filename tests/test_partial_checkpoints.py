@@ -1,0 +1,66 @@
+"""Checkpoints that hold only one part (generator or tokenizer), and tokenizer_weights=PATH."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aimkit
+from aimkit.official import to_official
+from aimkit.weights import save_safetensors_atomic
+
+from conftest import randomize_
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    return randomize_(aimkit.build("aim-tiny-shapes", pretrained=False), seed=5)
+
+
+def _equal_part(a, b, prefix, negate=False):
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if k.startswith(prefix) != negate]
+    return all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
+def test_generator_only_official_checkpoint_names_the_missing_tokenizer(tmp_path, source):
+    sd = {k: v for k, v in to_official(source).items() if k.startswith("mamba.")}
+    save_safetensors_atomic(sd, tmp_path / "gen_only.safetensors")
+    with pytest.warns(UserWarning, match="holds no tokenizer weights"):
+        gen = aimkit.build("aim-tiny-shapes", pretrained=tmp_path / "gen_only.safetensors")
+    assert _equal_part(gen, source, "tokenizer.", negate=True)
+    assert not _equal_part(gen, source, "tokenizer.")
+
+
+def test_tokenizer_only_checkpoint_names_the_missing_generator(tmp_path, source):
+    sd = {k: v for k, v in to_official(source).items() if k.startswith("vqvae.")}
+    torch.save(sd, tmp_path / "tok_only.pt")
+    with pytest.warns(UserWarning, match="holds no generator weights"):
+        gen = aimkit.build("aim-tiny-shapes", pretrained=tmp_path / "tok_only.pt")
+    assert _equal_part(gen, source, "tokenizer.")
+
+
+def test_tokenizer_weights_in_llamagen_layout(tmp_path, source):
+    torch.save({"model": source.tokenizer.state_dict()}, tmp_path / "vq.pt")
+    gen = aimkit.build("aim-tiny-shapes", pretrained=False, tokenizer_weights=tmp_path / "vq.pt")
+    assert _equal_part(gen, source, "tokenizer.")
+
+
+def test_tokenizer_weights_without_tokenizer_is_an_error(tmp_path, source):
+    torch.save({"model": source.tokenizer.state_dict()}, tmp_path / "vq.pt")
+    with pytest.raises(aimkit.ConfigError, match="no tokenizer"):
+        aimkit.build("aim-tiny-shapes", pretrained=False, tokenizer=None, tokenizer_weights=tmp_path / "vq.pt")
+
+
+def test_sample_command_random_weights_are_seeded():
+    """Reruns of `aimkit sample` without weights must rebuild the same random model (resume checks it)."""
+    from types import SimpleNamespace
+
+    from aimkit.commands.sample import build_model
+
+    args = SimpleNamespace(model="aim-tiny-shapes", pretrained=False, dtype="float32", seed=3,
+                           decode_position_offset=None)
+    a = build_model(args, torch.device("cpu"))
+    b = build_model(args, torch.device("cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
