@@ -748,7 +748,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
 
     # ---- model: identical initialisation on every process
     set_seed(cfg.seed)
-    gen = build(cfg.model, pretrained=cfg.init_from, device=accelerator.device, **cfg.model_args).train()
+    # init_from None means from scratch, even for presets that ship weights (aim-tiny-shapes)
+    pretrained = cfg.init_from if cfg.init_from is not None else False
+    gen = build(cfg.model, pretrained=pretrained, device=accelerator.device, **cfg.model_args).train()
     if gen.tokenizer is not None:
         gen.tokenizer.requires_grad_(False).eval()  # frozen: it only encodes shapes images
 
