@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import torch
 
 from aimkit.weights import save_safetensors_atomic
 from test_official_layout import official_state

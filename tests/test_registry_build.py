@@ -6,14 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import aimkit
 from aimkit.errors import ConfigError, DuplicateNameError, UnknownNameError
-from aimkit.registry import BACKBONES, Registry
+from aimkit.registry import Registry
 
 
 def test_list_models_has_official_presets():
