@@ -12,28 +12,18 @@ close to, but not bit-identical with, the ADM TensorFlow evaluator's; quote that
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
 from ..errors import ConfigError
+from ._args import positive_int as _positive_int
 
 HELP = "FID and Inception Score of a samples .npz against a reference batch"
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_arguments(parser) -> None:

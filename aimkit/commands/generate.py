@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ._args import positive_int as _positive_int
 
 HELP = "sample images of chosen classes into a PNG grid"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -34,16 +35,6 @@ def _labels(text: str):
     if not labels:
         raise argparse.ArgumentTypeError("--labels needs at least one class id")
     return labels
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_arguments(parser) -> None:

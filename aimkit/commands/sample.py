@@ -24,21 +24,12 @@ import torch
 
 from ..build import build, resolve_config
 from ..errors import ConfigError
+from ._args import positive_int as _positive_int
 
 HELP = "sample images for FID into an ADM-layout .npz (sharded, resumable, accelerate-ready)"
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _seed(text: str) -> int:
