@@ -97,6 +97,49 @@ def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: 
     return config
 
 
+# fields that change how a model runs, never the shapes or meaning of its weights
+_RUNTIME_FIELDS = {"use_kernels", "state_dtype", "chunk_size"}
+_RUNTIME_TOP = {"decode_position_offset", "fid_sampling", "pretty_sampling", "sampler", "class_dropout"}
+
+
+def _same_weights_layout(a: GeneratorConfig, b: GeneratorConfig) -> bool:
+    """True when two configs take the same weights (they differ only in run-time settings)."""
+
+    def strip(cfg: GeneratorConfig) -> Dict[str, Any]:
+        data = cfg.to_dict()
+        for key in _RUNTIME_TOP:
+            data.pop(key, None)
+        for kind in ("backbone", "conditioning", "tokenizer"):
+            spec = data.get(kind)
+            if spec and spec.get("config"):
+                spec["config"] = {k: v for k, v in spec["config"].items() if k not in _RUNTIME_FIELDS}
+        return data
+
+    return strip(a) == strip(b)
+
+
+def _check_dtype(dtype: Any) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if not dtype.startswith("_") else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError("dtype must be a floating-point torch dtype or its name, e.g. 'float32' or 'bfloat16'")
+    return dtype
+
+
+def _check_device(device: Any) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was requested but no CUDA device is available")
+    return device
+
+
 def _read_saved_config(directory: Path) -> GeneratorConfig:
     try:
         data = json.loads((directory / CONFIG_NAME).read_text())
@@ -195,20 +238,32 @@ def build(
     Returns:
         A :class:`Generator` in eval mode.
     """
-    if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise ConfigError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
-        dtype = getattr(torch, dtype)
+    dtype = _check_dtype(dtype)
+    device = _check_device(device)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ConfigError(f"expected a preset name or a saved directory, got {name_or_path!r}")
     config = resolve_config(name_or_path, **overrides)
+    saved_dir = Path(os.fspath(name_or_path))
+    saved_dir = saved_dir if (saved_dir / CONFIG_NAME).is_file() else None
+    if dtype is None and saved_dir is not None:  # a saved generator comes back in the dtype it was saved in
+        saved = json.loads((saved_dir / CONFIG_NAME).read_text()).get("dtype")
+        dtype = _check_dtype(saved) if saved else None
     gen = Generator(config, device=device, dtype=dtype)
-    saved_dir = Path(os.fspath(name_or_path)) if not isinstance(name_or_path, str) or (Path(name_or_path) / CONFIG_NAME).is_file() else None
     weights = _resolve_pretrained(str(name_or_path), pretrained)
     if weights is None and saved_dir is not None and pretrained is not False:
         weights = saved_dir
-    if weights is None and pretrained is None and isinstance(name_or_path, str):
+    if weights is None and pretrained is None and isinstance(name_or_path, str) and saved_dir is None:
         from .assets import embedded_weights
 
-        weights = embedded_weights(name_or_path) if not overrides else None
+        shipped = embedded_weights(name_or_path)
+        if shipped is not None and _same_weights_layout(config, resolve_config(name_or_path)):
+            weights = shipped
+        elif shipped is not None:
+            warnings.warn(
+                f"the overrides change the architecture of {name_or_path}, so its shipped weights are not "
+                "loaded and the model is random; pass pretrained=False to say so explicitly",
+                stacklevel=2,
+            )
     if weights is not None:
         load_weights_into(gen, weights)
     if tokenizer_weights is not None:

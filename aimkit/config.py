@@ -100,10 +100,22 @@ class GeneratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.decode_position_offset not in (0, 1):
+        if isinstance(self.decode_position_offset, bool) or self.decode_position_offset not in (0, 1):
             raise ConfigError(f"decode_position_offset must be 0 or 1, got {self.decode_position_offset!r}")
+        for name in ("class_dropout", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        for name in ("fid_sampling", "pretty_sampling"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, config_from_dict(SamplingDefaults, value, where=name))
+            elif not isinstance(value, SamplingDefaults):
+                raise ConfigError(f"{name} must be SamplingDefaults or a mapping, got {type(value).__name__}")
 
     def resolved(self) -> "GeneratorConfig":
         """Fill every component's config with its defaults (looks the names up in the registries)."""

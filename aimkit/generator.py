@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Union
 
@@ -256,8 +257,9 @@ class Generator(nn.Module):
     def convert_conditioning(self, kind: str, approximate: bool = False, **kwargs: Any) -> "Generator":
         """A copy of this generator with another conditioning kind (``"adaln"``, ``"adaln-group"``, ...).
 
-        Conversions to a more expressive kind (single → group → per-layer adaLN) are exact. The
-        reverse is exact only when the layers that would share a projection have equal weights;
+        Conversions to a more expressive kind (single → group → per-layer adaLN) are exact (in
+        float32; a bfloat16 model rounds the merged maps, which is reported in ``conversion_error``
+        with a warning). The reverse is exact only when the layers that would share a projection have equal weights;
         otherwise a :class:`~aimkit.conditioning.adaln.InexactConversionError` is raised, unless
         ``approximate=True``, which averages the weights and records the largest weight change in
         ``result.conversion_error`` (and warns).
@@ -269,17 +271,28 @@ class Generator(nn.Module):
 
         target_cls = CONDITIONING.get(kind)
         target_config = config_from_dict(target_cls.config_cls, kwargs, where=f"conditioning {kind!r}")
-        weight, bias = self.conditioning.per_layer_affine()
         with torch.no_grad():
+            weight, bias = (t.detach() for t in self.conditioning.per_layer_affine())  # float32
             new_cond, err = target_cls.from_per_layer_affine(
-                weight.detach(), bias.detach(), self.conditioning.chunks, target_config, approximate=approximate
+                weight, bias, self.conditioning.chunks, target_config, approximate=approximate
             )
+            model_dtype = next(self.conditioning.parameters()).dtype
+            new_cond = new_cond.to(model_dtype)
+            # a low-precision model rounds the merged maps (e.g. bias + table in bfloat16)
+            w2, b2 = new_cond.per_layer_affine()
+            rounding = max((w2 - weight).abs().max().item(), (b2 - bias).abs().max().item())
         new = copy.deepcopy(self)
         new.conditioning = new_cond
         new.config = type(self.config)(**{**self.config.__dict__, "conditioning": ComponentSpec(kind, target_config)})
-        new.conversion_error = err
+        new.conversion_error = max(err, rounding)
         if err > 0:
             warnings.warn(f"approximate conversion to {kind}: max abs weight change {err:.4g}", stacklevel=2)
+        elif rounding > 0 and model_dtype in (torch.bfloat16, torch.float16):
+            warnings.warn(
+                f"conversion to {kind} is exact in float32, but storing it in {model_dtype} rounds the "
+                f"modulation maps by up to {rounding:.3g}; convert in float32 for identical logits",
+                stacklevel=2,
+            )
         return new
 
     # ------------------------------------------------------------------ generation
@@ -299,11 +312,21 @@ class Generator(nn.Module):
         state = self.generator_state_dict()
         if include_tokenizer and self.tokenizer is not None:
             state.update({f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()})
-        cfg = {"aimkit_format": 1, "generator": self.config.to_dict()}
+        cfg = {"aimkit_format": 1, "dtype": str(self.dtype).replace("torch.", ""), "generator": self.config.to_dict()}
+        # the config goes last: a reader that sees the new config.json also sees the new weights
         save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "aimkit"})
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, directory / CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, directory / CONFIG_NAME)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         return directory
 
     def load_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:

@@ -42,7 +42,7 @@ ENTRY_POINT_GROUP = "aimkit.plugins"
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*$")
 T = TypeVar("T")
 
-_plugins_lock = threading.Lock()
+_plugins_lock = threading.RLock()  # re-entrant: a plugin may look names up while loading
 _plugins_loaded = False
 _plugin_errors: Dict[str, str] = {}
 

@@ -85,3 +85,12 @@ def test_adaln_zero_init_makes_blocks_identity():
     gen = aimkit.build("aim-b", **TINY)
     mods = gen.conditioning(torch.randn(2, 32))
     assert all(m.abs().max() == 0 for m in mods)
+
+
+def test_bfloat16_conversion_reports_rounding():
+    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY)).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="exact in float32"):
+        conv = gen.convert_conditioning("adaln")
+    assert conv.conversion_error > 0 and conv.dtype == torch.bfloat16
+    exact = randomize_(aimkit.build("aim-l", num_groups=2, **TINY)).convert_conditioning("adaln")
+    assert exact.conversion_error == 0.0

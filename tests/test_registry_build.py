@@ -114,8 +114,29 @@ def test_saved_dir_with_wrong_shapes_fails_cleanly(tmp_path, tiny_gen):
 def test_dtype_and_device_arguments(tiny_kwargs):
     gen = aimkit.build("aim-b", dtype="bfloat16", device="cpu", **tiny_kwargs)
     assert gen.dtype == torch.bfloat16
-    with pytest.raises(ConfigError, match="unknown dtype"):
-        aimkit.build("aim-b", dtype="float13", **tiny_kwargs)
+    for bad in ("float13", "int32", 123):
+        with pytest.raises(ConfigError, match="dtype must be a floating-point torch dtype"):
+            aimkit.build("aim-b", dtype=bad, **tiny_kwargs)
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        aimkit.build("aim-b", device="gpu", **tiny_kwargs)
+    with pytest.raises(ConfigError, match="expected a preset name"):
+        aimkit.build(123)
+
+
+def test_runtime_overrides_keep_shipped_weights_and_architecture_overrides_warn():
+    shipped = aimkit.build("aim-tiny-shapes")
+    same = aimkit.build("aim-tiny-shapes", use_kernels="never", decode_position_offset=1)
+    assert torch.equal(shipped.tok_embed.weight, same.tok_embed.weight)
+    with pytest.warns(UserWarning, match="shipped weights are not loaded"):
+        other = aimkit.build("aim-tiny-shapes", n_layer=2)
+    assert len(other.backbone.layers) == 2
+
+
+def test_config_values_are_checked():
+    for bad in (dict(decode_position_offset=True), dict(class_dropout="0.1"), dict(norm_eps=-1.0),
+                dict(n_layer=True)):
+        with pytest.raises(ConfigError):
+            aimkit.resolve_config("aim-b", **bad)
 
 
 def test_plugin_entry_point_is_found(tmp_path):
@@ -157,3 +178,27 @@ def test_import_does_not_pull_cuda_packages():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_saved_bfloat16_generator_comes_back_in_bfloat16(tmp_path, tiny_kwargs):
+    gen = aimkit.build("aim-b", dtype="bfloat16", **tiny_kwargs)
+    gen.save_pretrained(tmp_path / "bf16")
+    again = aimkit.build(tmp_path / "bf16")
+    assert again.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(gen.state_dict().values(), again.state_dict().values()))
+    assert aimkit.build(tmp_path / "bf16", dtype="float32").dtype == torch.float32
+
+
+def test_plugin_may_look_names_up_while_loading(tmp_path):
+    site = tmp_path / "site"
+    pkg = site / "aimkit_lookup_plugin"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from aimkit.registry import BACKBONES\nassert 'nope' not in BACKBONES\n")
+    dist = site / "aimkit_lookup_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: aimkit-lookup-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[aimkit.plugins]\nlookup = aimkit_lookup_plugin\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    res = subprocess.run([sys.executable, "-c", "import aimkit; print(len(aimkit.list_models()) > 3)"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr

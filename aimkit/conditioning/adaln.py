@@ -74,7 +74,7 @@ class AdaLNBase(nn.Module):
         raise NotImplementedError
 
     def per_layer_affine(self) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
-        """Weights (n_layer, chunks·D, D) and biases (n_layer, chunks·D) of each layer's map of SiLU(c)."""
+        """Weights (n_layer, chunks·D, D) and biases (n_layer, chunks·D) of each layer's map of SiLU(c), in float32."""
         raise NotImplementedError
 
     @classmethod
@@ -115,7 +115,8 @@ class AdaLN(AdaLNBase):
         return [lin(s).view(c.shape[0], self.chunks, self.d_model) for lin in self.layers]
 
     def per_layer_affine(self) -> Tuple[Tensor, Tensor]:
-        return (torch.stack([lin.weight for lin in self.layers]), torch.stack([lin.bias for lin in self.layers]))
+        return (torch.stack([lin.weight.float() for lin in self.layers]),
+                torch.stack([lin.bias.float() for lin in self.layers]))
 
     @classmethod
     def from_per_layer_affine(cls, weight, bias, chunks, config=AdaLNConfig(), approximate=False):
@@ -172,10 +173,10 @@ class AdaLNGroup(AdaLNBase):
         return [groups[:, i % self.num_groups] + self.tables[i] for i in range(self.n_layer)]
 
     def per_layer_affine(self) -> Tuple[Tensor, Tensor]:
-        w = self.proj.weight.view(self.num_groups, self.chunks * self.d_model, self.d_model)
-        b = self.proj.bias.view(self.num_groups, self.chunks * self.d_model)
+        w = self.proj.weight.float().view(self.num_groups, self.chunks * self.d_model, self.d_model)
+        b = self.proj.bias.float().view(self.num_groups, self.chunks * self.d_model)
         idx = [i % self.num_groups for i in range(self.n_layer)]
-        tables = torch.stack([t.reshape(-1) for t in self.tables])
+        tables = torch.stack([t.float().reshape(-1) for t in self.tables])
         return w[idx], b[idx] + tables
 
     @classmethod
