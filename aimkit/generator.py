@@ -163,19 +163,28 @@ class Generator(nn.Module):
             raise ConfigError("labels must be an integer tensor of shape (B,)")
         if labels.dim() != 1:
             raise ConfigError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+        if labels.numel() == 0:
+            raise ConfigError("labels is empty: nothing to generate or score")
         hi = self.num_classes + (1 if allow_null else 0)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= hi):
-            raise ConfigError(
-                f"labels must be in [0, {self.num_classes}) (got min {int(labels.min())}, max {int(labels.max())})"
-            )
+        if self._validate_values(labels) and (int(labels.min()) < 0 or int(labels.max()) >= hi):
+            allowed = f"[0, {self.num_classes}]" + (" (the last is the null class)" if allow_null else "")
+            allowed = allowed if allow_null else f"[0, {self.num_classes})"
+            raise ConfigError(f"labels must be in {allowed} (got min {int(labels.min())}, max {int(labels.max())})")
         return labels.long()
+
+    def _validate_values(self, t: Tensor) -> bool:
+        """Range checks read values on the host: free on CPU, a device sync on CUDA. Skipped for
+        device tensors while training (the data pipeline checks codes once when it writes them)."""
+        return t.device.type == "cpu" or not self.training
 
     def _check_codes(self, codes: Tensor) -> Tensor:
         if not torch.is_tensor(codes) or codes.is_floating_point() or codes.dim() != 2:
             raise ConfigError("codes must be an integer tensor of shape (B, num_tokens)")
         if codes.shape[1] != self.num_tokens:
             raise ConfigError(f"codes must have {self.num_tokens} tokens per sample, got {codes.shape[1]}")
-        if int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size:
+        if codes.shape[0] == 0:
+            raise ConfigError("codes is empty: the batch has no samples")
+        if self._validate_values(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
             raise ConfigError(f"codes must be in [0, {self.vocab_size})")
         return codes.long()
 
@@ -192,6 +201,10 @@ class Generator(nn.Module):
         """
         codes = self._check_codes(codes)
         labels = self._check_labels(labels, allow_null=True)
+        if labels.shape[0] != codes.shape[0]:
+            raise ConfigError(f"got {codes.shape[0]} code rows but {labels.shape[0]} labels")
+        if force_drop is not None and (force_drop.dtype != torch.bool or force_drop.shape != labels.shape):
+            raise ConfigError("force_drop must be a bool tensor of shape (B,)")
         c = self.class_embed(labels, force_drop)  # (B, D)
         n_in = codes.shape[1] - 1
         positions = torch.arange(n_in, device=codes.device)
@@ -303,8 +316,20 @@ class Generator(nn.Module):
         return generate(self, labels, **kwargs)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: Union[str, os.PathLike], include_tokenizer: bool = True) -> Path:
-        """Write ``config.json`` (registry names of every component) and ``model.safetensors``."""
+    def save_pretrained(
+        self,
+        directory: Union[str, os.PathLike],
+        include_tokenizer: bool = True,
+        storage_dtype: Optional[torch.dtype] = None,
+    ) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` (registry names of every component, dtype).
+
+        Args:
+            directory: created if missing.
+            include_tokenizer: also store the tokenizer's tensors.
+            storage_dtype: cast floating tensors to this dtype in the file only (e.g. float16 to
+                halve a shipped file); ``aimkit.build`` still builds in the model's dtype.
+        """
         from .weights import save_safetensors_atomic
 
         directory = Path(directory)
@@ -312,6 +337,8 @@ class Generator(nn.Module):
         state = self.generator_state_dict()
         if include_tokenizer and self.tokenizer is not None:
             state.update({f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()})
+        if storage_dtype is not None:
+            state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
         cfg = {"aimkit_format": 1, "dtype": str(self.dtype).replace("torch.", ""), "generator": self.config.to_dict()}
         # the config goes last: a reader that sees the new config.json also sees the new weights
         save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "aimkit"})

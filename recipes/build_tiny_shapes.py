@@ -156,7 +156,7 @@ def export(final_dir: Path, assets_dir: Path) -> dict[str, Any]:
         )
     if assets_dir.exists():
         shutil.rmtree(assets_dir)
-    gen.to(EXPORT_DTYPE).save_pretrained(assets_dir, include_tokenizer=True)
+    gen.save_pretrained(assets_dir, include_tokenizer=True, storage_dtype=EXPORT_DTYPE)
     files = {}
     for path in sorted(assets_dir.iterdir()):
         path.chmod(0o644)  # the atomic writer creates 0600 temp files; package data must be readable

@@ -89,7 +89,7 @@ def test_float16_storage_loads_into_float32(tmp_path):
     torch.manual_seed(0)
     gen = randomize_(aimkit.build("aim-tiny-shapes", pretrained=False), seed=2)
     half = {k: v.half() for k, v in gen.state_dict().items()}
-    gen.half().save_pretrained(tmp_path / "saved")
+    gen.save_pretrained(tmp_path / "saved", storage_dtype=torch.float16)
     again = aimkit.build(tmp_path / "saved")
     assert again.dtype == torch.float32
     for k, v in again.state_dict().items():
