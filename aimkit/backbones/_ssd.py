@@ -208,6 +208,37 @@ def ssd_recurrent_step(
     return y.to(x.dtype), s.reshape(bt, nheads, headdim, dstate)
 
 
+def ssd_recurrent_step_(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None
+) -> Tensor:
+    """:func:`ssd_recurrent_step` that updates ``state`` in place and returns only y (B, H, P).
+
+    When the state buffer already has the compute dtype (a float32 state, the default) the update
+    is ``state = decay * state + (dt x) B^T`` as one in-place ``baddbmm`` per group, with no
+    state-sized temporaries (3x fewer passes over the state on CPU). Other state dtypes fall back
+    to the pure function and a copy.
+    """
+    bt, nheads, headdim, dstate = state.shape
+    groups = B.shape[1]
+    ct = _compute_dtype(state, x, dt, A, B, C, D)
+    if state.dtype != ct or not state.is_contiguous() or nheads % groups:
+        y, new_state = ssd_recurrent_step(state, x, dt, A, B, C, D)
+        state.copy_(new_state)
+        return y
+    r = nheads // groups
+    xs = x.to(ct).reshape(bt, groups, r, headdim)  # (B, G, R, P)
+    dts = dt.to(ct).reshape(bt, groups, r)  # (B, G, R)
+    decay = torch.exp(dts * A.to(ct).reshape(groups, r))  # (B, G, R)
+    s = state.view(bt * groups, r * headdim, dstate)  # (B·G, R·P, N)
+    s.mul_(decay.reshape(bt * groups, r, 1, 1).expand(-1, -1, headdim, 1).reshape(bt * groups, r * headdim, 1))
+    dx = (dts[..., None] * xs).reshape(bt * groups, r * headdim, 1)  # (B·G, R·P, 1)
+    s.baddbmm_(dx, B.to(ct).reshape(bt * groups, 1, dstate))
+    y = torch.bmm(s, C.to(ct).reshape(bt * groups, dstate, 1)).reshape(bt, nheads, headdim)  # (B, H, P)
+    if D is not None:
+        y = y + D.to(ct)[:, None] * x.to(ct)
+    return y.to(x.dtype)
+
+
 def ssd_naive(
     x: Tensor,
     dt: Tensor,

@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..registry import BACKBONES
 from . import _mamba_kernels
 from ._mamba_kernels import MambaKernels
-from ._ssd import ssd_chunked, ssd_recurrent_step
+from ._ssd import ssd_chunked, ssd_recurrent_step_
 from .base import Backbone, InferenceParams, rms_norm_factory
 
 __all__ = ["GatedRMSNorm", "Mamba2", "Mamba2Backbone", "Mamba2Config"]
@@ -408,8 +408,7 @@ class Mamba2(nn.Module):
             )  # (B, H, P); stride-0 broadcasts let the kernel share dt and A across a head
         else:
             dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, H)
-            y, new_state = ssd_recurrent_step(ssm_state, xs, dt, A, B, C, self.D)
-            ssm_state.copy_(new_state.detach())  # (B, H, P, N)
+            y = ssd_recurrent_step_(ssm_state, xs, dt, A, B, C, self.D)  # updates (B, H, P, N) in place
         y = y.flatten(-2)  # (B, d_inner)
         y = self._gated_norm(y, z, kernels)  # (B, d_inner)
         return self.out_proj(y).unsqueeze(1)  # (B, 1, D)
