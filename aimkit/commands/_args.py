@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int"]
+__all__ = ["positive_int", "resolve_device"]
 
 
 def positive_int(text: str) -> int:
@@ -16,3 +16,16 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def resolve_device(name: str) -> str:
+    """``--device auto|cpu|cuda`` to a device name; asking for CUDA without one is a user error."""
+    import torch
+
+    from ..errors import ConfigError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    return name

@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import time
 
-import torch
 
-from ..errors import ConfigError
 from ._args import positive_int as _positive_int
+from ._args import resolve_device as _device
 
 HELP = "FID and Inception Score of a samples .npz against a reference batch"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -46,14 +45,6 @@ def add_arguments(parser) -> None:
                         help="Inception Score splits (default 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available")
-    return name
 
 
 def run(args) -> int:

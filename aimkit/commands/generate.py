@@ -16,10 +16,10 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 from ..errors import ConfigError
 from ._args import positive_int as _positive_int
+from ._args import resolve_device as _device
 
 HELP = "sample images of chosen classes into a PNG grid"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -83,14 +83,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out-dir", metavar="DIR", help="also write every image as DIR/NNNNN_class<id>.png")
     parser.add_argument("--captions", action="store_true", help="write each image's class id under it in the grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available")
-    return name
 
 
 def _class_names(gen):
