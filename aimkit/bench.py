@@ -52,6 +52,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._io import write_text_atomic
+
 __all__ = [
     "BenchOptions",
     "CacheProfile",
@@ -478,10 +480,8 @@ class _Report:
 
     def save(self) -> None:
         self.data["elapsed_s"] = time.perf_counter() - self.t0
-        tmp = self.out / "bench.json.tmp"
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        os.replace(tmp, self.out / "bench.json")
-        (self.out / "bench.md").write_text(markdown(self.data))
+        write_text_atomic(self.out / "bench.json", json.dumps(self.data, indent=1, default=str) + "\n")
+        write_text_atomic(self.out / "bench.md", markdown(self.data))
 
     def close(self) -> None:
         self.log_file.close()

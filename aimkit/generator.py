@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Union
 
@@ -330,6 +329,7 @@ class Generator(nn.Module):
             storage_dtype: cast floating tensors to this dtype in the file only (e.g. float16 to
                 halve a shipped file); ``aimkit.build`` still builds in the model's dtype.
         """
+        from ._io import write_text_atomic
         from .weights import save_safetensors_atomic
 
         directory = Path(directory)
@@ -342,18 +342,7 @@ class Generator(nn.Module):
         cfg = {"aimkit_format": 1, "dtype": str(self.dtype).replace("torch.", ""), "generator": self.config.to_dict()}
         # the config goes last: a reader that sees the new config.json also sees the new weights
         save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "aimkit"})
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, directory / CONFIG_NAME)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=False) + "\n")
         return directory
 
     def load_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._io import atomic_path, write_text_atomic
 from ..errors import ConfigError
 
 __all__ = [
@@ -88,25 +88,8 @@ def code_dtype(codebook_size: int) -> torch.dtype:
     return torch.uint16 if codebook_size <= 65536 else torch.int32
 
 
-def _default_mode() -> int:
-    """Permissions of a new file under the current umask (mkstemp would give 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_index(root: PathLike) -> Dict[str, Any]:
@@ -304,16 +287,8 @@ class TokenShardWriter:
         }
         meta = {"shard": str(shard), "start": str(start), "stop": str(stop), "count": str(n), "skipped": str(skipped)}
         path = self.out_dir / shard_name(shard)
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.chmod(tmp, _default_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         entry = self.index["shards"][shard]
         entry.update(completed=True, count=n, skipped=skipped)
         if self.main:  # cheap progress record; finalize() makes it authoritative

@@ -33,7 +33,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ..errors import ConfigError
 
 __all__ = [
@@ -204,23 +204,8 @@ def resolve_sample_labels(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.savez(f, images=images, labels=labels))
+    atomic_write(path, lambda f: np.savez(f, images=images, labels=labels))
 
 
 def _normalised(obj: Any) -> Any:
@@ -256,10 +241,10 @@ def _prepare_dir(out_dir: Path, manifest: Dict[str, Any], labels: np.ndarray) ->
         if any(out_dir.glob("shard-*.npz")):
             raise ConfigError(f"{out_dir} holds shard files but no {MANIFEST_NAME}; use an empty shard directory")
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        _atomic_write(manifest_path, lambda f: f.write(text.encode()))
+        atomic_write(manifest_path, lambda f: f.write(text.encode()))
     labels_path = out_dir / LABELS_NAME
     if not labels_path.is_file():
-        _atomic_write(labels_path, lambda f: np.save(f, labels))
+        atomic_write(labels_path, lambda f: np.save(f, labels))
 
 
 def _read_manifest(shard_dir: Path) -> Dict[str, Any]:
@@ -514,5 +499,5 @@ def pack_npz(shard_dir: PathLike, out_path: PathLike) -> Path:
             _write_npy_member(zf, "arr_0.npy", np.uint8, (num,) + image_shape, images())
             _write_npy_member(zf, "arr_1.npy", np.int64, (num,), iter([all_labels]))
 
-    _atomic_write(out_path, write)
+    atomic_write(out_path, write)
     return out_path
