@@ -7,13 +7,14 @@ permissions of an ordinary new file (``mkstemp`` makes 0600), then rename it ove
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
-__all__ = ["atomic_path", "atomic_write", "write_text_atomic"]
+__all__ = ["atomic_path", "atomic_write", "read_json", "write_text_atomic"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -58,3 +59,11 @@ def atomic_write(path: PathLike, write: Callable) -> None:
 def write_text_atomic(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_json(path: PathLike, error: type = ValueError) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file raises ``error`` naming the path."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"cannot read {path}: {exc}") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import warnings
@@ -13,6 +12,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ._config import replace_checked
+from ._io import read_json
 from .config import ComponentSpec, GeneratorConfig, _REGISTRIES
 from .errors import CheckpointError, ConfigError
 from .generator import CONFIG_NAME, Generator
@@ -141,10 +141,7 @@ def _check_device(device: Any) -> Optional[torch.device]:
 
 
 def _read_saved_config(directory: Path) -> GeneratorConfig:
-    try:
-        data = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {directory / CONFIG_NAME}: {exc}") from None
+    data = read_json(directory / CONFIG_NAME, CheckpointError)
     if not isinstance(data, dict) or "generator" not in data:
         raise CheckpointError(f"{directory / CONFIG_NAME} is not an aimkit config (no 'generator' entry)")
     return GeneratorConfig.from_dict(data["generator"])
@@ -246,7 +243,7 @@ def build(
     saved_dir = Path(os.fspath(name_or_path))
     saved_dir = saved_dir if (saved_dir / CONFIG_NAME).is_file() else None
     if dtype is None and saved_dir is not None:  # a saved generator comes back in the dtype it was saved in
-        saved = json.loads((saved_dir / CONFIG_NAME).read_text()).get("dtype")
+        saved = read_json(saved_dir / CONFIG_NAME, CheckpointError).get("dtype")
         dtype = _check_dtype(saved) if saved else None
     gen = Generator(config, device=device, dtype=dtype)
     weights = _resolve_pretrained(str(name_or_path), pretrained)

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .._io import atomic_path, write_text_atomic
+from .._io import atomic_path, read_json, write_text_atomic
 from ..errors import ConfigError
 
 __all__ = [
@@ -97,10 +97,7 @@ def read_index(root: PathLike) -> Dict[str, Any]:
     path = Path(root) / INDEX_NAME
     if not path.is_file():
         raise ConfigError(f"{root} is not a token directory (no {INDEX_NAME}); create one with `aimkit tokenize`")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    index = read_json(path, ConfigError)
     if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{path} is not an aimkit token index (format {FORMAT_VERSION})")
     return index

@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, read_json
 from ..errors import ConfigError
 
 __all__ = [
@@ -251,12 +251,10 @@ def _read_manifest(shard_dir: Path) -> Dict[str, Any]:
     path = shard_dir / MANIFEST_NAME
     if not path.is_file():
         raise ConfigError(f"{shard_dir} is not a shard directory written by sample_to_shards (no {MANIFEST_NAME})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if manifest.get("format") != _FORMAT:
-        raise ConfigError(f"{path} has format {manifest.get('format')!r}, expected {_FORMAT!r}")
+    manifest = read_json(path, ConfigError)
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != _FORMAT:
+        raise ConfigError(f"{path} has format {found!r}, expected {_FORMAT!r}")
     return manifest
 
 
