@@ -25,10 +25,12 @@ Every mixer implements the same four members::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from ._fused import decode_ops
 
 __all__ = ["InferenceParams", "Block", "Backbone", "modulate"]
 
@@ -108,6 +110,13 @@ class Block(nn.Module):
     def mod_chunks(self) -> int:
         """How many modulation rows (each (B, D)) this block consumes: 3 per sublayer."""
         return 3 if self.mlp is None else 6
+
+    def sublayers(self) -> List[Tuple[nn.Module, Callable[[Tensor, InferenceParams], Tensor]]]:
+        """``(norm, decode-step function)`` of each modulated sublayer, in order (for fused decoding)."""
+        subs = [(self.norm, self.mixer.step)]
+        if self.mlp is not None:
+            subs.append((self.norm2, lambda h, _params: self.mlp(h)))
+        return subs
 
     def _pre(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module) -> Tuple[Tensor, Tensor]:
         residual = hidden if residual is None else hidden + residual
@@ -203,8 +212,35 @@ class Backbone(nn.Module):
         return self._run(x, mods, inference_params, step=False)
 
     def step(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
-        """One position: x (B, 1, D) -> (B, 1, D), updating every layer's cache in place."""
-        return self._run(x, mods, inference_params, step=True)
+        """One position: x (B, 1, D) -> (B, 1, D), updating every layer's cache in place.
+
+        On CUDA the glue between sublayers (gated residual add, RMSNorm, modulation) runs as one
+        fused kernel per sublayer (:func:`aimkit.backbones._triton_ops.add_norm_modulate`); the
+        result equals the unfused :meth:`forward` arithmetic up to rounding (float32 inside)."""
+        ops = decode_ops(x, "norm") if self._fusable() else None
+        if ops is None:
+            return self._run(x, mods, inference_params, step=True)
+        if len(mods) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} modulation tensors, got {len(mods)}")
+        hidden, gate, residual = x[:, 0], None, None  # (B, D), gate of the previous sublayer
+        for layer, mod in zip(self.layers, mods):
+            for j, (norm, sublayer) in enumerate(layer.sublayers()):
+                shift, scale = mod[:, 3 * j], mod[:, 3 * j + 1]  # (B, D) views
+                h, residual = ops.add_norm_modulate(hidden, gate, residual, norm.weight, norm.eps, shift, scale)
+                hidden = sublayer(h.unsqueeze(1), inference_params)[:, 0]  # (B, D)
+                gate = mod[:, 3 * j + 2]
+        out, _ = ops.add_norm_modulate(hidden, gate, residual, self.norm_f.weight, self.norm_f.eps)
+        return out.unsqueeze(1)
+
+    def _fusable(self) -> bool:
+        """Whether the fused decode glue reproduces this stack (float32 residual, affine RMSNorms)
+        and no mixer asked for the PyTorch path (``use_kernels="never"``)."""
+        norms = [self.norm_f] + [n for layer in self.layers for n, _ in layer.sublayers()]
+        never = any(getattr(getattr(layer.mixer, "config", None), "use_kernels", None) == "never"
+                    for layer in self.layers)
+        return not never and self.layers[0].residual_in_fp32 and all(
+            isinstance(n, nn.RMSNorm) and n.weight is not None and n.eps is not None for n in norms
+        )
 
 
 def rms_norm_factory(eps: float = 1e-5, device=None, dtype=None) -> Callable[[int], nn.Module]:

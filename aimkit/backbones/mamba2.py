@@ -15,9 +15,10 @@ Two implementations of every step, chosen per call:
 * PyTorch (:mod:`aimkit.backbones._ssd`): runs on any device, used on CPU and whenever
   ``use_kernels="never"``; never imports mamba-ssm.
 * Fused (CUDA inputs with mamba-ssm installed, see :mod:`aimkit.backbones._mamba_kernels`):
-  Triton ``mamba_chunk_scan_combined`` for the scan (forward and backward),
-  ``selective_state_update`` for decoding, the Triton gated RMSNorm, and causal-conv1d's
-  convolution kernels when that package is installed.
+  Triton ``mamba_chunk_scan_combined`` for the scan (forward and backward), the Triton gated
+  RMSNorm, and causal-conv1d's convolution kernels when that package is installed. The decoding
+  step uses aimkit's own one-pass state-update kernel (:mod:`aimkit.backbones._triton_ops`, needs
+  only Triton), falling back to mamba-ssm's ``selective_state_update``.
 
 Inference cache per layer: ``(conv_state, ssm_state)`` with conv_state (B, conv_dim, d_conv), the
 last ``d_conv`` convolution inputs (channels contiguous in memory, as the conv kernels expect),
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import BACKBONES
 from . import _mamba_kernels
+from ._fused import decode_ops
 from ._mamba_kernels import MambaKernels
 from ._ssd import ssd_chunked, ssd_recurrent_step_
 from .base import Backbone, InferenceParams, rms_norm_factory
@@ -397,8 +399,11 @@ class Mamba2(nn.Module):
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = self._conv_step(xBC, conv_state, kernels)  # (B, conv_dim)
         xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
-        A = -torch.exp(_upcast(self.A_log))  # (H,)
-        if kernels is not None:
+        fused = None if self.config.use_kernels == "never" else decode_ops(x, "ssm")
+        if fused is not None:  # aimkit's one-pass kernel: softplus, -exp(A_log), update, read-out, D
+            y = fused.ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D)  # (B, H, P)
+        elif kernels is not None:
+            A = -torch.exp(_upcast(self.A_log))  # (H,)
             hp = (self.nheads, self.headdim)
             y = kernels.selective_state_update(  # updates ssm_state in place
                 ssm_state, xs, dt.unsqueeze(-1).expand(*dt.shape, self.headdim),
@@ -407,6 +412,7 @@ class Mamba2(nn.Module):
                 dt_bias=self.dt_bias[:, None].expand(hp), dt_softplus=True,
             )  # (B, H, P); stride-0 broadcasts let the kernel share dt and A across a head
         else:
+            A = -torch.exp(_upcast(self.A_log))  # (H,)
             dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, H)
             y = ssd_recurrent_step_(ssm_state, xs, dt, A, B, C, self.D)  # updates (B, H, P, N) in place
         y = y.flatten(-2)  # (B, d_inner)

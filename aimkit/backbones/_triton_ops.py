@@ -1,0 +1,214 @@
+"""aimkit's own Triton kernels for the decode step (imported only on CUDA, through :mod:`._fused`).
+
+Two kernels replace the chains of small kernels that dominated an AiM decode step on an H200
+(``benchmarks/notes.md``, decode-step profile):
+
+* :func:`ssm_step_` — one Mamba2 recurrence step for every (row, head): softplus of ``dt +
+  dt_bias``, ``A = -exp(A_log)``, the state update, the read-out and the ``D`` skip, in one pass
+  over the state (read once, written once). It replaces mamba-ssm's ``selective_state_update``
+  (which tiles the state 4 channels at a time) and the three kernels that rebuilt ``A`` each step.
+* :func:`add_norm_modulate` — the glue between two sublayers: ``residual += gate * hidden``, then
+  ``rmsnorm(residual) * weight``, then the adaLN modulation ``* (1 + scale) + shift``; one
+  read of each input row and two writes, instead of about nine element-wise kernels.
+
+Both compute in float32 and accept strided views (the split of ``in_proj``'s output, the rows of
+the stacked modulation tensor), so the caller never makes a contiguous copy. Neither allocates
+anything but its outputs, syncs with the host or branches on tensor values: a decode step built
+from them can be captured in a CUDA graph. The PyTorch reference of each is named in its docstring
+and the tests run both through Triton's interpreter on CPU (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["add_norm_modulate", "ssm_step_"]
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x), exact for large x (as torch.nn.functional.softplus with threshold 20)
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _ssm_step_kernel(
+    state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+    headdim, dstate, heads_per_group,
+    s_state_b, s_state_h, s_state_p,
+    s_x_b, s_x_h,
+    s_dt_b,
+    s_B_b, s_B_g,
+    s_C_b, s_C_g,
+    s_y_b, s_y_h,
+    HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    p0 = tl.program_id(2) * BLOCK_P
+    group = head // heads_per_group
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    mask = mask_p[:, None] & mask_n[None, :]
+
+    # per-head scalars, in float32
+    dt = tl.load(dt_ptr + row * s_dt_b + head).to(tl.float32)
+    dt = _softplus(dt + tl.load(dt_bias_ptr + head).to(tl.float32))
+    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
+
+    x = tl.load(x_ptr + row * s_x_b + head * s_x_h + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+
+    s_ptrs = state_ptr + row * s_state_b + head * s_state_h + offs_p[:, None] * s_state_p + offs_n[None, :]
+    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N)
+    s = s * decay + (dt * x)[:, None] * b[None, :]
+    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
+
+    y = tl.sum(s * c[None, :], axis=1)  # (BLOCK_P,)
+    if HAS_D:
+        y += tl.load(D_ptr + head).to(tl.float32) * x
+    tl.store(y_ptr + row * s_y_b + head * s_y_h + offs_p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+
+
+def _block_p(headdim: int, state: Tensor, rows: int, nheads: int) -> int:
+    """Channels per program: whole heads when there are enough programs to fill the GPU."""
+    block = triton.next_power_of_2(headdim)
+    if state.element_size() >= 4:  # keep a float32 tile at 16 KB
+        block = min(block, 32)
+    while block > 16 and rows * nheads * triton.cdiv(headdim, block) < 1024:
+        block //= 2  # small batches: more, smaller programs
+    return block
+
+
+def ssm_step_(
+    state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4,
+) -> Tensor:
+    """One Mamba2 decoding step, updating ``state`` in place; returns y.
+
+    Reference: ``dt = softplus(dt + dt_bias)``, ``A = -exp(A_log)``, then
+    :func:`aimkit.backbones._ssd.ssd_recurrent_step` (same maths, float32 compute).
+
+    Args:
+        state: (R, H, P, N), any float dtype, the last dim contiguous; updated in place.
+        x: (R, H, P) with the last dim contiguous (a view of the conv output is fine).
+        dt: (R, H) raw step sizes (before bias and softplus), last dim contiguous.
+        dt_bias, A_log: (H,) contiguous.
+        B, C: (R, G, N), last dim contiguous; head ``h`` reads group ``h // (H // G)``.
+        D: optional (H,) skip weights.
+        block_p: channels per program (default: chosen from the shapes).
+        num_warps: warps per program.
+
+    Returns:
+        y (R, H, P) in ``x.dtype``.
+    """
+    rows, nheads, headdim, dstate = state.shape
+    groups = B.shape[1]
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("B", B), ("C", C)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"ssm_step_: {name} needs a contiguous last dimension, got strides {t.stride()}")
+    if x.shape != (rows, nheads, headdim) or dt.shape != (rows, nheads):
+        raise ValueError(f"ssm_step_: x {tuple(x.shape)} / dt {tuple(dt.shape)} do not match state {tuple(state.shape)}")
+    if B.shape != (rows, groups, dstate) or C.shape != B.shape or nheads % groups:
+        raise ValueError(f"ssm_step_: B {tuple(B.shape)} / C {tuple(C.shape)} do not match state {tuple(state.shape)}")
+    y = torch.empty(rows, nheads, headdim, device=x.device, dtype=x.dtype)
+    block_p = block_p or _block_p(headdim, state, rows, nheads)
+    grid = (rows, nheads, triton.cdiv(headdim, block_p))
+    _ssm_step_kernel[grid](
+        state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
+        headdim, dstate, nheads // groups,
+        state.stride(0), state.stride(1), state.stride(2),
+        x.stride(0), x.stride(1),
+        dt.stride(0),
+        B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1),
+        y.stride(0), y.stride(1),
+        HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+        num_warps=num_warps,
+    )
+    return y
+
+
+@triton.jit
+def _add_norm_modulate_kernel(
+    hidden_ptr, gate_ptr, residual_ptr, weight_ptr, shift_ptr, scale_ptr, res_out_ptr, out_ptr,
+    dim, eps,
+    s_hidden, s_gate, s_residual, s_shift, s_scale, s_res_out, s_out,
+    HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_MOD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < dim
+    r = tl.load(hidden_ptr + row * s_hidden + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        r *= tl.load(gate_ptr + row * s_gate + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r += tl.load(residual_ptr + row * s_residual + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(res_out_ptr + row * s_res_out + offs, r, mask=mask)
+    # the norm sees the residual rounded to the output dtype, as the unfused block does
+    xn = r.to(out_ptr.dtype.element_ty).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xn * xn, axis=0) / dim + eps)
+    h = xn * inv * tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MOD:
+        scale = tl.load(scale_ptr + row * s_scale + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + row * s_shift + offs, mask=mask, other=0.0).to(tl.float32)
+        h = h * (1.0 + scale) + shift
+    tl.store(out_ptr + row * s_out + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_norm_modulate(
+    hidden: Tensor, gate: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float,
+    shift: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The residual update and the modulated pre-norm between two sublayers, fused.
+
+    Reference (what :class:`aimkit.backbones.base.Block` does unfused)::
+
+        residual = (gate * hidden if gate is not None else hidden) + residual   # float32
+        out = rmsnorm(residual.to(weight.dtype)) * weight * (1 + scale) + shift
+
+    Args:
+        hidden: (R, D) output of the previous sublayer (or the embedded token); last dim contiguous.
+        gate: optional (R, D) adaLN gate of the previous sublayer.
+        residual: optional (R, D) float32 residual stream (None: the stream starts here).
+        weight: (D,) RMSNorm weight; its dtype is the output dtype.
+        eps: RMSNorm epsilon.
+        shift, scale: optional (R, D) adaLN modulation (both or neither).
+
+    Returns:
+        ``(out, residual)``: out (R, D) in ``weight.dtype``; the new residual (R, D) float32,
+        written into ``residual`` when one was given.
+    """
+    rows, dim = hidden.shape
+    if (shift is None) != (scale is None):
+        raise ValueError("add_norm_modulate: give both shift and scale, or neither")
+    for name, t in (("hidden", hidden), ("gate", gate), ("residual", residual), ("shift", shift), ("scale", scale)):
+        if t is not None and (t.shape != (rows, dim) or t.stride(-1) != 1):
+            raise ValueError(f"add_norm_modulate: {name} must be ({rows}, {dim}) with a contiguous last dim, "
+                             f"got {tuple(t.shape)} strides {t.stride()}")
+    if residual is not None and residual.dtype != torch.float32:
+        raise ValueError(f"add_norm_modulate: the residual stream must be float32, got {residual.dtype}")
+    res_out = residual if residual is not None else torch.empty(rows, dim, device=hidden.device, dtype=torch.float32)
+    out = torch.empty(rows, dim, device=hidden.device, dtype=weight.dtype)
+    block = triton.next_power_of_2(dim)
+    _add_norm_modulate_kernel[(rows,)](
+        hidden, gate if gate is not None else hidden, residual if residual is not None else hidden, weight,
+        shift if shift is not None else hidden, scale if scale is not None else hidden, res_out, out,
+        dim, eps,
+        hidden.stride(0), gate.stride(0) if gate is not None else 0,
+        residual.stride(0) if residual is not None else 0,
+        shift.stride(0) if shift is not None else 0, scale.stride(0) if scale is not None else 0,
+        res_out.stride(0), out.stride(0),
+        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HAS_MOD=shift is not None,
+        BLOCK_D=block, num_warps=min(max(block // 256, 1), 8),
+    )
+    return out, res_out

@@ -1,0 +1,248 @@
+"""Step-by-step measurement of the fused decode kernels (benchmarks/notes.md, "Changes").
+
+On a GPU machine with the kernels installed (see run_all.py for the set-up)::
+
+    python benchmarks/decode_kernels.py                       # everything below, ~3 minutes
+    python benchmarks/decode_kernels.py --parts micro,step --models aim-b
+
+Parts:
+
+* ``micro``: the SSM state update alone on one layer's state (AiM-B and AiM-XL head shapes),
+  mamba-ssm's ``selective_state_update`` against aimkit's ``ssm_step_`` with several tilings;
+  reports microseconds and the achieved state bandwidth (bytes read + written / time).
+* ``step``: one whole decode step (CUDA-graph replay) per model and batch, with
+  ``AIMKIT_DECODE_KERNELS`` = ``none`` / ``ssm`` / ``all`` (each change measured on its own), bf16
+  state, plus the float32 state with every kernel; and the largest logit difference of each
+  variant from ``none`` after the same steps.
+* ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
+  at 16), median of ``--repeats``.
+* ``profile``: the top kernels of one AiM-B decode step at 128 rows with every kernel on.
+
+Prints a table per part and writes ``$OUT/decode_kernels.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import aimkit  # noqa: E402
+from aimkit.bench import build_bench_model  # noqa: E402
+from aimkit.samplers._cuda_graph import DecodeGraph, clear_decode_graphs  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def _cuda_ms(fn, iters: int = 50, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def part_micro(args) -> None:
+    from aimkit.backbones import _triton_ops
+    from aimkit.backbones._mamba_kernels import load_kernels
+
+    kernels = load_kernels()
+    out = []
+    for label, nheads in (("aim-b layer", 24), ("aim-xl layer", 48)):
+        for rows in (32, 128, 512):
+            for state_dtype in (torch.bfloat16, torch.float32):
+                P, N = 64, 128
+                state = torch.randn(rows, nheads, P, N, device="cuda", dtype=state_dtype)
+                xbc = torch.randn(rows, nheads * P + 2 * N, device="cuda", dtype=torch.bfloat16)
+                x = xbc[:, : nheads * P].unflatten(-1, (nheads, P))
+                B = xbc[:, nheads * P: nheads * P + N].unsqueeze(1)
+                C = xbc[:, nheads * P + N:].unsqueeze(1)
+                dt = torch.randn(rows, nheads, device="cuda", dtype=torch.bfloat16)
+                dt_bias = torch.randn(nheads, device="cuda")
+                A_log = torch.rand(nheads, device="cuda")
+                D = torch.randn(nheads, device="cuda")
+                nbytes = 2 * state.numel() * state.element_size()
+                variants = {}
+                if kernels is not None:
+                    A = -torch.exp(A_log)
+                    hp = (nheads, P)
+                    variants["mamba-ssm selective_state_update"] = lambda: kernels.selective_state_update(
+                        state, x, dt.unsqueeze(-1).expand(rows, nheads, P), A[:, None, None].expand(*hp, N), B, C,
+                        D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
+                variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
+                    state, x, dt, dt_bias, A_log, B, C, D)
+                for bp in (16, 32, 64):
+                    for warps in (2, 4, 8):
+                        variants[f"aimkit block_p={bp} warps={warps}"] = (
+                            lambda bp=bp, warps=warps: _triton_ops.ssm_step_(
+                                state, x, dt, dt_bias, A_log, B, C, D, block_p=bp, num_warps=warps))
+                for name, fn in variants.items():
+                    ms = _cuda_ms(fn)
+                    out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
+                                "variant": name, "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6})
+                del state
+    RESULTS["micro"] = out
+    print("\n## micro: one layer's state update")
+    print(f"{'shape':13s} {'rows':>5s} {'state':>8s} {'us':>8s} {'GB/s':>7s}  variant")
+    for r in out:
+        print(f"{r['shape']:13s} {r['rows']:5d} {r['state_dtype']:>8s} {r['us']:8.1f} {r['state_GBps']:7.0f}  {r['variant']}")
+
+
+def _step_ms(model, rows: int, replays: int = 30):
+    labels = torch.arange(rows, device="cuda") % model.num_classes
+    with torch.inference_mode():
+        cond = model.condition(labels)
+        graph = DecodeGraph(model, cond, rows)
+        graph.start(cond)
+        params = graph.inference_params
+        model.prefill(cond, params)
+        params.advance(128)
+        graph.tokens.copy_(torch.randint(model.vocab_size, (rows,), device="cuda",
+                                         generator=torch.Generator("cuda").manual_seed(0)))
+        ms = _cuda_ms(graph.graph.replay, iters=replays)
+        # same-state logits for the accuracy column: restart and replay a fixed number of steps
+        graph.start(cond)
+        model.prefill(cond, params)
+        params.advance(1)
+        for _ in range(8):
+            graph.graph.replay()
+            params.advance(1)
+        logits = graph.logits.float().clone()
+    del graph
+    return ms, logits
+
+
+def part_step(args) -> None:
+    out = []
+    for name in args.models:
+        for state_dtype in ("model", "float32"):
+            model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                                      overrides={"state_dtype": state_dtype})
+            for rows in args.rows:
+                ref = None
+                kinds = ("none", "ssm", "all") if state_dtype == "model" else ("none", "all")
+                for kind in kinds:
+                    os.environ["AIMKIT_DECODE_KERNELS"] = kind
+                    clear_decode_graphs()
+                    ms, logits = _step_ms(model, rows)
+                    if ref is None:
+                        ref = logits
+                    diff = float((logits - ref).abs().max() / ref.abs().max())
+                    out.append({"model": name, "rows": rows, "state_dtype": state_dtype, "kernels": kind,
+                                "step_ms": ms, "images_per_s_bound": (rows // 2) / (ms * 1e-3 * 256),
+                                "rel_logit_diff_vs_none": diff})
+                    print(f"{name} rows {rows} state {state_dtype} kernels {kind}: {ms:.3f} ms/step "
+                          f"(rel. logit diff vs none {diff:.2e})", flush=True)
+            os.environ.pop("AIMKIT_DECODE_KERNELS", None)
+            del model
+            clear_decode_graphs()
+            torch.cuda.empty_cache()
+    RESULTS["step"] = out
+
+
+def part_generate(args) -> None:
+    from aimkit.samplers import AutoregressiveSampler, generate
+
+    out = []
+    plan = [("aim-b", 256), ("aim-l", 256), ("aim-xl", 16), ("aim-xl", 256)]
+    for name, batch in plan:
+        if name not in args.models:
+            continue
+        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                                  overrides={"state_dtype": "model"})
+        sampler = AutoregressiveSampler()
+        labels = torch.arange(batch) % model.num_classes
+
+        def call():
+            codes = generate(model, labels, cfg_scale=model.config.fid_sampling.cfg_scale, seed=0,
+                             output="tokens", batch_size=batch, progress=False, sampler=sampler)
+            torch.cuda.synchronize()
+            return codes
+
+        call()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        sec = statistics.median(times)
+        out.append({"model": name, "batch": batch, "seconds_per_batch": sec, "images_per_s": batch / sec,
+                    "seconds_all": times, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9})
+        print(f"generate {name} batch {batch}: {sec:.3f} s/batch, {batch / sec:.1f} img/s", flush=True)
+        del model
+        clear_decode_graphs()
+        torch.cuda.empty_cache()
+    RESULTS["generate"] = out
+
+
+def part_profile(args) -> None:
+    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                              overrides={"state_dtype": "model"})
+    rows = 128
+    with torch.inference_mode():
+        cond = model.condition(torch.arange(rows, device="cuda") % model.num_classes)
+        params = model.allocate_inference_cache(rows)
+        model.prefill(cond, params)
+        params.advance(1)
+        tok = torch.randint(model.vocab_size, (rows,), device="cuda")
+        for _ in range(3):
+            model.decode_step(tok, cond, params)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model.decode_step(tok, cond, params)
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events) / 5
+    top = [{"kernel": e.key[:90], "us_per_step": e.device_time_total / 5, "calls_per_step": e.count / 5}
+           for e in sorted(events, key=lambda e: -e.device_time_total)[:20]]
+    RESULTS["profile"] = {"model": "aim-b", "rows": rows, "kernel_us_per_step": total, "top": top}
+    print(f"\n## profile: aim-b, 128 rows, every kernel on: {total:.0f} us of kernels per step")
+    for r in top:
+        print(f"{r['us_per_step']:9.1f} {r['calls_per_step']:6.1f}  {r['kernel']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="micro,step,generate,profile")
+    ap.add_argument("--models", default="aim-b,aim-l,aim-xl")
+    ap.add_argument("--rows", default="32,128,512", help="decode rows for the step part (2 x images)")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    args.rows = [int(r) for r in args.rows.split(",") if r]
+    from aimkit.backbones._mamba_kernels import kernel_info
+
+    RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,
+                      "date": time.strftime("%Y-%m-%d"), **kernel_info()["versions"]}
+    print(json.dumps(RESULTS["env"]))
+    parts = {"micro": part_micro, "step": part_step, "generate": part_generate, "profile": part_profile}
+    for part in args.parts.split(","):
+        t = time.perf_counter()
+        try:
+            parts[part](args)
+        except Exception as exc:  # keep the other parts' results
+            RESULTS.setdefault("errors", []).append(f"{part}: {type(exc).__name__}: {exc}")
+            print(f"part {part} failed: {type(exc).__name__}: {exc}", flush=True)
+        print(f"[{part}: {time.perf_counter() - t:.0f} s]", flush=True)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "decode_kernels.json").write_text(json.dumps(RESULTS, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
