@@ -39,7 +39,8 @@ class DecodeCondition(NamedTuple):
 
     Attributes:
         class_emb: (B, D) class embeddings (the first sequence position).
-        mods: (n_layer, B, chunks, D) modulation rows of every block.
+        mods: (B, n_layer, chunks, D) modulation rows of every block (batch first, like every
+            field, so that a decoder can split a condition by rows).
         final: (B, 2, D) shift and scale of the final adaLN.
     """
 
@@ -223,7 +224,7 @@ class Generator(nn.Module):
         """Everything label-dependent for a decoding run; labels (B,) may include the null class."""
         labels = self._check_labels(labels, allow_null=True)
         c = self.class_embed.embedding_table(labels)  # never dropped at inference
-        mods = torch.stack(self.conditioning(c))  # (n_layer, B, chunks, D)
+        mods = torch.stack(self.conditioning(c), dim=1)  # (B, n_layer, chunks, D)
         return DecodeCondition(c, mods, self.final_layer.shift_scale(c))
 
     def allocate_inference_cache(
@@ -252,7 +253,7 @@ class Generator(nn.Module):
 
         The caller advances ``inference_params`` by one afterwards."""
         x = cond.class_emb.unsqueeze(1).to(self.dtype)  # (B, 1, D)
-        h = self.backbone(x, list(cond.mods), inference_params=inference_params)
+        h = self.backbone(x, cond.mods.unbind(1), inference_params=inference_params)
         return self._head(h, cond)
 
     def decode_step(self, tokens: Tensor, cond: DecodeCondition, inference_params: InferenceParams) -> Tensor:
@@ -262,7 +263,7 @@ class Generator(nn.Module):
         can be captured in a CUDA graph. The caller advances ``inference_params`` afterwards."""
         pos = inference_params.position - 1 + self.position_offset  # () long
         x = self.tok_embed(tokens.view(-1, 1)) + self.pos_embed.weight.index_select(0, pos.view(1))  # (B, 1, D)
-        h = self.backbone.step(x, list(cond.mods), inference_params)
+        h = self.backbone.step(x, cond.mods.unbind(1), inference_params)
         return self._head(h, cond)
 
     # ------------------------------------------------------------------ conversions

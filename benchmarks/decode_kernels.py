@@ -55,6 +55,20 @@ def _cuda_ms(fn, iters: int = 50, warmup: int = 3) -> float:
     return start.elapsed_time(end) / iters
 
 
+def _graphed_ms(fn, calls: int = 20, replays: int = 10) -> float:
+    """Device time per call of ``fn`` with launch overhead removed (``calls`` calls in one graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return _cuda_ms(graph.replay, iters=replays, warmup=1) / calls
+
+
 def part_micro(args) -> None:
     from aimkit.backbones import _triton_ops
     from aimkit.backbones._mamba_kernels import load_kernels
@@ -84,16 +98,15 @@ def part_micro(args) -> None:
                         D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
                 variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D)
-                for bp in (16, 32, 64):
+                for bp in (32, 64):
                     for warps in (2, 4, 8):
                         variants[f"aimkit block_p={bp} warps={warps}"] = (
                             lambda bp=bp, warps=warps: _triton_ops.ssm_step_(
                                 state, x, dt, dt_bias, A_log, B, C, D, block_p=bp, num_warps=warps))
                 for name, fn in variants.items():
-                    ms = _cuda_ms(fn)
+                    ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
                                 "variant": name, "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6})
-                del state
     RESULTS["micro"] = out
     print("\n## micro: one layer's state update")
     print(f"{'shape':13s} {'rows':>5s} {'state':>8s} {'us':>8s} {'GB/s':>7s}  variant")
@@ -101,11 +114,11 @@ def part_micro(args) -> None:
         print(f"{r['shape']:13s} {r['rows']:5d} {r['state_dtype']:>8s} {r['us']:8.1f} {r['state_GBps']:7.0f}  {r['variant']}")
 
 
-def _step_ms(model, rows: int, replays: int = 30):
+def _step_ms(model, rows: int, branches: int = 1, replays: int = 30):
     labels = torch.arange(rows, device="cuda") % model.num_classes
     with torch.inference_mode():
         cond = model.condition(labels)
-        graph = DecodeGraph(model, cond, rows)
+        graph = DecodeGraph(model, cond, rows, branches=branches)
         graph.start(cond)
         params = graph.inference_params
         model.prefill(cond, params)
@@ -126,6 +139,7 @@ def _step_ms(model, rows: int, replays: int = 30):
 
 
 def part_step(args) -> None:
+    """Kernel variants (bf16 state, one branch), then concurrent branches with every kernel."""
     out = []
     for name in args.models:
         for state_dtype in ("model", "float32"):
@@ -133,19 +147,21 @@ def part_step(args) -> None:
                                       overrides={"state_dtype": state_dtype})
             for rows in args.rows:
                 ref = None
-                kinds = ("none", "ssm", "all") if state_dtype == "model" else ("none", "all")
-                for kind in kinds:
+                variants = [(k, 1) for k in args.kernel_variants] if state_dtype == "model" else []
+                variants += [("all", b) for b in args.branches if (state_dtype == "model" or b in (1, 2))]
+                for kind, branches in dict.fromkeys(variants):
                     os.environ["AIMKIT_DECODE_KERNELS"] = kind
                     clear_decode_graphs()
-                    ms, logits = _step_ms(model, rows)
+                    ms, logits = _step_ms(model, rows, branches)
                     if ref is None:
                         ref = logits
                     diff = float((logits - ref).abs().max() / ref.abs().max())
                     out.append({"model": name, "rows": rows, "state_dtype": state_dtype, "kernels": kind,
-                                "step_ms": ms, "images_per_s_bound": (rows // 2) / (ms * 1e-3 * 256),
-                                "rel_logit_diff_vs_none": diff})
-                    print(f"{name} rows {rows} state {state_dtype} kernels {kind}: {ms:.3f} ms/step "
-                          f"(rel. logit diff vs none {diff:.2e})", flush=True)
+                                "branches": branches, "step_ms": ms,
+                                "images_per_s_bound": (rows // 2) / (ms * 1e-3 * 256),
+                                "rel_logit_diff_vs_first": diff})
+                    print(f"{name} rows {rows} state {state_dtype} kernels {kind} branches {branches}: "
+                          f"{ms:.3f} ms/step (rel. logit diff vs first variant {diff:.2e})", flush=True)
             os.environ.pop("AIMKIT_DECODE_KERNELS", None)
             del model
             clear_decode_graphs()
@@ -154,7 +170,7 @@ def part_step(args) -> None:
 
 
 def part_generate(args) -> None:
-    from aimkit.samplers import AutoregressiveSampler, generate
+    from aimkit.samplers import AutoregressiveConfig, AutoregressiveSampler
 
     out = []
     plan = [("aim-b", 256), ("aim-l", 256), ("aim-xl", 16), ("aim-xl", 256)]
@@ -163,36 +179,46 @@ def part_generate(args) -> None:
             continue
         model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
                                   overrides={"state_dtype": "model"})
-        sampler = AutoregressiveSampler()
         labels = torch.arange(batch) % model.num_classes
-
-        def call():
-            codes = generate(model, labels, cfg_scale=model.config.fid_sampling.cfg_scale, seed=0,
-                             output="tokens", batch_size=batch, progress=False, sampler=sampler)
-            torch.cuda.synchronize()
-            return codes
-
-        call()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t)
-        sec = statistics.median(times)
-        out.append({"model": name, "batch": batch, "seconds_per_batch": sec, "images_per_s": batch / sec,
-                    "seconds_all": times, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9})
-        print(f"generate {name} batch {batch}: {sec:.3f} s/batch, {batch / sec:.1f} img/s", flush=True)
+        for branches in args.branches:
+            sampler = AutoregressiveSampler(AutoregressiveConfig(graph_branches=branches))
+            out.append(_time_generate(model, labels, sampler, args.repeats, name=name, branches=branches))
         del model
         clear_decode_graphs()
         torch.cuda.empty_cache()
     RESULTS["generate"] = out
 
 
+def _time_generate(model, labels, sampler, repeats, **fields):
+    """Median seconds of tokens-only ``generate`` (after one untimed call that captures the graph)."""
+    from aimkit.samplers import generate
+
+    batch = labels.shape[0]
+
+    def call():
+        codes = generate(model, labels, cfg_scale=model.config.fid_sampling.cfg_scale, seed=0,
+                         output="tokens", batch_size=batch, progress=False, sampler=sampler)
+        torch.cuda.synchronize()
+        return codes
+
+    call()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    row = {**fields, "batch": batch, "seconds_per_batch": sec, "images_per_s": batch / sec,
+           "seconds_all": times, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+    print(f"generate {fields} batch {batch}: {sec:.3f} s/batch, {batch / sec:.1f} img/s", flush=True)
+    return row
+
+
 def part_profile(args) -> None:
     model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
                               overrides={"state_dtype": "model"})
-    rows = 128
+    rows = args.profile_rows
     with torch.inference_mode():
         cond = model.condition(torch.arange(rows, device="cuda") % model.num_classes)
         params = model.allocate_inference_cache(rows)
@@ -211,7 +237,7 @@ def part_profile(args) -> None:
     top = [{"kernel": e.key[:90], "us_per_step": e.device_time_total / 5, "calls_per_step": e.count / 5}
            for e in sorted(events, key=lambda e: -e.device_time_total)[:20]]
     RESULTS["profile"] = {"model": "aim-b", "rows": rows, "kernel_us_per_step": total, "top": top}
-    print(f"\n## profile: aim-b, 128 rows, every kernel on: {total:.0f} us of kernels per step")
+    print(f"\n## profile: aim-b, {rows} rows, every kernel on: {total:.0f} us of kernels per step")
     for r in top:
         print(f"{r['us_per_step']:9.1f} {r['calls_per_step']:6.1f}  {r['kernel']}")
 
@@ -222,9 +248,14 @@ def main() -> int:
     ap.add_argument("--models", default="aim-b,aim-l,aim-xl")
     ap.add_argument("--rows", default="32,128,512", help="decode rows for the step part (2 x images)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--branches", default="1,2", help="graph branches to compare (step and generate parts)")
+    ap.add_argument("--kernel-variants", default="none,ssm,all", help="AIMKIT_DECODE_KERNELS values (step part)")
+    ap.add_argument("--profile-rows", type=int, default=512)
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [int(r) for r in args.rows.split(",") if r]
+    args.branches = [int(b) for b in args.branches.split(",") if b]
+    args.kernel_variants = [k for k in args.kernel_variants.split(",") if k]
     from aimkit.backbones._mamba_kernels import kernel_info
 
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,

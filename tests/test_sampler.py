@@ -212,8 +212,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backbone", ["mamba2", "transformer"])
-def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone):
+@pytest.mark.parametrize("backbone,branches", [("mamba2", 1), ("transformer", 1), ("mamba2", 2), ("transformer", 3)])
+def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone, branches):
     from aimkit.samplers._cuda_graph import clear_decode_graphs, get_decode_graph
 
     model = _tiny(backbone).cuda()
@@ -221,8 +221,9 @@ def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone):
     gen = torch.Generator("cuda").manual_seed(0)
     with torch.inference_mode():
         cond = model.condition(labels)
-        graph, seconds = get_decode_graph(model, cond, 3)
-        assert seconds > 0 and get_decode_graph(model, cond, 3) == (graph, 0.0)
+        graph, seconds = get_decode_graph(model, cond, 3, branches=branches)
+        assert seconds > 0 and get_decode_graph(model, cond, 3, branches=branches) == (graph, 0.0)
+        assert graph.branches == branches
         for run in range(2):  # the second run reuses the cache the first one filled
             codes = torch.randint(0, model.vocab_size, (3, model.num_tokens), device="cuda", generator=gen)
             graph.start(cond)
@@ -262,3 +263,16 @@ def test_cuda_graph_sampler_matches_eager(backbone):
     out = generate(model, [3, 1], num_images=5, output="tokens", seed=0, batch_size=2, progress=False)
     again = generate(model, [3, 1], num_images=5, output="tokens", seed=0, batch_size=2, progress=False)
     assert torch.equal(out, again) and out.device.type == "cpu"
+
+
+def test_branch_split_and_config():
+    from aimkit.samplers._cuda_graph import branch_bounds
+
+    assert branch_bounds(7, 1) == [(0, 7)]
+    assert branch_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    with pytest.raises(ValueError, match="cannot split 2 rows into 3"):
+        branch_bounds(2, 3)
+    assert AutoregressiveConfig().branches_for(32) == 1 and AutoregressiveConfig().branches_for(512) == 2
+    assert AutoregressiveConfig(graph_branches=4).branches_for(3) == 3
+    with pytest.raises(ConfigError, match="graph_branches"):
+        AutoregressiveConfig(graph_branches=-1)

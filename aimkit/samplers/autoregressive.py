@@ -10,7 +10,8 @@ The sampler drives any model exposing the decoding protocol of
     logits = model.decode_step(tokens, cond, params)   # tokens (R,) -> (R, V) for the next token
     params.advance(1)
 
-plus ``model.num_tokens`` and ``model.null_class``. Under classifier-free guidance the batch is
+plus ``model.num_tokens`` and ``model.null_class``; every tensor of ``cond`` has the batch as
+dimension 0 (so a decoder may split it by rows). Under classifier-free guidance the batch is
 doubled: rows ``[0, B)`` carry the labels, rows ``[B, 2B)`` the null class, and both halves are
 fed the same sampled token. It sees logits and the cache only and never asks what the model is.
 
@@ -34,6 +35,10 @@ from .schedules import get_schedule
 
 __all__ = ["AutoregressiveConfig", "AutoregressiveSampler"]
 
+# From this many decode rows up, the captured step is split into 2 concurrent branches
+# (measured on an H200: benchmarks/notes.md).
+_AUTO_BRANCH_ROWS = 64
+
 
 @dataclass(frozen=True)
 class AutoregressiveConfig:
@@ -42,9 +47,23 @@ class AutoregressiveConfig:
     Attributes:
         use_cuda_graph: on CUDA devices, capture the decode step in a CUDA graph once per
             batch size and replay it (ignored on CPU).
+        graph_branches: split the captured step into this many row groups that the GPU runs
+            concurrently (see :class:`~aimkit.samplers._cuda_graph.DecodeGraph`); 0 picks 2 from
+            ``_AUTO_BRANCH_ROWS`` rows up and 1 below. Tokens do not depend on it.
     """
 
     use_cuda_graph: bool = True  # replay a captured decode step on CUDA
+    graph_branches: int = 0  # concurrent row groups in the captured step; 0 = by batch size
+
+    def __post_init__(self):
+        if not isinstance(self.graph_branches, int) or self.graph_branches < 0:
+            raise ConfigError(f"graph_branches must be an integer >= 0 (0 = automatic), got {self.graph_branches!r}")
+
+    def branches_for(self, rows: int) -> int:
+        """Concurrent row groups for a decode step of ``rows`` sequences."""
+        if self.graph_branches:
+            return min(self.graph_branches, rows)
+        return 2 if rows >= _AUTO_BRANCH_ROWS else 1
 
 
 def _device_of(model) -> torch.device:
@@ -92,7 +111,7 @@ class AutoregressiveSampler:
 
     def _decoder(self, model, cond: Any, rows: int, device: torch.device):
         if device.type == "cuda" and self.config.use_cuda_graph:
-            graph, seconds = get_decode_graph(model, cond, rows)
+            graph, seconds = get_decode_graph(model, cond, rows, branches=self.config.branches_for(rows))
             graph.start(cond)
             self.last_capture_seconds = seconds
             self.total_capture_seconds += seconds

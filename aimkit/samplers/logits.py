@@ -67,7 +67,7 @@ def apply_guidance(logits: Tensor, scale: float) -> Tensor:
     cond, uncond = logits.float().chunk(2, dim=0)
     if scale == 1.0:
         return cond.clone()
-    return uncond + scale * (cond - uncond)
+    return torch.lerp(uncond, cond, scale)  # uncond + scale * (cond - uncond), one kernel
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
@@ -159,11 +159,19 @@ def sample(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:  # filtering never removes the top token, so it cannot change the argmax
         return logits.argmax(dim=-1)
-    x = apply_temperature(logits, temperature)
-    x = top_k_filter(x, top_k)
-    x = top_p_filter(x, top_p)
-    probs = x.softmax(dim=-1)  # (B, V)
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    x = logits.float()  # the filters below return new tensors; skip the ones that are no-ops
+    if temperature != 1.0:
+        x = apply_temperature(x, temperature)
+    if 0 < top_k < x.shape[-1]:
+        x = top_k_filter(x, top_k)
+    if top_p < 1.0:
+        x = top_p_filter(x, top_p)
+    probs = x.softmax(dim=-1)  # (B, V), a new tensor: the race below may work in place
     # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (the
     # Gumbel-max trick in another form). Unlike torch.multinomial it never waits for the device.
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+    return probs.div_(race).argmax(dim=-1)

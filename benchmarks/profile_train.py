@@ -1,0 +1,98 @@
+"""Where an AiM training step spends its time, and which speed knobs move it (GPU only).
+
+    python benchmarks/profile_train.py --model aim-b --batch 64
+    python benchmarks/profile_train.py --variants "chunk_size=128;chunk_size=64" --compile-variant
+
+Times the step of ``train_throughput.py`` (bf16 autocast, fused AdamW, grad clip) for the default
+build and for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE`` build overrides),
+then profiles a few default steps and prints the top CUDA kernels grouped by family. Writes
+``$OUT/profile_train.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from train_throughput import _parse_set, measure  # noqa: E402
+
+
+def _profile(name: str, batch: int, steps: int = 3) -> dict:
+    import aimkit
+    from aimkit.train import param_groups
+
+    gen = aimkit.build(name, tokenizer=None, device="cuda").train()
+    opt = torch.optim.AdamW(param_groups(gen, 0.05), lr=1e-4, fused=True)
+    codes = torch.randint(0, gen.vocab_size, (batch, gen.num_tokens), device="cuda")
+    labels = torch.randint(0, gen.num_classes, (batch,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = gen(codes, labels)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events) / steps
+    top = [{"kernel": e.key[:100], "ms_per_step": e.device_time_total / steps / 1e3, "calls_per_step": e.count / steps}
+           for e in sorted(events, key=lambda e: -e.device_time_total)[:30]]
+    return {"kernel_ms_per_step": total / 1e3, "top": top}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="aim-b")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--variants", default="chunk_size=128;chunk_size=64")
+    ap.add_argument("--compile-variant", action="store_true", help="also time torch.compile of the generator")
+    args = ap.parse_args()
+    result = {"gpu": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch, "timings": []}
+    base = SimpleNamespace(device="cuda", compile=False, precision="bf16", batch=args.batch, warmup=3, steps=args.steps)
+    plans = [("default", {}, False)]
+    for v in [v for v in args.variants.split(";") if v.strip()]:
+        plans.append((v, _parse_set(v.split(",")), False))
+    if args.compile_variant:
+        plans.append(("torch.compile", {}, True))
+    for label, overrides, compiled in plans:
+        try:
+            row = measure(args.model, SimpleNamespace(**{**vars(base), "compile": compiled}), overrides)
+            row["variant"] = label
+            print(f"{label:24s} step {row['step_s_median'] * 1e3:7.1f} ms  {row['tokens_per_s']:>9,.0f} tok/s  "
+                  f"peak {row['peak_memory_gb']:.1f} GB", flush=True)
+        except Exception as exc:  # keep the other variants
+            row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"{label}: failed: {row['error']}", flush=True)
+        result["timings"].append(row)
+        torch.cuda.empty_cache()
+    result["profile"] = _profile(args.model, args.batch)
+    print(f"\nkernel time per step {result['profile']['kernel_ms_per_step']:.1f} ms; top kernels:")
+    for r in result["profile"]["top"]:
+        print(f"{r['ms_per_step']:8.2f} ms {r['calls_per_step']:7.1f}  {r['kernel']}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "profile_train.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
