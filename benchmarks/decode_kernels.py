@@ -15,7 +15,8 @@ Parts:
   state, plus the float32 state with every kernel; and the largest logit difference of each
   variant from ``none`` after the same steps.
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
-  at 16), median of ``--repeats``.
+  at 16), median of ``--repeats``, with and without the one-kernel sampler, and with
+  ``--branches`` concurrent graph branches.
 * ``profile``: the top kernels of one AiM-B decode step at 128 rows with every kernel on.
 
 Prints a table per part and writes ``$OUT/decode_kernels.json``.
@@ -180,9 +181,10 @@ def part_generate(args) -> None:
         model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
                                   overrides={"state_dtype": "model"})
         labels = torch.arange(batch) % model.num_classes
-        for branches in args.branches:
-            sampler = AutoregressiveSampler(AutoregressiveConfig(graph_branches=branches))
-            out.append(_time_generate(model, labels, sampler, args.repeats, name=name, branches=branches))
+        for branches, fused in [(1, True), (1, False)] + [(b, True) for b in args.branches if b > 1]:
+            sampler = AutoregressiveSampler(AutoregressiveConfig(graph_branches=branches, fused_sampling=fused))
+            out.append(_time_generate(model, labels, sampler, args.repeats, name=name, branches=branches,
+                                      fused_sampling=fused))
         del model
         clear_decode_graphs()
         torch.cuda.empty_cache()

@@ -71,6 +71,28 @@ def test_ssm_step_rejects_bad_layout():
         _triton_ops.ssm_step_(state, x[:1], dt, dt_bias, A_log, B, C, D)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv_step_matches_window_reference(channels_last, with_bias):
+    g = torch.Generator().manual_seed(4)
+    rows, channels, width = 3, 40, 4
+    if channels_last:  # aimkit's cache layout: (R, W, C) storage seen as (R, C, W)
+        state = torch.randn(rows, width, channels, generator=g).to(DEVICE).transpose(1, 2)
+    else:
+        state = torch.randn(rows, channels, width, generator=g).to(DEVICE)
+    proj = torch.randn(rows, channels + 7, generator=g).to(DEVICE)
+    x = proj[:, 5:5 + channels]  # a strided view, as the split of in_proj's output
+    weight = torch.randn(channels, width, generator=g).to(DEVICE)
+    bias = torch.randn(channels, generator=g).to(DEVICE) if with_bias else None
+    window = torch.cat([state[..., 1:], x.unsqueeze(-1)], dim=-1)
+    expected = F.silu((window * weight).sum(-1) + (bias if with_bias else 0.0))
+    out = _triton_ops.conv_step_(x, state, weight, bias)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, window, atol=0, rtol=0)  # the window shifted in place, exactly
+    with pytest.raises(ValueError, match="do not fit"):
+        _triton_ops.conv_step_(x[:, :8], state, weight, bias)
+
+
 def _norm_reference(hidden, gate, residual, weight, eps, shift, scale):
     r = hidden.float() * (gate.float() if gate is not None else 1.0)
     r = r + residual if residual is not None else r
@@ -125,7 +147,7 @@ def test_kernel_switch(monkeypatch):
     monkeypatch.delenv("AIMKIT_DECODE_KERNELS")
     assert _fused.decode_ops(torch.zeros(1), "ssm") is None  # CPU tensors never take the kernels
     with pytest.raises(ValueError, match="unknown decode kernel kind"):
-        _fused.decode_ops(torch.zeros(1), "conv")
+        _fused.decode_ops(torch.zeros(1), "scan")
 
 
 def _randomize(module, seed):
@@ -151,7 +173,7 @@ def test_fused_backbone_step_matches_unfused(kind, monkeypatch):
     batch = 3
     mods = [torch.randn(batch, net.mod_chunks, 32, device=DEVICE) * 0.5 for _ in range(2)]
     xs = torch.randn(batch, 4, 32, device=DEVICE)
-    calls = {"ssm_step_": 0, "add_norm_modulate": 0}
+    calls = {"ssm_step_": 0, "conv_step_": 0, "add_norm_modulate": 0}
 
     def counted(name):
         def call(*args, **kwargs):
@@ -177,9 +199,9 @@ def test_fused_backbone_step_matches_unfused(kind, monkeypatch):
 
     with torch.no_grad():
         unfused = run(False)
-        assert calls == {"ssm_step_": 0, "add_norm_modulate": 0}
+        assert calls == {"ssm_step_": 0, "conv_step_": 0, "add_norm_modulate": 0}
         fused = run(True)
     torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=2e-5)
     sublayers = 1 if kind == "mamba2" else 2
     assert calls["add_norm_modulate"] == 3 * (2 * sublayers + 1)  # 3 steps x (sublayers + final norm)
-    assert calls["ssm_step_"] == (3 * 2 if kind == "mamba2" else 0)
+    assert calls["ssm_step_"] == calls["conv_step_"] == (3 * 2 if kind == "mamba2" else 0)

@@ -9,8 +9,8 @@ can compare variants in one process — clear captured CUDA graphs in between):
 
 * unset or ``all``: every fused kernel;
 * ``none``: none (mamba-ssm's ``selective_state_update`` and the unfused block arithmetic);
-* a comma list of ``ssm`` (:func:`~._triton_ops.ssm_step_`) and ``norm``
-  (:func:`~._triton_ops.add_norm_modulate`).
+* a comma list of ``ssm`` (:func:`~._triton_ops.ssm_step_`), ``conv``
+  (:func:`~._triton_ops.conv_step_`) and ``norm`` (:func:`~._triton_ops.add_norm_modulate`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["KINDS", "decode_ops", "enabled_kinds"]
 
-KINDS = ("ssm", "norm")
+KINDS = ("ssm", "conv", "norm")
 _ENV = "AIMKIT_DECODE_KERNELS"
 
 _lock = threading.Lock()

@@ -300,6 +300,9 @@ class Mamba2(nn.Module):
 
     def _conv_step(self, xBC: Tensor, conv_state: Tensor, kernels: Optional[MambaKernels]) -> Tensor:
         """One conv position: xBC (B, conv_dim) -> (B, conv_dim); shifts conv_state in place."""
+        fused = None if self.config.use_kernels == "never" else decode_ops(xBC, "conv")
+        if fused is not None:  # aimkit's kernel for the channels-contiguous window
+            return fused.conv_step_(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         if kernels is not None and kernels.causal_conv1d_update is not None:
             weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
             out = kernels.causal_conv1d_update(

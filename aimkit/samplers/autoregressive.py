@@ -21,6 +21,7 @@ On CUDA (``use_cuda_graph``) the decode step is replayed from a captured CUDA gr
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -35,10 +36,6 @@ from .schedules import get_schedule
 
 __all__ = ["AutoregressiveConfig", "AutoregressiveSampler"]
 
-# From this many decode rows up, the captured step is split into 2 concurrent branches
-# (measured on an H200: benchmarks/notes.md).
-_AUTO_BRANCH_ROWS = 64
-
 
 @dataclass(frozen=True)
 class AutoregressiveConfig:
@@ -48,22 +45,26 @@ class AutoregressiveConfig:
         use_cuda_graph: on CUDA devices, capture the decode step in a CUDA graph once per
             batch size and replay it (ignored on CPU).
         graph_branches: split the captured step into this many row groups that the GPU runs
-            concurrently (see :class:`~aimkit.samplers._cuda_graph.DecodeGraph`); 0 picks 2 from
-            ``_AUTO_BRANCH_ROWS`` rows up and 1 below. Tokens do not depend on it.
+            concurrently (see :class:`~aimkit.samplers._cuda_graph.DecodeGraph`). Tokens do not
+            depend on it. On an H200 2 or 3 branches were no faster than 1 for AiM-B/L/XL at 16-256
+            images (benchmarks/notes.md), so 1 is the default; an option for other GPUs.
+        fused_sampling: on CUDA with Triton, sample with one kernel per step
+            (:mod:`aimkit.samplers._triton_sampling`) when there is no top-k / top-p filtering and
+            the temperature is positive. Same distribution, different random draws than the
+            PyTorch path; still reproducible from the seed.
     """
 
     use_cuda_graph: bool = True  # replay a captured decode step on CUDA
-    graph_branches: int = 0  # concurrent row groups in the captured step; 0 = by batch size
+    graph_branches: int = 1  # concurrent row groups in the captured step (no gain measured on an H200)
+    fused_sampling: bool = True  # one Triton kernel per step for plain temperature sampling on CUDA
 
     def __post_init__(self):
-        if not isinstance(self.graph_branches, int) or self.graph_branches < 0:
-            raise ConfigError(f"graph_branches must be an integer >= 0 (0 = automatic), got {self.graph_branches!r}")
+        if not isinstance(self.graph_branches, int) or self.graph_branches < 1:
+            raise ConfigError(f"graph_branches must be a positive integer, got {self.graph_branches!r}")
 
     def branches_for(self, rows: int) -> int:
         """Concurrent row groups for a decode step of ``rows`` sequences."""
-        if self.graph_branches:
-            return min(self.graph_branches, rows)
-        return 2 if rows >= _AUTO_BRANCH_ROWS else 1
+        return min(self.graph_branches, rows)
 
 
 def _device_of(model) -> torch.device:
@@ -162,11 +163,34 @@ class AutoregressiveSampler:
             logits = model.prefill(decoder.cond, params)  # (R, V) for token 0
             params.advance(1)
             codes = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+            fused = self._fused_sampler(device, logits.shape[-1], temperature, top_k, top_p)
+            if fused is not None:
+                seed = fused.draw_seed(generator, device)
+                next_tokens = torch.empty(rows.shape[0], dtype=torch.long, device=device)
             for k in range(num_tokens):
-                mixed = apply_guidance(logits, scale_at(k, num_tokens, cfg_scale)) if guided else logits
-                token = sample(mixed, temperature, top_k, top_p, generator=generator)  # (B,)
-                codes[:, k] = token
+                scale = scale_at(k, num_tokens, cfg_scale) if guided else None
+                if fused is not None:  # writes codes[:, k] and the (doubled) next input
+                    fused.sample_guided_(logits, scale, temperature, seed, k, next_tokens, codes)
+                else:
+                    token = sample(apply_guidance(logits, scale) if guided else logits,
+                                   temperature, top_k, top_p, generator=generator)  # (B,)
+                    codes[:, k] = token
+                    next_tokens = torch.cat([token, token]) if guided else token
                 if k + 1 < num_tokens:
-                    logits = decoder.step(torch.cat([token, token]) if guided else token)
+                    logits = decoder.step(next_tokens)
                     params.advance(1)
         return codes.clone()  # a normal tensor, usable outside inference mode
+
+    def _fused_sampler(self, device: torch.device, vocab: int, temperature: float, top_k: int, top_p: float):
+        """The one-kernel sampler module when it applies (CUDA, Triton, no filtering), else None."""
+        if not (self.config.fused_sampling and device.type == "cuda" and temperature > 0
+                and (top_k == 0 or top_k >= vocab) and top_p >= 1.0):
+            return None
+        try:
+            from . import _triton_sampling
+        except Exception as exc:  # noqa: BLE001  (no Triton: the PyTorch path samples the same distribution)
+            if not getattr(AutoregressiveSampler, "_warned_fused", False):
+                AutoregressiveSampler._warned_fused = True
+                warnings.warn(f"fused sampling unavailable ({type(exc).__name__}: {exc}); using the PyTorch path")
+            return None
+        return _triton_sampling
