@@ -143,7 +143,7 @@ def part_step(args) -> None:
     """Kernel variants (bf16 state, one branch), then concurrent branches with every kernel."""
     out = []
     for name in args.models:
-        for state_dtype in ("model", "float32"):
+        for state_dtype in args.state_dtypes:
             model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
                                       overrides={"state_dtype": state_dtype})
             for rows in args.rows:
@@ -253,10 +253,12 @@ def main() -> int:
     ap.add_argument("--branches", default="1,2", help="graph branches to compare (step and generate parts)")
     ap.add_argument("--kernel-variants", default="none,ssm,all", help="AIMKIT_DECODE_KERNELS values (step part)")
     ap.add_argument("--profile-rows", type=int, default=512)
+    ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [int(r) for r in args.rows.split(",") if r]
     args.branches = [int(b) for b in args.branches.split(",") if b]
+    args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
     args.kernel_variants = [k for k in args.kernel_variants.split(",") if k]
     from aimkit.backbones._mamba_kernels import kernel_info
 
