@@ -253,7 +253,10 @@ class Generator(nn.Module):
 
         The caller advances ``inference_params`` by one afterwards."""
         x = cond.class_emb.unsqueeze(1).to(self.dtype)  # (B, 1, D)
-        h = self.backbone(x, cond.mods.unbind(1), inference_params=inference_params)
+        if inference_params.seqlen_offset == 0:  # one position from scratch: the step path is cheaper
+            h = self.backbone.prefill_first(x, cond.mods.unbind(1), inference_params)
+        else:
+            h = self.backbone(x, cond.mods.unbind(1), inference_params=inference_params)
         return self._head(h, cond)
 
     def decode_step(self, tokens: Tensor, cond: DecodeCondition, inference_params: InferenceParams) -> Tensor:

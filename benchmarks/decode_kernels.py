@@ -217,6 +217,42 @@ def _time_generate(model, labels, sampler, repeats, **fields):
     return row
 
 
+def part_breakdown(args) -> None:
+    """Where one tokens-only generate call of AiM-B at 256 images spends its wall time."""
+    from aimkit.samplers import AutoregressiveSampler, generate
+
+    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                              overrides={"state_dtype": "model"})
+    labels = torch.arange(256) % model.num_classes
+    sampler = AutoregressiveSampler()
+
+    def call():
+        generate(model, labels, cfg_scale=model.config.fid_sampling.cfg_scale, seed=0, output="tokens",
+                 batch_size=256, progress=False, sampler=sampler)
+        torch.cuda.synchronize()
+
+    call()
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    kernel_s = sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    top = [{"name": e.key[:90], "device_ms": e.device_time_total / 1e3, "count": e.count,
+            "cpu_ms": e.cpu_time_total / 1e3}
+           for e in sorted(events, key=lambda e: -e.device_time_total)[:25]]
+    cpu_top = [{"name": e.key[:90], "cpu_ms": e.cpu_time_total / 1e3, "count": e.count}
+               for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]
+    RESULTS["breakdown"] = {"wall_s_profiled": wall, "kernel_s": kernel_s, "top_device": top, "top_cpu_self": cpu_top}
+    print(f"\n## breakdown: aim-b 256 images, wall {wall:.3f} s (profiled), kernels {kernel_s:.3f} s")
+    for r in top:
+        print(f"{r['device_ms']:9.2f} ms {r['count']:6d}  {r['name']}")
+    print("top host (self) time:")
+    for r in cpu_top:
+        print(f"{r['cpu_ms']:9.2f} ms {r['count']:6d}  {r['name']}")
+
+
 def part_profile(args) -> None:
     model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
                               overrides={"state_dtype": "model"})
@@ -265,7 +301,8 @@ def main() -> int:
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,
                       "date": time.strftime("%Y-%m-%d"), **kernel_info()["versions"]}
     print(json.dumps(RESULTS["env"]))
-    parts = {"micro": part_micro, "step": part_step, "generate": part_generate, "profile": part_profile}
+    parts = {"micro": part_micro, "step": part_step, "generate": part_generate, "profile": part_profile,
+             "breakdown": part_breakdown}
     for part in args.parts.split(","):
         t = time.perf_counter()
         try:

@@ -480,3 +480,39 @@ def test_kernel_decode_and_cuda_graph_step(cuda_kernels):
             graph.replay()
             outs.append(static_out.clone())
     assert _rel(torch.cat(outs, 1), full) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "transformer"])
+def test_prefill_first_equals_forward_from_a_dirty_cache(kind):
+    """The class-token prefill through the step path equals the chunked forward, whatever the cache held."""
+    from aimkit.backbones.transformer import TransformerBackbone, TransformerConfig
+
+    torch.manual_seed(0)
+    if kind == "mamba2":
+        net = Mamba2Backbone(D_MODEL, 2, Mamba2Config(d_state=16, headdim=8))
+    else:
+        net = TransformerBackbone(D_MODEL, 2, TransformerConfig(n_head=4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    mods = [torch.randn(3, net.mod_chunks, D_MODEL) * 0.3 for _ in range(2)]
+    x = torch.randn(3, 1, D_MODEL)
+
+    def fresh():
+        params = InferenceParams(max_seqlen=8, max_batch_size=3, position=torch.zeros((), dtype=torch.long))
+        params.key_value_memory_dict = net.allocate_inference_cache(3, 8)
+        return params
+
+    with torch.no_grad():
+        ref_params = fresh()
+        ref = net(x, mods, inference_params=ref_params)
+        params = fresh()
+        for ts in params.key_value_memory_dict.values():  # garbage from an earlier run
+            for t in ts:
+                t.normal_()
+        out = net.prefill_first(x, mods, params)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if kind == "mamba2":
+        for i, ts in ref_params.key_value_memory_dict.items():
+            for a, b in zip(ts, params.key_value_memory_dict[i]):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -222,25 +222,28 @@ def _conv_step_kernel(
     x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr,
     channels,
     s_x_b, s_state_b, s_state_c, s_state_k, s_w_c, s_out_b,
-    HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    taps = tl.arange(0, BLOCK_W)
     mask = offs < channels
-    base = state_ptr + row * s_state_b + offs * s_state_c
-    x = tl.load(x_ptr + row * s_x_b + offs, mask=mask, other=0.0)
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # the whole old window in one load, so no store below can overtake a read of the same tap
+    win_mask = mask[:, None] & (taps[None, :] < WIDTH)
+    win_ptrs = state_ptr + row * s_state_b + offs[:, None] * s_state_c + taps[None, :] * s_state_k
+    window = tl.load(win_ptrs, mask=win_mask, other=0.0)  # (BLOCK_C, BLOCK_W): taps 0..W-1, oldest first
+    x = tl.load(x_ptr + row * s_x_b + offs, mask=mask, other=0.0).to(state_ptr.dtype.element_ty)
+    w = tl.load(weight_ptr + offs[:, None] * s_w_c + taps[None, :], mask=win_mask, other=0.0).to(tl.float32)
+    # new window = old taps 1..W-1 then x: tap k of the new window pairs with weight k
+    w_shift = tl.load(weight_ptr + offs[:, None] * s_w_c + taps[None, :] - 1,
+                      mask=win_mask & (taps[None, :] >= 1), other=0.0).to(tl.float32)
+    acc = tl.sum(window.to(tl.float32) * w_shift, axis=1)  # old tap k (k >= 1) with weight k-1
+    w_last = tl.sum(tl.where(taps[None, :] == WIDTH - 1, w, 0.0), axis=1)
+    acc += x.to(tl.float32) * w_last
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # shift in place: a thread loads tap k+1 before it overwrites it (next iteration), and every
-    # access in this program has the same layout, so each element stays with one thread
-    for k in tl.static_range(WIDTH - 1):
-        tap = tl.load(base + (k + 1) * s_state_k, mask=mask, other=0.0)
-        acc += tap.to(tl.float32) * tl.load(weight_ptr + offs * s_w_c + k, mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + k * s_state_k, tap, mask=mask)
-    x_state = x.to(state_ptr.dtype.element_ty)
-    tl.store(base + (WIDTH - 1) * s_state_k, x_state, mask=mask)
-    acc += x_state.to(tl.float32) * tl.load(weight_ptr + offs * s_w_c + WIDTH - 1, mask=mask, other=0.0).to(tl.float32)
+    tl.store(win_ptrs - s_state_k, window, mask=win_mask & (taps[None, :] >= 1))  # shift left by one
+    tl.store(state_ptr + row * s_state_b + offs * s_state_c + (WIDTH - 1) * s_state_k, x, mask=mask)
     out = acc / (1.0 + tl.exp(-acc))  # SiLU
     tl.store(out_ptr + row * s_out_b + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -269,11 +272,12 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor])
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("conv_step_: x and weight need a contiguous last dimension")
     out = torch.empty(rows, channels, device=x.device, dtype=x.dtype)
-    block = min(triton.next_power_of_2(channels), 1024)
+    block = min(triton.next_power_of_2(channels), 256)
     _conv_step_kernel[(rows, triton.cdiv(channels, block))](
         x, state, weight, bias if bias is not None else weight, out,
         channels,
         x.stride(0), state.stride(0), state.stride(1), state.stride(2), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, WIDTH=width, BLOCK_C=block, num_warps=4,
+        HAS_BIAS=bias is not None, WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_C=block,
+        num_warps=4,
     )
     return out

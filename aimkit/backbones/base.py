@@ -232,6 +232,25 @@ class Backbone(nn.Module):
         out, _ = ops.add_norm_modulate(hidden, gate, residual, self.norm_f.weight, self.norm_f.eps)
         return out.unsqueeze(1)
 
+    def prefill_first(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
+        """Prefill of a single first position (the class token) through the decode step.
+
+        Equal to ``forward(x, mods, inference_params)`` at ``seqlen_offset == 0`` with one
+        position, but it runs the step's kernels (on CUDA the fused ones) instead of the chunked
+        scan, which costs many small launches for one token. Mixers with a recurrent history
+        (``reset_inference_cache``) are reset first; attention masks everything past position 0.
+
+        Args:
+            x: (B, 1, D); ``inference_params.position`` must be 0.
+        """
+        if x.shape[1] != 1:
+            raise ValueError(f"prefill_first takes one position, got {x.shape[1]}")
+        for layer in self.layers:
+            reset = getattr(layer.mixer, "reset_inference_cache", None)
+            if reset is not None:
+                reset(inference_params, x.shape[0])
+        return self.step(x, mods, inference_params)
+
     def _fusable(self) -> bool:
         """Whether the fused decode glue reproduces this stack (float32 residual, affine RMSNorms)
         and no mixer asked for the PyTorch path (``use_kernels="never"``)."""

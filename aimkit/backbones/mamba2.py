@@ -422,6 +422,12 @@ class Mamba2(nn.Module):
         y = self._gated_norm(y, z, kernels)  # (B, d_inner)
         return self.out_proj(y).unsqueeze(1)  # (B, 1, D)
 
+    def reset_inference_cache(self, inference_params: InferenceParams, batch: int) -> None:
+        """Zero this layer's states for the first ``batch`` rows: the empty history a sequence
+        starts from, so that a decode step from here equals a prefill of one position."""
+        for state in self._cache(inference_params, batch):
+            state.zero_()
+
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
     ) -> Tuple[Tensor, Tensor]:
