@@ -101,9 +101,11 @@ def part_micro(args) -> None:
                     state, x, dt, dt_bias, A_log, B, C, D)
                 for bp in (32, 64):
                     for warps in (2, 4, 8):
-                        variants[f"aimkit block_p={bp} warps={warps}"] = (
-                            lambda bp=bp, warps=warps: _triton_ops.ssm_step_(
-                                state, x, dt, dt_bias, A_log, B, C, D, block_p=bp, num_warps=warps))
+                        for stream in (False, True):
+                            variants[f"aimkit block_p={bp} warps={warps} stream={stream}"] = (
+                                lambda bp=bp, warps=warps, stream=stream: _triton_ops.ssm_step_(
+                                    state, x, dt, dt_bias, A_log, B, C, D, block_p=bp, num_warps=warps,
+                                    stream=stream))
                 for name, fn in variants.items():
                     ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
@@ -282,12 +284,13 @@ def part_profile(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="micro,step,generate,profile")
+    ap.add_argument("--parts", default="micro,step,generate,profile,breakdown")
     ap.add_argument("--models", default="aim-b,aim-l,aim-xl")
     ap.add_argument("--rows", default="32,128,512", help="decode rows for the step part (2 x images)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--branches", default="1,2", help="graph branches to compare (step and generate parts)")
-    ap.add_argument("--kernel-variants", default="none,ssm,all", help="AIMKIT_DECODE_KERNELS values (step part)")
+    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;all",
+                    help="';'-separated AIMKIT_DECODE_KERNELS values (step part)")
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     args = ap.parse_args()
@@ -295,7 +298,7 @@ def main() -> int:
     args.rows = [int(r) for r in args.rows.split(",") if r]
     args.branches = [int(b) for b in args.branches.split(",") if b]
     args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
-    args.kernel_variants = [k for k in args.kernel_variants.split(",") if k]
+    args.kernel_variants = [k for k in args.kernel_variants.split(";") if k]
     from aimkit.backbones._mamba_kernels import kernel_info
 
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,

@@ -49,7 +49,7 @@ def _ssm_step_kernel(
     s_B_b, s_B_g,
     s_C_b, s_C_g,
     s_y_b, s_y_h,
-    HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -71,9 +71,15 @@ def _ssm_step_kernel(
     c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
 
     s_ptrs = state_ptr + row * s_state_b + head * s_state_h + offs_p[:, None] * s_state_p + offs_n[None, :]
-    s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N)
+    if STREAM:  # the state is touched once per step: keep it from evicting x, B, C and weights
+        s = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    else:
+        s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N)
     s = s * decay + (dt * x)[:, None] * b[None, :]
-    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
+    if STREAM:
+        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
 
     y = tl.sum(s * c[None, :], axis=1)  # (BLOCK_P,)
     if HAS_D:
@@ -93,7 +99,7 @@ def _block_p(headdim: int, state: Tensor, rows: int, nheads: int) -> int:
 
 def ssm_step_(
     state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4,
+    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4, stream: bool = False,
 ) -> Tensor:
     """One Mamba2 decoding step, updating ``state`` in place; returns y.
 
@@ -109,6 +115,7 @@ def ssm_step_(
         D: optional (H,) skip weights.
         block_p: channels per program (default: chosen from the shapes).
         num_warps: warps per program.
+        stream: mark the state's loads and stores ``evict_first`` (a cache hint; same results).
 
     Returns:
         y (R, H, P) in ``x.dtype``.
@@ -134,7 +141,7 @@ def ssm_step_(
         B.stride(0), B.stride(1),
         C.stride(0), C.stride(1),
         y.stride(0), y.stride(1),
-        HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+        HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), STREAM=stream,
         num_warps=num_warps,
     )
     return y
