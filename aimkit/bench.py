@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import gc
 import json
 import math
@@ -620,35 +621,52 @@ def decode_row(name: str, batch: int, opts: BenchOptions, facts: Dict[str, Any],
     return row
 
 
-def train_row(name: str, opts: BenchOptions, facts: Dict[str, Any], report: _Report) -> Dict[str, Any]:
-    """One optimiser step: batch x N random codes, bf16 autocast, fused AdamW, grad clip 1.0."""
+def train_row(name: str, opts: BenchOptions, facts: Dict[str, Any], report: _Report,
+              mode: str = "eager") -> Dict[str, Any]:
+    """One optimiser step: batch x N random codes, bf16 autocast, fused AdamW, grad clip 1.0.
+
+    ``mode="cuda-graph"`` times the same step captured by :class:`aimkit.train_graph.GraphedTrainStep`
+    (CUDA only)."""
     device = torch.device(opts.device)
     batch, tokens = opts.train_batch, opts.tokens[0]
     row: Dict[str, Any] = {"suite": "train", "model": name, "backbone": "mamba2", "batch": batch,
-                           "tokens": tokens, "dtype": f"float32 + {opts.dtype} autocast", "status": "ok"}
+                           "tokens": tokens, "dtype": f"float32 + {opts.dtype} autocast", "mode": mode,
+                           "status": "ok"}
     try:
         model = build_bench_model(name, device=device, dtype=torch.float32, num_tokens=tokens,
                                   overrides=_overrides_for(opts, "mamba2"), seed=opts.seed).train()
         row.update(_model_fields(model))
         n_params = row["params"]
         fused = device.type == "cuda"
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+        graphed = mode == "cuda-graph"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused,
+                                capturable=graphed)
         g = torch.Generator(device="cpu").manual_seed(opts.seed)
         codes = torch.randint(model.vocab_size, (batch, tokens), generator=g).to(device)
         labels = torch.randint(model.num_classes, (batch,), generator=g).to(device)
         autocast_dtype = getattr(torch, opts.dtype)
 
-        def step():
-            with torch.autocast(device.type, dtype=autocast_dtype):
-                loss = model.loss(codes, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+        if graphed:
+            from .train_graph import GraphedTrainStep
 
-        _peak_reset(device)
-        row["first_step_s"], loss = _time_call(step, device)
+            _peak_reset(device)
+            row["first_step_s"], step = _time_call(lambda: GraphedTrainStep(
+                model, opt, lambda m, c, y: m.loss(c, y), (codes, labels), max_grad_norm=1.0,
+                amp_dtype=autocast_dtype, warmup=2), device)  # warm-up steps + capture
+            loss = step(codes, labels)
+            step = functools.partial(step, codes, labels)
+        else:
+            def step():
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    loss = model.loss(codes, labels)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
+
+            _peak_reset(device)
+            row["first_step_s"], loss = _time_call(step, device)
         steps = max(opts.train_steps, opts.repeats)
         times = _median_time(step, device, steps, warmup=2)
         row["loss"] = float(loss.detach())
@@ -815,12 +833,12 @@ def markdown(data: Dict[str, Any]) -> str:
         lines += [
             "## Training step (bf16 autocast, fused AdamW, grad clip 1.0)",
             "",
-            "| model | params | batch x tokens | step (s) | tokens/s | 6·N·tokens/s (TFLOP/s) | MFU | peak GB | status |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | step | params | batch x tokens | step (s) | tokens/s | 6·N·tokens/s (TFLOP/s) | MFU | peak GB | status |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in train:
             lines.append(
-                f"| {r['model']} | {_int(r.get('params'))} "
+                f"| {r['model']} | {r.get('mode', 'eager')} | {_int(r.get('params'))} "
                 f"| {r['batch']} x {r['tokens']} | {_fmt(r.get('step_s'), '.3f')} "
                 f"| {_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('model_tflops'), '.1f')} "
                 f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_memory_gb'), '.1f')} | {r['status']} |"
@@ -847,7 +865,7 @@ def compact_table(data: Dict[str, Any]) -> str:
             unit, first = "tok/s", r.get("first_step_s")
         frac = r.get("fraction_of_floor") if r["suite"] != "train" else r.get("mfu")
         out.append(
-            f"{r['suite']:8} {r['model']:7} {r['backbone']:11} {r['batch']:>5} {r['tokens']:>5} "
+            f"{r['suite']:8} {r['model']:7} {r.get('mode', r['backbone']):11} {r['batch']:>5} {r['tokens']:>5} "
             f"{_fmt(secs, '9.4f') if secs else '-':>9} {(_fmt(rate, '8.1f') + unit) if rate else '-':>10} "
             f"{_fmt(_row_floor(r).get('seconds'), '9.4f') if _row_floor(r) else '-':>9} "
             f"{_fmt(frac, '6.3f') if frac else '-':>6} {_fmt(r.get('peak_memory_gb'), '7.1f'):>7} "
@@ -983,8 +1001,10 @@ def _plan(opts: BenchOptions) -> List[Tuple[str, Any]]:
             for batch in opts.decode_batches:
                 jobs.append(("decode", (name, batch)))
     if opts.wants("train"):
+        modes = ("eager", "cuda-graph") if opts.device.startswith("cuda") else ("eager",)
         for name in opts.train_models:
-            jobs.append(("train", name))
+            for mode in modes:
+                jobs.append(("train", (name, mode)))
     return jobs
 
 
@@ -1058,8 +1078,9 @@ def run(opts: BenchOptions) -> int:
             report.add(row)
             _log_row(report, row)
         else:
-            report.log(f"train {job} batch {opts.train_batch} x {opts.tokens[0]}")
-            row = train_row(job, opts, facts, report)
+            name, mode = job
+            report.log(f"train {name} ({mode}) batch {opts.train_batch} x {opts.tokens[0]}")
+            row = train_row(name, opts, facts, report, mode=mode)
             report.add(row)
             _log_row(report, row)
         _free(device)

@@ -241,15 +241,17 @@ class Generator(nn.Module):
         return params
 
     def _head(self, h: Tensor, cond: DecodeCondition) -> Tensor:
-        """Logits (B, V) of the last position, returned in float32.
+        """Logits (B, V) of the last position, in the model dtype.
 
-        The product runs in the model dtype (as the official code does): an fp32 head on a bf16
-        model cost 6% of an AiM-B decode step on an H200 (benchmarks/notes.md)."""
+        The product runs in the model dtype (as the official code does; an fp32 head cost 6% of an
+        AiM-B decode step on an H200) and is returned as computed: the samplers upcast where they
+        read it, which is exact, instead of a separate float32 copy per step (benchmarks/notes.md)."""
         h = self.final_layer(h[:, -1:], cond.final)[:, -1]
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        return self.lm_head(h.to(self.lm_head.weight.dtype))
 
     def prefill(self, cond: DecodeCondition, inference_params: InferenceParams) -> Tensor:
-        """Run the class token (position 0) and fill the cache; returns logits (B, V) for token 0.
+        """Run the class token (position 0) and fill the cache; returns logits (B, V) for token 0
+        (model dtype).
 
         The caller advances ``inference_params`` by one afterwards."""
         x = cond.class_emb.unsqueeze(1).to(self.dtype)  # (B, 1, D)
@@ -260,7 +262,8 @@ class Generator(nn.Module):
         return self._head(h, cond)
 
     def decode_step(self, tokens: Tensor, cond: DecodeCondition, inference_params: InferenceParams) -> Tensor:
-        """Feed image token k (at cache position k + 1); returns logits (B, V) for token k + 1.
+        """Feed image token k (at cache position k + 1); returns logits (B, V) for token k + 1
+        (model dtype).
 
         Reads the position from the device tensor ``inference_params.position`` only, so the step
         can be captured in a CUDA graph. The caller advances ``inference_params`` afterwards."""

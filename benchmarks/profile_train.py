@@ -66,17 +66,22 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--variants", default="chunk_size=128;chunk_size=64")
     ap.add_argument("--compile-variant", action="store_true", help="also time torch.compile of the generator")
+    ap.add_argument("--graph-variant", action="store_true", help="also time the step captured in CUDA graphs")
+    ap.add_argument("--no-profile", action="store_true", help="timings only")
     args = ap.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch, "timings": []}
-    base = SimpleNamespace(device="cuda", compile=False, precision="bf16", batch=args.batch, warmup=3, steps=args.steps)
-    plans = [("default", {}, False)]
+    base = SimpleNamespace(device="cuda", compile=False, cuda_graph=False, precision="bf16", batch=args.batch,
+                           warmup=3, steps=args.steps)
+    plans = [("default", {}, {})]
     for v in [v for v in args.variants.split(";") if v.strip()]:
-        plans.append((v, _parse_set(v.split(",")), False))
+        plans.append((v, _parse_set(v.split(",")), {}))
+    if args.graph_variant:
+        plans.append(("cuda graph", {}, {"cuda_graph": True}))
     if args.compile_variant:
-        plans.append(("torch.compile", {}, True))
-    for label, overrides, compiled in plans:
+        plans.append(("torch.compile", {}, {"compile": True}))
+    for label, overrides, flags in plans:
         try:
-            row = measure(args.model, SimpleNamespace(**{**vars(base), "compile": compiled}), overrides)
+            row = measure(args.model, SimpleNamespace(**{**vars(base), **flags}), overrides)
             row["variant"] = label
             print(f"{label:24s} step {row['step_s_median'] * 1e3:7.1f} ms  {row['tokens_per_s']:>9,.0f} tok/s  "
                   f"peak {row['peak_memory_gb']:.1f} GB", flush=True)
@@ -85,12 +90,18 @@ def main() -> int:
             print(f"{label}: failed: {row['error']}", flush=True)
         result["timings"].append(row)
         torch.cuda.empty_cache()
+    if args.no_profile:
+        return _write(result)
     result["profile"] = _profile(args.model, args.batch)
     print(f"\nkernel time per step {result['profile']['kernel_ms_per_step']:.1f} ms; top kernels:")
     for r in result["profile"]["top"]:
         print(f"{r['ms_per_step']:8.2f} ms {r['calls_per_step']:7.1f}  {r['kernel']}")
+    return _write(result)
+
+
+def _write(result: dict) -> int:
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "profile_train.json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(os.environ["OUT"], f"profile_train_{result['model']}.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

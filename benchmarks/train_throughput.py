@@ -8,6 +8,7 @@ the scan's own FLOPs) and peak GPU memory. Run from the repository root, no inst
 
     python benchmarks/train_throughput.py --models aim-b,aim-l --batch 64 --steps 20
     python benchmarks/train_throughput.py --models aim-b --compile          # torch.compile too
+    python benchmarks/train_throughput.py --models aim-b,aim-l --cuda-graph # the step in CUDA graphs
     python benchmarks/train_throughput.py --device cpu --models aim-b --batch 2 --steps 2 \\
         --set d_model=64 --set n_layer=2                                     # smoke test on CPU
 
@@ -51,7 +52,9 @@ def measure(name: str, args, overrides) -> dict:
     torch.manual_seed(0)
     gen = aimkit.build(name, tokenizer=None, device=device, **overrides).train()
     n_params = gen.num_params()
-    optimizer = torch.optim.AdamW(param_groups(gen, 0.05), lr=8e-4, betas=(0.9, 0.95), fused=cuda or None)
+    graphed = getattr(args, "cuda_graph", False)
+    optimizer = torch.optim.AdamW(param_groups(gen, 0.05), lr=8e-4, betas=(0.9, 0.95), fused=cuda or None,
+                                  capturable=graphed)
     model = torch.compile(gen) if args.compile else gen
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
 
@@ -59,7 +62,19 @@ def measure(name: str, args, overrides) -> dict:
     codes = torch.randint(0, gen.vocab_size, (args.batch, gen.num_tokens), device=device, generator=g)
     labels = torch.randint(0, gen.num_classes, (args.batch,), device=device, generator=g)
 
+    def loss_fn(m, c, y):
+        logits = m(c, y)  # (B, N, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), c.flatten())
+
+    if graphed:  # forward + backward + clip and the AdamW update replayed from two CUDA graphs
+        from aimkit.train_graph import GraphedTrainStep
+
+        graph_step = GraphedTrainStep(model, optimizer, loss_fn, (codes, labels), max_grad_norm=1.0,
+                                      amp_dtype=amp_dtype, warmup=args.warmup)
+
     def step():
+        if graphed:
+            return graph_step(codes, labels)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(codes, labels)  # (B, N, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
@@ -94,6 +109,7 @@ def measure(name: str, args, overrides) -> dict:
         "tokens_per_step": tokens,
         "precision": args.precision,
         "compile": args.compile,
+        "cuda_graph": graphed,
         "steps": args.steps,
         "warmup_s": round(warmup_s, 3),
         "step_s_median": median,
@@ -114,6 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the step in CUDA graphs (aimkit.train_graph.GraphedTrainStep)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="aimkit.build override")
     args = parser.parse_args(argv)
