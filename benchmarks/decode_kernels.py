@@ -99,9 +99,9 @@ def part_micro(args) -> None:
                         D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
                 variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D)
-                for bp in (32, 64):
-                    for warps in (2, 4, 8):
-                        for stream in (False, True):
+                for bp in (32, 64, 128, 256):
+                    for warps in (4, 8):
+                        for stream in (False,):
                             variants[f"aimkit block_p={bp} warps={warps} stream={stream}"] = (
                                 lambda bp=bp, warps=warps, stream=stream: _triton_ops.ssm_step_(
                                     state, x, dt, dt_bias, A_log, B, C, D, block_p=bp, num_warps=warps,

@@ -68,9 +68,10 @@ def main() -> int:
     ap.add_argument("--compile-variant", action="store_true", help="also time torch.compile of the generator")
     ap.add_argument("--graph-variant", action="store_true", help="also time the step captured in CUDA graphs")
     ap.add_argument("--no-profile", action="store_true", help="timings only")
+    ap.add_argument("--all-graphed", action="store_true", help="time every variant with the CUDA-graph step")
     args = ap.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch, "timings": []}
-    base = SimpleNamespace(device="cuda", compile=False, cuda_graph=False, precision="bf16", batch=args.batch,
+    base = SimpleNamespace(device="cuda", compile=False, cuda_graph=args.all_graphed, precision="bf16", batch=args.batch,
                            warmup=3, steps=args.steps)
     plans = [("default", {}, {})]
     for v in [v for v in args.variants.split(";") if v.strip()]:

@@ -42,7 +42,11 @@ def _ssm_inputs(rows, nheads, headdim, groups, dstate, state_dtype, seed=0):
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("nheads,headdim,groups,dstate,block_p", [(4, 8, 1, 16, None), (6, 12, 2, 16, 8), (2, 64, 1, 128, None)])
+@pytest.mark.parametrize("nheads,headdim,groups,dstate,block_p", [
+    (4, 8, 1, 16, None), (6, 12, 2, 16, 4), (2, 64, 1, 128, None),
+    (4, 8, 2, 16, 16),  # one program spans two heads of a group
+    (8, 8, 1, 16, 64),  # ... or all heads
+])
 def test_ssm_step_matches_recurrence(state_dtype, nheads, headdim, groups, dstate, block_p):
     state, x, dt, dt_bias, A_log, B, C, D = _ssm_inputs(3, nheads, headdim, groups, dstate, state_dtype)
     y_ref, state_ref = ssd_recurrent_step(
@@ -69,6 +73,8 @@ def test_ssm_step_rejects_bad_layout():
         _triton_ops.ssm_step_(state, x.transpose(1, 2).contiguous().transpose(1, 2), dt, dt_bias, A_log, B, C, D)
     with pytest.raises(ValueError, match="do not match"):
         _triton_ops.ssm_step_(state, x[:1], dt, dt_bias, A_log, B, C, D)
+    with pytest.raises(ValueError, match="block_p 64 must divide headdim 8 or cover whole heads"):
+        _triton_ops.ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=64)  # 8 heads, only 4 exist
 
 
 @pytest.mark.parametrize("channels_last,with_bias,width", [(True, True, 4), (False, True, 4), (True, False, 3)])

@@ -42,7 +42,7 @@ def _softplus(x):
 @triton.jit
 def _ssm_step_kernel(
     state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
-    headdim, dstate, heads_per_group,
+    headdim, dstate, heads_per_group, channels,
     s_state_b, s_state_h, s_state_p,
     s_x_b, s_x_h,
     s_dt_b,
@@ -51,31 +51,34 @@ def _ssm_step_kernel(
     s_y_b, s_y_h,
     HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
 ):
+    # A program owns BLOCK_P consecutive (head, channel) pairs of one row: part of a head, one
+    # head, or several heads of one group (the states of consecutive heads are contiguous).
     row = tl.program_id(0)
-    head = tl.program_id(1)
-    p0 = tl.program_id(2) * BLOCK_P
-    group = head // heads_per_group
-    offs_p = p0 + tl.arange(0, BLOCK_P)
+    c0 = tl.program_id(1) * BLOCK_P
+    offs_c = c0 + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < headdim
+    mask_c = offs_c < channels
     mask_n = offs_n < dstate
-    mask = mask_p[:, None] & mask_n[None, :]
+    mask = mask_c[:, None] & mask_n[None, :]
+    head = offs_c // headdim  # (BLOCK_P,)
+    p = offs_c % headdim
+    group = (c0 // headdim) // heads_per_group  # one group per program (checked by the caller)
 
-    # per-head scalars, in float32
-    dt = tl.load(dt_ptr + row * s_dt_b + head).to(tl.float32)
-    dt = _softplus(dt + tl.load(dt_bias_ptr + head).to(tl.float32))
-    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
+    # per-head scalars, gathered per channel, in float32
+    dt = tl.load(dt_ptr + row * s_dt_b + head, mask=mask_c, other=0.0).to(tl.float32)
+    dt = _softplus(dt + tl.load(dt_bias_ptr + head, mask=mask_c, other=0.0).to(tl.float32))
+    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head, mask=mask_c, other=0.0).to(tl.float32)) * dt)
 
-    x = tl.load(x_ptr + row * s_x_b + head * s_x_h + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * s_x_b + head * s_x_h + p, mask=mask_c, other=0.0).to(tl.float32)
     b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
 
-    s_ptrs = state_ptr + row * s_state_b + head * s_state_h + offs_p[:, None] * s_state_p + offs_n[None, :]
+    s_ptrs = state_ptr + row * s_state_b + (head * s_state_h + p * s_state_p)[:, None] + offs_n[None, :]
     if STREAM:  # the state is touched once per step: keep it from evicting x, B, C and weights
         s = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     else:
         s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N)
-    s = s * decay + (dt * x)[:, None] * b[None, :]
+    s = s * decay[:, None] + (dt * x)[:, None] * b[None, :]
     if STREAM:
         tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
     else:
@@ -83,18 +86,27 @@ def _ssm_step_kernel(
 
     y = tl.sum(s * c[None, :], axis=1)  # (BLOCK_P,)
     if HAS_D:
-        y += tl.load(D_ptr + head).to(tl.float32) * x
-    tl.store(y_ptr + row * s_y_b + head * s_y_h + offs_p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+        y += tl.load(D_ptr + head, mask=mask_c, other=0.0).to(tl.float32) * x
+    tl.store(y_ptr + row * s_y_b + head * s_y_h + p, y.to(y_ptr.dtype.element_ty), mask=mask_c)
 
 
-def _block_p(headdim: int, state: Tensor, rows: int, nheads: int) -> int:
-    """Channels per program: whole heads when there are enough programs to fill the GPU."""
-    block = triton.next_power_of_2(headdim)
-    if state.element_size() >= 4:  # keep a float32 tile at 16 KB
-        block = min(block, 32)
-    while block > 16 and rows * nheads * triton.cdiv(headdim, block) < 1024:
-        block //= 2  # small batches: more, smaller programs
-    return block
+def _valid_block(block: int, headdim: int, heads_per_group: int) -> bool:
+    """A program covers a divisor of one head, or whole heads of one group."""
+    if block <= headdim:
+        return headdim % block == 0
+    return block % headdim == 0 and heads_per_group % (block // headdim) == 0
+
+
+def _block_p(headdim: int, state: Tensor, rows: int, nheads: int, heads_per_group: int) -> int:
+    """Channels per program: a state tile of up to 32 KB (two bf16 heads of 64 x 128, one float32
+    head) while there are at least 2048 programs, down to 1024 programs for small batches."""
+    tile_rows = max(32768 // (state.element_size() * triton.next_power_of_2(state.shape[-1])), 16)
+    candidates = [b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if _valid_block(b, headdim, heads_per_group)]
+    for min_programs in (2048, 1024, 0):  # 0: the largest tile, however few programs
+        for block in candidates:
+            if block <= tile_rows and rows * triton.cdiv(nheads * headdim, block) >= min_programs:
+                return block
+    return 1
 
 
 def ssm_step_(
@@ -130,11 +142,15 @@ def ssm_step_(
     if B.shape != (rows, groups, dstate) or C.shape != B.shape or nheads % groups:
         raise ValueError(f"ssm_step_: B {tuple(B.shape)} / C {tuple(C.shape)} do not match state {tuple(state.shape)}")
     y = torch.empty(rows, nheads, headdim, device=x.device, dtype=x.dtype)
-    block_p = block_p or _block_p(headdim, state, rows, nheads)
-    grid = (rows, nheads, triton.cdiv(headdim, block_p))
+    heads_per_group = nheads // groups
+    block_p = block_p or _block_p(headdim, state, rows, nheads, heads_per_group)
+    if not _valid_block(block_p, headdim, heads_per_group):
+        raise ValueError(f"ssm_step_: block_p {block_p} must divide headdim {headdim} or cover whole "
+                         f"heads of one group ({heads_per_group} heads per group)")
+    grid = (rows, triton.cdiv(nheads * headdim, block_p))
     _ssm_step_kernel[grid](
         state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
-        headdim, dstate, nheads // groups,
+        headdim, dstate, heads_per_group, nheads * headdim,
         state.stride(0), state.stride(1), state.stride(2),
         x.stride(0), x.stride(1),
         dt.stride(0),
