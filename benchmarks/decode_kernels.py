@@ -110,6 +110,20 @@ def part_micro(args) -> None:
                     ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
                                 "variant": name, "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6})
+    for label, conv_dim in (("aim-b conv", 1792), ("aim-xl conv", 3328)):
+        for rows in (32, 512):
+            state = torch.randn(rows, 4, conv_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            proj = torch.randn(rows, conv_dim + 2000, device="cuda", dtype=torch.bfloat16)
+            xc = proj[:, 1000:1000 + conv_dim]
+            w = torch.randn(conv_dim, 4, device="cuda", dtype=torch.bfloat16)
+            bias = torch.randn(conv_dim, device="cuda", dtype=torch.bfloat16)
+            nbytes = 2 * state.numel() * 2 + 2 * xc.numel() * 2
+            for block in (128, 256, 512, 1024):
+                for warps in (1, 2, 4, 8):
+                    ms = _graphed_ms(lambda: _triton_ops.conv_step_(xc, state, w, bias, block_c=block, num_warps=warps))
+                    out.append({"shape": label, "rows": rows, "state_dtype": "bfloat16",
+                                "variant": f"conv_step_ block_c={block} warps={warps}", "us": ms * 1e3,
+                                "state_GBps": nbytes / ms / 1e6})
     RESULTS["micro"] = out
     print("\n## micro: one layer's state update")
     print(f"{'shape':13s} {'rows':>5s} {'state':>8s} {'us':>8s} {'GB/s':>7s}  variant")

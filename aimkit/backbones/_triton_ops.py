@@ -271,7 +271,8 @@ def _conv_step_kernel(
     tl.store(out_ptr + row * s_out_b + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor],
+               block_c: int = 256, num_warps: int = 4) -> Tensor:
     """One causal depthwise-convolution position with SiLU, shifting ``state`` in place.
 
     Reference: ``window = cat(state[..., 1:], x[..., None])``; ``state = window``;
@@ -283,6 +284,8 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor])
             contiguous: strides (W*C, 1, C)); updated in place.
         weight: (C, W) with a contiguous last dim (``conv1d.weight.squeeze(1)``).
         bias: optional (C,).
+        block_c: channels per program (a power of two).
+        num_warps: warps per program.
 
     Returns:
         (R, C) in ``x.dtype``.
@@ -295,12 +298,12 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor])
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("conv_step_: x and weight need a contiguous last dimension")
     out = torch.empty(rows, channels, device=x.device, dtype=x.dtype)
-    block = min(triton.next_power_of_2(channels), 256)
+    block = min(triton.next_power_of_2(channels), block_c)
     _conv_step_kernel[(rows, triton.cdiv(channels, block))](
         x, state, weight, bias if bias is not None else weight, out,
         channels,
         x.stride(0), state.stride(0), state.stride(1), state.stride(2), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_C=block,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
