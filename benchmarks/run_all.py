@@ -2,9 +2,10 @@
 
 Runs ``aimkit bench`` with the defaults below (any ``aimkit bench`` option given on the command
 line replaces its default): device ceilings, the correctness check, AiM-B/L/XL sampling at
-batch 16/64/256 with 256 tokens, Mamba2 vs a transformer of matching size at batch 64 over
-256/576/1024 tokens (AiM-B size), the decode-step replay of AiM-XL at batch 16 and 256, and
-the training step of AiM-B and AiM-L. It stops starting rows after ``--budget-s`` (default 480 s)
+batch 16/64/256 with 256 tokens (tokens only, plus the VQ decoding of each batch), Mamba2 vs a
+transformer of matching size at batch 64 over 256/576/1024 tokens (AiM-B size), the decode-step
+replay of AiM-XL at batch 16 and 256, and the training step of AiM-B and AiM-L (eager and
+captured in CUDA graphs). bf16 weights and bf16 SSM state. It stops starting rows after ``--budget-s`` (default 480 s)
 so that the outputs are written inside the device's 10-minute limit.
 
 On the device machine (mamba-ssm's Triton-only wheel in ``.whl``, causal-conv1d in ``.whl-cc``;
@@ -45,9 +46,11 @@ DEFAULTS = dict(
     decode_models=["aim-xl"],
     decode_batches=[16, 256],
     train_models=["aim-b", "aim-l"],
-    repeats=3,
+    repeats=2,
     budget_s=480.0,
     require_kernels=True,
+    state_dtype="model",  # bf16 SSM state, as the official code keeps it (notes: accuracy vs fp32)
+    decode_vq=True,  # end-to-end rows: VQ decoding of every sampled batch too
 )
 
 
