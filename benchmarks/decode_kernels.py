@@ -99,18 +99,18 @@ def part_micro(args) -> None:
                         D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
                 variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D)
-                for bp in (32, 64, 128, 256):
+                for bp in (64, 128):
                     for warps in (4, 8):
-                        for stream in (False,):
-                            variants[f"aimkit block_p={bp} warps={warps} stream={stream}"] = (
-                                lambda bp=bp, warps=warps, stream=stream: _triton_ops.ssm_step_(
+                        for tiles, stages in ((1, 1), (2, 2), (4, 2), (4, 3), (8, 3)):
+                            variants[f"aimkit block_p={bp} warps={warps} tiles={tiles} stages={stages}"] = (
+                                lambda bp=bp, warps=warps, tiles=tiles, stages=stages: _triton_ops.ssm_step_(
                                     state, x, dt, dt_bias, A_log, B, C, D, block_p=bp, num_warps=warps,
-                                    stream=stream))
+                                    tiles=tiles, stages=stages))
                 for name, fn in variants.items():
                     ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
                                 "variant": name, "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6})
-    for label, conv_dim in (("aim-b conv", 1792), ("aim-xl conv", 3328)):
+    for label, conv_dim in ((("aim-b conv", 1792), ("aim-xl conv", 3328)) if args.conv_micro else ()):
         for rows in (32, 512):
             state = torch.randn(rows, 4, conv_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
             proj = torch.randn(rows, conv_dim + 2000, device="cuda", dtype=torch.bfloat16)
@@ -307,6 +307,7 @@ def main() -> int:
                     help="';'-separated AIMKIT_DECODE_KERNELS values (step part)")
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
+    ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [int(r) for r in args.rows.split(",") if r]

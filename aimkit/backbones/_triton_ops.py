@@ -49,45 +49,42 @@ def _ssm_step_kernel(
     s_B_b, s_B_g,
     s_C_b, s_C_g,
     s_y_b, s_y_h,
-    HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
+    HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILES: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # A program owns BLOCK_P consecutive (head, channel) pairs of one row: part of a head, one
-    # head, or several heads of one group (the states of consecutive heads are contiguous).
+    # A tile is BLOCK_P consecutive (head, channel) pairs of one row: part of a head, one head, or
+    # several heads of one group (the states of consecutive heads are contiguous). A program
+    # walks TILES consecutive tiles of its row (STAGES > 1 lets Triton prefetch the next one).
     row = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_P
-    offs_c = c0 + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_c = offs_c < channels
     mask_n = offs_n < dstate
-    mask = mask_c[:, None] & mask_n[None, :]
-    head = offs_c // headdim  # (BLOCK_P,)
-    p = offs_c % headdim
-    group = (c0 // headdim) // heads_per_group  # one group per program (checked by the caller)
+    for i in tl.range(0, TILES, num_stages=STAGES):
+        c0 = (tl.program_id(1) * TILES + i) * BLOCK_P
+        offs_c = c0 + tl.arange(0, BLOCK_P)
+        mask_c = offs_c < channels
+        mask = mask_c[:, None] & mask_n[None, :]
+        head = offs_c // headdim  # (BLOCK_P,)
+        p = offs_c % headdim
+        group = (c0 // headdim) // heads_per_group  # one group per tile (checked by the caller)
 
-    # per-head scalars, gathered per channel, in float32
-    dt = tl.load(dt_ptr + row * s_dt_b + head, mask=mask_c, other=0.0).to(tl.float32)
-    dt = _softplus(dt + tl.load(dt_bias_ptr + head, mask=mask_c, other=0.0).to(tl.float32))
-    decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head, mask=mask_c, other=0.0).to(tl.float32)) * dt)
+        # per-head scalars, gathered per channel, in float32
+        dt = tl.load(dt_ptr + row * s_dt_b + head, mask=mask_c, other=0.0).to(tl.float32)
+        dt = _softplus(dt + tl.load(dt_bias_ptr + head, mask=mask_c, other=0.0).to(tl.float32))
+        decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head, mask=mask_c, other=0.0).to(tl.float32)) * dt)
 
-    x = tl.load(x_ptr + row * s_x_b + head * s_x_h + p, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * s_x_b + head * s_x_h + p, mask=mask_c, other=0.0).to(tl.float32)
+        b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
 
-    s_ptrs = state_ptr + row * s_state_b + (head * s_state_h + p * s_state_p)[:, None] + offs_n[None, :]
-    if STREAM:  # the state is touched once per step: keep it from evicting x, B, C and weights
-        s = tl.load(s_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    else:
+        s_ptrs = state_ptr + row * s_state_b + (head * s_state_h + p * s_state_p)[:, None] + offs_n[None, :]
         s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N)
-    s = s * decay[:, None] + (dt * x)[:, None] * b[None, :]
-    if STREAM:
-        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
-    else:
+        s = s * decay[:, None] + (dt * x)[:, None] * b[None, :]
         tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask)
 
-    y = tl.sum(s * c[None, :], axis=1)  # (BLOCK_P,)
-    if HAS_D:
-        y += tl.load(D_ptr + head, mask=mask_c, other=0.0).to(tl.float32) * x
-    tl.store(y_ptr + row * s_y_b + head * s_y_h + p, y.to(y_ptr.dtype.element_ty), mask=mask_c)
+        y = tl.sum(s * c[None, :], axis=1)  # (BLOCK_P,)
+        if HAS_D:
+            y += tl.load(D_ptr + head, mask=mask_c, other=0.0).to(tl.float32) * x
+        tl.store(y_ptr + row * s_y_b + head * s_y_h + p, y.to(y_ptr.dtype.element_ty), mask=mask_c)
 
 
 def _valid_block(block: int, headdim: int, heads_per_group: int) -> bool:
@@ -111,7 +108,8 @@ def _block_p(headdim: int, state: Tensor, rows: int, nheads: int, heads_per_grou
 
 def ssm_step_(
     state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4, stream: bool = False,
+    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4, tiles: int = 1,
+    stages: int = 1,
 ) -> Tensor:
     """One Mamba2 decoding step, updating ``state`` in place; returns y.
 
@@ -127,7 +125,8 @@ def ssm_step_(
         D: optional (H,) skip weights.
         block_p: channels per program (default: chosen from the shapes).
         num_warps: warps per program.
-        stream: mark the state's loads and stores ``evict_first`` (a cache hint; same results).
+        tiles: tiles of ``block_p`` channels walked by one program (1: one tile per program).
+        stages: software-pipelining depth of that walk (Triton ``num_stages``).
 
     Returns:
         y (R, H, P) in ``x.dtype``.
@@ -147,7 +146,7 @@ def ssm_step_(
     if not _valid_block(block_p, headdim, heads_per_group):
         raise ValueError(f"ssm_step_: block_p {block_p} must divide headdim {headdim} or cover whole "
                          f"heads of one group ({heads_per_group} heads per group)")
-    grid = (rows, triton.cdiv(nheads * headdim, block_p))
+    grid = (rows, triton.cdiv(triton.cdiv(nheads * headdim, block_p), tiles))
     _ssm_step_kernel[grid](
         state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
         headdim, dstate, heads_per_group, nheads * headdim,
@@ -157,7 +156,7 @@ def ssm_step_(
         B.stride(0), B.stride(1),
         C.stride(0), C.stride(1),
         y.stride(0), y.stride(1),
-        HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), STREAM=stream,
+        HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), TILES=tiles, STAGES=stages,
         num_warps=num_warps,
     )
     return y
