@@ -125,6 +125,7 @@ class TrainConfig:
     # --- numerics
     mixed_precision: str = "bf16"  # no | bf16 | fp16
     compile: bool = False  # torch.compile the model (inductor)
+    cuda_graph: bool = False  # replay the step from CUDA graphs (one GPU, no grad_accum, bf16 or no)
     seed: int = 0
     max_nonfinite: int = 20  # consecutive skipped steps before the run stops
     # --- output
@@ -692,6 +693,56 @@ class TrainResult:
 # ============================================================================================
 
 
+def _check_graphable(cfg: TrainConfig, device: torch.device, world: int, accum: int) -> None:
+    """Raise a ConfigError naming what rules out ``cuda_graph: true`` for this run."""
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"a CUDA device (this run is on {device.type})")
+    if world > 1:
+        problems.append(f"a single process (this run has {world})")
+    if accum > 1:
+        problems.append(f"grad_accum 1 (this run accumulates {accum} micro-batches)")
+    if cfg.mixed_precision == "fp16":
+        problems.append("mixed_precision bf16 or no (fp16's loss scaler decides on the host)")
+    if cfg.compile:
+        problems.append("compile: false")
+    if problems:
+        raise ConfigError("cuda_graph: true needs " + ", ".join(problems))
+
+
+def _capture_step(gen, optimizer, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, max_norm: float):
+    """Capture the training step of ``gen`` (:class:`aimkit.train_graph.GraphedTrainStep`) without
+    changing the run: the warm-up step that capture needs is undone (weights, optimizer state and
+    RNG restored in place), so a run with ``cuda_graph`` starts, and resumes, where it stands."""
+    from .train_graph import GraphedTrainStep
+
+    device = inputs.device
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+                   for p in params if p in optimizer.state}
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device))
+
+    def loss_fn(model, codes, y):
+        logits = model(codes, y)  # (B, N, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+    amp = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    step = GraphedTrainStep(gen, optimizer, loss_fn, (inputs, labels), max_grad_norm=max_norm,
+                            amp_dtype=amp, warmup=1)
+    with torch.no_grad():
+        for p, saved in zip(params, saved_params):
+            p.copy_(saved)
+        for p in params:  # back to the state before the warm-up (zeros = not started yet)
+            old = saved_state.get(p, {})
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    v.copy_(old[k]) if k in old else v.zero_()
+    torch.set_rng_state(rng[0])
+    torch.cuda.set_rng_state(rng[1], device)
+    return step
+
+
 def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     """Run (or continue) training as ``cfg`` says.
 
@@ -765,8 +816,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     # ---- optimizer and schedule
     peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_256 * cfg.global_batch_size / 256
     fused = cfg.fused_adamw if cfg.fused_adamw is not None else accelerator.device.type == "cuda"
+    if cfg.cuda_graph:
+        _check_graphable(cfg, accelerator.device, world, accum)
     optimizer = torch.optim.AdamW(
-        param_groups(gen, cfg.weight_decay), lr=peak_lr, betas=cfg.betas, eps=cfg.adam_eps, fused=fused or None
+        param_groups(gen, cfg.weight_decay),
+        # a captured update reads the lr from a tensor, which the schedule then changes in place
+        lr=torch.tensor(peak_lr, device=accelerator.device) if cfg.cuda_graph else peak_lr,
+        betas=cfg.betas, eps=cfg.adam_eps, fused=fused or None, capturable=cfg.cuda_graph,
     )
     schedule = dict(total=total_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **schedule))
@@ -777,6 +833,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     if resume_from is not None:
         run_state = _load_checkpoint(resume_from, accelerator, gen, optimizer, scheduler)
         step = run_state["step"]
+        if cfg.cuda_graph:  # a loaded lr may sit on the CPU; the captured update needs it on the GPU
+            for group in optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], device=accelerator.device)
         old_batch = run_state.get("global_batch_size")
         if old_batch != cfg.global_batch_size:
             say(f"warning: global_batch_size changed ({old_batch} -> {cfg.global_batch_size}); "
@@ -808,6 +867,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     encode = gen.tokenizer.encode if isinstance(dataset, ShapesImages) else None
     result = TrainResult(step=step, final_dir=None, last_checkpoint=resume_from, skipped_steps=0)
     consecutive_bad = run_state.get("consecutive_nonfinite", 0)
+    graph_step = None  # the captured step (cuda_graph), made from the first batch
     window: Dict[str, float] = {"loss": 0.0, "n": 0, "time": 0.0, "steps": 0}
     bar = tqdm(total=stop_at, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (main_proc and cfg.progress_bar))
@@ -839,6 +899,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
             batches = iter(loader)
             for _ in range(start, steps_per_epoch):
                 t0 = time.perf_counter()
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure only
                 # -- forward / backward over grad_accum micro-batches
                 loss_sum = torch.zeros((), device=accelerator.device)
                 for a in range(accum):
@@ -848,13 +909,18 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
                     if encode is not None:
                         with torch.no_grad():
                             inputs = encode(inputs)
-                    with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
-                        logits = model(inputs, labels)  # (B, N, V)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), inputs.flatten())
-                        accelerator.backward(loss / accum)
+                    if cfg.cuda_graph:  # (accum is 1) forward, backward and clipping in one replay
+                        if graph_step is None:
+                            graph_step = _capture_step(gen, optimizer, inputs, labels, cfg, max_norm)
+                        loss, grad_norm = graph_step.forward_backward(inputs, labels)
+                    else:
+                        with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
+                            logits = model(inputs, labels)  # (B, N, V)
+                            loss = F.cross_entropy(logits.float().flatten(0, 1), inputs.flatten())
+                            accelerator.backward(loss / accum)
                     loss_sum += loss.detach()
-                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure only
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                if not cfg.cuda_graph:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                 step_loss = accelerator.reduce(loss_sum / accum, reduction="mean").item()
                 grad_norm = float(grad_norm)
                 # -- the update, unless the loss or the gradient is not finite
@@ -862,9 +928,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
                 # fp16: gradient overflows are routine; the loss scaler skips those updates itself
                 scaler_decides = cfg.mixed_precision == "fp16" and math.isfinite(step_loss)
                 if not bad or scaler_decides:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.get_last_lr()[0]
+                    graph_step.optimizer_step() if cfg.cuda_graph else optimizer.step()
+                if not cfg.cuda_graph:  # a replay overwrites the gradients the graph owns
+                    optimizer.zero_grad(set_to_none=True)
+                lr = float(scheduler.get_last_lr()[0])
                 scheduler.step()
                 step += 1
                 bar.update(1)

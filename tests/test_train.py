@@ -165,6 +165,10 @@ def test_config_and_resume_messages(tokens, tmp_path, capsys):
     assert "'max_steps' must be int" in run("--config", "tiny_test", f"output_dir={tmp_path}", "max_steps=many")
     assert "did you mean tiny_test" in run("--config", "tiny_tst")
 
+    err = run("--config", "tiny_test", f"output_dir={tmp_path / 'g'}", f"data={tokens.dir}", "cuda_graph=true",
+              "global_batch_size=12", "grad_accum=2")
+    assert "cuda_graph: true needs a CUDA device (this run is on cpu), grad_accum 1" in err
+
     empty = tmp_path / "empty" / "checkpoints" / ".tmp-step-00000003"
     empty.mkdir(parents=True)
     err = run("--config", "tiny_test", f"output_dir={tmp_path / 'o'}", "--resume", str(tmp_path / "empty"))
@@ -209,3 +213,20 @@ def test_two_processes_keep_replicas_equal(tmp_path):
         assert len(fp) == 2 and fp[0] == fp[1]
     assert len({r["replica_fingerprints"][0] for r in records}) == 3  # the parameters did change
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_recipe_resumes_and_tracks_eager(tokens, tmp_path):
+    """cuda_graph: the captured step trains like the eager one and a killed run resumes exactly."""
+    common = ["max_steps=8", "checkpoint_every=4", "num_workers=0", "model_args={class_dropout: 0.0}"]
+    eager = train(_cfg(tokens, tmp_path / "eager", *common))
+    graphed = train(_cfg(tokens, tmp_path / "graphed", *common, "cuda_graph=true"))
+    assert graphed.losses == pytest.approx(eager.losses, rel=2e-2)  # same maths, other kernel order
+    first = train(_cfg(tokens, tmp_path / "split", *common, "cuda_graph=true", "stop_after=4"))
+    assert first.stopped_by == "stop_after"
+    second = train(_cfg(tokens, tmp_path / "split", *common, "cuda_graph=true"), resume="auto")
+    assert second.step == 8
+    a, b = _final_state(tmp_path / "graphed"), _final_state(tmp_path / "split")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
