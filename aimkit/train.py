@@ -717,6 +717,7 @@ def _capture_step(gen, optimizer, inputs: torch.Tensor, labels: torch.Tensor, cf
     from .train_graph import GraphedTrainStep
 
     device = inputs.device
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved_params = [p.detach().clone() for p in params]
     saved_state = {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
