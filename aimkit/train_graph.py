@@ -36,10 +36,12 @@ class GraphedTrainStep:
         optimizer: a capturable optimizer over its parameters (``capturable=True``).
         loss_fn: ``(model, *inputs) -> scalar loss``; runs under autocast when ``amp_dtype`` is set.
         example_inputs: CUDA tensors with the fixed shapes and dtypes of every step's inputs.
-        max_grad_norm: global grad-norm clip (None: no clipping; ``grad_norm`` is then NaN).
+        max_grad_norm: global grad-norm clip (None: no clipping; ``grad_norm`` is still measured).
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``) or None for none.
         warmup: eager steps (real optimizer steps) before capture, on a side stream: they run
-            autotuning and allocate the optimizer state outside the graphs.
+            autotuning and allocate the optimizer state outside the graphs. 0 is allowed only when
+            the optimizer already holds state for every parameter (else its lazy set-up, which
+            zeroes the moments, would be captured and replayed every step).
 
     Example::
 
@@ -65,6 +67,9 @@ class GraphedTrainStep:
         for group in optimizer.param_groups:
             if not group.get("capturable", False):
                 raise ValueError("GraphedTrainStep needs a capturable optimizer (e.g. AdamW(..., capturable=True))")
+        if warmup == 0 and any(not optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("GraphedTrainStep(warmup=0) needs an optimizer that has already stepped: its first "
+                             "step's state set-up must not be captured")
         self.model, self.optimizer = model, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inputs = tuple(t.clone() for t in example_inputs)
@@ -74,9 +79,8 @@ class GraphedTrainStep:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = loss_fn(model, *self.inputs)
             loss.backward()
-            if max_grad_norm is None:
-                return loss.detach(), torch.full((), float("nan"), device=device)
-            return loss.detach(), torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm, foreach=True)
+            limit = float("inf") if max_grad_norm is None else max_grad_norm  # inf: measure, never scale
+            return loss.detach(), torch.nn.utils.clip_grad_norm_(self.params, limit, foreach=True)
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -87,6 +91,8 @@ class GraphedTrainStep:
                 optimizer.step()
         torch.cuda.current_stream(device).wait_stream(side)
         optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
+        for p in self.params:  # also those outside the optimizer: no warm-up gradient may linger
+            p.grad = None
         self._fwd_bwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._fwd_bwd):
             self.loss, self.grad_norm = forward_backward()

@@ -511,6 +511,9 @@ def test_prefill_first_equals_forward_from_a_dirty_cache(kind):
             for t in ts:
                 t.normal_()
         out = net.prefill_first(x, mods, params)
+        params.advance(1)
+        with pytest.raises(ValueError, match="starts a sequence"):
+            net.prefill_first(x, mods, params)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     if kind == "mamba2":
         for i, ts in ref_params.key_value_memory_dict.items():

@@ -79,3 +79,16 @@ def test_bad_arguments_raise():
         _run(logits, None, 0.0, seed, 0, 3)
     with pytest.raises(ValueError, match="do not fit"):
         _run(logits, None, 1.0, seed, 0, 2)
+
+
+def test_step_and_seed_are_checked():
+    logits = torch.zeros(2, 8, device=DEVICE)
+    codes = torch.zeros(2, 3, dtype=torch.long, device=DEVICE)
+    nxt = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    seed = torch.tensor([1], device=DEVICE)
+    with pytest.raises(ValueError, match="step 3 is outside the 3 code columns"):
+        ts.sample_guided_(logits, None, 1.0, seed, 3, nxt, codes)
+    with pytest.raises(ValueError, match="seed must be a"):
+        ts.sample_guided_(logits, None, 1.0, torch.tensor([1, 2], device=DEVICE), 0, nxt, codes)
+    with pytest.raises(ValueError, match="int64, contiguous"):
+        ts.sample_guided_(logits, None, 1.0, seed, 0, nxt.int(), codes)

@@ -66,9 +66,10 @@ def _load() -> Optional[ModuleType]:
 
 
 def decode_ops(x: torch.Tensor, kind: str) -> Optional[ModuleType]:
-    """The kernel module when kernel ``kind`` may run on tensors like ``x``, else None."""
+    """The kernel module when kernel ``kind`` may run on tensors like ``x`` (CUDA, not float64),
+    else None."""
     if kind not in KINDS:
         raise ValueError(f"unknown decode kernel kind {kind!r}; known: {list(KINDS)}")
-    if not x.is_cuda or kind not in enabled_kinds():
-        return None
+    if not x.is_cuda or x.dtype == torch.float64 or kind not in enabled_kinds():
+        return None  # float64 models keep their float64 state: the kernels compute in float32
     return _load()

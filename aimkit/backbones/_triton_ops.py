@@ -14,7 +14,7 @@ Three kernels replace the chains of small kernels that dominated an AiM decode s
   ``rmsnorm(residual) * weight``, then the adaLN modulation ``* (1 + scale) + shift``; one
   read of each input row and two writes, instead of about nine element-wise kernels.
 
-Both compute in float32 and accept strided views (the split of ``in_proj``'s output, the rows of
+All three compute in float32 and accept strided views (the split of ``in_proj``'s output, the rows of
 the stacked modulation tensor), so the caller never makes a contiguous copy. Neither allocates
 anything but its outputs, syncs with the host or branches on tensor values: a decode step built
 from them can be captured in a CUDA graph. The PyTorch reference of each is named in its docstring
@@ -23,6 +23,7 @@ and the tests run both through Triton's interpreter on CPU (``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -33,10 +34,19 @@ from torch import Tensor
 __all__ = ["add_norm_modulate", "conv_step_", "ssm_step_"]
 
 
+def _on_device(t: Tensor):
+    """Launch on ``t``'s GPU: Triton launches on the current CUDA device, which may be another."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @triton.jit
 def _softplus(x):
-    # log(1 + e^x), exact for large x (as torch.nn.functional.softplus with threshold 20)
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+    # softplus(x) = max(x, 0) + log(1 + e^-|x|); log(1 + e) by its series for small e, where
+    # log(1 + e) of the rounded sum would lose digits (torch uses log1p), x itself above 20
+    e = tl.exp(-tl.abs(x))
+    series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0 - e * (0.25 - e * 0.2))))
+    log1p_e = tl.where(e < 0.1, series, tl.log(1.0 + e))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_e)
 
 
 @triton.jit
@@ -73,8 +83,9 @@ def _ssm_step_kernel(
         decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head, mask=mask_c, other=0.0).to(tl.float32)) * dt)
 
         x = tl.load(x_ptr + row * s_x_b + head * s_x_h + p, mask=mask_c, other=0.0).to(tl.float32)
-        b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        mask_bc = mask_n & (c0 < channels)  # a ragged last walk has tiles past the end: load nothing
+        b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_bc, other=0.0).to(tl.float32)
+        c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_bc, other=0.0).to(tl.float32)
 
         s_ptrs = state_ptr + row * s_state_b + (head * s_state_h + p * s_state_p)[:, None] + offs_n[None, :]
         s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N)
@@ -116,7 +127,8 @@ def ssm_step_(
     :func:`aimkit.backbones._ssd.ssd_recurrent_step` (same maths, float32 compute).
 
     Args:
-        state: (R, H, P, N), any float dtype, the last dim contiguous; updated in place.
+        state: (R, H, P, N), any float dtype (computed in float32), the last dim contiguous;
+            updated in place.
         x: (R, H, P) with the last dim contiguous (a view of the conv output is fine).
         dt: (R, H) raw step sizes (before bias and softplus), last dim contiguous.
         dt_bias, A_log: (H,) contiguous.
@@ -139,6 +151,9 @@ def ssm_step_(
         raise ValueError(f"ssm_step_: x {tuple(x.shape)} / dt {tuple(dt.shape)} do not match state {tuple(state.shape)}")
     if B.shape != (rows, groups, dstate) or C.shape != B.shape or nheads % groups:
         raise ValueError(f"ssm_step_: B {tuple(B.shape)} / C {tuple(C.shape)} do not match state {tuple(state.shape)}")
+    for name, t in (("dt_bias", dt_bias), ("A_log", A_log), ("D", D)):
+        if t is not None and (t.shape != (nheads,) or t.stride(0) != 1):
+            raise ValueError(f"ssm_step_: {name} must be a contiguous ({nheads},) tensor, got {tuple(t.shape)}")
     y = torch.empty(rows, nheads, headdim, device=x.device, dtype=x.dtype)
     heads_per_group = nheads // groups
     block_p = block_p or _block_p(headdim, rows, nheads, heads_per_group)
@@ -146,18 +161,19 @@ def ssm_step_(
         raise ValueError(f"ssm_step_: block_p {block_p} must divide headdim {headdim} or cover whole "
                          f"heads of one group ({heads_per_group} heads per group)")
     grid = (rows, triton.cdiv(triton.cdiv(nheads * headdim, block_p), tiles))
-    _ssm_step_kernel[grid](
-        state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
-        headdim, dstate, heads_per_group, nheads * headdim,
-        state.stride(0), state.stride(1), state.stride(2),
-        x.stride(0), x.stride(1),
-        dt.stride(0),
-        B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1),
-        y.stride(0), y.stride(1),
-        HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), TILES=tiles, STAGES=stages,
-        num_warps=num_warps,
-    )
+    with _on_device(x):
+        _ssm_step_kernel[grid](
+            state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
+            headdim, dstate, heads_per_group, nheads * headdim,
+            state.stride(0), state.stride(1), state.stride(2),
+            x.stride(0), x.stride(1),
+            dt.stride(0),
+            B.stride(0), B.stride(1),
+            C.stride(0), C.stride(1),
+            y.stride(0), y.stride(1),
+            HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), TILES=tiles, STAGES=stages,
+            num_warps=num_warps,
+        )
     return y
 
 
@@ -200,6 +216,9 @@ def add_norm_modulate(
         residual = (gate * hidden if gate is not None else hidden) + residual   # float32
         out = rmsnorm(residual.to(weight.dtype)) * weight * (1 + scale) + shift
 
+    (the unfused block rounds ``gate * hidden`` and the modulation to the model dtype; here they
+    stay in float32 until the single rounding of ``out``: more precise, not bit-equal)
+
     Args:
         hidden: (R, D) output of the previous sublayer (or the embedded token); last dim contiguous.
         gate: optional (R, D) adaLN gate of the previous sublayer.
@@ -224,17 +243,18 @@ def add_norm_modulate(
     res_out = residual if residual is not None else torch.empty(rows, dim, device=hidden.device, dtype=torch.float32)
     out = torch.empty(rows, dim, device=hidden.device, dtype=weight.dtype)
     block = triton.next_power_of_2(dim)
-    _add_norm_modulate_kernel[(rows,)](
-        hidden, gate if gate is not None else hidden, residual if residual is not None else hidden, weight,
-        shift if shift is not None else hidden, scale if scale is not None else hidden, res_out, out,
-        dim, eps,
-        hidden.stride(0), gate.stride(0) if gate is not None else 0,
-        residual.stride(0) if residual is not None else 0,
-        shift.stride(0) if shift is not None else 0, scale.stride(0) if scale is not None else 0,
-        res_out.stride(0), out.stride(0),
-        HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HAS_MOD=shift is not None,
-        BLOCK_D=block, num_warps=min(max(block // 256, 1), 8),
-    )
+    with _on_device(hidden):
+        _add_norm_modulate_kernel[(rows,)](
+            hidden, gate if gate is not None else hidden, residual if residual is not None else hidden, weight,
+            shift if shift is not None else hidden, scale if scale is not None else hidden, res_out, out,
+            dim, eps,
+            hidden.stride(0), gate.stride(0) if gate is not None else 0,
+            residual.stride(0) if residual is not None else 0,
+            shift.stride(0) if shift is not None else 0, scale.stride(0) if scale is not None else 0,
+            res_out.stride(0), out.stride(0),
+            HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HAS_MOD=shift is not None,
+            BLOCK_D=block, num_warps=min(max(block // 256, 1), 8),
+        )
     return out, res_out
 
 
@@ -249,7 +269,7 @@ def _conv_step_kernel(
     offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     taps = tl.arange(0, BLOCK_W)
     mask = offs < channels
-    # the whole old window in one load, so no store below can overtake a read of the same tap
+    # the whole old window in one load (stored back shifted after a barrier, below)
     win_mask = mask[:, None] & (taps[None, :] < WIDTH)
     win_ptrs = state_ptr + row * s_state_b + offs[:, None] * s_state_c + taps[None, :] * s_state_k
     window = tl.load(win_ptrs, mask=win_mask, other=0.0)  # (BLOCK_C, BLOCK_W): taps 0..W-1, oldest first
@@ -263,6 +283,9 @@ def _conv_step_kernel(
     acc += x.to(tl.float32) * w_last
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # the shifted store below writes taps that other threads of this program may have loaded:
+    # Triton orders nothing between threads, so wait until every thread holds its window
+    tl.debug_barrier()
     tl.store(win_ptrs - s_state_k, window, mask=win_mask & (taps[None, :] >= 1))  # shift left by one
     tl.store(state_ptr + row * s_state_b + offs * s_state_c + (WIDTH - 1) * s_state_k, x, mask=mask)
     out = acc / (1.0 + tl.exp(-acc))  # SiLU
@@ -297,11 +320,12 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor],
         raise ValueError("conv_step_: x and weight need a contiguous last dimension")
     out = torch.empty(rows, channels, device=x.device, dtype=x.dtype)
     block = min(triton.next_power_of_2(channels), block_c)
-    _conv_step_kernel[(rows, triton.cdiv(channels, block))](
-        x, state, weight, bias if bias is not None else weight, out,
-        channels,
-        x.stride(0), state.stride(0), state.stride(1), state.stride(2), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_C=block,
-        num_warps=num_warps,
-    )
+    with _on_device(x):
+        _conv_step_kernel[(rows, triton.cdiv(channels, block))](
+            x, state, weight, bias if bias is not None else weight, out,
+            channels,
+            x.stride(0), state.stride(0), state.stride(1), state.stride(2), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_C=block,
+            num_warps=num_warps,
+        )
     return out

@@ -245,6 +245,8 @@ class Backbone(nn.Module):
         """
         if x.shape[1] != 1:
             raise ValueError(f"prefill_first takes one position, got {x.shape[1]}")
+        if inference_params.seqlen_offset != 0:
+            raise ValueError(f"prefill_first starts a sequence (offset 0), got offset {inference_params.seqlen_offset}")
         for layer in self.layers:
             reset = getattr(layer.mixer, "reset_inference_cache", None)
             if reset is not None:

@@ -63,9 +63,9 @@ def _sample_kernel(
 
 def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
     """A (1,) int64 run seed on ``device``, drawn from ``generator`` (or the default one), no sync."""
-    if generator is not None:
-        device = generator.device
-    return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.long)
+    source = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=source, dtype=torch.long)
+    return seed.to(device)
 
 
 def sample_guided_(
@@ -90,9 +90,15 @@ def sample_guided_(
         raise ValueError(f"guidance needs an even number of rows, got {rows}")
     if not temperature > 0:
         raise ValueError(f"sample_guided_ needs temperature > 0, got {temperature}")
-    if logits.stride(-1) != 1 or codes.stride(-1) != 1 or codes.shape[0] != batch or next_tokens.shape != (rows,):
+    if (logits.stride(-1) != 1 or codes.stride(-1) != 1 or codes.shape[0] != batch or next_tokens.shape != (rows,)
+            or not next_tokens.is_contiguous() or next_tokens.dtype != torch.long or codes.dtype != torch.long):
         raise ValueError(f"sample_guided_: logits {tuple(logits.shape)}, codes {tuple(codes.shape)} and "
-                         f"next_tokens {tuple(next_tokens.shape)} do not fit")
+                         f"next_tokens {tuple(next_tokens.shape)} do not fit (int64, contiguous)")
+    if not 0 <= step < codes.shape[1]:
+        raise ValueError(f"sample_guided_: step {step} is outside the {codes.shape[1]} code columns")
+    if seed.shape != (1,) or seed.device != logits.device:
+        raise ValueError(f"sample_guided_: seed must be a (1,) tensor on {logits.device}, got {tuple(seed.shape)} "
+                         f"on {seed.device}")
     block = min(triton.next_power_of_2(vocab), 2048)
     _sample_kernel[(batch,)](
         logits, logits.stride(0), vocab, batch, float(scale if scale is not None else 1.0), 1.0 / temperature,
