@@ -83,7 +83,7 @@ def _ssm_step_kernel(
         decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head, mask=mask_c, other=0.0).to(tl.float32)) * dt)
 
         x = tl.load(x_ptr + row * s_x_b + head * s_x_h + p, mask=mask_c, other=0.0).to(tl.float32)
-        mask_bc = mask_n & (c0 < channels)  # a ragged last walk has tiles past the end: load nothing
+        mask_bc = mask_n & (c0 + offs_n * 0 < channels)  # tiles past the end (ragged walk): load nothing
         b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_bc, other=0.0).to(tl.float32)
         c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_bc, other=0.0).to(tl.float32)
 
