@@ -789,61 +789,45 @@ def markdown(data: Dict[str, Any]) -> str:
                   f"(tolerance {chk.get('tolerance')}): **{verdict}**" + (f" {chk['error']}" if chk.get("error") else ""),
                   ""]
     rows = data.get("rows", [])
-    sampling = [r for r in rows if r["suite"] == "sampling"]
-    if sampling:
-        lines += [
-            "## Sampling (tokens only, guidance, median of repeats)",
-            "",
-            "| model | backbone | params | batch | tokens | cache dtype | s / batch | images/s | first call (s) "
-            "| peak GB | floor (s) | bound | fraction of floor | VQ decode (s) | status |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in sampling:
-            f = _row_floor(r)
-            lines.append(
-                f"| {r['model']} | {r['backbone']} | {_int(r.get('params'))} "
-                f"| {r['batch']} | {r['tokens']} | {'/'.join(r.get('cache_dtypes', [])) or '-'} "
-                f"| {_fmt(r.get('seconds_per_batch'), '.3f')} | {_fmt(r.get('images_per_s'), '.1f')} "
-                f"| {_fmt(r.get('first_call_s'), '.1f')} | {_fmt(r.get('peak_memory_gb'), '.1f')} "
-                f"| {_fmt(f.get('seconds'), '.3f')} | {f.get('bound', '-')} | {_fmt(r.get('fraction_of_floor'), '.2f')} "
-                f"| {_fmt(r.get('vq_decode_s'), '.3f')} | {r['status']} |"
-            )
-        lines.append("")
-    decode = [r for r in rows if r["suite"] == "decode"]
-    if decode:
-        lines += [
-            "## One decode step (CUDA-graph replay on the GPU, eager elsewhere; mid-sequence)",
-            "",
-            "| model | batch (rows) | cache dtype | step (ms) | floor (ms) | state GB / step | achieved TB/s "
-            "| fraction of floor | status |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in decode:
-            f = _row_floor(r)
-            lines.append(
-                f"| {r['model']} | {r['batch']} ({r.get('rows', '-')}) | {'/'.join(r.get('cache_dtypes', [])) or '-'} "
-                f"| {_fmt(r.get('step_s') and r['step_s'] * 1e3, '.3f')} "
-                f"| {_fmt(f.get('seconds') and f['seconds'] * 1e3, '.3f')} | {_fmt(r.get('state_gb_per_step'), '.2f')} "
-                f"| {_fmt(r.get('achieved_bandwidth') and r['achieved_bandwidth'] / 1e12, '.2f')} "
-                f"| {_fmt(r.get('fraction_of_floor'), '.2f')} | {r['status']} |"
-            )
-        lines.append("")
-    train = [r for r in rows if r["suite"] == "train"]
-    if train:
-        lines += [
-            "## Training step (bf16 autocast, fused AdamW, grad clip 1.0)",
-            "",
-            "| model | step | params | batch x tokens | step (s) | tokens/s | 6·N·tokens/s (TFLOP/s) | MFU | peak GB | status |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in train:
-            lines.append(
-                f"| {r['model']} | {r.get('mode', 'eager')} | {_int(r.get('params'))} "
-                f"| {r['batch']} x {r['tokens']} | {_fmt(r.get('step_s'), '.3f')} "
-                f"| {_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('model_tflops'), '.1f')} "
-                f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_memory_gb'), '.1f')} | {r['status']} |"
-            )
-        lines.append("")
+
+    def sampling_cells(r):
+        f = _row_floor(r)
+        return [r["model"], r["backbone"], _int(r.get("params")), r["batch"], r["tokens"],
+                "/".join(r.get("cache_dtypes", [])) or "-", _fmt(r.get("seconds_per_batch"), ".3f"),
+                _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("first_call_s"), ".1f"),
+                _fmt(r.get("peak_memory_gb"), ".1f"), _fmt(f.get("seconds"), ".3f"), f.get("bound", "-"),
+                _fmt(r.get("fraction_of_floor"), ".2f"), _fmt(r.get("vq_decode_s"), ".3f"), r["status"]]
+
+    def decode_cells(r):
+        f = _row_floor(r)
+        return [r["model"], f"{r['batch']} ({r.get('rows', '-')})", "/".join(r.get("cache_dtypes", [])) or "-",
+                _fmt(r.get("step_s") and r["step_s"] * 1e3, ".3f"), _fmt(f.get("seconds") and f["seconds"] * 1e3, ".3f"),
+                _fmt(r.get("state_gb_per_step"), ".2f"),
+                _fmt(r.get("achieved_bandwidth") and r["achieved_bandwidth"] / 1e12, ".2f"),
+                _fmt(r.get("fraction_of_floor"), ".2f"), r["status"]]
+
+    def train_cells(r):
+        return [r["model"], r.get("mode", "eager"), _int(r.get("params")), f"{r['batch']} x {r['tokens']}",
+                _fmt(r.get("step_s"), ".3f"), _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("model_tflops"), ".1f"),
+                _fmt(r.get("mfu"), ".1%"), _fmt(r.get("peak_memory_gb"), ".1f"), r["status"]]
+
+    sections = [
+        ("sampling", "## Sampling (tokens only, guidance, median of repeats)",
+         ["model", "backbone", "params", "batch", "tokens", "cache dtype", "s / batch", "images/s", "first call (s)",
+          "peak GB", "floor (s)", "bound", "fraction of floor", "VQ decode (s)", "status"], sampling_cells),
+        ("decode", "## One decode step (CUDA-graph replay on the GPU, eager elsewhere; mid-sequence)",
+         ["model", "batch (rows)", "cache dtype", "step (ms)", "floor (ms)", "state GB / step", "achieved TB/s",
+          "fraction of floor", "status"], decode_cells),
+        ("train", "## Training step (bf16 autocast, fused AdamW, grad clip 1.0)",
+         ["model", "step", "params", "batch x tokens", "step (s)", "tokens/s", "6·N·tokens/s (TFLOP/s)", "MFU",
+          "peak GB", "status"], train_cells),
+    ]
+    for suite, title, columns, cells in sections:
+        selected = [r for r in rows if r["suite"] == suite]
+        if selected:
+            lines += [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in selected]
+            lines.append("")
     lines += ["Floors: state (or KV cache) bytes + step weights over the measured copy bandwidth, matmul FLOPs over "
               "the measured matmul rate; the larger one. `fraction of floor` = floor / measured.", ""]
     return "\n".join(lines)

@@ -217,7 +217,9 @@ class Backbone(nn.Module):
         On CUDA the glue between sublayers (gated residual add, RMSNorm, modulation) runs as one
         fused kernel per sublayer (:func:`aimkit.backbones._triton_ops.add_norm_modulate`); the
         result equals the unfused :meth:`forward` arithmetic up to rounding (float32 inside)."""
-        ops = decode_ops(x, "norm") if self._fusable() else None
+        ops = decode_ops(x, "norm")  # None off CUDA: checked first, it is the cheap test
+        if ops is not None and not self._fusable():
+            ops = None
         if ops is None:
             return self._run(x, mods, inference_params, step=True)
         if len(mods) != len(self.layers):
