@@ -867,6 +867,14 @@ def compact_table(data: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _save_figure(plt, fig, path: Path) -> str:
+    """Lay out, write (110 dpi) and close ``fig``; returns the file name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plots(data: Dict[str, Any], out: Path) -> List[str]:
     """At most three PNGs: throughput vs batch, Mamba2 vs transformer over tokens, fraction of floor."""
     try:
@@ -907,10 +915,7 @@ def plots(data: Dict[str, Any], out: Path) -> List[str]:
         ax.set_title(f"Sampling throughput, {base_tokens} tokens ({(data.get('device') or {}).get('gpu')})")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "sampling_throughput.png", dpi=110)
-        plt.close(fig)
-        written.append("sampling_throughput.png")
+        written.append(_save_figure(plt, fig, out / "sampling_throughput.png"))
 
     comp = [r for r in rows if r["suite"] == "sampling"]
     by_model: Dict[Tuple[str, int], Dict[str, List[Dict[str, Any]]]] = {}
@@ -940,10 +945,7 @@ def plots(data: Dict[str, Any], out: Path) -> List[str]:
         ax.set_title("Mamba2 state vs transformer KV cache")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "mamba_vs_transformer.png", dpi=110)
-        plt.close(fig)
-        written.append("mamba_vs_transformer.png")
+        written.append(_save_figure(plt, fig, out / "mamba_vs_transformer.png"))
 
     fracs = [r for r in rows if r.get("fraction_of_floor")]
     if fracs:
@@ -956,10 +958,7 @@ def plots(data: Dict[str, Any], out: Path) -> List[str]:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_ylabel("floor / measured (1 = at the floor)")
         ax.set_title("Fraction of the physical floor (blue: Mamba2, orange: transformer)")
-        fig.tight_layout()
-        fig.savefig(out / "fraction_of_floor.png", dpi=110)
-        plt.close(fig)
-        written.append("fraction_of_floor.png")
+        written.append(_save_figure(plt, fig, out / "fraction_of_floor.png"))
     return written
 
 

@@ -263,6 +263,10 @@ class Mamba2(nn.Module):
             )
         return kernels
 
+    def _decode_kernels(self, x: Tensor, kind: str):
+        """aimkit's decode kernel module for ``kind`` (see :mod:`._fused`), None on the PyTorch path."""
+        return None if self.config.use_kernels == "never" else decode_ops(x, kind)
+
     def _cache(self, inference_params: InferenceParams, batch: int) -> Tuple[Tensor, Tensor]:
         """This layer's ``(conv_state, ssm_state)`` views for the first ``batch`` rows."""
         try:
@@ -300,7 +304,7 @@ class Mamba2(nn.Module):
 
     def _conv_step(self, xBC: Tensor, conv_state: Tensor, kernels: Optional[MambaKernels]) -> Tensor:
         """One conv position: xBC (B, conv_dim) -> (B, conv_dim); shifts conv_state in place."""
-        fused = None if self.config.use_kernels == "never" else decode_ops(xBC, "conv")
+        fused = self._decode_kernels(xBC, "conv")
         if fused is not None:  # aimkit's kernel for the channels-contiguous window
             return fused.conv_step_(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         if kernels is not None and kernels.causal_conv1d_update is not None:
@@ -402,7 +406,7 @@ class Mamba2(nn.Module):
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = self._conv_step(xBC, conv_state, kernels)  # (B, conv_dim)
         xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
-        fused = None if self.config.use_kernels == "never" else decode_ops(x, "ssm")
+        fused = self._decode_kernels(x, "ssm")
         if fused is not None:  # aimkit's one-pass kernel: softplus, -exp(A_log), update, read-out, D
             y = fused.ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D)  # (B, H, P)
         elif kernels is not None:
