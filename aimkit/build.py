@@ -98,7 +98,7 @@ def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: 
 
 
 # fields that change how a model runs, never the shapes or meaning of its weights
-_RUNTIME_FIELDS = {"use_kernels", "state_dtype", "chunk_size"}
+_RUNTIME_FIELDS = {"use_kernels", "state_dtype", "chunk_size", "fused_split_scan"}
 _RUNTIME_TOP = {"decode_position_offset", "fid_sampling", "pretty_sampling", "sampler", "class_dropout"}
 
 

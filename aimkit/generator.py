@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._compile import TrainCompiled
 from .backbones.base import InferenceParams, modulate
 from .conditioning.label import ClassEmbedder
 from .config import ComponentSpec, GeneratorConfig
 from .errors import CheckpointError, ConfigError
 from .registry import BACKBONES, CONDITIONING, TOKENIZERS
 
-__all__ = ["Generator", "DecodeCondition", "FinalLayer"]
+__all__ = ["Generator", "DecodeCondition", "FinalLayer", "token_cross_entropy"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,6 +48,30 @@ class DecodeCondition(NamedTuple):
     class_emb: Tensor
     mods: Tensor
     final: Tensor
+
+
+def _cross_entropy_fp32(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+_CROSS_ENTROPY = TrainCompiled(_cross_entropy_fp32)
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy computed in float32.
+
+    In training on CUDA it runs compiled (:mod:`aimkit._compile`): the float32 cast, the
+    log-softmax and its backward fuse, instead of materialising float32 copies of the
+    (B * N, V) logits (1 GiB for a 64 x 256 batch over 16384 codes).
+
+    Args:
+        logits: (B, N, V) in any float dtype.
+        targets: (B, N) int64 codes.
+
+    Returns:
+        () float32 loss.
+    """
+    return _CROSS_ENTROPY(logits.device, logits, targets)
 
 
 class FinalLayer(nn.Module):
@@ -216,8 +241,7 @@ class Generator(nn.Module):
 
     def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
         """Mean next-token cross-entropy of the teacher-forced forward (float32)."""
-        logits = self(codes, labels)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1).long())
+        return token_cross_entropy(self(codes, labels), codes.long())
 
     # ------------------------------------------------------------------ incremental decoding
     def condition(self, labels: Tensor) -> DecodeCondition:

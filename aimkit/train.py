@@ -58,10 +58,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from .errors import AimkitError, ConfigError
+from .generator import token_cross_entropy
 
 __all__ = [
     "TrainConfig",
@@ -726,7 +726,7 @@ def _capture_step(gen, optimizer, inputs: torch.Tensor, labels: torch.Tensor, cf
 
     def loss_fn(model, codes, y):
         logits = model(codes, y)  # (B, N, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        return token_cross_entropy(logits, codes)
 
     amp = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     step = GraphedTrainStep(gen, optimizer, loss_fn, (inputs, labels), max_grad_norm=max_norm,
@@ -917,7 +917,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
                     else:
                         with accelerator.no_sync(model) if a < accum - 1 else nullcontext():
                             logits = model(inputs, labels)  # (B, N, V)
-                            loss = F.cross_entropy(logits.float().flatten(0, 1), inputs.flatten())
+                            loss = token_cross_entropy(logits, inputs)
                             accelerator.backward(loss / accum)
                     loss_sum += loss.detach()
                 if not cfg.cuda_graph:

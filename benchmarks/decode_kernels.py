@@ -8,12 +8,14 @@ On a GPU machine with the kernels installed (see run_all.py for the set-up)::
 Parts:
 
 * ``micro``: the SSM state update alone on one layer's state (AiM-B and AiM-XL head shapes),
-  mamba-ssm's ``selective_state_update`` against aimkit's ``ssm_step_`` with several tilings;
-  reports microseconds and the achieved state bandwidth (bytes read + written / time).
-* ``step``: one whole decode step (CUDA-graph replay) per model and batch, with
-  ``AIMKIT_DECODE_KERNELS`` = ``none`` / ``ssm`` / ``all`` (each change measured on its own), bf16
-  state, plus the float32 state with every kernel; and the largest logit difference of each
-  variant from ``none`` after the same steps.
+  mamba-ssm's ``selective_state_update`` against aimkit's ``ssm_step_`` with several tilings and
+  with the gated norm folded in (``z``); reports microseconds and the achieved state bandwidth
+  (bytes read + written / time).
+* ``step``: one whole decode step (CUDA-graph replay) per model and batch, with each
+  ``AIMKIT_DECODE_KERNELS`` value of ``--kernel-variants`` (default ``none`` / ``ssm`` /
+  ``ssm,norm`` / ``ssm,conv,norm`` / ``all``, the last adding ``gnorm``: each change measured on its
+  own), bf16 state, plus the float32 state with every kernel; and the largest logit difference of
+  each variant from the first after the same steps.
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
   at 16), median of ``--repeats``, with and without the one-kernel sampler, and with
   ``--branches`` concurrent graph branches.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import aimkit  # noqa: E402
+from aimkit.backbones._fused import KINDS, enabled_kinds  # noqa: E402
 from aimkit.bench import build_bench_model  # noqa: E402
 from aimkit.samplers._cuda_graph import DecodeGraph, clear_decode_graphs  # noqa: E402
 
@@ -99,6 +102,10 @@ def part_micro(args) -> None:
                         D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
                 variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D)
+                z = torch.randn(rows, nheads, P, device="cuda", dtype=torch.bfloat16)
+                norm_w = torch.randn(nheads * P, device="cuda", dtype=torch.bfloat16)
+                variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: _triton_ops.ssm_step_(
+                    state, x, dt, dt_bias, A_log, B, C, D, z=z, norm_weight=norm_w)
                 for bp in (64, 128):
                     for warps in (4, 8):
                         for tiles, stages in ((1, 1), (2, 2), (4, 2), (4, 3), (8, 3)):
@@ -303,8 +310,9 @@ def main() -> int:
     ap.add_argument("--rows", default="32,128,512", help="decode rows for the step part (2 x images)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--branches", default="1,2", help="graph branches to compare (step and generate parts)")
-    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;all",
-                    help="';'-separated AIMKIT_DECODE_KERNELS values (step part)")
+    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;ssm,conv,norm;all",
+                    help="';'-separated AIMKIT_DECODE_KERNELS values (step part): 'all', 'none' or comma "
+                         f"lists of {','.join(KINDS)}, e.g. 'ssm,conv,norm;ssm,conv,norm,gnorm'")
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")
@@ -314,6 +322,10 @@ def main() -> int:
     args.branches = [int(b) for b in args.branches.split(",") if b]
     args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
     args.kernel_variants = [k for k in args.kernel_variants.split(";") if k]
+    for value in args.kernel_variants:  # fail before any model is built on an unknown kind
+        os.environ["AIMKIT_DECODE_KERNELS"] = value
+        enabled_kinds()
+    os.environ.pop("AIMKIT_DECODE_KERNELS", None)
     from aimkit.backbones._mamba_kernels import kernel_info
 
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,

@@ -4,8 +4,10 @@
     python benchmarks/profile_train.py --variants "chunk_size=128;chunk_size=64" --compile-variant
 
 Times the step of ``train_throughput.py`` (bf16 autocast, fused AdamW, grad clip) for the default
-build and for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE`` build overrides),
-then profiles a few default steps and prints the top CUDA kernels grouped by family. Writes
+build and for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE`` build overrides;
+keys starting with ``AIMKIT_`` are set as environment variables for that variant, e.g.
+``AIMKIT_TRAIN_COMPILE=never``), then profiles a few default steps and prints the top CUDA
+kernels grouped by family. Writes
 ``$OUT/profile_train.json``.
 """
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from aimkit.generator import token_cross_entropy  # noqa: E402
 
 from train_throughput import _parse_set, measure  # noqa: E402
 
@@ -39,7 +41,7 @@ def _profile(name: str, batch: int, steps: int = 3) -> dict:
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = gen(codes, labels)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        loss = token_cross_entropy(logits, codes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         opt.step()
@@ -81,6 +83,9 @@ def main() -> int:
     if args.compile_variant:
         plans.append(("torch.compile", {}, {"compile": True}))
     for label, overrides, flags in plans:
+        env = {k: str(overrides.pop(k)) for k in list(overrides) if k.startswith("AIMKIT_")}
+        saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             row = measure(args.model, SimpleNamespace(**{**vars(base), **flags}), overrides)
             row["variant"] = label
@@ -89,6 +94,12 @@ def main() -> int:
         except Exception as exc:  # keep the other variants
             row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"}
             print(f"{label}: failed: {row['error']}", flush=True)
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
         result["timings"].append(row)
         torch.cuda.empty_cache()
     if args.no_profile:

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from aimkit.generator import token_cross_entropy  # noqa: E402
 
 
 def _parse_set(items):
@@ -64,7 +64,7 @@ def measure(name: str, args, overrides) -> dict:
 
     def loss_fn(m, c, y):
         logits = m(c, y)  # (B, N, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), c.flatten())
+        return token_cross_entropy(logits, c)
 
     if graphed:  # forward + backward + clip and the AdamW update replayed from two CUDA graphs
         from aimkit.train_graph import GraphedTrainStep
@@ -77,7 +77,7 @@ def measure(name: str, args, overrides) -> dict:
             return graph_step(codes, labels)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(codes, labels)  # (B, N, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        loss = token_cross_entropy(logits, codes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         optimizer.step()

@@ -362,7 +362,8 @@ def _write_fake_mamba(root: Path, init_source: str) -> None:
         "mamba_ssm/__init__.py": init_source,
         "mamba_ssm/ops/__init__.py": "",
         "mamba_ssm/ops/triton/__init__.py": "",
-        "mamba_ssm/ops/triton/ssd_combined.py": "def mamba_chunk_scan_combined(*a, **k):\n    return 'scan'\n",
+        "mamba_ssm/ops/triton/ssd_combined.py": ("def mamba_chunk_scan_combined(*a, **k):\n    return 'scan'\n\n"
+                                                 "def mamba_split_conv1d_scan_combined(*a, **k):\n    return 'mixer'\n"),
         "mamba_ssm/ops/triton/selective_state_update.py": "def selective_state_update(*a, **k):\n    return 'step'\n",
         "mamba_ssm/ops/triton/layernorm_gated.py": "def rmsnorm_fn(*a, **k):\n    return 'norm'\n",
         "causal_conv1d/__init__.py": "def causal_conv1d_fn(*a, **k):\n    pass\n\ndef causal_conv1d_update(*a, **k):\n    pass\n",
@@ -434,9 +435,12 @@ def _rel(a, b):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ngroups", [1, 2])
-def test_kernel_path_matches_reference(cuda_kernels, ngroups):
-    kernel = _tiny_mixer(ngroups=ngroups, use_kernels="always", chunk_size=16).cuda()
+@pytest.mark.parametrize("ngroups,split_scan", [(1, False), (2, False), (1, True), (2, True)])
+def test_kernel_path_matches_reference(cuda_kernels, ngroups, split_scan):
+    kernel = _tiny_mixer(ngroups=ngroups, use_kernels="always", chunk_size=16, fused_split_scan=split_scan).cuda()
+    if split_scan and _mamba_kernels.load_kernels().causal_conv1d_fn is None:
+        pytest.skip("fused_split_scan needs causal-conv1d")
+    assert kernel._split_scan_usable(_mamba_kernels.load_kernels()) == split_scan
     ref = _tiny_mixer(ngroups=ngroups, use_kernels="never", chunk_size=16, dtype=torch.float64).cuda()
     ref.load_state_dict(kernel.state_dict())
     x = torch.randn(2, 40, D_MODEL, device="cuda")

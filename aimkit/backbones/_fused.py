@@ -10,7 +10,12 @@ can compare variants in one process — clear captured CUDA graphs in between):
 * unset or ``all``: every fused kernel;
 * ``none``: none (mamba-ssm's ``selective_state_update`` and the unfused block arithmetic);
 * a comma list of ``ssm`` (:func:`~._triton_ops.ssm_step_`), ``conv``
-  (:func:`~._triton_ops.conv_step_`) and ``norm`` (:func:`~._triton_ops.add_norm_modulate`).
+  (:func:`~._triton_ops.conv_step_`), ``norm`` (:func:`~._triton_ops.add_norm_modulate`) and
+  ``gnorm``: Mamba2's gated RMSNorm folded into the other two (``ssm_step_`` writes the norm's
+  numerator and partial sums of squares, ``add_norm_modulate`` applies the per-row factor after
+  ``out_proj``); used only when ``ssm``, ``norm`` and ``gnorm`` are all enabled.
+
+A sublayer whose output still lacks such a per-row factor hands it on as a :class:`PendingRowNorm`.
 """
 
 from __future__ import annotations
@@ -19,18 +24,42 @@ import os
 import threading
 import warnings
 from types import ModuleType
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["KINDS", "decode_ops", "enabled_kinds"]
+__all__ = ["KINDS", "PendingRowNorm", "decode_ops", "enabled_kinds"]
 
-KINDS = ("ssm", "conv", "norm")
+KINDS = ("ssm", "conv", "norm", "gnorm")
 _ENV = "AIMKIT_DECODE_KERNELS"
 
 _lock = threading.Lock()
 _loaded = False
 _module: Optional[ModuleType] = None
+
+
+class PendingRowNorm(NamedTuple):
+    """The per-row factor of an RMSNorm that a sublayer folded past its linear output projection.
+
+    The sublayer's true output is ``out * rsqrt(partials.sum(-1) / dim + eps)`` per row; the fused
+    glue (:func:`~._triton_ops.add_norm_modulate`, ``hidden_sq_partials``) applies it for free,
+    anything else calls :meth:`apply`.
+
+    Attributes:
+        partials: (B, T) float32 partial sums of squares of the normalised quantity, T tiles.
+        dim: channels the sums cover (the mean's divisor).
+        eps: the norm's epsilon.
+    """
+
+    partials: torch.Tensor
+    dim: int
+    eps: float
+
+    def apply(self, out: torch.Tensor) -> torch.Tensor:
+        """The normalised output: out (B, ...) times each row's factor (float32 inside), in out's dtype."""
+        factor = torch.rsqrt(self.partials.sum(-1) / self.dim + self.eps)  # (B,)
+        ct = torch.promote_types(out.dtype, torch.float32)
+        return (out.to(ct) * factor.to(ct).view(-1, *([1] * (out.dim() - 1)))).to(out.dtype)
 
 
 def enabled_kinds() -> frozenset:

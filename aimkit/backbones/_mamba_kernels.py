@@ -10,6 +10,9 @@ Kernels used (mamba-ssm >= 2.x, causal-conv1d >= 1.4):
 * ``mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn``: the gated RMSNorm.
 * ``causal_conv1d.causal_conv1d_fn`` / ``causal_conv1d_update``: optional; without them the
   mixer uses its PyTorch depthwise convolution.
+* ``mamba_ssm.ops.triton.ssd_combined.mamba_split_conv1d_scan_combined``: the whole mixer after
+  ``in_proj`` as one autograd function (opt-in ``Mamba2Config.fused_split_scan``; calls
+  causal-conv1d).
 
 Triton-only installs. mamba-ssm 2.3.2.post1 imports its compiled ``selective_scan_cuda``
 extension unconditionally in ``mamba_ssm/__init__.py``, so a build made without its CUDA
@@ -53,6 +56,7 @@ class MambaKernels:
     rmsnorm_fn: Callable[..., Any]
     causal_conv1d_fn: Optional[Callable[..., Any]] = None
     causal_conv1d_update: Optional[Callable[..., Any]] = None
+    mamba_split_conv1d_scan_combined: Optional[Callable[..., Any]] = None  # needs causal-conv1d
 
 
 _lock = threading.Lock()
@@ -114,6 +118,7 @@ def _load() -> Optional[MambaKernels]:
             "mamba_chunk_scan_combined": ssd.mamba_chunk_scan_combined,
             "selective_state_update": step.selective_state_update,
             "rmsnorm_fn": norm.rmsnorm_fn,
+            "mamba_split_conv1d_scan_combined": getattr(ssd, "mamba_split_conv1d_scan_combined", None),
         }
     except Exception as exc:  # noqa: BLE001  (not installed, or broken: fall back to PyTorch)
         _status["error"] = f"{type(exc).__name__}: {exc}"
@@ -161,7 +166,7 @@ def kernel_info() -> Dict[str, Any]:
     """
     kernels = load_kernels()
     names = ("mamba_chunk_scan_combined", "selective_state_update", "rmsnorm_fn",
-             "causal_conv1d_fn", "causal_conv1d_update")
+             "causal_conv1d_fn", "causal_conv1d_update", "mamba_split_conv1d_scan_combined")
     return {
         "available": kernels is not None,
         "versions": {d: _version(d) for d in ("mamba-ssm", "causal-conv1d", "triton", "torch")},

@@ -7,12 +7,17 @@ Three kernels replace the chains of small kernels that dominated an AiM decode s
   dt_bias``, ``A = -exp(A_log)``, the state update, the read-out and the ``D`` skip, in one pass
   over the state (read once, written once). It replaces mamba-ssm's ``selective_state_update``
   (which tiles the state 4 channels at a time) and the three kernels that rebuilt ``A`` each step.
+  Given the gate ``z`` and the gated-norm weight it also folds in mamba's gated RMSNorm (one group
+  over all channels): it writes ``y * silu(z) * weight`` and per-tile partial sums of
+  ``(y * silu(z))^2``, and the per-row factor ``rsqrt(mean + eps)`` is applied after ``out_proj``
+  (linear, no bias) by :func:`add_norm_modulate`, which saves the norm kernel of every layer.
 * :func:`conv_step_` — one position of the depthwise causal convolution with its window shift
   and SiLU, for the channels-contiguous window aimkit keeps (causal-conv1d's update kernel took
   12 µs per AiM-B layer at 512 rows on that layout, four times its memory traffic).
 * :func:`add_norm_modulate` — the glue between two sublayers: ``residual += gate * hidden``, then
   ``rmsnorm(residual) * weight``, then the adaLN modulation ``* (1 + scale) + shift``; one
-  read of each input row and two writes, instead of about nine element-wise kernels.
+  read of each input row and two writes, instead of about nine element-wise kernels. Optionally
+  it first scales ``hidden`` by the row factor of a gated norm folded into :func:`ssm_step_`.
 
 All three compute in float32 and accept strided views (the split of ``in_proj``'s output, the rows of
 the stacked modulation tensor), so the caller never makes a contiguous copy. Neither allocates
@@ -24,7 +29,7 @@ and the tests run both through Triton's interpreter on CPU (``TRITON_INTERPRET=1
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -52,6 +57,7 @@ def _softplus(x):
 @triton.jit
 def _ssm_step_kernel(
     state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+    z_ptr, norm_w_ptr, sq_ptr,
     headdim, dstate, heads_per_group, channels,
     s_state_b, s_state_h, s_state_p,
     s_x_b, s_x_h,
@@ -59,7 +65,9 @@ def _ssm_step_kernel(
     s_B_b, s_B_g,
     s_C_b, s_C_g,
     s_y_b, s_y_h,
-    HAS_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    s_z_b, s_z_h,
+    s_sq_b,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES: tl.constexpr, STAGES: tl.constexpr,
 ):
     # A tile is BLOCK_P consecutive (head, channel) pairs of one row: part of a head, one head, or
@@ -95,6 +103,14 @@ def _ssm_step_kernel(
         y = tl.sum(s * c[None, :], axis=1)  # (BLOCK_P,)
         if HAS_D:
             y += tl.load(D_ptr + head, mask=mask_c, other=0.0).to(tl.float32) * x
+        if HAS_Z:  # the gated norm's numerator g * weight, and this tile's sum of g^2 (masked lanes: g = 0)
+            z = tl.load(z_ptr + row * s_z_b + head * s_z_h + p, mask=mask_c, other=0.0).to(tl.float32)
+            g = y * z / (1.0 + tl.exp(-z))  # y * silu(z)
+            sq = tl.sum(g * g, axis=0) + tl.zeros([BLOCK_P], dtype=tl.float32)
+            # one float per tile, stored by the tile's first lane (a block mask: no scalar mask terms)
+            tile = tl.program_id(1) * TILES + i
+            tl.store(sq_ptr + row * s_sq_b + tile + offs_c * 0, sq, mask=mask_c & (offs_c == c0))
+            y = g * tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * s_y_b + head * s_y_h + p, y.to(y_ptr.dtype.element_ty), mask=mask_c)
 
 
@@ -119,12 +135,25 @@ def _block_p(headdim: int, rows: int, nheads: int, heads_per_group: int) -> int:
 def ssm_step_(
     state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4, tiles: int = 1,
-    stages: int = 1,
-) -> Tensor:
-    """One Mamba2 decoding step, updating ``state`` in place; returns y.
+    stages: int = 1, z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """One Mamba2 decoding step, updating ``state`` in place; returns y (or, with ``z``, the
+    gated-norm numerator and its partial sums of squares).
 
     Reference: ``dt = softplus(dt + dt_bias)``, ``A = -exp(A_log)``, then
     :func:`aimkit.backbones._ssd.ssd_recurrent_step` (same maths, float32 compute).
+
+    With ``z`` and ``norm_weight`` the kernel also does the part of mamba's gated RMSNorm (one
+    group over all H*P channels, ``norm_before_gate=False``) that needs no row-wide reduction::
+
+        g = y * silu(z)                                        # float32, y before rounding
+        out = g * norm_weight                                  # (R, H, P), rounded to x.dtype
+        partials[r, t] = (g[r].flatten()[t*block_p:(t+1)*block_p] ** 2).sum()   # float32
+
+    so that ``rmsnorm(g) * norm_weight == out * rsqrt(partials.sum(-1) / (H*P) + eps)`` per row.
+    A linear map without bias commutes with that row factor: the caller applies it after
+    ``out_proj`` (:func:`add_norm_modulate`'s ``hidden_sq_partials``). Each tile writes its own
+    partial sum: no atomics, the result does not depend on scheduling.
 
     Args:
         state: (R, H, P, N), any float dtype (computed in float32), the last dim contiguous;
@@ -138,14 +167,18 @@ def ssm_step_(
         num_warps: warps per program.
         tiles: tiles of ``block_p`` channels walked by one program (1: one tile per program).
         stages: software-pipelining depth of that walk (Triton ``num_stages``).
+        z: optional (R, H, P) gate, last dim contiguous (a view of ``in_proj``'s output split).
+        norm_weight: (H*P,) contiguous gated-norm weight; given exactly when ``z`` is.
 
     Returns:
-        y (R, H, P) in ``x.dtype``.
+        Without ``z``: y (R, H, P) in ``x.dtype``. With ``z``: ``(out, partials)``, out
+        (R, H, P) in ``x.dtype`` as above, partials (R, T) float32 with ``T = H*P / block_p``
+        channel tiles per row (``block_p`` divides H*P).
     """
     rows, nheads, headdim, dstate = state.shape
     groups = B.shape[1]
-    for name, t in (("state", state), ("x", x), ("dt", dt), ("B", B), ("C", C)):
-        if t.stride(-1) != 1:
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.stride(-1) != 1:
             raise ValueError(f"ssm_step_: {name} needs a contiguous last dimension, got strides {t.stride()}")
     if x.shape != (rows, nheads, headdim) or dt.shape != (rows, nheads):
         raise ValueError(f"ssm_step_: x {tuple(x.shape)} / dt {tuple(dt.shape)} do not match state {tuple(state.shape)}")
@@ -154,41 +187,60 @@ def ssm_step_(
     for name, t in (("dt_bias", dt_bias), ("A_log", A_log), ("D", D)):
         if t is not None and (t.shape != (nheads,) or t.stride(0) != 1):
             raise ValueError(f"ssm_step_: {name} must be a contiguous ({nheads},) tensor, got {tuple(t.shape)}")
+    channels = nheads * headdim
+    if (z is None) != (norm_weight is None):
+        raise ValueError("ssm_step_: give both z and norm_weight (the gated norm), or neither")
+    if z is not None:
+        if z.shape != x.shape:
+            raise ValueError(f"ssm_step_: z {tuple(z.shape)} does not match x {tuple(x.shape)}")
+        if norm_weight.shape != (channels,) or norm_weight.stride(0) != 1:
+            raise ValueError(f"ssm_step_: norm_weight must be a contiguous ({channels},) tensor, "
+                             f"got {tuple(norm_weight.shape)}")
     y = torch.empty(rows, nheads, headdim, device=x.device, dtype=x.dtype)
     heads_per_group = nheads // groups
     block_p = block_p or _block_p(headdim, rows, nheads, heads_per_group)
     if not _valid_block(block_p, headdim, heads_per_group):
         raise ValueError(f"ssm_step_: block_p {block_p} must divide headdim {headdim} or cover whole "
                          f"heads of one group ({heads_per_group} heads per group)")
-    grid = (rows, triton.cdiv(triton.cdiv(nheads * headdim, block_p), tiles))
+    n_tiles = triton.cdiv(channels, block_p)
+    sq = torch.empty(rows, n_tiles, device=x.device, dtype=torch.float32) if z is not None else None
+    grid = (rows, triton.cdiv(n_tiles, tiles))
     with _on_device(x):
         _ssm_step_kernel[grid](
             state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
-            headdim, dstate, heads_per_group, nheads * headdim,
+            z if z is not None else x, norm_weight if norm_weight is not None else dt_bias,
+            sq if sq is not None else y,
+            headdim, dstate, heads_per_group, channels,
             state.stride(0), state.stride(1), state.stride(2),
             x.stride(0), x.stride(1),
             dt.stride(0),
             B.stride(0), B.stride(1),
             C.stride(0), C.stride(1),
             y.stride(0), y.stride(1),
-            HAS_D=D is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), TILES=tiles, STAGES=stages,
-            num_warps=num_warps,
+            z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+            sq.stride(0) if sq is not None else 0,
+            HAS_D=D is not None, HAS_Z=z is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+            TILES=tiles, STAGES=stages, num_warps=num_warps,
         )
-    return y
+    return y if z is None else (y, sq)
 
 
 @triton.jit
 def _add_norm_modulate_kernel(
-    hidden_ptr, gate_ptr, residual_ptr, weight_ptr, shift_ptr, scale_ptr, res_out_ptr, out_ptr,
-    dim, eps,
-    s_hidden, s_gate, s_residual, s_shift, s_scale, s_res_out, s_out,
-    HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_MOD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    hidden_ptr, gate_ptr, residual_ptr, weight_ptr, shift_ptr, scale_ptr, res_out_ptr, out_ptr, sq_ptr,
+    dim, eps, n_sq, hidden_norm_dim, hidden_norm_eps,
+    s_hidden, s_gate, s_residual, s_shift, s_scale, s_res_out, s_out, s_sq,
+    HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_MOD: tl.constexpr, HAS_HIDDEN_NORM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < dim
     r = tl.load(hidden_ptr + row * s_hidden + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_HIDDEN_NORM:  # the previous sublayer's pending row factor (a gated RMSNorm folded past out_proj)
+        offs_t = tl.arange(0, BLOCK_T)
+        sq = tl.load(sq_ptr + row * s_sq + offs_t, mask=offs_t < n_sq, other=0.0)
+        r *= 1.0 / tl.sqrt(tl.sum(sq, axis=0) / hidden_norm_dim + hidden_norm_eps)
     if HAS_GATE:
         r *= tl.load(gate_ptr + row * s_gate + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -208,11 +260,15 @@ def _add_norm_modulate_kernel(
 def add_norm_modulate(
     hidden: Tensor, gate: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float,
     shift: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+    hidden_sq_partials: Optional[Tensor] = None, hidden_norm_dim: int = 0, hidden_norm_eps: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """The residual update and the modulated pre-norm between two sublayers, fused.
 
     Reference (what :class:`aimkit.backbones.base.Block` does unfused)::
 
+        if hidden_sq_partials is not None:   # finish the previous sublayer's folded RMSNorm
+            hidden = hidden * rsqrt(hidden_sq_partials.sum(-1, keepdim=True) / hidden_norm_dim
+                                    + hidden_norm_eps)                           # float32
         residual = (gate * hidden if gate is not None else hidden) + residual   # float32
         out = rmsnorm(residual.to(weight.dtype)) * weight * (1 + scale) + shift
 
@@ -226,6 +282,11 @@ def add_norm_modulate(
         weight: (D,) RMSNorm weight; its dtype is the output dtype.
         eps: RMSNorm epsilon.
         shift, scale: optional (R, D) adaLN modulation (both or neither).
+        hidden_sq_partials: optional (R, T) float32 partial sums of squares of the previous
+            sublayer's normalised quantity (``ssm_step_``'s ``partials``), last dim contiguous:
+            ``hidden`` is that sublayer's output before its per-row RMS factor.
+        hidden_norm_dim: channels the partial sums cover (the mean's divisor; ``d_inner``).
+        hidden_norm_eps: epsilon of that folded norm.
 
     Returns:
         ``(out, residual)``: out (R, D) in ``weight.dtype``; the new residual (R, D) float32,
@@ -240,6 +301,14 @@ def add_norm_modulate(
                              f"got {tuple(t.shape)} strides {t.stride()}")
     if residual is not None and residual.dtype != torch.float32:
         raise ValueError(f"add_norm_modulate: the residual stream must be float32, got {residual.dtype}")
+    sq = hidden_sq_partials
+    if sq is not None:
+        if sq.dim() != 2 or sq.shape[0] != rows or sq.stride(-1) != 1 or sq.dtype != torch.float32:
+            raise ValueError(f"add_norm_modulate: hidden_sq_partials must be a float32 ({rows}, T) tensor with a "
+                             f"contiguous last dim, got {tuple(sq.shape)} {sq.dtype} strides {sq.stride()}")
+        if hidden_norm_dim <= 0:
+            raise ValueError(f"add_norm_modulate: hidden_norm_dim must be positive with hidden_sq_partials, "
+                             f"got {hidden_norm_dim}")
     res_out = residual if residual is not None else torch.empty(rows, dim, device=hidden.device, dtype=torch.float32)
     out = torch.empty(rows, dim, device=hidden.device, dtype=weight.dtype)
     block = triton.next_power_of_2(dim)
@@ -247,13 +316,16 @@ def add_norm_modulate(
         _add_norm_modulate_kernel[(rows,)](
             hidden, gate if gate is not None else hidden, residual if residual is not None else hidden, weight,
             shift if shift is not None else hidden, scale if scale is not None else hidden, res_out, out,
-            dim, eps,
+            sq if sq is not None else res_out,
+            dim, eps, sq.shape[1] if sq is not None else 0, hidden_norm_dim, hidden_norm_eps,
             hidden.stride(0), gate.stride(0) if gate is not None else 0,
             residual.stride(0) if residual is not None else 0,
             shift.stride(0) if shift is not None else 0, scale.stride(0) if scale is not None else 0,
-            res_out.stride(0), out.stride(0),
+            res_out.stride(0), out.stride(0), sq.stride(0) if sq is not None else 0,
             HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, HAS_MOD=shift is not None,
-            BLOCK_D=block, num_warps=min(max(block // 256, 1), 8),
+            HAS_HIDDEN_NORM=sq is not None, BLOCK_D=block,
+            BLOCK_T=triton.next_power_of_2(sq.shape[1]) if sq is not None else 1,
+            num_warps=min(max(block // 256, 1), 8),
         )
     return out, res_out
 

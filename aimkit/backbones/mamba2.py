@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import BACKBONES
 from . import _mamba_kernels
-from ._fused import decode_ops
+from ._fused import PendingRowNorm, decode_ops
 from ._mamba_kernels import MambaKernels
 from ._ssd import ssd_chunked, ssd_recurrent_step_
 from .base import Backbone, InferenceParams, rms_norm_factory
@@ -73,6 +73,10 @@ class Mamba2Config:
             (always PyTorch), ``"always"`` (fused kernels or an error).
         state_dtype: SSM cache dtype: ``"float32"`` (float64 for a float64 model) or ``"model"``
             (the cache's / parameters' dtype, e.g. bf16: half the decode memory traffic).
+        fused_split_scan: run a forward without a cache (training) through mamba-ssm's
+            ``mamba_split_conv1d_scan_combined`` (split, convolution, scan, gated norm and
+            ``out_proj`` in one autograd function that recomputes the convolution in backward)
+            when the fused kernels and causal-conv1d are in use. A speed knob; same maths.
     """
 
     d_state: int = 128  # N, state per channel (AiM and mamba-ssm default)
@@ -90,6 +94,7 @@ class Mamba2Config:
     bias: bool = False  # no bias on in_proj / out_proj
     use_kernels: str = "auto"  # "auto" | "never" | "always"
     state_dtype: str = "float32"  # "float32" | "model": dtype of the decoding SSM state
+    fused_split_scan: bool = False  # training forward through mamba-ssm's one-function mixer
 
     def __post_init__(self):
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
@@ -330,6 +335,21 @@ class Mamba2(nn.Module):
             group_size=self.norm.group_size, norm_before_gate=False,
         )
 
+    def _split_scan_usable(self, kernels: Optional[MambaKernels]) -> bool:
+        """Whether :meth:`_split_scan` may run (``fused_split_scan`` and its kernels present)."""
+        return (self.config.fused_split_scan and kernels is not None and kernels.causal_conv1d_fn is not None
+                and kernels.mamba_split_conv1d_scan_combined is not None)
+
+    def _split_scan(self, zxbcdt: Tensor, kernels: MambaKernels) -> Tensor:
+        """The mixer after ``in_proj`` in one mamba-ssm autograd function: zxbcdt (B, L, d_in_proj)
+        -> (B, L, D). Used for a forward without a cache (training) with ``fused_split_scan``."""
+        return kernels.mamba_split_conv1d_scan_combined(
+            zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, -torch.exp(_upcast(self.A_log)),
+            self.D, self.config.chunk_size, activation="silu", rmsnorm_weight=self.norm.weight,
+            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias,
+            headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False,
+        )
+
     def _split_xbc(self, xBC: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(..., conv_dim) -> x (..., H, P), B (..., G, N), C (..., G, N) (views)."""
         gn = self.ngroups * self.d_state
@@ -351,6 +371,8 @@ class Mamba2(nn.Module):
         batch, seqlen, _ = x.shape
         kernels = self._kernels(x)
         zxbcdt = self.in_proj(x)  # (B, L, 2*d_inner + 2*G*N + H)
+        if inference_params is None and self._split_scan_usable(kernels):
+            return self._split_scan(zxbcdt, kernels)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         # z (B, L, d_inner), xBC (B, L, conv_dim), dt (B, L, H)
 
@@ -397,6 +419,27 @@ class Mamba2(nn.Module):
 
     def step(self, x: Tensor, inference_params: InferenceParams) -> Tensor:
         """Decode one position: x (B, 1, D) -> (B, 1, D), updating the cache in place."""
+        out, pending = self.step_unnormed(x, inference_params)
+        return out if pending is None else pending.apply(out)  # a folded gated norm: its row factor here
+
+    def step_unnormed(self, x: Tensor, inference_params: InferenceParams) -> Tuple[Tensor, Optional[PendingRowNorm]]:
+        """Decode one position, leaving the gated norm's per-row factor to the caller where it folds.
+
+        With aimkit's state kernel and kind ``gnorm`` (:meth:`_folded_gnorm`), the kernel writes
+        ``g * norm.weight`` with ``g = y * silu(z)`` and partial sums of ``g^2``; since ``out_proj``
+        is linear without bias, ``out_proj(rmsnorm(g) * w) == r * out_proj(g * w)`` with
+        ``r = rsqrt(mean(g^2) + eps)`` per row, and ``r`` is left to the caller
+        (:meth:`Backbone.step` folds it into its next glue kernel). Otherwise the output is final.
+
+        Args:
+            x: (B, 1, D) one position.
+            inference_params: the cache, updated in place.
+
+        Returns:
+            ``(out, pending)``: out (B, 1, D); pending None when out is final, else a
+            :class:`PendingRowNorm` (partials (B, T) float32, dim ``d_inner``, eps ``norm.eps``)
+            with ``pending.apply(out)`` the output of :meth:`step`.
+        """
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"Mamba2.step takes one position (B, 1, D), got shape {tuple(x.shape)}")
         batch = x.shape[0]
@@ -406,6 +449,14 @@ class Mamba2(nn.Module):
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = self._conv_step(xBC, conv_state, kernels)  # (B, conv_dim)
         xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
+        folded = self._folded_gnorm(x)
+        if folded is not None:  # state update, read-out, D, gate and the norm's numerator in one kernel
+            y, partials = folded.ssm_step_(
+                ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D,
+                z=z.unflatten(-1, (self.nheads, self.headdim)), norm_weight=self.norm.weight,
+            )  # (B, H, P) = y * silu(z) * norm.weight, (B, T) float32 sums of (y * silu(z))^2
+            out = self.out_proj(y.flatten(-2)).unsqueeze(1)  # (B, 1, D), before the row factor
+            return out, PendingRowNorm(partials, self.d_inner, self.norm.eps)
         fused = self._decode_kernels(x, "ssm")
         if fused is not None:  # aimkit's one-pass kernel: softplus, -exp(A_log), update, read-out, D
             y = fused.ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D)  # (B, H, P)
@@ -424,7 +475,20 @@ class Mamba2(nn.Module):
             y = ssd_recurrent_step_(ssm_state, xs, dt, A, B, C, self.D)  # updates (B, H, P, N) in place
         y = y.flatten(-2)  # (B, d_inner)
         y = self._gated_norm(y, z, kernels)  # (B, d_inner)
-        return self.out_proj(y).unsqueeze(1)  # (B, 1, D)
+        return self.out_proj(y).unsqueeze(1), None  # (B, 1, D)
+
+    def _folded_gnorm(self, x: Tensor):
+        """aimkit's kernel module when the gated norm may be folded into the state kernel, else None.
+
+        Needs kinds ``ssm``, ``norm`` and ``gnorm`` (:mod:`._fused`), one norm group over all
+        ``d_inner`` channels and no ``out_proj`` bias (the row factor must commute with it). Not
+        for float16 models: the unnormalised ``g * w`` and its projection could overflow there.
+        """
+        if (self.norm.group_size != self.d_inner or self.out_proj.bias is not None
+                or x.dtype == torch.float16):
+            return None
+        ops = [self._decode_kernels(x, kind) for kind in ("ssm", "norm", "gnorm")]
+        return ops[0] if all(op is not None for op in ops) else None
 
     def reset_inference_cache(self, inference_params: InferenceParams, batch: int) -> None:
         """Zero this layer's states for the first ``batch`` rows: the empty history a sequence
