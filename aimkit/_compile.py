@@ -67,8 +67,8 @@ class TrainCompiled:
 
     def __call__(self, device: torch.device, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, compiled where :meth:`wants_compile` says so."""
-        if not self.wants_compile(device):
-            return self.fn(*args, **kwargs)
+        if torch.compiler.is_compiling() or not self.wants_compile(device):
+            return self.fn(*args, **kwargs)  # (inside a whole-model compile: traced with the rest)
         with self._lock:
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=False, fullgraph=True)
