@@ -9,13 +9,22 @@ Parts:
 
 * ``micro``: the SSM state update alone on one layer's state (AiM-B and AiM-XL head shapes),
   mamba-ssm's ``selective_state_update`` against aimkit's ``ssm_step_`` with several tilings and
-  with the gated norm folded in (``z``); reports microseconds and the achieved state bandwidth
-  (bytes read + written / time).
+  with the gated norm folded in (``z``), and the convolution with it: ``conv_step_`` then
+  ``ssm_step_`` against the one kernel ``conv_ssm_step_``; reports microseconds and the achieved
+  state bandwidth (state bytes read + written / time).
 * ``step``: one whole decode step (CUDA-graph replay) per model and batch, with each
-  ``AIMKIT_DECODE_KERNELS`` value of ``--kernel-variants`` (default ``none`` / ``ssm`` /
-  ``ssm,norm`` / ``ssm,conv,norm`` / ``all``, the last adding ``gnorm``: each change measured on its
-  own), bf16 state, plus the float32 state with every kernel; and the largest logit difference of
-  each variant from the first after the same steps.
+  ``AIMKIT_DECODE_KERNELS`` value of ``--kernel-variants`` (default below: each change measured
+  on its own), bf16 state, plus the float32 state with every kernel; and the largest logit
+  difference of each variant from the first after the same steps. The default variants:
+
+  - ``none``: PyTorch convolution, mamba-ssm's state update, unfused glue;
+  - ``ssm``: aimkit's state kernel;
+  - ``ssm,norm``: and the fused glue between sublayers;
+  - ``ssm,norm,gnorm``: and the gated norm folded into the state kernel and the glue (the
+    convolution still in PyTorch);
+  - ``ssm,conv-separate,norm,gnorm``: and the convolution in its own kernel (``conv_step_``);
+  - ``all`` (= ``ssm,conv,norm,gnorm``): the convolution inside the state kernel instead
+    (``conv_ssm_step_``, one launch fewer per layer).
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
   at 16), median of ``--repeats``, with and without the one-kernel sampler, and with
   ``--branches`` concurrent graph branches.
@@ -39,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import aimkit  # noqa: E402
-from aimkit.backbones._fused import KINDS, enabled_kinds  # noqa: E402
+from aimkit.backbones._fused import KINDS, OPT_IN_KINDS, enabled_kinds  # noqa: E402
 from aimkit.bench import build_bench_model  # noqa: E402
 from aimkit.samplers._cuda_graph import DecodeGraph, clear_decode_graphs  # noqa: E402
 
@@ -106,6 +115,21 @@ def part_micro(args) -> None:
                 norm_w = torch.randn(nheads * P, device="cuda", dtype=torch.bfloat16)
                 variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: _triton_ops.ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D, z=z, norm_weight=norm_w)
+                # the convolution too: its own kernel then the state kernel, or both in one
+                ring = torch.randn(rows, 4, xbc.shape[1], device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                conv_w = torch.randn(xbc.shape[1], 4, device="cuda", dtype=torch.bfloat16)
+                conv_b = torch.randn(xbc.shape[1], device="cuda", dtype=torch.bfloat16)
+                position = torch.full((), 130, dtype=torch.long, device="cuda")
+
+                def conv_then_ssm():
+                    xc = _triton_ops.conv_step_(xbc, ring, conv_w, conv_b, position)
+                    _triton_ops.ssm_step_(state, xc[:, :nheads * P].unflatten(-1, (nheads, P)), dt, dt_bias, A_log,
+                                          xc[:, nheads * P:nheads * P + N].unsqueeze(1),
+                                          xc[:, nheads * P + N:].unsqueeze(1), D, z=z, norm_weight=norm_w)
+
+                variants["aimkit conv_step_ + ssm_step_ + folded gated norm"] = conv_then_ssm
+                variants["aimkit conv_ssm_step_ + folded gated norm (one kernel)"] = lambda: _triton_ops.conv_ssm_step_(
+                    state, xbc, dt, dt_bias, A_log, ring, conv_w, conv_b, position, D, z=z, norm_weight=norm_w)
                 for bp in (64, 128):
                     for warps in (4, 8):
                         for tiles, stages in ((1, 1), (2, 2), (4, 2), (4, 3), (8, 3)):
@@ -124,10 +148,12 @@ def part_micro(args) -> None:
             xc = proj[:, 1000:1000 + conv_dim]
             w = torch.randn(conv_dim, 4, device="cuda", dtype=torch.bfloat16)
             bias = torch.randn(conv_dim, device="cuda", dtype=torch.bfloat16)
+            position = torch.full((), 130, dtype=torch.long, device="cuda")
             nbytes = 2 * state.numel() * 2 + 2 * xc.numel() * 2
             for block in (128, 256, 512, 1024):
                 for warps in (1, 2, 4, 8):
-                    ms = _graphed_ms(lambda: _triton_ops.conv_step_(xc, state, w, bias, block_c=block, num_warps=warps))
+                    ms = _graphed_ms(lambda: _triton_ops.conv_step_(xc, state, w, bias, position, block_c=block,
+                                                                    num_warps=warps))
                     out.append({"shape": label, "rows": rows, "state_dtype": "bfloat16",
                                 "variant": f"conv_step_ block_c={block} warps={warps}", "us": ms * 1e3,
                                 "state_GBps": nbytes / ms / 1e6})
@@ -310,9 +336,13 @@ def main() -> int:
     ap.add_argument("--rows", default="32,128,512", help="decode rows for the step part (2 x images)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--branches", default="1,2", help="graph branches to compare (step and generate parts)")
-    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;ssm,conv,norm;all",
-                    help="';'-separated AIMKIT_DECODE_KERNELS values (step part): 'all', 'none' or comma "
-                         f"lists of {','.join(KINDS)}, e.g. 'ssm,conv,norm;ssm,conv,norm,gnorm'")
+    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;ssm,norm,gnorm;ssm,conv-separate,norm,gnorm;all",
+                    help="';'-separated AIMKIT_DECODE_KERNELS values (step part): 'all' (= "
+                         f"{','.join(KINDS)}), 'none' or comma lists of {','.join(KINDS + OPT_IN_KINDS)}. "
+                         "'ssm,conv' together compute the convolution inside the state kernel "
+                         "(conv_ssm_step_); 'conv-separate' runs it in its own kernel (conv_step_) "
+                         "before the state kernel; neither: PyTorch convolution. E.g. "
+                         "'ssm,conv-separate,norm,gnorm;ssm,conv,norm,gnorm' compares the two.")
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")

@@ -198,7 +198,7 @@ def _decode(mixer, x, prefills, dtype=None):
 
 
 @pytest.mark.parametrize("ngroups", [1, 2])
-@pytest.mark.parametrize("prefills", [(1,), (2,), (5,), (9,), (7, 6)])
+@pytest.mark.parametrize("prefills", [(1,), (2,), (5,), (9,), (7, 6), (3, 2), (2, 1, 6)])
 def test_forward_matches_cached_decoding(ngroups, prefills):
     mixer = _tiny_mixer(ngroups=ngroups)
     x = torch.randn(2, 20, D_MODEL)
@@ -227,6 +227,7 @@ def test_float64_model_with_model_dtype_state_is_exact():
 
 
 def test_prefill_conv_state_is_zero_padded_for_short_prompts():
+    """Two positions of a width-4 conv: slots 0 and 1 hold them, slots 2 and 3 (positions -2, -1) zeros."""
     mixer = _tiny_mixer()
     params = _cache(mixer, 1)
     x = torch.randn(1, 2, D_MODEL)
@@ -234,8 +235,65 @@ def test_prefill_conv_state_is_zero_padded_for_short_prompts():
         mixer(x, inference_params=params)
         xBC = mixer.in_proj(x)[..., mixer.d_inner:mixer.d_inner + mixer.conv_dim]  # (1, 2, conv_dim)
     conv_state = params.key_value_memory_dict[0][0]
-    assert torch.equal(conv_state[..., :2], torch.zeros_like(conv_state[..., :2]))
-    assert torch.allclose(conv_state[..., 2:], xBC.transpose(1, 2))
+    assert torch.equal(conv_state[..., 2:], torch.zeros_like(conv_state[..., 2:]))
+    assert torch.allclose(conv_state[..., :2], xBC.transpose(1, 2))
+
+
+def _ring_reference(xBC, end, width):
+    """The ring after positions [0, end) of xBC (B, L, C): slot k holds the latest position q < end
+    with q % width == k, zeros where that q < 0. -> (B, C, width)."""
+    ring = torch.zeros(xBC.shape[0], xBC.shape[2], width, dtype=xBC.dtype)
+    for k in range(width):
+        q = end - 1 - (end - 1 - k) % width  # the latest q <= end - 1 with q % width == k
+        if q >= 0:
+            ring[..., k] = xBC[:, q]
+    return ring
+
+
+@pytest.mark.parametrize("prefills", [(1,), (3,), (4,), (6,), (3, 2), (5, 3), (2, 1, 6), (4, 4)])
+def test_prefill_conv_state_is_a_ring_by_position(prefills):
+    """After prefills ending at position ``end``, conv_state[..., q % d_conv] holds input q for the
+    last d_conv positions q (zeros before the sequence), however the prefix was split."""
+    mixer = _tiny_mixer()
+    seqlen = sum(prefills)
+    x = torch.randn(2, seqlen, D_MODEL)
+    params = _cache(mixer, 2)
+    with torch.no_grad():
+        xBC = mixer.in_proj(x)[..., mixer.d_inner:mixer.d_inner + mixer.conv_dim]  # (2, L, conv_dim)
+        pos = 0
+        for n in prefills:
+            mixer(x[:, pos:pos + n], inference_params=params)
+            params.advance(n)
+            pos += n
+    conv_state = params.key_value_memory_dict[0][0]
+    torch.testing.assert_close(conv_state, _ring_reference(xBC, seqlen, TINY.d_conv), atol=0, rtol=0)
+
+
+def test_step_reads_the_device_position():
+    """The decode step finds its ring slot from inference_params.position (what a CUDA graph
+    captures), not from the host offset; without a position tensor it uses the host offset."""
+    mixer = _tiny_mixer()
+    x = torch.randn(2, 10, D_MODEL)
+    with torch.no_grad():
+        full = mixer(x)
+        params = _cache(mixer, 2)
+        mixer(x[:, :3], inference_params=params)
+        params.advance(3)
+        outs = []
+        for t in range(3, 10):
+            outs.append(mixer.step(x[:, t:t + 1], params))
+            params.position.add_(1)  # seqlen_offset stays at 3
+        torch.testing.assert_close(torch.cat(outs, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
+
+        host_only = InferenceParams(32, 2)  # no position tensor
+        host_only.key_value_memory_dict = {0: mixer.allocate_inference_cache(2, 32)}
+        mixer(x[:, :3], inference_params=host_only)
+        host_only.advance(3)
+        outs = []
+        for t in range(3, 10):
+            outs.append(mixer.step(x[:, t:t + 1], host_only))
+            host_only.advance()
+        torch.testing.assert_close(torch.cat(outs, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
 
 
 def test_step_updates_cache_in_place():

@@ -142,25 +142,141 @@ def test_ssm_step_gated_norm_rejects_bad_arguments():
                               norm_weight=w)
 
 
-@pytest.mark.parametrize("channels_last,with_bias,width", [(True, True, 4), (False, True, 4), (True, False, 3)])
-def test_conv_step_matches_window_reference(channels_last, with_bias, width):
+def _ring_of(history, width, channels_last=True):
+    """The conv ring buffer (R, C, W) after inputs ``history`` (R, C, L) at positions 0..L-1: slot
+    q % W holds input q for the last W positions, zeros where no position has been (module
+    docstring of _triton_ops); stored channels-contiguous as aimkit's cache when ``channels_last``."""
+    rows, channels, length = history.shape
+    ring = torch.zeros(rows, width, channels, dtype=history.dtype).transpose(1, 2)
+    if not channels_last:
+        ring = ring.contiguous()
+    for q in range(max(0, length - width), length):
+        ring[..., q % width] = history[..., q]
+    return ring.to(DEVICE)
+
+
+def _conv_reference(history, weight, bias):
+    """silu(causal depthwise conv) at the last position of ``history`` (R, C, L), float32: the
+    window of the last W inputs, zeros before position 0. -> (R, C)."""
+    width = weight.shape[-1]
+    window = F.pad(history.float(), (width, 0))[..., -width:]  # (R, C, W), oldest first
+    out = (window * weight.float()).sum(-1)
+    return F.silu(out + bias.float() if bias is not None else out)
+
+
+@pytest.mark.parametrize("channels_last,with_bias,width,start,dtype", [
+    (True, True, 4, 0, torch.float32),  # from the empty history
+    (True, True, 4, 6, torch.float32),  # the ring wrapped already
+    (False, True, 4, 2, torch.float32),  # any strides
+    (True, False, 3, 1, torch.float32),
+    (True, True, 4, 3, torch.bfloat16),  # a bf16 ring keeps the inputs rounded to bf16
+])
+def test_conv_step_matches_ring_reference(channels_last, with_bias, width, start, dtype):
+    """Several positions in a row from a filled ring: output = silu(conv of the last W inputs), and
+    the ring holds exactly the last W inputs by position (the kernel reads the position tensor)."""
     g = torch.Generator().manual_seed(4)
     rows, channels = 3, 40
-    if channels_last:  # aimkit's cache layout: (R, W, C) storage seen as (R, C, W)
-        state = torch.randn(rows, width, channels, generator=g).to(DEVICE).transpose(1, 2)
-    else:
-        state = torch.randn(rows, channels, width, generator=g).to(DEVICE)
-    proj = torch.randn(rows, channels + 7, generator=g).to(DEVICE)
-    x = proj[:, 5:5 + channels]  # a strided view, as the split of in_proj's output
+    history = torch.randn(rows, channels, start, generator=g).to(dtype)  # positions 0..start-1
+    state = _ring_of(history, width, channels_last)
     weight = torch.randn(channels, width, generator=g).to(DEVICE)
     bias = torch.randn(channels, generator=g).to(DEVICE) if with_bias else None
-    window = torch.cat([state[..., 1:], x.unsqueeze(-1)], dim=-1)
-    expected = F.silu((window * weight).sum(-1) + (bias if with_bias else 0.0))
-    out = _triton_ops.conv_step_(x, state, weight, bias)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(state, window, atol=0, rtol=0)  # the window shifted in place, exactly
+    position = torch.tensor(start, device=DEVICE)
+    for _ in range(width + 1):  # round the ring once
+        # float32 inputs exactly representable in the ring's dtype: Triton's interpreter truncates
+        # float32 -> bf16 casts where the GPU (and torch) round to nearest
+        proj = torch.randn(rows, channels + 7, generator=g).to(dtype).float().to(DEVICE)
+        x = proj[:, 5:5 + channels]  # a strided view, as the split of in_proj's output
+        history = torch.cat([history, x.cpu().to(dtype).unsqueeze(-1)], dim=-1)
+        out = _triton_ops.conv_step_(x, state, weight, bias, position)
+        torch.testing.assert_close(out, _conv_reference(history, weight.cpu(), bias).to(DEVICE), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state, _ring_of(history, width), atol=0, rtol=0)  # one slot written, exactly
+        position.add_(1)
     with pytest.raises(ValueError, match="do not fit"):
-        _triton_ops.conv_step_(x[:, :8], state, weight, bias)
+        _triton_ops.conv_step_(x[:, :8], state, weight, bias, position)
+    with pytest.raises(ValueError, match="position must be a one-element integer tensor"):
+        _triton_ops.conv_step_(x, state, weight, bias, position.float())
+
+
+_CONV_SSM_CASES = [  # nheads, headdim, groups, block_p, tiles, start, gnorm, conv bias
+    (4, 8, 1, 4, 1, 0, False, True),  # tiles are parts of a head; from the empty history
+    (4, 8, 2, 8, 1, 2, True, True),  # one head per tile, two groups; position < d_conv
+    (8, 8, 2, 16, 1, 5, True, False),  # a tile spans two heads of a group
+    (4, 8, 1, 32, 1, 7, False, False),  # one tile per row
+    (5, 8, 1, 8, 2, 3, True, True),  # programs walking two tiles, the last one past the end
+    (6, 8, 2, 4, 3, 9, False, True),  # three parts of a head per program
+    (2, 64, 1, None, 1, 1, True, True),  # the default tiling
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nheads,headdim,groups,block_p,tiles,start,gnorm,with_bias", _CONV_SSM_CASES)
+def test_conv_ssm_step_matches_reference(dtype, nheads, headdim, groups, block_p, tiles, start, gnorm, with_bias):
+    """conv_ssm_step_ over several positions from a filled ring equals the convolution (float32,
+    from the full history) followed by the recurrence; the ring holds the last inputs by position.
+
+    ``dtype`` is that of the inputs, the ring and the SSM state (rounded after every step)."""
+    width, dstate, rows = 4, 16, 3
+    inner = nheads * headdim
+    conv_dim = inner + 2 * groups * dstate
+    g = torch.Generator().manual_seed(8)
+    history = torch.randn(rows, conv_dim, start, generator=g).to(dtype)
+    conv_state = _ring_of(history, width)
+    conv_w = (torch.randn(conv_dim, width, generator=g) * 0.5).to(DEVICE)
+    conv_b = torch.randn(conv_dim, generator=g).to(DEVICE) if with_bias else None
+    dt_bias = torch.randn(nheads, generator=g).to(DEVICE)
+    A_log = torch.rand(nheads, generator=g).mul(2.5).to(DEVICE)
+    D = torch.randn(nheads, generator=g).to(DEVICE)
+    norm_w = (torch.randn(inner, generator=g) * 0.5 + 1).to(DEVICE, dtype)
+    state = torch.randn(rows, nheads, headdim, dstate, generator=g).to(DEVICE, dtype)
+    state_ref = state.float()
+    position = torch.tensor(start, device=DEVICE)
+    # bf16: the state is rounded after every step (and Triton's interpreter truncates the casts,
+    # a bias that adds up over the N terms of each read-out)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for _ in range(width + 1):
+        proj = torch.randn(rows, 2 * inner + conv_dim + nheads + 3, generator=g).to(DEVICE, dtype)
+        z = proj[:, 3:3 + inner].unflatten(-1, (nheads, headdim))  # views of one projection, as in Mamba2.step
+        xBC = proj[:, 3 + inner:3 + inner + conv_dim]
+        dt = proj[:, 3 + inner + conv_dim:3 + inner + conv_dim + nheads]
+        history = torch.cat([history, xBC.cpu().unsqueeze(-1)], dim=-1)  # already in the ring's dtype
+        conv = _conv_reference(history, conv_w.cpu(), conv_b.cpu() if with_bias else None).to(DEVICE)
+        x, B, C = torch.split(conv, [inner, groups * dstate, groups * dstate], dim=-1)
+        y_ref, state_ref = ssd_recurrent_step(
+            state_ref, x.unflatten(-1, (nheads, headdim)), F.softplus(dt.float() + dt_bias), -torch.exp(A_log),
+            B.unflatten(-1, (groups, dstate)), C.unflatten(-1, (groups, dstate)), D)
+        state_ref = state_ref.to(dtype).float()  # the kernel stores the state in its dtype
+
+        out = _triton_ops.conv_ssm_step_(
+            state, xBC, dt, dt_bias, A_log, conv_state, conv_w, conv_b, position, D, block_p=block_p, tiles=tiles,
+            stages=2 if tiles > 1 else 1, **({"z": z, "norm_weight": norm_w} if gnorm else {}))
+        if gnorm:
+            out, partials = out
+            tiles_per_row = partials.shape[1]
+            out_ref, partials_ref = _gated_norm_reference(y_ref, z, norm_w, inner // tiles_per_row)
+            torch.testing.assert_close(partials, partials_ref, atol=1e-4, rtol=1e-4 if dtype == torch.float32 else tol)
+            torch.testing.assert_close(out.flatten(-2).float(), out_ref, atol=tol, rtol=tol)
+        else:
+            torch.testing.assert_close(out.float(), y_ref, atol=tol, rtol=tol)
+        assert out.dtype == dtype and out.shape == (rows, nheads, headdim)
+        torch.testing.assert_close(state.float(), state_ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(conv_state, _ring_of(history, width), atol=0, rtol=0)  # x, B and C slots
+        position.add_(1)
+
+
+def test_conv_ssm_step_rejects_bad_arguments():
+    state = torch.zeros(2, 4, 8, 16, device=DEVICE)
+    xBC = torch.zeros(2, 32 + 2 * 16, device=DEVICE)
+    dt, vec = torch.zeros(2, 4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    ring, w = torch.zeros(2, 64, 4, device=DEVICE), torch.zeros(64, 4, device=DEVICE)
+    position = torch.zeros((), dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match=r"xBC \(2, 60\) is not"):
+        _triton_ops.conv_ssm_step_(state, xBC[:, :60], dt, vec, vec, ring, w, None, position)
+    with pytest.raises(ValueError, match="do not fit together"):
+        _triton_ops.conv_ssm_step_(state, xBC, dt, vec, vec, ring[..., :3], w, None, position)
+    with pytest.raises(ValueError, match="conv bias must be"):
+        _triton_ops.conv_ssm_step_(state, xBC, dt, vec, vec, ring, w, vec, position)
+    with pytest.raises(ValueError, match="position must be"):
+        _triton_ops.conv_ssm_step_(state, xBC, dt, vec, vec, ring, w, None, torch.zeros(2, dtype=torch.long))
 
 
 def _norm_reference(hidden, gate, residual, weight, eps, shift, scale):
@@ -251,6 +367,10 @@ def test_kernel_switch(monkeypatch):
     assert _fused.enabled_kinds() == set(_fused.KINDS) == {"ssm", "conv", "norm", "gnorm"}
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", " ssm, GNORM ")
     assert _fused.enabled_kinds() == {"ssm", "gnorm"}
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "all")
+    assert "conv-separate" not in _fused.enabled_kinds()  # opt-in only
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,conv-separate")
+    assert _fused.enabled_kinds() == {"ssm", "conv-separate"}
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,fast")
     with pytest.raises(ValueError, match="unknown kernel kinds"):
         _fused.enabled_kinds()
@@ -283,7 +403,8 @@ def _counted_ops(calls):
             return getattr(_triton_ops, name)(*args, **kwargs)
         return call
 
-    return SimpleNamespace(**{name: counted(name) for name in ("ssm_step_", "conv_step_", "add_norm_modulate")})
+    names = ("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate")
+    return SimpleNamespace(**{name: counted(name) for name in names})
 
 
 def _use_kinds(monkeypatch, ops, kinds):
@@ -297,13 +418,17 @@ def _use_kinds(monkeypatch, ops, kinds):
 
 
 @pytest.mark.parametrize("kind,kinds,overrides,folds", [
-    ("mamba2", _fused.KINDS, {}, True),  # the gated norm folded into ssm_step_ and the glue
+    ("mamba2", _fused.KINDS, {}, True),  # conv in the state kernel, the gated norm folded into it and the glue
     ("mamba2", _NO_GNORM, {}, False),
     ("mamba2", _fused.KINDS, {"ngroups": 2}, False),  # two norm groups: not foldable
+    ("mamba2", ("ssm", "conv-separate", "norm", "gnorm"), {}, True),  # conv_step_, then ssm_step_
+    ("mamba2", ("conv", "norm"), {}, False),  # conv_step_, then the PyTorch state update
+    ("mamba2", ("ssm", "norm"), {}, False),  # the PyTorch ring convolution, then ssm_step_
     ("transformer", _fused.KINDS, {}, False),
 ])
 def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monkeypatch):
-    """Backbone.step with the kernels equals the unfused step over several positions."""
+    """Backbone.step with the kernels equals the unfused step over several positions (a prefill of
+    two, then steps around the conv ring and past it)."""
     torch.manual_seed(0)
     if kind == "mamba2":
         net = Mamba2Backbone(32, 2, Mamba2Config(d_state=16, headdim=8, **overrides))
@@ -313,8 +438,9 @@ def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monk
     _randomize(net, 3)
     batch = 3
     mods = [torch.randn(batch, net.mod_chunks, 32, device=DEVICE) * 0.5 for _ in range(2)]
-    xs = torch.randn(batch, 4, 32, device=DEVICE)
-    calls = dict.fromkeys(("ssm_step_", "conv_step_", "add_norm_modulate", "folded ssm_step_",
+    prefill, steps = 2, 5
+    xs = torch.randn(batch, prefill + steps, 32, device=DEVICE)
+    calls = dict.fromkeys(("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "folded ssm_step_",
                            "pending add_norm_modulate"), 0)
     ops = _counted_ops(calls)
 
@@ -323,9 +449,9 @@ def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monk
         params = InferenceParams(max_seqlen=8, max_batch_size=batch,
                                  position=torch.zeros((), dtype=torch.long, device=DEVICE))
         params.key_value_memory_dict = net.allocate_inference_cache(batch, 8)
-        outs = [net(xs[:, :1], mods, inference_params=params)]
-        params.advance(1)
-        for t in range(1, xs.shape[1]):
+        outs = [net(xs[:, :prefill], mods, inference_params=params)]
+        params.advance(prefill)
+        for t in range(prefill, xs.shape[1]):
             outs.append(net.step(xs[:, t:t + 1], mods, params))
             params.advance(1)
         return torch.cat(outs, dim=1)
@@ -336,10 +462,15 @@ def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monk
         fused = run(True)
     torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=2e-5)
     sublayers = 1 if kind == "mamba2" else 2
-    assert calls["add_norm_modulate"] == 3 * (2 * sublayers + 1)  # 3 steps x (sublayers + final norm)
-    assert calls["ssm_step_"] == calls["conv_step_"] == (3 * 2 if kind == "mamba2" else 0)
-    # folded: every mixer output (3 steps x 2 layers) carries its row factor into the next glue kernel
-    assert calls["folded ssm_step_"] == calls["pending add_norm_modulate"] == (3 * 2 if folds else 0)
+    assert calls["add_norm_modulate"] == steps * (2 * sublayers + 1)  # steps x (sublayers + final norm)
+    mixer_steps = steps * 2 if kind == "mamba2" else 0  # 2 layers
+    in_state_kernel = {"ssm", "conv"} <= set(kinds) and "conv-separate" not in kinds
+    assert calls["conv_ssm_step_"] == (mixer_steps if in_state_kernel else 0)
+    assert calls["ssm_step_"] == (mixer_steps if "ssm" in kinds and not in_state_kernel else 0)
+    conv_kernel = bool({"conv", "conv-separate"} & set(kinds)) and not in_state_kernel
+    assert calls["conv_step_"] == (mixer_steps if conv_kernel else 0)
+    # folded: every mixer output carries its row factor into the next glue kernel
+    assert calls["folded ssm_step_"] == calls["pending add_norm_modulate"] == (mixer_steps if folds else 0)
 
 
 @pytest.mark.parametrize("overrides,folds", [({}, True), ({"bias": True}, False), ({"ngroups": 2}, False)])
@@ -351,7 +482,7 @@ def test_mamba2_step_folds_gated_norm(overrides, folds, monkeypatch):
     _randomize(mixer, 4)
     batch = 2
     xs = torch.randn(batch, 4, 32, device=DEVICE)
-    calls = dict.fromkeys(("ssm_step_", "conv_step_", "add_norm_modulate", "folded ssm_step_",
+    calls = dict.fromkeys(("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "folded ssm_step_",
                            "pending add_norm_modulate"), 0)
     ops = _counted_ops(calls)
 

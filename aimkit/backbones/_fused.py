@@ -7,13 +7,21 @@ this module imports nothing heavy: Triton is loaded on the first CUDA query.
 Switch: the environment variable ``AIMKIT_DECODE_KERNELS`` (read at every call, so a benchmark
 can compare variants in one process — clear captured CUDA graphs in between):
 
-* unset or ``all``: every fused kernel;
-* ``none``: none (mamba-ssm's ``selective_state_update`` and the unfused block arithmetic);
-* a comma list of ``ssm`` (:func:`~._triton_ops.ssm_step_`), ``conv``
-  (:func:`~._triton_ops.conv_step_`), ``norm`` (:func:`~._triton_ops.add_norm_modulate`) and
-  ``gnorm``: Mamba2's gated RMSNorm folded into the other two (``ssm_step_`` writes the norm's
-  numerator and partial sums of squares, ``add_norm_modulate`` applies the per-row factor after
-  ``out_proj``); used only when ``ssm``, ``norm`` and ``gnorm`` are all enabled.
+* unset or ``all``: every kind of :data:`KINDS` (not the opt-in ``conv-separate``);
+* ``none``: none (PyTorch convolution, mamba-ssm's ``selective_state_update`` and the unfused
+  block arithmetic);
+* a comma list of kinds:
+
+  - ``ssm``: Mamba2's state update in aimkit's kernel (:func:`~._triton_ops.ssm_step_`);
+  - ``conv``: Mamba2's convolution in a kernel — inside the state kernel
+    (:func:`~._triton_ops.conv_ssm_step_`, one launch instead of two) when ``ssm`` is on too,
+    else its own kernel (:func:`~._triton_ops.conv_step_`);
+  - ``conv-separate`` (opt-in, for comparisons): the convolution's own kernel even when ``ssm``
+    is on, i.e. ``ssm,conv-separate`` runs ``conv_step_`` then ``ssm_step_``;
+  - ``norm``: the glue between sublayers (:func:`~._triton_ops.add_norm_modulate`);
+  - ``gnorm``: Mamba2's gated RMSNorm folded into the other two (the state kernel writes the
+    norm's numerator and partial sums of squares, ``add_norm_modulate`` applies the per-row factor
+    after ``out_proj``); used only when ``ssm``, ``norm`` and ``gnorm`` are all enabled.
 
 A sublayer whose output still lacks such a per-row factor hands it on as a :class:`PendingRowNorm`.
 """
@@ -28,9 +36,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["KINDS", "PendingRowNorm", "decode_ops", "enabled_kinds"]
+__all__ = ["KINDS", "OPT_IN_KINDS", "PendingRowNorm", "decode_ops", "enabled_kinds"]
 
-KINDS = ("ssm", "conv", "norm", "gnorm")
+KINDS = ("ssm", "conv", "norm", "gnorm")  # what "all" enables
+OPT_IN_KINDS = ("conv-separate",)  # named explicitly only
 _ENV = "AIMKIT_DECODE_KERNELS"
 
 _lock = threading.Lock()
@@ -63,17 +72,17 @@ class PendingRowNorm(NamedTuple):
 
 
 def enabled_kinds() -> frozenset:
-    """The kernel kinds ``AIMKIT_DECODE_KERNELS`` allows (all by default)."""
+    """The kernel kinds ``AIMKIT_DECODE_KERNELS`` allows (:data:`KINDS` by default)."""
     value = os.environ.get(_ENV, "all").strip().lower()
     if value in ("", "all"):
         return frozenset(KINDS)
     if value == "none":
         return frozenset()
     kinds = frozenset(k.strip() for k in value.split(",") if k.strip())
-    unknown = kinds - set(KINDS)
+    unknown = kinds - set(KINDS + OPT_IN_KINDS)
     if unknown:
         raise ValueError(f"{_ENV}={value!r}: unknown kernel kinds {sorted(unknown)}; use 'all', 'none' "
-                         f"or a comma list of {list(KINDS)}")
+                         f"or a comma list of {list(KINDS + OPT_IN_KINDS)}")
     return kinds
 
 
@@ -97,8 +106,8 @@ def _load() -> Optional[ModuleType]:
 def decode_ops(x: torch.Tensor, kind: str) -> Optional[ModuleType]:
     """The kernel module when kernel ``kind`` may run on tensors like ``x`` (CUDA, not float64),
     else None."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown decode kernel kind {kind!r}; known: {list(KINDS)}")
+    if kind not in KINDS + OPT_IN_KINDS:
+        raise ValueError(f"unknown decode kernel kind {kind!r}; known: {list(KINDS + OPT_IN_KINDS)}")
     if not x.is_cuda or x.dtype == torch.float64 or kind not in enabled_kinds():
         return None  # float64 models keep their float64 state: the kernels compute in float32
     return _load()

@@ -1,7 +1,7 @@
 """aimkit's own Triton kernels for the decode step (imported only on CUDA, through :mod:`._fused`).
 
-Three kernels replace the chains of small kernels that dominated an AiM decode step on an H200
-(``benchmarks/notes.md``, decode-step profile):
+Three kernels (four entry points) replace the chains of small kernels that dominated an AiM decode
+step on an H200 (``benchmarks/notes.md``, decode-step profile):
 
 * :func:`ssm_step_` — one Mamba2 recurrence step for every (row, head): softplus of ``dt +
   dt_bias``, ``A = -exp(A_log)``, the state update, the read-out and the ``D`` skip, in one pass
@@ -11,32 +11,43 @@ Three kernels replace the chains of small kernels that dominated an AiM decode s
   over all channels): it writes ``y * silu(z) * weight`` and per-tile partial sums of
   ``(y * silu(z))^2``, and the per-row factor ``rsqrt(mean + eps)`` is applied after ``out_proj``
   (linear, no bias) by :func:`add_norm_modulate`, which saves the norm kernel of every layer.
-* :func:`conv_step_` — one position of the depthwise causal convolution with its window shift
-  and SiLU, for the channels-contiguous window aimkit keeps (causal-conv1d's update kernel took
-  12 µs per AiM-B layer at 512 rows on that layout, four times its memory traffic).
+* :func:`conv_ssm_step_` — the same kernel fed with the raw convolution inputs: each program also
+  computes the depthwise causal convolution and SiLU of its x channels and of its group's B and
+  C channels, which removes the convolution's own launch (latency-bound: 8-11 µs per layer).
+* :func:`conv_step_` — one position of the depthwise causal convolution with SiLU alone, for the
+  channels-contiguous ring buffer aimkit keeps (causal-conv1d's update kernel took 12 µs per AiM-B
+  layer at 512 rows on that layout, four times its memory traffic).
 * :func:`add_norm_modulate` — the glue between two sublayers: ``residual += gate * hidden``, then
   ``rmsnorm(residual) * weight``, then the adaLN modulation ``* (1 + scale) + shift``; one
   read of each input row and two writes, instead of about nine element-wise kernels. Optionally
   it first scales ``hidden`` by the row factor of a gated norm folded into :func:`ssm_step_`.
 
-All three compute in float32 and accept strided views (the split of ``in_proj``'s output, the rows of
-the stacked modulation tensor), so the caller never makes a contiguous copy. Neither allocates
-anything but its outputs, syncs with the host or branches on tensor values: a decode step built
-from them can be captured in a CUDA graph. The PyTorch reference of each is named in its docstring
-and the tests run both through Triton's interpreter on CPU (``TRITON_INTERPRET=1``).
+Convolution state (``conv_state``, (R, C, W) for a kernel of width W): a ring buffer indexed by
+absolute position. Slot ``k`` holds the (raw, pre-convolution) input of the latest position ``q``
+with ``q % W == k``, zeros for positions before the sequence. The step at position ``p`` reads the
+window ``p-W+1 .. p`` (oldest first) as slots ``(p+1) % W, ..., (p+W-1) % W`` plus the new input,
+then writes the new input into slot ``p % W`` — the one slot it does not read, so programs that
+share channels (the B and C of a group) never race, and nothing is shifted. ``p`` is read from a
+device tensor (``InferenceParams.position``), so a captured step stays valid at every position.
+
+All kernels compute in float32 and accept strided views (the split of ``in_proj``'s output, the
+rows of the stacked modulation tensor), so the caller never makes a contiguous copy. None
+allocates anything but its outputs, syncs with the host or branches on tensor values: a decode
+step built from them can be captured in a CUDA graph. The PyTorch reference of each is named in its
+docstring and the tests run both through Triton's interpreter on CPU (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["add_norm_modulate", "conv_step_", "ssm_step_"]
+__all__ = ["add_norm_modulate", "conv_ssm_step_", "conv_step_", "ssm_step_"]
 
 
 def _on_device(t: Tensor):
@@ -55,10 +66,33 @@ def _softplus(x):
 
 
 @triton.jit
+def _conv_silu(raw, chan, mask, write, pos, ring_ptr, s_ring_c, s_ring_k, w_ptr, s_w_c, bias_ptr,
+               HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr):
+    # silu(causal depthwise conv) at position ``pos`` of the channels ``chan`` (a block) of one row
+    # whose ring buffer starts at ``ring_ptr``, in float32. The window, oldest first, is positions
+    # pos-WIDTH+1 .. pos: tap j < WIDTH-1 from ring slot (pos + 1 + j) % WIDTH, the last tap the
+    # new input ``raw`` (already in the ring's dtype), which is then stored into slot pos % WIDTH
+    # on the lanes of ``write``: the one slot that no tap reads.
+    taps = tl.arange(0, BLOCK_W)
+    slots = (pos + 1 + taps) % WIDTH
+    old = mask[:, None] & (taps[None, :] < WIDTH - 1)
+    win = tl.load(ring_ptr + chan[:, None] * s_ring_c + slots[None, :] * s_ring_k, mask=old, other=0.0)
+    win = tl.where(taps[None, :] == WIDTH - 1, raw.to(tl.float32)[:, None], win.to(tl.float32))
+    w = tl.load(w_ptr + chan[:, None] * s_w_c + taps[None, :], mask=mask[:, None] & (taps[None, :] < WIDTH),
+                other=0.0).to(tl.float32)
+    acc = tl.sum(win * w, axis=1)  # (block,)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + chan, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ring_ptr + chan * s_ring_c + (pos % WIDTH) * s_ring_k, raw, mask=write)
+    return acc / (1.0 + tl.exp(-acc))  # SiLU
+
+
+@triton.jit
 def _ssm_step_kernel(
     state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
     z_ptr, norm_w_ptr, sq_ptr,
-    headdim, dstate, heads_per_group, channels,
+    ring_ptr, conv_w_ptr, conv_b_ptr, pos_ptr,
+    headdim, dstate, heads_per_group, channels, c_chan0,
     s_state_b, s_state_h, s_state_p,
     s_x_b, s_x_h,
     s_dt_b,
@@ -67,8 +101,10 @@ def _ssm_step_kernel(
     s_y_b, s_y_h,
     s_z_b, s_z_h,
     s_sq_b,
+    s_ring_b, s_ring_c, s_ring_k, s_cw_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES: tl.constexpr, STAGES: tl.constexpr,
+    HAS_CONV: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     # A tile is BLOCK_P consecutive (head, channel) pairs of one row: part of a head, one head, or
     # several heads of one group (the states of consecutive heads are contiguous). A program
@@ -90,10 +126,25 @@ def _ssm_step_kernel(
         dt = _softplus(dt + tl.load(dt_bias_ptr + head, mask=mask_c, other=0.0).to(tl.float32))
         decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head, mask=mask_c, other=0.0).to(tl.float32)) * dt)
 
-        x = tl.load(x_ptr + row * s_x_b + head * s_x_h + p, mask=mask_c, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * s_x_b + head * s_x_h + p, mask=mask_c, other=0.0)
         mask_bc = mask_n & (c0 + offs_n * 0 < channels)  # tiles past the end (ragged walk): load nothing
-        b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_bc, other=0.0).to(tl.float32)
-        c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_bc, other=0.0).to(tl.float32)
+        b = tl.load(B_ptr + row * s_B_b + group * s_B_g + offs_n, mask=mask_bc, other=0.0)
+        c = tl.load(C_ptr + row * s_C_b + group * s_C_g + offs_n, mask=mask_bc, other=0.0)
+        if HAS_CONV:  # x, B, C are raw inputs (channels offs_c, channels + ..., c_chan0 + ... of xBC)
+            pos = tl.load(pos_ptr)
+            ring = ring_ptr + row * s_ring_b
+            ring_ty = ring_ptr.dtype.element_ty
+            x = _conv_silu(x.to(ring_ty), offs_c, mask_c, mask_c, pos, ring, s_ring_c, s_ring_k,
+                           conv_w_ptr, s_cw_c, conv_b_ptr, HAS_CONV_BIAS, WIDTH, BLOCK_W)
+            # every tile of the group reads B and C; the group's first tile alone stores them
+            first = mask_bc & ((c0 + offs_n * 0) % (heads_per_group * headdim) == 0)
+            b = _conv_silu(b.to(ring_ty), channels + group * dstate + offs_n, mask_bc, first, pos, ring,
+                           s_ring_c, s_ring_k, conv_w_ptr, s_cw_c, conv_b_ptr, HAS_CONV_BIAS, WIDTH, BLOCK_W)
+            c = _conv_silu(c.to(ring_ty), c_chan0 + group * dstate + offs_n, mask_bc, first, pos, ring,
+                           s_ring_c, s_ring_k, conv_w_ptr, s_cw_c, conv_b_ptr, HAS_CONV_BIAS, WIDTH, BLOCK_W)
+        x = x.to(tl.float32)
+        b = b.to(tl.float32)
+        c = c.to(tl.float32)
 
         s_ptrs = state_ptr + row * s_state_b + (head * s_state_h + p * s_state_p)[:, None] + offs_n[None, :]
         s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_N)
@@ -130,6 +181,33 @@ def _block_p(headdim: int, rows: int, nheads: int, heads_per_group: int) -> int:
         if rows * triton.cdiv(nheads * headdim, block) >= 1024:
             return block
     return next((b for b in candidates if b <= 32), candidates[-1])
+
+
+class _Conv(NamedTuple):
+    """The convolution that :func:`conv_ssm_step_` runs inside the state kernel."""
+
+    state: Tensor  # (R, conv_dim, W) ring buffer
+    weight: Tensor  # (conv_dim, W)
+    bias: Optional[Tensor]  # (conv_dim,)
+    position: Tensor  # () integer
+    c_chan0: int  # first C channel of xBC
+
+
+def _check_conv(name: str, x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                position: Tensor) -> None:
+    """The checks shared by :func:`conv_step_` and :func:`conv_ssm_step_`; x (R, C)."""
+    rows, channels = x.shape
+    width = state.shape[-1]
+    if state.shape != (rows, channels, width) or weight.shape != (channels, width):
+        raise ValueError(f"{name}: x {tuple(x.shape)}, conv state {tuple(state.shape)} and weight "
+                         f"{tuple(weight.shape)} do not fit together")
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"{name}: the inputs and the conv weight need a contiguous last dimension")
+    if bias is not None and (bias.shape != (channels,) or bias.stride(0) != 1):
+        raise ValueError(f"{name}: conv bias must be a contiguous ({channels},) tensor, got {tuple(bias.shape)}")
+    if position.numel() != 1 or position.is_floating_point() or position.device != x.device:
+        raise ValueError(f"{name}: position must be a one-element integer tensor on {x.device}, got "
+                         f"{tuple(position.shape)} {position.dtype} on {position.device}")
 
 
 def ssm_step_(
@@ -175,42 +253,109 @@ def ssm_step_(
         (R, H, P) in ``x.dtype`` as above, partials (R, T) float32 with ``T = H*P / block_p``
         channel tiles per row (``block_p`` divides H*P).
     """
+    return _ssm_step("ssm_step_", state, x, dt, dt_bias, A_log, B, C, D, block_p, num_warps, tiles, stages,
+                     z, norm_weight, None)
+
+
+def conv_ssm_step_(
+    state: Tensor, xBC: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, conv_state: Tensor,
+    conv_weight: Tensor, conv_bias: Optional[Tensor], position: Tensor, D: Optional[Tensor] = None,
+    block_p: Optional[int] = None, num_warps: int = 4, tiles: int = 1, stages: int = 1,
+    z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """One Mamba2 decoding step from the raw convolution inputs: :func:`conv_step_` and
+    :func:`ssm_step_` in one kernel, updating ``conv_state`` and ``state`` in place.
+
+    Reference::
+
+        xbc = conv_step_(xBC, conv_state, conv_weight, conv_bias, position)   # but not rounded: float32
+        x, B, C = split(xbc, [H*P, G*N, G*N])                               # (R, H, P), (R, G, N) x2
+        return ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, z=z, norm_weight=norm_weight)
+
+    Each program computes the convolution of its own x channels and of its group's B and C
+    channels (recomputed by every tile of the group, a few loads next to the state tile); the
+    group's first tile writes the new B and C inputs into the ring, each tile its own x
+    channels. The convolution output stays in float32 (the two-kernel path rounds it to
+    ``xBC.dtype`` in between): equal up to that rounding.
+
+    Args:
+        state: (R, H, P, N) SSM state, as in :func:`ssm_step_`; updated in place.
+        xBC: (R, H*P + 2*G*N) raw convolution inputs (x, then B, then C), last dim contiguous
+            (a view of ``in_proj``'s output split); G follows from the width.
+        dt, dt_bias, A_log, D, block_p, num_warps, tiles, stages, z, norm_weight: as in
+            :func:`ssm_step_`.
+        conv_state: (R, H*P + 2*G*N, W) ring buffer of the last W inputs (module docstring), any
+            strides (aimkit's cache keeps channels contiguous: (W*C, 1, C)); updated in place
+            (slot ``position % W``), in its own dtype.
+        conv_weight: (H*P + 2*G*N, W), last dim contiguous (``conv1d.weight.squeeze(1)``).
+        conv_bias: optional (H*P + 2*G*N,), contiguous.
+        position: () integer tensor on the device: the position of ``xBC``.
+
+    Returns:
+        As :func:`ssm_step_`, in ``xBC.dtype``.
+    """
+    rows, nheads, headdim, dstate = state.shape
+    conv_dim = xBC.shape[-1]
+    inner = nheads * headdim
+    groups = (conv_dim - inner) // (2 * dstate)
+    if xBC.dim() != 2 or groups < 1 or conv_dim != inner + 2 * groups * dstate:
+        raise ValueError(f"conv_ssm_step_: xBC {tuple(xBC.shape)} is not (R, H*P + 2*G*N) for state "
+                         f"{tuple(state.shape)}")
+    _check_conv("conv_ssm_step_", xBC, conv_state, conv_weight, conv_bias, position)
+    x, B, C = torch.split(xBC, [inner, groups * dstate, groups * dstate], dim=-1)
+    conv = _Conv(conv_state, conv_weight, conv_bias, position, inner + groups * dstate)
+    return _ssm_step("conv_ssm_step_", state, x.unflatten(-1, (nheads, headdim)), dt, dt_bias, A_log,
+                     B.unflatten(-1, (groups, dstate)), C.unflatten(-1, (groups, dstate)), D, block_p, num_warps,
+                     tiles, stages, z, norm_weight, conv)
+
+
+def _ssm_step(
+    name: str, state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], block_p: Optional[int], num_warps: int, tiles: int, stages: int,
+    z: Optional[Tensor], norm_weight: Optional[Tensor], conv: Optional[_Conv],
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Checks and launch of :func:`ssm_step_` (``conv`` None) and :func:`conv_ssm_step_`."""
     rows, nheads, headdim, dstate = state.shape
     groups = B.shape[1]
-    for name, t in (("state", state), ("x", x), ("dt", dt), ("B", B), ("C", C), ("z", z)):
+    for arg, t in (("state", state), ("x", x), ("dt", dt), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"ssm_step_: {name} needs a contiguous last dimension, got strides {t.stride()}")
+            raise ValueError(f"{name}: {arg} needs a contiguous last dimension, got strides {t.stride()}")
     if x.shape != (rows, nheads, headdim) or dt.shape != (rows, nheads):
-        raise ValueError(f"ssm_step_: x {tuple(x.shape)} / dt {tuple(dt.shape)} do not match state {tuple(state.shape)}")
+        raise ValueError(f"{name}: x {tuple(x.shape)} / dt {tuple(dt.shape)} do not match state {tuple(state.shape)}")
     if B.shape != (rows, groups, dstate) or C.shape != B.shape or nheads % groups:
-        raise ValueError(f"ssm_step_: B {tuple(B.shape)} / C {tuple(C.shape)} do not match state {tuple(state.shape)}")
-    for name, t in (("dt_bias", dt_bias), ("A_log", A_log), ("D", D)):
+        raise ValueError(f"{name}: B {tuple(B.shape)} / C {tuple(C.shape)} do not match state {tuple(state.shape)}")
+    for arg, t in (("dt_bias", dt_bias), ("A_log", A_log), ("D", D)):
         if t is not None and (t.shape != (nheads,) or t.stride(0) != 1):
-            raise ValueError(f"ssm_step_: {name} must be a contiguous ({nheads},) tensor, got {tuple(t.shape)}")
+            raise ValueError(f"{name}: {arg} must be a contiguous ({nheads},) tensor, got {tuple(t.shape)}")
     channels = nheads * headdim
     if (z is None) != (norm_weight is None):
-        raise ValueError("ssm_step_: give both z and norm_weight (the gated norm), or neither")
+        raise ValueError(f"{name}: give both z and norm_weight (the gated norm), or neither")
     if z is not None:
         if z.shape != x.shape:
-            raise ValueError(f"ssm_step_: z {tuple(z.shape)} does not match x {tuple(x.shape)}")
+            raise ValueError(f"{name}: z {tuple(z.shape)} does not match x {tuple(x.shape)}")
         if norm_weight.shape != (channels,) or norm_weight.stride(0) != 1:
-            raise ValueError(f"ssm_step_: norm_weight must be a contiguous ({channels},) tensor, "
+            raise ValueError(f"{name}: norm_weight must be a contiguous ({channels},) tensor, "
                              f"got {tuple(norm_weight.shape)}")
     y = torch.empty(rows, nheads, headdim, device=x.device, dtype=x.dtype)
     heads_per_group = nheads // groups
     block_p = block_p or _block_p(headdim, rows, nheads, heads_per_group)
     if not _valid_block(block_p, headdim, heads_per_group):
-        raise ValueError(f"ssm_step_: block_p {block_p} must divide headdim {headdim} or cover whole "
+        raise ValueError(f"{name}: block_p {block_p} must divide headdim {headdim} or cover whole "
                          f"heads of one group ({heads_per_group} heads per group)")
     n_tiles = triton.cdiv(channels, block_p)
     sq = torch.empty(rows, n_tiles, device=x.device, dtype=torch.float32) if z is not None else None
+    ring = conv.state if conv is not None else state  # placeholders where a pointer goes unused
+    width = ring.shape[-1] if conv is not None else 1
     grid = (rows, triton.cdiv(n_tiles, tiles))
     with _on_device(x):
         _ssm_step_kernel[grid](
             state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
             z if z is not None else x, norm_weight if norm_weight is not None else dt_bias,
             sq if sq is not None else y,
-            headdim, dstate, heads_per_group, channels,
+            ring, conv.weight if conv is not None else dt_bias,
+            conv.bias if conv is not None and conv.bias is not None else dt_bias,
+            conv.position if conv is not None else dt_bias,
+            headdim, dstate, heads_per_group, channels, conv.c_chan0 if conv is not None else 0,
             state.stride(0), state.stride(1), state.stride(2),
             x.stride(0), x.stride(1),
             dt.stride(0),
@@ -219,8 +364,13 @@ def ssm_step_(
             y.stride(0), y.stride(1),
             z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             sq.stride(0) if sq is not None else 0,
+            ring.stride(0), ring.stride(1), ring.stride(2),
+            conv.weight.stride(0) if conv is not None else 0,
             HAS_D=D is not None, HAS_Z=z is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
-            TILES=tiles, STAGES=stages, num_warps=num_warps,
+            TILES=tiles, STAGES=stages,
+            HAS_CONV=conv is not None, HAS_CONV_BIAS=conv is not None and conv.bias is not None,
+            WIDTH=width, BLOCK_W=triton.next_power_of_2(width),
+            num_warps=num_warps,
         )
     return y if z is None else (y, sq)
 
@@ -332,69 +482,55 @@ def add_norm_modulate(
 
 @triton.jit
 def _conv_step_kernel(
-    x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr,
+    x_ptr, state_ptr, weight_ptr, bias_ptr, pos_ptr, out_ptr,
     channels,
     s_x_b, s_state_b, s_state_c, s_state_k, s_w_c, s_out_b,
     HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    taps = tl.arange(0, BLOCK_W)
     mask = offs < channels
-    # the whole old window in one load (stored back shifted after a barrier, below)
-    win_mask = mask[:, None] & (taps[None, :] < WIDTH)
-    win_ptrs = state_ptr + row * s_state_b + offs[:, None] * s_state_c + taps[None, :] * s_state_k
-    window = tl.load(win_ptrs, mask=win_mask, other=0.0)  # (BLOCK_C, BLOCK_W): taps 0..W-1, oldest first
-    x = tl.load(x_ptr + row * s_x_b + offs, mask=mask, other=0.0).to(state_ptr.dtype.element_ty)
-    w = tl.load(weight_ptr + offs[:, None] * s_w_c + taps[None, :], mask=win_mask, other=0.0).to(tl.float32)
-    # new window = old taps 1..W-1 then x: tap k of the new window pairs with weight k
-    w_shift = tl.load(weight_ptr + offs[:, None] * s_w_c + taps[None, :] - 1,
-                      mask=win_mask & (taps[None, :] >= 1), other=0.0).to(tl.float32)
-    acc = tl.sum(window.to(tl.float32) * w_shift, axis=1)  # old tap k (k >= 1) with weight k-1
-    w_last = tl.sum(tl.where(taps[None, :] == WIDTH - 1, w, 0.0), axis=1)
-    acc += x.to(tl.float32) * w_last
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # the shifted store below writes taps that other threads of this program may have loaded:
-    # Triton orders nothing between threads, so wait until every thread holds its window
-    tl.debug_barrier()
-    tl.store(win_ptrs - s_state_k, window, mask=win_mask & (taps[None, :] >= 1))  # shift left by one
-    tl.store(state_ptr + row * s_state_b + offs * s_state_c + (WIDTH - 1) * s_state_k, x, mask=mask)
-    out = acc / (1.0 + tl.exp(-acc))  # SiLU
+    pos = tl.load(pos_ptr)
+    raw = tl.load(x_ptr + row * s_x_b + offs, mask=mask, other=0.0).to(state_ptr.dtype.element_ty)
+    out = _conv_silu(raw, offs, mask, mask, pos, state_ptr + row * s_state_b, s_state_c, s_state_k,
+                     weight_ptr, s_w_c, bias_ptr, HAS_BIAS, WIDTH, BLOCK_W)
     tl.store(out_ptr + row * s_out_b + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor],
+def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor], position: Tensor,
                block_c: int = 256, num_warps: int = 4) -> Tensor:
-    """One causal depthwise-convolution position with SiLU, shifting ``state`` in place.
+    """One causal depthwise-convolution position with SiLU, writing ``x`` into the ring buffer
+    ``state`` in place (module docstring).
 
-    Reference: ``window = cat(state[..., 1:], x[..., None])``; ``state = window``;
-    ``out = silu((window * weight).sum(-1) + bias)`` (float32 inside).
+    Reference (p = ``position``, W the width)::
+
+        window = cat(state[..., (p + 1 + arange(W - 1)) % W], x.to(state.dtype)[..., None])
+        state[..., p % W] = x                                  # rounded to state.dtype
+        out = silu((window * weight).sum(-1) + bias)           # float32 inside
 
     Args:
-        x: (R, C) new inputs, last dim contiguous (a view of ``in_proj``'s output is fine).
-        state: (R, C, W) window of the last W inputs, any strides (aimkit keeps channels
-            contiguous: strides (W*C, 1, C)); updated in place.
+        x: (R, C) inputs at position ``position``, last dim contiguous (a view of ``in_proj``'s
+            output is fine).
+        state: (R, C, W) ring buffer of the last W inputs, any strides (aimkit keeps channels
+            contiguous: strides (W*C, 1, C)); slot ``position % W`` is overwritten.
         weight: (C, W) with a contiguous last dim (``conv1d.weight.squeeze(1)``).
-        bias: optional (C,).
+        bias: optional (C,), contiguous.
+        position: () integer tensor on the device (``InferenceParams.position``), read by the
+            kernel: a captured launch follows it.
         block_c: channels per program (a power of two).
         num_warps: warps per program.
 
     Returns:
         (R, C) in ``x.dtype``.
     """
+    _check_conv("conv_step_", x, state, weight, bias, position)
     rows, channels = x.shape
     width = state.shape[-1]
-    if state.shape != (rows, channels, width) or weight.shape != (channels, width):
-        raise ValueError(f"conv_step_: x {tuple(x.shape)}, state {tuple(state.shape)} and weight "
-                         f"{tuple(weight.shape)} do not fit together")
-    if x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("conv_step_: x and weight need a contiguous last dimension")
     out = torch.empty(rows, channels, device=x.device, dtype=x.dtype)
     block = min(triton.next_power_of_2(channels), block_c)
     with _on_device(x):
         _conv_step_kernel[(rows, triton.cdiv(channels, block))](
-            x, state, weight, bias if bias is not None else weight, out,
+            x, state, weight, bias if bias is not None else weight, position, out,
             channels,
             x.stride(0), state.stride(0), state.stride(1), state.stride(2), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_C=block,

@@ -16,15 +16,27 @@ Two implementations of every step, chosen per call:
   ``use_kernels="never"``; never imports mamba-ssm.
 * Fused (CUDA inputs with mamba-ssm installed, see :mod:`aimkit.backbones._mamba_kernels`):
   Triton ``mamba_chunk_scan_combined`` for the scan (forward and backward), the Triton gated
-  RMSNorm, and causal-conv1d's convolution kernels when that package is installed. The decoding
-  step uses aimkit's own one-pass state-update kernel (:mod:`aimkit.backbones._triton_ops`, needs
-  only Triton), falling back to mamba-ssm's ``selective_state_update``.
+  RMSNorm, and causal-conv1d's convolution kernel (prefill) when that package is installed. The
+  decoding step uses aimkit's own kernels (:mod:`aimkit.backbones._triton_ops`, need only Triton;
+  switched by :mod:`aimkit.backbones._fused`): the convolution computed inside the one-pass
+  state-update kernel (or a convolution kernel of its own), falling back to the PyTorch
+  convolution and mamba-ssm's ``selective_state_update``.
 
-Inference cache per layer: ``(conv_state, ssm_state)`` with conv_state (B, conv_dim, d_conv), the
-last ``d_conv`` convolution inputs (channels contiguous in memory, as the conv kernels expect),
-and ssm_state (B, nheads, headdim, d_state). ``step`` updates both in place with ``copy_`` (or
-in-place kernels): no cache allocation, no host sync, no branching on tensor values, so a decode
-step can be captured in a CUDA graph.
+Inference cache per layer: ``(conv_state, ssm_state)`` with conv_state (B, conv_dim, d_conv) and
+ssm_state (B, nheads, headdim, d_state). conv_state is a ring buffer of the last ``d_conv``
+convolution inputs (raw ``xBC``, before the convolution), indexed by absolute position: slot ``k``
+holds the input of the latest position ``q`` with ``q % d_conv == k``, zeros for positions before
+the sequence; channels are contiguous in memory, as the kernels expect. Every path keeps it so:
+
+* a prefill of positions ``[offset, end)`` reads its context in order as
+  ``conv_state.roll(-(offset % d_conv), -1)`` (oldest first) and stores the ordered window of
+  positions ``end - d_conv .. end - 1`` rolled by ``end % d_conv``;
+* a step at position ``p`` (the device tensor ``InferenceParams.position``) reads slots
+  ``(p + 1 + j) % d_conv``, j < d_conv - 1, as the window before the new input and writes the new
+  input into slot ``p % d_conv``: nothing is shifted, and no slot is both read and written.
+
+``step`` updates both states in place (index ops or in-place kernels): no cache allocation, no
+host sync, no branching on tensor values, so a decode step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -288,8 +300,8 @@ class Mamba2(nn.Module):
     def _conv(self, xBC: Tensor, context: Optional[Tensor], kernels: Optional[MambaKernels]) -> Tensor:
         """silu(causal depthwise conv): xBC (B, L, conv_dim) -> (B, L, conv_dim).
 
-        ``context`` (B, conv_dim, d_conv) holds the inputs before this chunk (a prefill that
-        continues a cached sequence); None means zeros (the sequence starts here).
+        ``context`` (B, conv_dim, d_conv) holds the inputs before this chunk in order, oldest first
+        (a prefill that continues a cached sequence); None means zeros (the sequence starts here).
         """
         seqlen = xBC.shape[1]
         xt = xBC.transpose(1, 2)  # (B, conv_dim, L)
@@ -307,20 +319,29 @@ class Mamba2(nn.Module):
             out = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         return F.silu(out).transpose(1, 2)
 
-    def _conv_step(self, xBC: Tensor, conv_state: Tensor, kernels: Optional[MambaKernels]) -> Tensor:
-        """One conv position: xBC (B, conv_dim) -> (B, conv_dim); shifts conv_state in place."""
-        fused = self._decode_kernels(xBC, "conv")
-        if fused is not None:  # aimkit's kernel for the channels-contiguous window
-            return fused.conv_step_(xBC, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        if kernels is not None and kernels.causal_conv1d_update is not None:
-            weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
-            out = kernels.causal_conv1d_update(
-                xBC.to(conv_state.dtype), conv_state, weight, self.conv1d.bias, "silu"
-            )
-            return out.to(xBC.dtype)
-        window = torch.cat([conv_state[..., 1:], xBC.to(conv_state.dtype).unsqueeze(-1)], dim=-1)
-        conv_state.copy_(window)  # (B, conv_dim, d_conv)
+    def _position(self, inference_params: InferenceParams, device: torch.device) -> Tensor:
+        """The decode position as a () int64 tensor on ``device``: ``inference_params.position``
+        (what a CUDA graph captures), else a tensor made from ``seqlen_offset`` outside capture."""
+        position = inference_params.position
+        if position is not None:
+            return position
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("Mamba2.step inside a CUDA graph needs inference_params.position (a () int64 "
+                             "device tensor): a host offset would be frozen into the graph")
+        return torch.tensor(inference_params.seqlen_offset, device=device)
+
+    def _conv_step(self, xBC: Tensor, conv_state: Tensor, inference_params: InferenceParams) -> Tensor:
+        """One conv position p: xBC (B, conv_dim) -> silu(conv) (B, conv_dim); writes xBC into ring
+        slot ``p % d_conv`` of conv_state (B, conv_dim, d_conv) in place (module docstring)."""
+        position = self._position(inference_params, xBC.device)
         weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
+        fused = self._decode_kernels(xBC, "conv") or self._decode_kernels(xBC, "conv-separate")
+        if fused is not None:  # aimkit's kernel for the channels-contiguous ring
+            return fused.conv_step_(xBC, conv_state, weight, self.conv1d.bias, position)
+        new = xBC.to(conv_state.dtype).unsqueeze(-1)  # (B, conv_dim, 1)
+        slots = (position + torch.arange(1, self.d_conv, device=position.device)) % self.d_conv  # (d_conv-1,)
+        window = torch.cat([conv_state.index_select(-1, slots), new], dim=-1)  # (B, conv_dim, d_conv), oldest first
+        conv_state.index_copy_(-1, (position % self.d_conv).view(1), new)  # the one slot not read above
         out = (window.to(weight.dtype) * weight).sum(dim=-1)  # (B, conv_dim)
         if self.conv1d.bias is not None:
             out = out + self.conv1d.bias
@@ -364,9 +385,10 @@ class Mamba2(nn.Module):
         """Mix a whole sequence: x (B, L, D) -> (B, L, D).
 
         With ``inference_params`` this is a prefill of positions ``[seqlen_offset,
-        seqlen_offset + L)``: the layer's conv_state (last ``d_conv`` conv inputs, zero-padded on
-        the left when fewer exist) and ssm_state (state after the last position) are overwritten.
-        ``seqlen_offset == 0`` starts a new sequence; a positive offset continues the cached one.
+        seqlen_offset + L)``: the layer's conv_state (ring buffer of the last ``d_conv`` conv
+        inputs, zeros for positions before 0; module docstring) and ssm_state (state after the
+        last position) are overwritten. ``seqlen_offset == 0`` starts a new sequence; a positive
+        offset continues the cached one.
         """
         batch, seqlen, _ = x.shape
         kernels = self._kernels(x)
@@ -376,20 +398,25 @@ class Mamba2(nn.Module):
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         # z (B, L, d_inner), xBC (B, L, conv_dim), dt (B, L, H)
 
-        conv_state = ssm_state = None
-        continuing = False
+        conv_state = ssm_state = context = None
+        offset, continuing = 0, False
         if inference_params is not None:
             conv_state, ssm_state = self._cache(inference_params, batch)
-            continuing = inference_params.seqlen_offset > 0
+            offset = inference_params.seqlen_offset
+            continuing = offset > 0
+            if continuing:  # the ring in order: positions offset - d_conv .. offset - 1
+                context = conv_state.roll(-(offset % self.d_conv), dims=-1)  # (B, conv_dim, d_conv)
         xBC_in = xBC
-        xBC = self._conv(xBC, conv_state if continuing else None, kernels)  # (B, L, conv_dim)
+        xBC = self._conv(xBC, context, kernels)  # (B, L, conv_dim)
         if conv_state is not None:
             inputs = xBC_in.detach().transpose(1, 2)  # (B, conv_dim, L)
             if continuing:
-                window = torch.cat([conv_state.to(inputs.dtype), inputs], dim=-1)[..., -self.d_conv:]
+                window = torch.cat([context.to(inputs.dtype), inputs], dim=-1)[..., -self.d_conv:]
             else:  # left-pad short prompts with zeros, keep the last d_conv inputs of long ones
                 window = F.pad(inputs, (self.d_conv - seqlen, 0))
-            conv_state.copy_(window)  # (B, conv_dim, d_conv)
+            # window: positions end - d_conv .. end - 1; position q belongs in slot q % d_conv
+            end = offset + seqlen
+            conv_state.copy_(window.roll(end % self.d_conv, dims=-1))  # (B, conv_dim, d_conv)
 
         xs, B, C = self._split_xbc(xBC)  # (B, L, H, P), (B, L, G, N), (B, L, G, N)
         A = -torch.exp(_upcast(self.A_log))  # (H,)
@@ -425,7 +452,7 @@ class Mamba2(nn.Module):
     def step_unnormed(self, x: Tensor, inference_params: InferenceParams) -> Tuple[Tensor, Optional[PendingRowNorm]]:
         """Decode one position, leaving the gated norm's per-row factor to the caller where it folds.
 
-        With aimkit's state kernel and kind ``gnorm`` (:meth:`_folded_gnorm`), the kernel writes
+        With aimkit's state kernel and kind ``gnorm`` (:meth:`_folds_gnorm`), the kernel writes
         ``g * norm.weight`` with ``g = y * silu(z)`` and partial sums of ``g^2``; since ``out_proj``
         is linear without bias, ``out_proj(rmsnorm(g) * w) == r * out_proj(g * w)`` with
         ``r = rsqrt(mean(g^2) + eps)`` per row, and ``r`` is left to the caller
@@ -433,7 +460,8 @@ class Mamba2(nn.Module):
 
         Args:
             x: (B, 1, D) one position.
-            inference_params: the cache, updated in place.
+            inference_params: the cache, updated in place; the position is read from its device
+                tensor ``position``.
 
         Returns:
             ``(out, pending)``: out (B, 1, D); pending None when out is final, else a
@@ -447,38 +475,48 @@ class Mamba2(nn.Module):
         conv_state, ssm_state = self._cache(inference_params, batch)
         zxbcdt = self.in_proj(x.squeeze(1))  # (B, 2*d_inner + 2*G*N + H)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = self._conv_step(xBC, conv_state, kernels)  # (B, conv_dim)
-        xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
-        folded = self._folded_gnorm(x)
-        if folded is not None:  # state update, read-out, D, gate and the norm's numerator in one kernel
-            y, partials = folded.ssm_step_(
-                ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D,
-                z=z.unflatten(-1, (self.nheads, self.headdim)), norm_weight=self.norm.weight,
-            )  # (B, H, P) = y * silu(z) * norm.weight, (B, T) float32 sums of (y * silu(z))^2
+        # z (B, d_inner), xBC (B, conv_dim) raw conv inputs, dt (B, H)
+        ops = self._decode_kernels(x, "ssm")  # aimkit's state kernel: softplus, -exp(A_log), update, read-out, D
+        folds = ops is not None and self._folds_gnorm(x)
+        gnorm = {"z": z.unflatten(-1, (self.nheads, self.headdim)), "norm_weight": self.norm.weight} if folds else {}
+        if ops is not None and self._conv_in_state_kernel(x):  # the convolution in the same kernel
+            y = ops.conv_ssm_step_(
+                ssm_state, xBC, dt, self.dt_bias, self.A_log, conv_state, self.conv1d.weight.squeeze(1),
+                self.conv1d.bias, self._position(inference_params, x.device), self.D, **gnorm,
+            )
+        else:
+            xs, B, C = self._split_xbc(self._conv_step(xBC, conv_state, inference_params))
+            # (B, H, P), (B, G, N), (B, G, N)
+            if ops is not None:
+                y = ops.ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D, **gnorm)
+            elif kernels is not None:
+                A = -torch.exp(_upcast(self.A_log))  # (H,)
+                hp = (self.nheads, self.headdim)
+                y = kernels.selective_state_update(  # updates ssm_state in place
+                    ssm_state, xs, dt.unsqueeze(-1).expand(*dt.shape, self.headdim),
+                    A[:, None, None].expand(*hp, self.d_state), B, C,
+                    D=self.D[:, None].expand(hp), z=None,
+                    dt_bias=self.dt_bias[:, None].expand(hp), dt_softplus=True,
+                )  # (B, H, P); stride-0 broadcasts let the kernel share dt and A across a head
+            else:
+                A = -torch.exp(_upcast(self.A_log))  # (H,)
+                dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, H)
+                y = ssd_recurrent_step_(ssm_state, xs, dt, A, B, C, self.D)  # updates (B, H, P, N) in place
+        if folds:  # (B, H, P) = y * silu(z) * norm.weight, (B, T) float32 sums of (y * silu(z))^2
+            y, partials = y
             out = self.out_proj(y.flatten(-2)).unsqueeze(1)  # (B, 1, D), before the row factor
             return out, PendingRowNorm(partials, self.d_inner, self.norm.eps)
-        fused = self._decode_kernels(x, "ssm")
-        if fused is not None:  # aimkit's one-pass kernel: softplus, -exp(A_log), update, read-out, D
-            y = fused.ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D)  # (B, H, P)
-        elif kernels is not None:
-            A = -torch.exp(_upcast(self.A_log))  # (H,)
-            hp = (self.nheads, self.headdim)
-            y = kernels.selective_state_update(  # updates ssm_state in place
-                ssm_state, xs, dt.unsqueeze(-1).expand(*dt.shape, self.headdim),
-                A[:, None, None].expand(*hp, self.d_state), B, C,
-                D=self.D[:, None].expand(hp), z=None,
-                dt_bias=self.dt_bias[:, None].expand(hp), dt_softplus=True,
-            )  # (B, H, P); stride-0 broadcasts let the kernel share dt and A across a head
-        else:
-            A = -torch.exp(_upcast(self.A_log))  # (H,)
-            dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, H)
-            y = ssd_recurrent_step_(ssm_state, xs, dt, A, B, C, self.D)  # updates (B, H, P, N) in place
-        y = y.flatten(-2)  # (B, d_inner)
-        y = self._gated_norm(y, z, kernels)  # (B, d_inner)
+        y = self._gated_norm(y.flatten(-2), z, kernels)  # (B, d_inner)
         return self.out_proj(y).unsqueeze(1), None  # (B, 1, D)
 
-    def _folded_gnorm(self, x: Tensor):
-        """aimkit's kernel module when the gated norm may be folded into the state kernel, else None.
+    def _conv_in_state_kernel(self, x: Tensor) -> bool:
+        """Whether the convolution runs inside aimkit's state kernel (``conv_ssm_step_``): kinds
+        ``ssm`` and ``conv`` on and ``conv-separate`` off (:mod:`._fused`)."""
+        return (self._decode_kernels(x, "ssm") is not None and self._decode_kernels(x, "conv") is not None
+                and self._decode_kernels(x, "conv-separate") is None)
+
+    def _folds_gnorm(self, x: Tensor) -> bool:
+        """Whether aimkit's state kernel may fold the gated norm in (its row factor left pending).
 
         Needs kinds ``ssm``, ``norm`` and ``gnorm`` (:mod:`._fused`), one norm group over all
         ``d_inner`` channels and no ``out_proj`` bias (the row factor must commute with it). Not
@@ -486,9 +524,8 @@ class Mamba2(nn.Module):
         """
         if (self.norm.group_size != self.d_inner or self.out_proj.bias is not None
                 or x.dtype == torch.float16):
-            return None
-        ops = [self._decode_kernels(x, kind) for kind in ("ssm", "norm", "gnorm")]
-        return ops[0] if all(op is not None for op in ops) else None
+            return False
+        return all(self._decode_kernels(x, kind) is not None for kind in ("ssm", "norm", "gnorm"))
 
     def reset_inference_cache(self, inference_params: InferenceParams, batch: int) -> None:
         """Zero this layer's states for the first ``batch`` rows: the empty history a sequence
@@ -508,9 +545,11 @@ class Mamba2(nn.Module):
                 ``state_dtype="model"``, the ssm_state dtype (default: the parameters').
 
         Returns:
-            conv_state (B, conv_dim, d_conv), stored channels-contiguous; ssm_state
-            (B, nheads, headdim, d_state) in float32 (float64 for a float64 model) or, with
-            ``state_dtype="model"``, in the model dtype.
+            conv_state (B, conv_dim, d_conv), stored channels-contiguous (strides
+            (d_conv*conv_dim, 1, conv_dim)): the ring buffer of the last ``d_conv`` raw conv
+            inputs, slot ``q % d_conv`` holding position ``q`` (module docstring; all zeros: the
+            empty history); ssm_state (B, nheads, headdim, d_state) in float32 (float64 for a
+            float64 model) or, with ``state_dtype="model"``, in the model dtype.
         """
         del max_seqlen
         device = self.conv1d.weight.device
