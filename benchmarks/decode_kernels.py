@@ -22,9 +22,9 @@ Parts:
   - ``ssm,norm``: and the fused glue between sublayers;
   - ``ssm,norm,gnorm``: and the gated norm folded into the state kernel and the glue (the
     convolution still in PyTorch);
-  - ``ssm,conv-separate,norm,gnorm``: and the convolution in its own kernel (``conv_step_``);
-  - ``all`` (= ``ssm,conv,norm,gnorm``): the convolution inside the state kernel instead
-    (``conv_ssm_step_``, one launch fewer per layer).
+  - ``all`` (= ``ssm,conv,norm,gnorm``): and the convolution in its own kernel (``conv_step_``);
+  - ``ssm,conv-in-ssm,norm,gnorm``: the convolution inside the state kernel instead
+    (``conv_ssm_step_``, one launch fewer per layer; slower on an H200, notes.md).
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
   at 16), median of ``--repeats``, with and without the one-kernel sampler, and with
   ``--branches`` concurrent graph branches.
@@ -336,13 +336,13 @@ def main() -> int:
     ap.add_argument("--rows", default="32,128,512", help="decode rows for the step part (2 x images)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--branches", default="1,2", help="graph branches to compare (step and generate parts)")
-    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;ssm,norm,gnorm;ssm,conv-separate,norm,gnorm;all",
+    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;ssm,norm,gnorm;all;ssm,conv-in-ssm,norm,gnorm",
                     help="';'-separated AIMKIT_DECODE_KERNELS values (step part): 'all' (= "
                          f"{','.join(KINDS)}), 'none' or comma lists of {','.join(KINDS + OPT_IN_KINDS)}. "
-                         "'ssm,conv' together compute the convolution inside the state kernel "
-                         "(conv_ssm_step_); 'conv-separate' runs it in its own kernel (conv_step_) "
-                         "before the state kernel; neither: PyTorch convolution. E.g. "
-                         "'ssm,conv-separate,norm,gnorm;ssm,conv,norm,gnorm' compares the two.")
+                         "'conv' runs the convolution in its own kernel (conv_step_); the opt-in "
+                         "'conv-in-ssm' computes it inside the state kernel (conv_ssm_step_, with "
+                         "'ssm'); neither: PyTorch convolution. E.g. "
+                         "'ssm,conv,norm,gnorm;ssm,conv-in-ssm,norm,gnorm' compares the two.")
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")

@@ -161,7 +161,7 @@ def _conv_reference(history, weight, bias):
     width = weight.shape[-1]
     window = F.pad(history.float(), (width, 0))[..., -width:]  # (R, C, W), oldest first
     out = (window * weight.float()).sum(-1)
-    return F.silu(out + bias.float() if bias is not None else out)
+    return F.silu(out + bias.float().cpu() if bias is not None else out)
 
 
 @pytest.mark.parametrize("channels_last,with_bias,width,start,dtype", [
@@ -368,9 +368,9 @@ def test_kernel_switch(monkeypatch):
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", " ssm, GNORM ")
     assert _fused.enabled_kinds() == {"ssm", "gnorm"}
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "all")
-    assert "conv-separate" not in _fused.enabled_kinds()  # opt-in only
-    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,conv-separate")
-    assert _fused.enabled_kinds() == {"ssm", "conv-separate"}
+    assert "conv-in-ssm" not in _fused.enabled_kinds()  # opt-in only
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,conv-in-ssm")
+    assert _fused.enabled_kinds() == {"ssm", "conv-in-ssm"}
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,fast")
     with pytest.raises(ValueError, match="unknown kernel kinds"):
         _fused.enabled_kinds()
@@ -418,10 +418,10 @@ def _use_kinds(monkeypatch, ops, kinds):
 
 
 @pytest.mark.parametrize("kind,kinds,overrides,folds", [
-    ("mamba2", _fused.KINDS, {}, True),  # conv in the state kernel, the gated norm folded into it and the glue
+    ("mamba2", _fused.KINDS, {}, True),  # conv_step_, ssm_step_, the gated norm folded into it and the glue
+    ("mamba2", ("ssm", "conv-in-ssm", "norm", "gnorm"), {}, True),  # conv inside the state kernel
     ("mamba2", _NO_GNORM, {}, False),
     ("mamba2", _fused.KINDS, {"ngroups": 2}, False),  # two norm groups: not foldable
-    ("mamba2", ("ssm", "conv-separate", "norm", "gnorm"), {}, True),  # conv_step_, then ssm_step_
     ("mamba2", ("conv", "norm"), {}, False),  # conv_step_, then the PyTorch state update
     ("mamba2", ("ssm", "norm"), {}, False),  # the PyTorch ring convolution, then ssm_step_
     ("transformer", _fused.KINDS, {}, False),
@@ -464,10 +464,10 @@ def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monk
     sublayers = 1 if kind == "mamba2" else 2
     assert calls["add_norm_modulate"] == steps * (2 * sublayers + 1)  # steps x (sublayers + final norm)
     mixer_steps = steps * 2 if kind == "mamba2" else 0  # 2 layers
-    in_state_kernel = {"ssm", "conv"} <= set(kinds) and "conv-separate" not in kinds
+    in_state_kernel = {"ssm", "conv-in-ssm"} <= set(kinds)
     assert calls["conv_ssm_step_"] == (mixer_steps if in_state_kernel else 0)
     assert calls["ssm_step_"] == (mixer_steps if "ssm" in kinds and not in_state_kernel else 0)
-    conv_kernel = bool({"conv", "conv-separate"} & set(kinds)) and not in_state_kernel
+    conv_kernel = bool({"conv", "conv-in-ssm"} & set(kinds)) and not in_state_kernel
     assert calls["conv_step_"] == (mixer_steps if conv_kernel else 0)
     # folded: every mixer output carries its row factor into the next glue kernel
     assert calls["folded ssm_step_"] == calls["pending add_norm_modulate"] == (mixer_steps if folds else 0)

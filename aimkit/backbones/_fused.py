@@ -7,17 +7,17 @@ this module imports nothing heavy: Triton is loaded on the first CUDA query.
 Switch: the environment variable ``AIMKIT_DECODE_KERNELS`` (read at every call, so a benchmark
 can compare variants in one process — clear captured CUDA graphs in between):
 
-* unset or ``all``: every kind of :data:`KINDS` (not the opt-in ``conv-separate``);
+* unset or ``all``: every kind of :data:`KINDS` (not the opt-in ``conv-in-ssm``);
 * ``none``: none (PyTorch convolution, mamba-ssm's ``selective_state_update`` and the unfused
   block arithmetic);
 * a comma list of kinds:
 
   - ``ssm``: Mamba2's state update in aimkit's kernel (:func:`~._triton_ops.ssm_step_`);
-  - ``conv``: Mamba2's convolution in a kernel — inside the state kernel
-    (:func:`~._triton_ops.conv_ssm_step_`, one launch instead of two) when ``ssm`` is on too,
-    else its own kernel (:func:`~._triton_ops.conv_step_`);
-  - ``conv-separate`` (opt-in, for comparisons): the convolution's own kernel even when ``ssm``
-    is on, i.e. ``ssm,conv-separate`` runs ``conv_step_`` then ``ssm_step_``;
+  - ``conv``: Mamba2's convolution step in its own kernel (:func:`~._triton_ops.conv_step_`);
+  - ``conv-in-ssm`` (opt-in, for comparisons): the convolution computed inside the state kernel
+    (:func:`~._triton_ops.conv_ssm_step_`, one launch instead of two) when ``ssm`` is on too. On
+    an H200 it was slower (AiM-B, 512 rows: 4.19 against 3.32 ms per step; every tile recomputes
+    its group's B and C convolution), hence not in ``all``;
   - ``norm``: the glue between sublayers (:func:`~._triton_ops.add_norm_modulate`);
   - ``gnorm``: Mamba2's gated RMSNorm folded into the other two (the state kernel writes the
     norm's numerator and partial sums of squares, ``add_norm_modulate`` applies the per-row factor
@@ -39,7 +39,7 @@ import torch
 __all__ = ["KINDS", "OPT_IN_KINDS", "PendingRowNorm", "decode_ops", "enabled_kinds"]
 
 KINDS = ("ssm", "conv", "norm", "gnorm")  # what "all" enables
-OPT_IN_KINDS = ("conv-separate",)  # named explicitly only
+OPT_IN_KINDS = ("conv-in-ssm",)  # named explicitly only
 _ENV = "AIMKIT_DECODE_KERNELS"
 
 _lock = threading.Lock()

@@ -335,7 +335,7 @@ class Mamba2(nn.Module):
         slot ``p % d_conv`` of conv_state (B, conv_dim, d_conv) in place (module docstring)."""
         position = self._position(inference_params, xBC.device)
         weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
-        fused = self._decode_kernels(xBC, "conv") or self._decode_kernels(xBC, "conv-separate")
+        fused = self._decode_kernels(xBC, "conv") or self._decode_kernels(xBC, "conv-in-ssm")
         if fused is not None:  # aimkit's kernel for the channels-contiguous ring
             return fused.conv_step_(xBC, conv_state, weight, self.conv1d.bias, position)
         new = xBC.to(conv_state.dtype).unsqueeze(-1)  # (B, conv_dim, 1)
@@ -510,10 +510,9 @@ class Mamba2(nn.Module):
         return self.out_proj(y).unsqueeze(1), None  # (B, 1, D)
 
     def _conv_in_state_kernel(self, x: Tensor) -> bool:
-        """Whether the convolution runs inside aimkit's state kernel (``conv_ssm_step_``): kinds
-        ``ssm`` and ``conv`` on and ``conv-separate`` off (:mod:`._fused`)."""
-        return (self._decode_kernels(x, "ssm") is not None and self._decode_kernels(x, "conv") is not None
-                and self._decode_kernels(x, "conv-separate") is None)
+        """Whether the convolution runs inside aimkit's state kernel (``conv_ssm_step_``): the
+        opt-in kind ``conv-in-ssm`` and ``ssm`` on (:mod:`._fused`)."""
+        return self._decode_kernels(x, "ssm") is not None and self._decode_kernels(x, "conv-in-ssm") is not None
 
     def _folds_gnorm(self, x: Tensor) -> bool:
         """Whether aimkit's state kernel may fold the gated norm in (its row factor left pending).
