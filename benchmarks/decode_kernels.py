@@ -88,7 +88,7 @@ def part_micro(args) -> None:
 
     kernels = load_kernels()
     out = []
-    for label, nheads in (("aim-b layer", 24), ("aim-xl layer", 48)):
+    for label, nheads in () if args.conv_micro_only else (("aim-b layer", 24), ("aim-xl layer", 48)):
         for rows in (32, 128, 512):
             for state_dtype in (torch.bfloat16, torch.float32):
                 P, N = 64, 128
@@ -141,7 +141,8 @@ def part_micro(args) -> None:
                     ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
                                 "variant": name, "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6})
-    for label, conv_dim in ((("aim-b conv", 1792), ("aim-xl conv", 3328)) if args.conv_micro else ()):
+    conv_shapes = (("aim-b conv", 1792), ("aim-xl conv", 3328))
+    for label, conv_dim in (conv_shapes if args.conv_micro or args.conv_micro_only else ()):
         for rows in (32, 512):
             state = torch.randn(rows, 4, conv_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
             proj = torch.randn(rows, conv_dim + 2000, device="cuda", dtype=torch.bfloat16)
@@ -346,6 +347,7 @@ def main() -> int:
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")
+    ap.add_argument("--conv-micro-only", action="store_true", help="micro part: only the conv_step_ tilings")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [int(r) for r in args.rows.split(",") if r]

@@ -516,3 +516,41 @@ def test_mamba2_step_folds_gated_norm(overrides, folds, monkeypatch):
         assert calls["folded ssm_step_"] == (2 * 4 if folds else 0)
         out, _ = run(_NO_GNORM, unnormed=True, pends=False)  # gnorm switched off: nothing pending
         torch.testing.assert_close(out, reference, atol=2e-5, rtol=2e-5)
+
+
+def test_pdl_only_on_hopper_cuda_when_asked(monkeypatch):
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,conv,norm,gnorm,pdl")
+    assert not _triton_ops._pdl(torch.zeros(1))  # a CPU tensor never launches with PDL
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "all")
+    assert "pdl" not in _fused.enabled_kinds()  # opt-in
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper GPU")
+def test_pdl_launches_give_the_same_results(monkeypatch):
+    """The three kernels launched with PDL, in a stream of dependent launches, equal plain launches."""
+    def run():
+        state, x, dt, dt_bias, A_log, B, C, D = _ssm_inputs(64, 4, 16, 1, 32, torch.bfloat16)
+        xbc = torch.cat([x.flatten(1), B.flatten(1), C.flatten(1)], dim=1).contiguous()
+        ring = torch.randn(64, 4, xbc.shape[1], generator=torch.Generator().manual_seed(3)).to(DEVICE).transpose(1, 2)
+        weight = torch.randn(xbc.shape[1], 4, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        position = torch.tensor(5, device=DEVICE)
+        outs = []
+        for _ in range(3):  # back-to-back dependent launches
+            conv = _triton_ops.conv_step_(xbc, ring, weight, None, position)
+            xs = conv[:, :64].unflatten(-1, (4, 16))
+            y = _triton_ops.ssm_step_(state, xs, dt, dt_bias, A_log, conv[:, 64:96].unsqueeze(1),
+                                      conv[:, 96:].unsqueeze(1), D)
+            h, res = _triton_ops.add_norm_modulate(y.flatten(1), None, None, torch.ones(64, device=DEVICE), 1e-5)
+            outs += [conv, y, h, res]
+            xbc = conv.to(xbc.dtype).contiguous()
+            position.add_(1)
+        torch.cuda.synchronize()
+        return outs + [state, ring]
+
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "all")
+    plain = run()
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,conv,norm,gnorm,pdl")
+    with_pdl = run()
+    for a, b in zip(with_pdl, plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

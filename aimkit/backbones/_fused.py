@@ -18,6 +18,9 @@ can compare variants in one process — clear captured CUDA graphs in between):
     (:func:`~._triton_ops.conv_ssm_step_`, one launch instead of two) when ``ssm`` is on too. On
     an H200 it was slower (AiM-B, 512 rows: 4.19 against 3.32 ms per step; every tile recomputes
     its group's B and C convolution), hence not in ``all``;
+  - ``pdl`` (opt-in): launch the three kernels with Hopper's programmatic dependent launch, so
+    that each starts while the previous kernel finishes (the state kernel loads its state before
+    waiting); ignored before compute capability 9.0;
   - ``norm``: the glue between sublayers (:func:`~._triton_ops.add_norm_modulate`);
   - ``gnorm``: Mamba2's gated RMSNorm folded into the other two (the state kernel writes the
     norm's numerator and partial sums of squares, ``add_norm_modulate`` applies the per-row factor
@@ -39,7 +42,7 @@ import torch
 __all__ = ["KINDS", "OPT_IN_KINDS", "PendingRowNorm", "decode_ops", "enabled_kinds"]
 
 KINDS = ("ssm", "conv", "norm", "gnorm")  # what "all" enables
-OPT_IN_KINDS = ("conv-in-ssm",)  # named explicitly only
+OPT_IN_KINDS = ("conv-in-ssm", "pdl")  # named explicitly only
 _ENV = "AIMKIT_DECODE_KERNELS"
 
 _lock = threading.Lock()
