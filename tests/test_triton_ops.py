@@ -279,6 +279,92 @@ def test_conv_ssm_step_rejects_bad_arguments():
         _triton_ops.conv_ssm_step_(state, xBC, dt, vec, vec, ring, w, None, torch.zeros(2, dtype=torch.long))
 
 
+def _exact_bf16(shape, g, scale):
+    """Random multiples of ``scale`` in [-2*scale, 2*scale]: projections of these stay exact in
+    bfloat16 (small multiples of a power of two), so rounding modes cannot differ (Triton's
+    interpreter truncates float32 -> bf16 casts where torch and the GPU round to nearest)."""
+    return (torch.randint(-2, 3, shape, generator=g) * scale).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows,start,block_m,with_bias,with_conv_bias,ring_dtype", [
+    (19, 0, None, True, True, torch.bfloat16),  # from the empty history; one ragged row tile of 32
+    (19, 2, 16, False, True, torch.bfloat16),  # position < W; two row tiles, the second ragged
+    (5, 6, None, True, False, torch.bfloat16),  # the ring wrapped already
+    (40, 9, None, False, False, torch.float32),  # a float32 ring holds the bf16 projection
+])
+def test_in_proj_conv_step_matches_linear_and_ring_conv(rows, start, block_m, with_bias, with_conv_bias, ring_dtype):
+    """in_proj_conv_step_ over several positions equals F.linear, then the ring convolution step on
+    the conv columns; the ring holds exactly the raw projections by position. The conv segment
+    starts and ends mid-tile (64-column tiles), one tile lies past it, N_in and D are ragged."""
+    g = torch.Generator().manual_seed(11)
+    width, d_model, conv_start, conv_dim, n_out = 4, 80, 37, 70, 200  # tiles 0..63 | 64..127 | 128..191 | 192..
+    seg = slice(conv_start, conv_start + conv_dim)
+    weight = _exact_bf16((n_out, d_model), g, 0.25).to(DEVICE)
+    bias = _exact_bf16((n_out,), g, 0.5).to(DEVICE) if with_bias else None
+    conv_w = (torch.randn(conv_dim, width, generator=g) * 0.5).to(DEVICE, torch.bfloat16)
+    conv_b = torch.randn(conv_dim, generator=g).to(DEVICE, torch.bfloat16) if with_conv_bias else None
+    history = _exact_bf16((rows, conv_dim, start), g, 1.0).to(ring_dtype)  # positions 0..start-1
+    conv_state = _ring_of(history, width)
+    position = torch.tensor(start, device=DEVICE)
+    for _ in range(width + 2):  # round the ring once and more
+        x = _exact_bf16((rows, d_model), g, 0.5).to(DEVICE)
+        proj = F.linear(x, weight, bias)  # (R, N_in) exact
+        history = torch.cat([history, proj[:, seg].cpu().to(ring_dtype).unsqueeze(-1)], dim=-1)
+        out = _triton_ops.in_proj_conv_step_(x, weight, bias, conv_state, conv_w, conv_b, position, conv_start,
+                                             conv_dim, block_m=block_m, block_n=64)
+        assert out.shape == (rows, n_out) and out.dtype == torch.bfloat16
+        plain = torch.ones(n_out, dtype=torch.bool)
+        plain[seg] = False
+        torch.testing.assert_close(out[:, plain], proj[:, plain], atol=0, rtol=0)
+        conv_ref = _conv_reference(history, conv_w.float().cpu(), conv_b.float().cpu() if with_conv_bias else None)
+        torch.testing.assert_close(out[:, seg].float(), conv_ref.to(DEVICE), atol=1e-2, rtol=1e-2)  # bf16 output
+        torch.testing.assert_close(conv_state, _ring_of(history, width), atol=0, rtol=0)  # one slot, exactly
+        position.add_(1)
+
+
+def test_in_proj_conv_step_default_config_and_random_inputs():
+    """Random (inexact) bf16 inputs with the default tiling: the projection within bf16 rounding."""
+    g = torch.Generator().manual_seed(12)
+    rows, d_model, conv_start, conv_dim, n_out, width = 3, 48, 16, 40, 70, 4
+    x = torch.randn(rows, 2 * d_model, generator=g).to(DEVICE, torch.bfloat16)[:, 7:7 + d_model]  # strided rows
+    weight = (torch.randn(n_out, d_model, generator=g) * 0.2).to(DEVICE, torch.bfloat16)
+    conv_w = torch.randn(conv_dim, width, generator=g).to(DEVICE, torch.bfloat16)
+    conv_state = _ring_of(torch.randn(rows, conv_dim, 5, generator=g).to(torch.bfloat16), width)
+    ring_before = conv_state.clone()
+    position = torch.tensor(5, device=DEVICE)
+    out = _triton_ops.in_proj_conv_step_(x, weight, None, conv_state, conv_w, None, position, conv_start, conv_dim)
+    proj = F.linear(x.float(), weight.float())
+    torch.testing.assert_close(out[:, :conv_start].float(), proj[:, :conv_start], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[:, conv_start + conv_dim:].float(), proj[:, conv_start + conv_dim:],
+                               atol=2e-2, rtol=2e-2)
+    new = conv_state[..., 5 % width].float()
+    torch.testing.assert_close(new, proj[:, conv_start:conv_start + conv_dim], atol=2e-2, rtol=2e-2)
+    window = torch.cat([ring_before[..., [2, 3, 0]].float(), new.unsqueeze(-1)], dim=-1)  # positions 2..5
+    conv_ref = F.silu((window * conv_w.float()).sum(-1))
+    torch.testing.assert_close(out[:, conv_start:conv_start + conv_dim].float(), conv_ref, atol=2e-2, rtol=2e-2)
+    untouched = [k for k in range(width) if k != 5 % width]
+    torch.testing.assert_close(conv_state[..., untouched], ring_before[..., untouched], atol=0, rtol=0)
+
+
+def test_in_proj_conv_step_rejects_bad_arguments():
+    x = torch.zeros(2, 32, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.zeros(48, 32, device=DEVICE, dtype=torch.bfloat16)
+    ring, conv_w = torch.zeros(2, 24, 4, device=DEVICE), torch.zeros(24, 4, device=DEVICE)
+    position = torch.zeros((), dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="needs bfloat16 or float16"):
+        _triton_ops.in_proj_conv_step_(x.float(), weight.float(), None, ring, conv_w, None, position, 8, 24)
+    with pytest.raises(ValueError, match="needs bfloat16 or float16"):
+        _triton_ops.in_proj_conv_step_(x, weight.half(), None, ring, conv_w, None, position, 8, 24)
+    with pytest.raises(ValueError, match="outside the 48 columns"):
+        _triton_ops.in_proj_conv_step_(x, weight, None, ring, conv_w, None, position, 30, 24)
+    with pytest.raises(ValueError, match="do not fit together"):
+        _triton_ops.in_proj_conv_step_(x, weight, None, ring, conv_w, None, position, 8, 20)
+    with pytest.raises(ValueError, match="position must be"):
+        _triton_ops.in_proj_conv_step_(x, weight, None, ring, conv_w, None, position.float(), 8, 24)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        _triton_ops.in_proj_conv_step_(x, weight, None, ring, conv_w, None, position, 8, 24, block_n=48)
+
+
 def _norm_reference(hidden, gate, residual, weight, eps, shift, scale):
     r = hidden.float() * (gate.float() if gate is not None else 1.0)
     r = r + residual if residual is not None else r
@@ -371,6 +457,10 @@ def test_kernel_switch(monkeypatch):
     assert "conv-in-ssm" not in _fused.enabled_kinds()  # opt-in only
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,conv-in-ssm")
     assert _fused.enabled_kinds() == {"ssm", "conv-in-ssm"}
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "all")
+    assert "proj-conv" not in _fused.enabled_kinds()  # opt-in only
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,conv,proj-conv")
+    assert _fused.enabled_kinds() == {"ssm", "conv", "proj-conv"}
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "ssm,fast")
     with pytest.raises(ValueError, match="unknown kernel kinds"):
         _fused.enabled_kinds()
@@ -403,7 +493,7 @@ def _counted_ops(calls):
             return getattr(_triton_ops, name)(*args, **kwargs)
         return call
 
-    names = ("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate")
+    names = ("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "in_proj_conv_step_")
     return SimpleNamespace(**{name: counted(name) for name in names})
 
 
@@ -420,6 +510,7 @@ def _use_kinds(monkeypatch, ops, kinds):
 @pytest.mark.parametrize("kind,kinds,overrides,folds", [
     ("mamba2", _fused.KINDS, {}, True),  # conv_step_, ssm_step_, the gated norm folded into it and the glue
     ("mamba2", ("ssm", "conv-in-ssm", "norm", "gnorm"), {}, True),  # conv inside the state kernel
+    ("mamba2", _fused.KINDS + ("proj-conv",), {}, True),  # a float32 model: proj-conv falls back to conv_step_
     ("mamba2", _NO_GNORM, {}, False),
     ("mamba2", _fused.KINDS, {"ngroups": 2}, False),  # two norm groups: not foldable
     ("mamba2", ("conv", "norm"), {}, False),  # conv_step_, then the PyTorch state update
@@ -441,7 +532,7 @@ def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monk
     prefill, steps = 2, 5
     xs = torch.randn(batch, prefill + steps, 32, device=DEVICE)
     calls = dict.fromkeys(("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "folded ssm_step_",
-                           "pending add_norm_modulate"), 0)
+                           "pending add_norm_modulate", "in_proj_conv_step_"), 0)
     ops = _counted_ops(calls)
 
     def run(fused: bool):
@@ -469,8 +560,53 @@ def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monk
     assert calls["ssm_step_"] == (mixer_steps if "ssm" in kinds and not in_state_kernel else 0)
     conv_kernel = bool({"conv", "conv-in-ssm"} & set(kinds)) and not in_state_kernel
     assert calls["conv_step_"] == (mixer_steps if conv_kernel else 0)
+    assert calls["in_proj_conv_step_"] == 0  # float32: in_proj stays cuBLAS / torch
     # folded: every mixer output carries its row factor into the next glue kernel
     assert calls["folded ssm_step_"] == calls["pending add_norm_modulate"] == (mixer_steps if folds else 0)
+
+
+@pytest.mark.parametrize("kinds,overrides", [
+    (_fused.KINDS + ("proj-conv",), {}),  # in_proj_conv_step_, then the folded ssm_step_ and the glue
+    (("proj-conv", "norm"), {"bias": True}),  # in_proj and conv1d biases; the PyTorch state update
+    (("ssm", "conv", "conv-in-ssm", "proj-conv"), {}),  # conv-in-ssm wins: in_proj stays unfused
+])
+def test_fused_bf16_backbone_step_with_proj_conv(kinds, overrides, monkeypatch):
+    """A bf16 Mamba2 backbone decoding with in_proj_conv_step_ (kind proj-conv) matches the unfused
+    bf16 step within bf16 rounding; the conv kernel does not run beside it."""
+    torch.manual_seed(0)
+    net = Mamba2Backbone(32, 2, Mamba2Config(d_state=16, headdim=8, **overrides)).to(DEVICE)
+    _randomize(net, 3)
+    net = net.to(torch.bfloat16)
+    batch, prefill, steps = 3, 2, 5
+    mods = [(torch.randn(batch, net.mod_chunks, 32, device=DEVICE) * 0.5).bfloat16() for _ in range(2)]
+    xs = torch.randn(batch, prefill + steps, 32, device=DEVICE).bfloat16()
+    calls = dict.fromkeys(("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "folded ssm_step_",
+                           "pending add_norm_modulate", "in_proj_conv_step_"), 0)
+    ops = _counted_ops(calls)
+
+    def run(fused: bool):
+        _use_kinds(monkeypatch, ops, kinds if fused else ())
+        params = InferenceParams(max_seqlen=8, max_batch_size=batch,
+                                 position=torch.zeros((), dtype=torch.long, device=DEVICE))
+        params.key_value_memory_dict = net.allocate_inference_cache(batch, 8)
+        outs = [net(xs[:, :prefill], mods, inference_params=params)]
+        params.advance(prefill)
+        for t in range(prefill, xs.shape[1]):
+            outs.append(net.step(xs[:, t:t + 1], mods, params))
+            params.advance(1)
+        return torch.cat(outs, dim=1).float()
+
+    with torch.no_grad():
+        unfused = run(False)
+        fused = run(True)
+    # bf16 through two layers: a few ulps (outputs up to ~5); in Triton's interpreter every
+    # projection is also truncated to bf16 (the GPU rounds), a bias the unfused path does not have
+    torch.testing.assert_close(fused, unfused, atol=1e-1, rtol=2e-2)
+    mixer_steps = steps * 2  # 2 layers
+    in_state_kernel = "conv-in-ssm" in kinds
+    assert calls["in_proj_conv_step_"] == (0 if in_state_kernel else mixer_steps)
+    assert calls["conv_ssm_step_"] == (mixer_steps if in_state_kernel else 0)
+    assert calls["conv_step_"] == 0
 
 
 @pytest.mark.parametrize("overrides,folds", [({}, True), ({"bias": True}, False), ({"ngroups": 2}, False)])

@@ -7,7 +7,7 @@ this module imports nothing heavy: Triton is loaded on the first CUDA query.
 Switch: the environment variable ``AIMKIT_DECODE_KERNELS`` (read at every call, so a benchmark
 can compare variants in one process — clear captured CUDA graphs in between):
 
-* unset or ``all``: every kind of :data:`KINDS` (not the opt-in ``conv-in-ssm``);
+* unset or ``all``: every kind of :data:`KINDS` (not the opt-in kinds of :data:`OPT_IN_KINDS`);
 * ``none``: none (PyTorch convolution, mamba-ssm's ``selective_state_update`` and the unfused
   block arithmetic);
 * a comma list of kinds:
@@ -18,6 +18,10 @@ can compare variants in one process — clear captured CUDA graphs in between):
     (:func:`~._triton_ops.conv_ssm_step_`, one launch instead of two) when ``ssm`` is on too. On
     an H200 it was slower (AiM-B, 512 rows: 4.19 against 3.32 ms per step; every tile recomputes
     its group's B and C convolution), hence not in ``all``;
+  - ``proj-conv`` (opt-in, until measured): Mamba2's ``in_proj`` as a Triton GEMM that computes
+    the convolution step in its epilogue (:func:`~._triton_ops.in_proj_conv_step_`), replacing
+    cuBLAS and the convolution kernel, with or without ``conv``; only for bfloat16 / float16
+    models, and not when ``conv-in-ssm`` moves the convolution into the state kernel;
   - ``pdl`` (opt-in): launch the three kernels with Hopper's programmatic dependent launch, so
     that each starts while the previous kernel finishes (the state kernel loads its state before
     waiting); ignored before compute capability 9.0;
@@ -42,7 +46,7 @@ import torch
 __all__ = ["KINDS", "OPT_IN_KINDS", "PendingRowNorm", "decode_ops", "enabled_kinds"]
 
 KINDS = ("ssm", "conv", "norm", "gnorm")  # what "all" enables
-OPT_IN_KINDS = ("conv-in-ssm", "pdl")  # named explicitly only
+OPT_IN_KINDS = ("conv-in-ssm", "proj-conv", "pdl")  # named explicitly only
 _ENV = "AIMKIT_DECODE_KERNELS"
 
 _lock = threading.Lock()

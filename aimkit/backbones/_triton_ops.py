@@ -1,6 +1,6 @@
 """aimkit's own Triton kernels for the decode step (imported only on CUDA, through :mod:`._fused`).
 
-Three kernels (four entry points) replace the chains of small kernels that dominated an AiM decode
+Four kernels (five entry points) replace the chains of small kernels that dominated an AiM decode
 step on an H200 (``benchmarks/notes.md``, decode-step profile):
 
 * :func:`ssm_step_` — one Mamba2 recurrence step for every (row, head): softplus of ``dt +
@@ -17,6 +17,10 @@ step on an H200 (``benchmarks/notes.md``, decode-step profile):
 * :func:`conv_step_` — one position of the depthwise causal convolution with SiLU alone, for the
   channels-contiguous ring buffer aimkit keeps (causal-conv1d's update kernel took 12 µs per AiM-B
   layer at 512 rows on that layout, four times its memory traffic).
+* :func:`in_proj_conv_step_` — Mamba2's ``in_proj`` GEMM (``tl.dot`` tiles, float32 accumulation,
+  16-bit inputs only) with :func:`conv_step_`'s work in its epilogue for the xBC columns, which
+  removes the convolution's launch and the gap before it (opt-in kind ``proj-conv``, unmeasured
+  against cuBLAS + ``conv_step_``).
 * :func:`add_norm_modulate` — the glue between two sublayers: ``residual += gate * hidden``, then
   ``rmsnorm(residual) * weight``, then the adaLN modulation ``* (1 + scale) + shift``; one
   read of each input row and two writes, instead of about nine element-wise kernels. Optionally
@@ -30,8 +34,9 @@ then writes the new input into slot ``p % W`` — the one slot it does not read,
 share channels (the B and C of a group) never race, and nothing is shifted. ``p`` is read from a
 device tensor (``InferenceParams.position``), so a captured step stays valid at every position.
 
-All kernels compute in float32 and accept strided views (the split of ``in_proj``'s output, the
-rows of the stacked modulation tensor), so the caller never makes a contiguous copy. None
+All kernels compute in float32 (``in_proj_conv_step_`` accumulates 16-bit products in float32)
+and accept strided views (the split of ``in_proj``'s output, the rows of the stacked modulation
+tensor), so the caller never makes a contiguous copy. None
 allocates anything but its outputs, syncs with the host or branches on tensor values: a decode
 step built from them can be captured in a CUDA graph. The PyTorch reference of each is named in its
 docstring and the tests run both through Triton's interpreter on CPU (``TRITON_INTERPRET=1``).
@@ -48,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["add_norm_modulate", "conv_ssm_step_", "conv_step_", "ssm_step_"]
+__all__ = ["add_norm_modulate", "conv_ssm_step_", "conv_step_", "in_proj_conv_step_", "ssm_step_"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -573,5 +578,149 @@ def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor],
             x.stride(0), state.stride(0), state.stride(1), state.stride(2), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_C=block,
             USE_PDL=use_pdl, num_warps=num_warps, **_launch_options(use_pdl),
+        )
+    return out
+
+
+@triton.jit
+def _conv_silu_tile(raw, offs_m, chan, mask_m, mask_c, pos, ring_ptr, s_ring_b, s_ring_c, s_ring_k,
+                    w_ptr, s_w_c, bias_ptr, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr):
+    # _conv_silu for a (rows x channels) tile: rows ``offs_m`` (BLOCK_M,), ring channels ``chan``
+    # (BLOCK_N,), the new inputs ``raw`` (BLOCK_M, BLOCK_N) already in the ring's dtype. The taps
+    # j < WIDTH-1 come from ring slot (pos + 1 + j) % WIDTH (oldest first), the last is ``raw``,
+    # which is then stored into slot pos % WIDTH (the one slot no tap reads). Float32 inside.
+    mask = mask_m[:, None] & mask_c[None, :]
+    ring = ring_ptr + offs_m[:, None] * s_ring_b + chan[None, :] * s_ring_c  # (BLOCK_M, BLOCK_N) slot 0
+    acc = tl.zeros(raw.shape, dtype=tl.float32)
+    for j in tl.static_range(WIDTH - 1):
+        old = tl.load(ring + ((pos + 1 + j) % WIDTH) * s_ring_k, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + chan * s_w_c + j, mask=mask_c, other=0.0).to(tl.float32)
+        acc += old * w[None, :]
+    w = tl.load(w_ptr + chan * s_w_c + (WIDTH - 1), mask=mask_c, other=0.0).to(tl.float32)
+    acc += raw.to(tl.float32) * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(ring + (pos % WIDTH) * s_ring_k, raw, mask=mask)
+    return acc / (1.0 + tl.exp(-acc))  # SiLU
+
+
+@triton.jit
+def _in_proj_conv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, ring_ptr, cw_ptr, cb_ptr, pos_ptr,
+    rows, n_out, k_dim, conv_start, conv_dim,
+    s_x, s_w, s_out, s_ring_b, s_ring_c, s_ring_k, s_cw_c,
+    HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # One (BLOCK_M rows x BLOCK_N columns) tile of x @ weight.T, K-loop over D in float32; the
+    # columns of the conv segment then go through the convolution step in the epilogue. Rows are
+    # the fast grid axis: consecutive programs share a weight tile.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < rows
+    mask_n = offs_n < n_out
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None] * s_x + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k_dim),
+                    other=0.0)  # (BLOCK_M, BLOCK_K)
+        b = tl.load(w_ptr + offs_n[None, :] * s_w + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < k_dim),
+                    other=0.0)  # (BLOCK_K, BLOCK_N): weight rows are output columns
+        if DOT_F32:  # Triton's interpreter multiplies the raw bits of bf16 operands: exact float32 there
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)  # the projection, rounded as in_proj's output
+    if (n0 < conv_start + conv_dim) & (n0 + BLOCK_N > conv_start):  # the tile holds conv columns
+        chan = offs_n - conv_start
+        mask_c = (chan >= 0) & (chan < conv_dim)
+        pos = tl.load(pos_ptr)
+        conv = _conv_silu_tile(out.to(ring_ptr.dtype.element_ty), offs_m, chan, mask_m, mask_c, pos, ring_ptr,
+                               s_ring_b, s_ring_c, s_ring_k, cw_ptr, s_cw_c, cb_ptr, HAS_CONV_BIAS, WIDTH)
+        out = tl.where(mask_c[None, :], conv.to(out_ptr.dtype.element_ty), out)
+    tl.store(out_ptr + offs_m[:, None] * s_out + offs_n[None, :], out, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _proj_conv_config(rows: int, n_out: int) -> Tuple[int, int]:
+    """Default (block_m, block_n) of :func:`in_proj_conv_step_`: row tiles of 16/32/64 by batch,
+    64-column tiles while that still leaves few programs, else 128 (untuned: a starting point)."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_n = 64 if triton.cdiv(rows, block_m) * triton.cdiv(n_out, 128) < 256 else 128
+    return block_m, block_n
+
+
+def in_proj_conv_step_(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Tensor, conv_weight: Tensor,
+    conv_bias: Optional[Tensor], position: Tensor, conv_start: int, conv_dim: int,
+    block_m: Optional[int] = None, block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
+) -> Tensor:
+    """Mamba2's input projection of one position with the convolution step in its epilogue:
+    ``in_proj`` and :func:`conv_step_` in one kernel, updating ``conv_state`` in place.
+
+    Reference (p = ``position``, W the width, ``seg = slice(conv_start, conv_start + conv_dim)``)::
+
+        out = F.linear(x, weight, bias)                        # (R, N_in), float32 accumulation
+        out[:, seg] = conv_step_(out[:, seg], conv_state, conv_weight, conv_bias, p)
+
+    i.e. the ring gets the projection of the segment rounded to ``x.dtype`` and then to
+    ``conv_state.dtype``, exactly what the two-kernel path stores; the segment's columns of
+    ``out`` hold silu(conv) instead of the raw projection. Only for 16-bit inputs: ``tl.dot`` on
+    float32 would use TF32.
+
+    Args:
+        x: (R, D) bfloat16 or float16, last dim contiguous.
+        weight: (N_in, D) in ``x.dtype``, last dim contiguous (``in_proj.weight``).
+        bias: optional (N_in,) contiguous (``in_proj.bias``).
+        conv_state: (R, conv_dim, W) ring buffer (module docstring), any strides (aimkit's cache:
+            (W*conv_dim, 1, conv_dim)); slot ``position % W`` is overwritten.
+        conv_weight: (conv_dim, W), last dim contiguous (``conv1d.weight.squeeze(1)``).
+        conv_bias: optional (conv_dim,), contiguous.
+        position: () integer tensor on the device (``InferenceParams.position``), read by the kernel.
+        conv_start: first column of the conv segment (Mamba2: ``d_inner``, after z).
+        conv_dim: columns of the segment (Mamba2: ``d_inner + 2*G*N``, x then B then C).
+        block_m, block_n: rows and columns per program (powers of two, at least 16; default from
+            :func:`_proj_conv_config`).
+        num_warps, num_stages: Triton launch options (the K loop's pipelining depth).
+
+    Returns:
+        (R, N_in) in ``x.dtype``: the projection outside the segment, silu(conv) inside.
+    """
+    name = "in_proj_conv_step_"
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        raise ValueError(f"{name}: needs bfloat16 or float16 x and weight of the same dtype (tl.dot would run "
+                         f"float32 as TF32), got x {x.dtype} and weight {weight.dtype}")
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not (R, D) and (N_in, D)")
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"{name}: x and weight need a contiguous last dimension, got strides "
+                         f"{x.stride()} and {weight.stride()}")
+    rows, k_dim = x.shape
+    n_out = weight.shape[0]
+    if bias is not None and (bias.shape != (n_out,) or bias.stride(0) != 1):
+        raise ValueError(f"{name}: bias must be a contiguous ({n_out},) tensor, got {tuple(bias.shape)}")
+    if conv_start < 0 or conv_dim < 1 or conv_start + conv_dim > n_out:
+        raise ValueError(f"{name}: conv segment [{conv_start}, {conv_start + conv_dim}) outside the {n_out} columns")
+    out = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
+    _check_conv(name, out[:, conv_start:conv_start + conv_dim], conv_state, conv_weight, conv_bias, position)
+    default_m, default_n = _proj_conv_config(rows, n_out)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    for arg, block in (("block_m", block_m), ("block_n", block_n)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"{name}: {arg} must be a power of two of at least 16 (tl.dot), got {block}")
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
+    with _on_device(x):
+        _in_proj_conv_kernel[grid](
+            x, weight, bias if bias is not None else weight, out, conv_state, conv_weight,
+            conv_bias if conv_bias is not None else conv_weight, position,
+            rows, n_out, k_dim, conv_start, conv_dim,
+            x.stride(0), weight.stride(0), out.stride(0),
+            conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), conv_weight.stride(0),
+            HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None, WIDTH=conv_state.shape[-1],
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT_F32=not x.is_cuda,
+            num_warps=num_warps, num_stages=num_stages,
         )
     return out

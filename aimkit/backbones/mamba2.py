@@ -473,20 +473,19 @@ class Mamba2(nn.Module):
         batch = x.shape[0]
         kernels = self._kernels(x)
         conv_state, ssm_state = self._cache(inference_params, batch)
-        zxbcdt = self.in_proj(x.squeeze(1))  # (B, 2*d_inner + 2*G*N + H)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        # z (B, d_inner), xBC (B, conv_dim) raw conv inputs, dt (B, H)
         ops = self._decode_kernels(x, "ssm")  # aimkit's state kernel: softplus, -exp(A_log), update, read-out, D
+        conv_in_state = ops is not None and self._conv_in_state_kernel(x)
+        z, xBC, dt = self._project_step(x.squeeze(1), conv_state, inference_params, convolve=not conv_in_state)
+        # z (B, d_inner), xBC (B, conv_dim) raw conv inputs if conv_in_state else silu(conv), dt (B, H)
         folds = ops is not None and self._folds_gnorm(x)
         gnorm = {"z": z.unflatten(-1, (self.nheads, self.headdim)), "norm_weight": self.norm.weight} if folds else {}
-        if ops is not None and self._conv_in_state_kernel(x):  # the convolution in the same kernel
+        if conv_in_state:  # the convolution in the same kernel
             y = ops.conv_ssm_step_(
                 ssm_state, xBC, dt, self.dt_bias, self.A_log, conv_state, self.conv1d.weight.squeeze(1),
                 self.conv1d.bias, self._position(inference_params, x.device), self.D, **gnorm,
             )
         else:
-            xs, B, C = self._split_xbc(self._conv_step(xBC, conv_state, inference_params))
-            # (B, H, P), (B, G, N), (B, G, N)
+            xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
             if ops is not None:
                 y = ops.ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D, **gnorm)
             elif kernels is not None:
@@ -508,6 +507,34 @@ class Mamba2(nn.Module):
             return out, PendingRowNorm(partials, self.d_inner, self.norm.eps)
         y = self._gated_norm(y.flatten(-2), z, kernels)  # (B, d_inner)
         return self.out_proj(y).unsqueeze(1), None  # (B, 1, D)
+
+    def _project_step(self, u: Tensor, conv_state: Tensor, inference_params: InferenceParams,
+                      convolve: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """``in_proj`` of one position, split: u (B, D) -> z (B, d_inner), xBC (B, conv_dim), dt (B, H).
+
+        With ``convolve``, xBC is silu(conv) at this position and the raw inputs went into the conv
+        ring (:meth:`_conv_step`), in ``in_proj``'s epilogue where kind ``proj-conv`` allows
+        (:meth:`_proj_conv_kernel`); without, xBC is the raw conv input and the ring untouched.
+        """
+        fused = self._proj_conv_kernel(u) if convolve else None
+        if fused is not None:
+            zxbcdt = fused.in_proj_conv_step_(
+                u, self.in_proj.weight, self.in_proj.bias, conv_state, self.conv1d.weight.squeeze(1),
+                self.conv1d.bias, self._position(inference_params, u.device), self.d_inner, self.conv_dim,
+            )  # (B, 2*d_inner + 2*G*N + H), the xBC columns convolved
+        else:
+            zxbcdt = self.in_proj(u)  # (B, 2*d_inner + 2*G*N + H)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        if convolve and fused is None:
+            xBC = self._conv_step(xBC, conv_state, inference_params)
+        return z, xBC, dt
+
+    def _proj_conv_kernel(self, u: Tensor):
+        """aimkit's kernel module when ``in_proj`` may run with the convolution in its epilogue
+        (opt-in kind ``proj-conv``, :mod:`._fused`): 16-bit input and weight of one dtype, else None."""
+        if u.dtype not in (torch.bfloat16, torch.float16) or self.in_proj.weight.dtype != u.dtype:
+            return None
+        return self._decode_kernels(u, "proj-conv")
 
     def _conv_in_state_kernel(self, x: Tensor) -> bool:
         """Whether the convolution runs inside aimkit's state kernel (``conv_ssm_step_``): the
