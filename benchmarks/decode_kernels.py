@@ -28,6 +28,8 @@ Parts:
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
   at 16), median of ``--repeats``, with and without the one-kernel sampler, and with
   ``--branches`` concurrent graph branches.
+* ``projconv``: one layer's ``in_proj`` + ``conv_step_`` against ``in_proj_conv_step_`` (opt-in
+  kind ``proj-conv``) over tilings, AiM-B and AiM-XL widths at 32 and 512 rows.
 * ``profile``: the top kernels of one AiM-B decode step at 128 rows with every kernel on.
 
 Prints a table per part and writes ``$OUT/decode_kernels.json``.
@@ -163,6 +165,49 @@ def part_micro(args) -> None:
     print(f"{'shape':13s} {'rows':>5s} {'state':>8s} {'us':>8s} {'GB/s':>7s}  variant")
     for r in out:
         print(f"{r['shape']:13s} {r['rows']:5d} {r['state_dtype']:>8s} {r['us']:8.1f} {r['state_GBps']:7.0f}  {r['variant']}")
+
+
+def part_projconv(args) -> None:
+    """in_proj + conv_step_ (cuBLAS GEMM, then the conv kernel) against in_proj_conv_step_ (one
+    Triton GEMM with the convolution in its epilogue) over tilings, for one layer."""
+    import torch.nn.functional as F
+
+    from aimkit.backbones import _triton_ops
+
+    out = []
+    for label, d_model, nheads in (("aim-b", 768, 24), ("aim-xl", 1536, 48)):
+        d_inner, conv_dim = 2 * d_model, 2 * d_model + 256
+        n_in = d_inner + conv_dim + nheads
+        for rows in (32, 512):
+            x = torch.randn(rows, d_model, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n_in, d_model, device="cuda", dtype=torch.bfloat16) * 0.03
+            ring = torch.zeros(rows, 4, conv_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            cw = torch.randn(conv_dim, 4, device="cuda", dtype=torch.bfloat16)
+            cb = torch.randn(conv_dim, device="cuda", dtype=torch.bfloat16)
+            position = torch.full((), 130, dtype=torch.long, device="cuda")
+            variants = {"F.linear + conv_step_": lambda: _triton_ops.conv_step_(
+                F.linear(x, w)[:, d_inner:d_inner + conv_dim], ring, cw, cb, position)}
+            for bm in (16, 32, 64, 128):
+                for bn in (64, 128, 256):
+                    for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                        variants[f"in_proj_conv_step_ {bm}x{bn} w{warps} s{stages}"] = (
+                            lambda bm=bm, bn=bn, warps=warps, stages=stages: _triton_ops.in_proj_conv_step_(
+                                x, w, None, ring, cw, cb, position, d_inner, conv_dim, block_m=bm, block_n=bn,
+                                num_warps=warps, num_stages=stages))
+            for name, fn in variants.items():
+                try:
+                    us = _graphed_ms(fn) * 1e3
+                except Exception as exc:  # noqa: BLE001  (a tiling that does not compile: skip it)
+                    print(f"{label} {rows} {name}: {type(exc).__name__}")
+                    continue
+                out.append({"shape": label, "rows": rows, "variant": name, "us": us})
+    RESULTS["projconv"] = out
+    print("\n## projconv: one layer's projection + convolution step")
+    for key in sorted({(r["shape"], r["rows"]) for r in out}):
+        rows = sorted((r for r in out if (r["shape"], r["rows"]) == key), key=lambda r: r["us"])
+        shown = [r for r in rows if r["variant"].startswith("F.linear")] + rows[:4]  # baseline, best four
+        for r in shown:
+            print(f"{r['shape']:7s} {r['rows']:4d} {r['us']:8.2f} us  {r['variant']}")
 
 
 def _step_ms(model, rows: int, branches: int = 1, replays: int = 30):
@@ -364,6 +409,7 @@ def main() -> int:
                       "date": time.strftime("%Y-%m-%d"), **kernel_info()["versions"]}
     print(json.dumps(RESULTS["env"]))
     parts = {"micro": part_micro, "step": part_step, "generate": part_generate, "profile": part_profile,
+             "projconv": part_projconv,
              "breakdown": part_breakdown}
     for part in args.parts.split(","):
         t = time.perf_counter()
