@@ -507,6 +507,24 @@ def _use_kinds(monkeypatch, ops, kinds):
     monkeypatch.setattr(mamba_mod, "decode_ops", lookup)
 
 
+_COUNTED = ("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "folded ssm_step_",
+            "pending add_norm_modulate", "in_proj_conv_step_")  # kernel calls the backbone tests count
+
+
+def _prefill_then_steps(net, xs, mods, prefill: int):
+    """Outputs (B, L, D) of a prefill of ``xs[:, :prefill]`` then one decode step per later position."""
+    batch, length = xs.shape[:2]
+    params = InferenceParams(max_seqlen=length + 1, max_batch_size=batch,
+                             position=torch.zeros((), dtype=torch.long, device=DEVICE))
+    params.key_value_memory_dict = net.allocate_inference_cache(batch, length + 1)
+    outs = [net(xs[:, :prefill], mods, inference_params=params)]
+    params.advance(prefill)
+    for t in range(prefill, length):
+        outs.append(net.step(xs[:, t:t + 1], mods, params))
+        params.advance(1)
+    return torch.cat(outs, dim=1)
+
+
 @pytest.mark.parametrize("kind,kinds,overrides,folds", [
     ("mamba2", _fused.KINDS, {}, True),  # conv_step_, ssm_step_, the gated norm folded into it and the glue
     ("mamba2", ("ssm", "conv-in-ssm", "norm", "gnorm"), {}, True),  # conv inside the state kernel
@@ -531,21 +549,12 @@ def test_fused_backbone_step_matches_unfused(kind, kinds, overrides, folds, monk
     mods = [torch.randn(batch, net.mod_chunks, 32, device=DEVICE) * 0.5 for _ in range(2)]
     prefill, steps = 2, 5
     xs = torch.randn(batch, prefill + steps, 32, device=DEVICE)
-    calls = dict.fromkeys(("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "folded ssm_step_",
-                           "pending add_norm_modulate", "in_proj_conv_step_"), 0)
+    calls = dict.fromkeys(_COUNTED, 0)
     ops = _counted_ops(calls)
 
     def run(fused: bool):
         _use_kinds(monkeypatch, ops, kinds if fused else ())
-        params = InferenceParams(max_seqlen=8, max_batch_size=batch,
-                                 position=torch.zeros((), dtype=torch.long, device=DEVICE))
-        params.key_value_memory_dict = net.allocate_inference_cache(batch, 8)
-        outs = [net(xs[:, :prefill], mods, inference_params=params)]
-        params.advance(prefill)
-        for t in range(prefill, xs.shape[1]):
-            outs.append(net.step(xs[:, t:t + 1], mods, params))
-            params.advance(1)
-        return torch.cat(outs, dim=1)
+        return _prefill_then_steps(net, xs, mods, prefill)
 
     with torch.no_grad():
         unfused = run(False)
@@ -580,21 +589,12 @@ def test_fused_bf16_backbone_step_with_proj_conv(kinds, overrides, monkeypatch):
     batch, prefill, steps = 3, 2, 5
     mods = [(torch.randn(batch, net.mod_chunks, 32, device=DEVICE) * 0.5).bfloat16() for _ in range(2)]
     xs = torch.randn(batch, prefill + steps, 32, device=DEVICE).bfloat16()
-    calls = dict.fromkeys(("ssm_step_", "conv_step_", "conv_ssm_step_", "add_norm_modulate", "folded ssm_step_",
-                           "pending add_norm_modulate", "in_proj_conv_step_"), 0)
+    calls = dict.fromkeys(_COUNTED, 0)
     ops = _counted_ops(calls)
 
     def run(fused: bool):
         _use_kinds(monkeypatch, ops, kinds if fused else ())
-        params = InferenceParams(max_seqlen=8, max_batch_size=batch,
-                                 position=torch.zeros((), dtype=torch.long, device=DEVICE))
-        params.key_value_memory_dict = net.allocate_inference_cache(batch, 8)
-        outs = [net(xs[:, :prefill], mods, inference_params=params)]
-        params.advance(prefill)
-        for t in range(prefill, xs.shape[1]):
-            outs.append(net.step(xs[:, t:t + 1], mods, params))
-            params.advance(1)
-        return torch.cat(outs, dim=1).float()
+        return _prefill_then_steps(net, xs, mods, prefill).float()
 
     with torch.no_grad():
         unfused = run(False)
