@@ -113,6 +113,8 @@ def part_micro(args) -> None:
                         D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
                 variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D)
+                variants["aimkit ssm_step_ (default tiling, tiles_first)"] = lambda: _triton_ops.ssm_step_(
+                    state, x, dt, dt_bias, A_log, B, C, D, tiles_first=True)
                 z = torch.randn(rows, nheads, P, device="cuda", dtype=torch.bfloat16)
                 norm_w = torch.randn(nheads * P, device="cuda", dtype=torch.bfloat16)
                 variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: _triton_ops.ssm_step_(

@@ -58,12 +58,14 @@ def test_ssm_step_matches_recurrence(state_dtype, nheads, headdim, groups, dstat
     torch.testing.assert_close(state.float(), state_ref.to(state_dtype).float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("tiles", [2, 3])
-def test_ssm_step_programs_walking_several_tiles(tiles):
-    """A program that walks several tiles (with a ragged last one) gives the same result."""
+@pytest.mark.parametrize("tiles,tiles_first", [(2, False), (3, False), (1, True), (3, True)])
+def test_ssm_step_programs_walking_several_tiles(tiles, tiles_first):
+    """A program that walks several tiles (with a ragged last one), and either launch order (rows
+    or a row's tiles on grid axis 0), give the same result."""
     state, x, dt, dt_bias, A_log, B, C, D = _ssm_inputs(2, 5, 8, 1, 16, torch.float32)
     y_ref, state_ref = ssd_recurrent_step(state.clone(), x, F.softplus(dt + dt_bias), -torch.exp(A_log), B, C, D)
-    y = _triton_ops.ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=8, tiles=tiles, stages=2)
+    y = _triton_ops.ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=8, tiles=tiles, stages=2,
+                              tiles_first=tiles_first)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-5)
 

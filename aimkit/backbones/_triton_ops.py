@@ -130,16 +130,23 @@ def _ssm_step_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES: tl.constexpr, STAGES: tl.constexpr,
     HAS_CONV: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, TILES_FIRST: tl.constexpr,
 ):
     # A tile is BLOCK_P consecutive (head, channel) pairs of one row: part of a head, one head, or
     # several heads of one group (the states of consecutive heads are contiguous). A program
     # walks TILES consecutive tiles of its row (STAGES > 1 lets Triton prefetch the next one).
-    row = tl.program_id(0)
+    # TILES_FIRST: grid axis 0 walks the tiles of a row, so that consecutive programs stream one
+    # contiguous row of the state; else axis 0 walks the rows.
+    if TILES_FIRST:
+        row = tl.program_id(1)
+        walk = tl.program_id(0)
+    else:
+        row = tl.program_id(0)
+        walk = tl.program_id(1)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < dstate
     for i in tl.range(0, TILES, num_stages=STAGES):
-        c0 = (tl.program_id(1) * TILES + i) * BLOCK_P
+        c0 = (walk * TILES + i) * BLOCK_P
         offs_c = c0 + tl.arange(0, BLOCK_P)
         mask_c = offs_c < channels
         mask = mask_c[:, None] & mask_n[None, :]
@@ -190,7 +197,7 @@ def _ssm_step_kernel(
             g = y * z / (1.0 + tl.exp(-z))  # y * silu(z)
             sq = tl.sum(g * g, axis=0) + tl.zeros([BLOCK_P], dtype=tl.float32)
             # one float per tile, stored by the tile's first lane (a block mask: no scalar mask terms)
-            tile = tl.program_id(1) * TILES + i
+            tile = walk * TILES + i
             tl.store(sq_ptr + row * s_sq_b + tile + offs_c * 0, sq, mask=mask_c & (offs_c == c0))
             y = g * tl.load(norm_w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * s_y_b + head * s_y_h + p, y.to(y_ptr.dtype.element_ty), mask=mask_c)
@@ -245,6 +252,7 @@ def ssm_step_(
     state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4, tiles: int = 1,
     stages: int = 1, z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+    tiles_first: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """One Mamba2 decoding step, updating ``state`` in place; returns y (or, with ``z``, the
     gated-norm numerator and its partial sums of squares).
@@ -278,6 +286,9 @@ def ssm_step_(
         stages: software-pipelining depth of that walk (Triton ``num_stages``).
         z: optional (R, H, P) gate, last dim contiguous (a view of ``in_proj``'s output split).
         norm_weight: (H*P,) contiguous gated-norm weight; given exactly when ``z`` is.
+        tiles_first: launch order: the tiles of one row on consecutive programs (contiguous state
+            traffic) instead of one tile of consecutive rows; same results (not yet timed on a GPU,
+            see ``decode_kernels.py --parts micro``).
 
     Returns:
         Without ``z``: y (R, H, P) in ``x.dtype``. With ``z``: ``(out, partials)``, out
@@ -285,7 +296,7 @@ def ssm_step_(
         channel tiles per row (``block_p`` divides H*P).
     """
     return _ssm_step("ssm_step_", state, x, dt, dt_bias, A_log, B, C, D, block_p, num_warps, tiles, stages,
-                     z, norm_weight, None)
+                     z, norm_weight, None, tiles_first)
 
 
 def conv_ssm_step_(
@@ -343,7 +354,7 @@ def conv_ssm_step_(
 def _ssm_step(
     name: str, state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], block_p: Optional[int], num_warps: int, tiles: int, stages: int,
-    z: Optional[Tensor], norm_weight: Optional[Tensor], conv: Optional[_Conv],
+    z: Optional[Tensor], norm_weight: Optional[Tensor], conv: Optional[_Conv], tiles_first: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Checks and launch of :func:`ssm_step_` (``conv`` None) and :func:`conv_ssm_step_`."""
     rows, nheads, headdim, dstate = state.shape
@@ -377,7 +388,8 @@ def _ssm_step(
     sq = torch.empty(rows, n_tiles, device=x.device, dtype=torch.float32) if z is not None else None
     ring = conv.state if conv is not None else state  # placeholders where a pointer goes unused
     width = ring.shape[-1] if conv is not None else 1
-    grid = (rows, triton.cdiv(n_tiles, tiles))
+    walks = triton.cdiv(n_tiles, tiles)
+    grid = (walks, rows) if tiles_first else (rows, walks)
     use_pdl = _pdl(x)
     with _on_device(x):
         _ssm_step_kernel[grid](
@@ -401,7 +413,7 @@ def _ssm_step(
             HAS_D=D is not None, HAS_Z=z is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
             TILES=tiles, STAGES=stages,
             HAS_CONV=conv is not None, HAS_CONV_BIAS=conv is not None and conv.bias is not None,
-            WIDTH=width, BLOCK_W=triton.next_power_of_2(width), USE_PDL=use_pdl,
+            WIDTH=width, BLOCK_W=triton.next_power_of_2(width), USE_PDL=use_pdl, TILES_FIRST=tiles_first,
             num_warps=num_warps, **_launch_options(use_pdl),
         )
     return y if z is None else (y, sq)
