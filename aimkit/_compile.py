@@ -47,9 +47,11 @@ class TrainCompiled:
         fn: a pure tensor function (no Python side effects, no data-dependent control flow).
         backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
 
-    Calling the wrapper runs the compiled function when ``device_of(args)`` is a CUDA device,
-    autograd is enabled and :func:`compile_enabled`; otherwise ``fn`` itself. Shapes are
-    compiled statically (``dynamic=False``): a training run sees one or two batch shapes.
+    Calling the wrapper runs the compiled function when ``device`` is a CUDA device (any device
+    for a backend other than Inductor), autograd is enabled and :func:`compile_enabled`; otherwise
+    ``fn`` itself. Shapes are compiled statically (``dynamic=False``): a training run sees one or
+    two batch shapes. The fallback covers the forward compile only: AOTAutograd compiles the
+    backward at the first ``backward()``, and an error there is raised from that call.
     """
 
     def __init__(self, fn: Callable[..., Any], backend: str = "inductor"):

@@ -775,7 +775,7 @@ def markdown(data: Dict[str, Any]) -> str:
             f"- torch {dev.get('torch')} (CUDA {dev.get('cuda')}), triton {dev.get('triton')}, "
             f"mamba-ssm {dev.get('mamba-ssm')}, causal-conv1d {dev.get('causal-conv1d')}, aimkit {dev.get('aimkit')}",
             f"- fused kernels: {kern.get('available')}; causal-conv1d kernels: "
-            f"{(kern.get('kernels') or {}).get('causal_conv1d_update')}",
+            f"{(kern.get('kernels') or {}).get('causal_conv1d_fn')}",
             f"- measured copy bandwidth: {_fmt(dev.get('copy_bandwidth', 0) / 1e12, '.2f')} TB/s "
             f"(read + write); measured {dev.get('matmul_dtype')} matmul ({dev.get('matmul_n')}^3): "
             f"{_fmt(dev.get('matmul_flops', 0) / 1e12, '.0f')} TFLOP/s",

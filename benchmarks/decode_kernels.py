@@ -401,10 +401,14 @@ def main() -> int:
     args.branches = [int(b) for b in args.branches.split(",") if b]
     args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
     args.kernel_variants = [k for k in args.kernel_variants.split(";") if k]
+    exported = os.environ.get("AIMKIT_DECODE_KERNELS")  # the kinds of every part but step
     for value in args.kernel_variants:  # fail before any model is built on an unknown kind
         os.environ["AIMKIT_DECODE_KERNELS"] = value
         enabled_kinds()
-    os.environ.pop("AIMKIT_DECODE_KERNELS", None)
+    if exported is None:
+        os.environ.pop("AIMKIT_DECODE_KERNELS", None)
+    else:
+        os.environ["AIMKIT_DECODE_KERNELS"] = exported
     from aimkit.backbones._mamba_kernels import kernel_info
 
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,

@@ -105,12 +105,16 @@ def test_token_cross_entropy_compiled_matches_eager(monkeypatch):
     torch.testing.assert_close(got_grad, want_grad)
 
 
-def test_generator_loss_uses_token_cross_entropy(tiny_gen):
+def test_generator_loss_uses_token_cross_entropy(tiny_gen, monkeypatch):
+    calls = []
+    wrapper = TrainCompiled(lambda *a: calls.append(1) or generator._cross_entropy_fp32(*a))
+    monkeypatch.setattr(generator, "_CROSS_ENTROPY", wrapper)
     codes = torch.randint(tiny_gen.vocab_size, (2, tiny_gen.num_tokens))
     labels = torch.tensor([1, 2])
     logits = tiny_gen(codes, labels)
     want = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
     torch.testing.assert_close(tiny_gen.loss(codes, labels), want)
+    assert calls, "Generator.loss bypassed token_cross_entropy"
 
 
 def test_failed_compile_warns_once_and_falls_back(monkeypatch):

@@ -8,8 +8,10 @@ Kernels used (mamba-ssm >= 2.x, causal-conv1d >= 1.4):
 * ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``: chunked scan, forward + backward.
 * ``mamba_ssm.ops.triton.selective_state_update.selective_state_update``: one decoding step.
 * ``mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn``: the gated RMSNorm.
-* ``causal_conv1d.causal_conv1d_fn`` / ``causal_conv1d_update``: optional; without them the
-  mixer uses its PyTorch depthwise convolution.
+* ``causal_conv1d.causal_conv1d_fn``: optional, the prefill / training convolution; without it
+  the mixer uses its PyTorch depthwise convolution. ``causal_conv1d_update`` is loaded and
+  reported but not used: it shifts its window, while aimkit's decode step keeps the convolution
+  state as a ring buffer by position (:mod:`aimkit.backbones.mamba2`).
 * ``mamba_ssm.ops.triton.ssd_combined.mamba_split_conv1d_scan_combined``: the whole mixer after
   ``in_proj`` as one autograd function (opt-in ``Mamba2Config.fused_split_scan``; calls
   causal-conv1d).

@@ -19,8 +19,8 @@ step on an H200 (``benchmarks/notes.md``, decode-step profile):
   layer at 512 rows on that layout, four times its memory traffic).
 * :func:`in_proj_conv_step_` — Mamba2's ``in_proj`` GEMM (``tl.dot`` tiles, float32 accumulation,
   16-bit inputs only) with :func:`conv_step_`'s work in its epilogue for the xBC columns, which
-  removes the convolution's launch and the gap before it (opt-in kind ``proj-conv``, unmeasured
-  against cuBLAS + ``conv_step_``).
+  removes the convolution's launch and the gap before it (opt-in kind ``proj-conv``; on an H200
+  slower than cuBLAS + ``conv_step_`` at 512 rows, faster at 32: ``benchmarks/notes.md``).
 * :func:`add_norm_modulate` — the glue between two sublayers: ``residual += gate * hidden``, then
   ``rmsnorm(residual) * weight``, then the adaLN modulation ``* (1 + scale) + shift``; one
   read of each input row and two writes, instead of about nine element-wise kernels. Optionally
@@ -243,8 +243,8 @@ def _check_conv(name: str, x: Tensor, state: Tensor, weight: Tensor, bias: Optio
         raise ValueError(f"{name}: the inputs and the conv weight need a contiguous last dimension")
     if bias is not None and (bias.shape != (channels,) or bias.stride(0) != 1):
         raise ValueError(f"{name}: conv bias must be a contiguous ({channels},) tensor, got {tuple(bias.shape)}")
-    if position.numel() != 1 or position.is_floating_point() or position.device != x.device:
-        raise ValueError(f"{name}: position must be a one-element integer tensor on {x.device}, got "
+    if position.numel() != 1 or position.dtype != torch.int64 or position.device != x.device:
+        raise ValueError(f"{name}: position must be a one-element int64 tensor on {x.device}, got "
                          f"{tuple(position.shape)} {position.dtype} on {position.device}")
 
 

@@ -97,6 +97,8 @@ def add_norm_modulate(
     Returns:
         ``(out, residual)``: out (B, L, D) in ``out_dtype``, residual (B, L, D) float32.
     """
+    if (shift is None) != (scale is None):
+        raise ValueError("add_norm_modulate: give both shift and scale, or neither")
     r = hidden.float()
     if gate is not None:
         r = r * gate.float().unsqueeze(1)
@@ -184,7 +186,11 @@ class Block(nn.Module):
         inference_params: Optional[InferenceParams] = None,
         step: bool = False,
     ) -> Tuple[Tensor, Tensor]:
-        """hidden (B, L, D), residual (B, L, D) or None, mod (B, mod_chunks, D) -> (hidden, residual)."""
+        """hidden (B, L, D), residual (B, L, D) or None, mod (B, mod_chunks, D) -> (hidden, residual).
+
+        :class:`Backbone` runs blocks through here except in CUDA training, where it calls the
+        sublayers directly with compiled glue (:meth:`Backbone._run_compiled_glue`): a subclass
+        that overrides this method should also set ``AIMKIT_TRAIN_COMPILE=never``."""
         h, residual = self._pre(hidden, residual, self.norm)
         shift, scale, gate = mod[:, 0], mod[:, 1], mod[:, 2]
         h = modulate(h, shift, scale)

@@ -18,9 +18,10 @@ Two implementations of every step, chosen per call:
   Triton ``mamba_chunk_scan_combined`` for the scan (forward and backward), the Triton gated
   RMSNorm, and causal-conv1d's convolution kernel (prefill) when that package is installed. The
   decoding step uses aimkit's own kernels (:mod:`aimkit.backbones._triton_ops`, need only Triton;
-  switched by :mod:`aimkit.backbones._fused`): the convolution computed inside the one-pass
-  state-update kernel (or a convolution kernel of its own), falling back to the PyTorch
-  convolution and mamba-ssm's ``selective_state_update``.
+  switched by :mod:`aimkit.backbones._fused`): a convolution-step kernel and the one-pass
+  state-update kernel (opt-in alternatives: the convolution inside the state kernel, or in the
+  epilogue of a Triton ``in_proj``), falling back to the PyTorch convolution and mamba-ssm's
+  ``selective_state_update``.
 
 Inference cache per layer: ``(conv_state, ssm_state)`` with conv_state (B, conv_dim, d_conv) and
 ssm_state (B, nheads, headdim, d_state). conv_state is a ring buffer of the last ``d_conv``
@@ -120,6 +121,9 @@ class Mamba2Config:
             raise ConfigError(f"mamba2 needs 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if self.use_kernels not in _USE_KERNELS:
             raise ConfigError(f"mamba2 use_kernels must be one of {_USE_KERNELS}, got {self.use_kernels!r}")
+        for name in ("conv_bias", "bias", "fused_split_scan"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"mamba2 {name} must be true or false, got {getattr(self, name)!r}")
         if self.state_dtype not in _STATE_DTYPES:
             raise ConfigError(f"mamba2 state_dtype must be one of {_STATE_DTYPES}, got {self.state_dtype!r}")
 
@@ -335,7 +339,7 @@ class Mamba2(nn.Module):
         slot ``p % d_conv`` of conv_state (B, conv_dim, d_conv) in place (module docstring)."""
         position = self._position(inference_params, xBC.device)
         weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
-        fused = self._decode_kernels(xBC, "conv") or self._decode_kernels(xBC, "conv-in-ssm")
+        fused = self._decode_kernels(xBC, "conv")
         if fused is not None:  # aimkit's kernel for the channels-contiguous ring
             return fused.conv_step_(xBC, conv_state, weight, self.conv1d.bias, position)
         new = xBC.to(conv_state.dtype).unsqueeze(-1)  # (B, conv_dim, 1)
@@ -357,9 +361,12 @@ class Mamba2(nn.Module):
         )
 
     def _split_scan_usable(self, kernels: Optional[MambaKernels]) -> bool:
-        """Whether :meth:`_split_scan` may run (``fused_split_scan`` and its kernels present)."""
+        """Whether :meth:`_split_scan` may run: ``fused_split_scan``, its kernels present, and the
+        channel-last convolution input causal-conv1d accepts there (channels and the in_proj row
+        stride multiples of 8; other widths take the split path, which copies when needed)."""
         return (self.config.fused_split_scan and kernels is not None and kernels.causal_conv1d_fn is not None
-                and kernels.mamba_split_conv1d_scan_combined is not None)
+                and kernels.mamba_split_conv1d_scan_combined is not None
+                and self.conv_dim % 8 == 0 and self.in_proj.out_features % 8 == 0)
 
     def _split_scan(self, zxbcdt: Tensor, kernels: MambaKernels) -> Tensor:
         """The mixer after ``in_proj`` in one mamba-ssm autograd function: zxbcdt (B, L, d_in_proj)
@@ -548,8 +555,10 @@ class Mamba2(nn.Module):
         ``d_inner`` channels and no ``out_proj`` bias (the row factor must commute with it). Not
         for float16 models: the unnormalised ``g * w`` and its projection could overflow there.
         """
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         if (self.norm.group_size != self.d_inner or self.out_proj.bias is not None
-                or x.dtype == torch.float16):
+                or torch.float16 in (x.dtype, compute)):
             return False
         return all(self._decode_kernels(x, kind) is not None for kind in ("ssm", "norm", "gnorm"))
 
