@@ -20,7 +20,6 @@ Switch: the environment variable ``AIMKIT_TRAIN_COMPILE`` (read at every call):
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from typing import Any, Callable, Optional
 
@@ -60,7 +59,6 @@ class TrainCompiled:
         self._compiled: Optional[Callable[..., Any]] = None
         self._proven = False  # a compiled call has succeeded: errors from now on are the caller's
         self._failed = False
-        self._lock = threading.Lock()
 
     def wants_compile(self, device: torch.device) -> bool:
         """Whether a call on ``device`` would use the compiled function."""
@@ -71,9 +69,8 @@ class TrainCompiled:
         """``fn(*args, **kwargs)``, compiled where :meth:`wants_compile` says so."""
         if torch.compiler.is_compiling() or not self.wants_compile(device):
             return self.fn(*args, **kwargs)  # (inside a whole-model compile: traced with the rest)
-        with self._lock:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=False, fullgraph=True)
+        if self._compiled is None:  # torch.compile only wraps: compiling happens at the first call
+            self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=False, fullgraph=True)
         if self._proven:
             return self._compiled(*args, **kwargs)
         try:

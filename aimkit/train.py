@@ -724,12 +724,8 @@ def _capture_step(gen, optimizer, inputs: torch.Tensor, labels: torch.Tensor, cf
                    for p in params if p in optimizer.state}
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device))
 
-    def loss_fn(model, codes, y):
-        logits = model(codes, y)  # (B, N, V)
-        return token_cross_entropy(logits, codes)
-
     amp = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    step = GraphedTrainStep(gen, optimizer, loss_fn, (inputs, labels), max_grad_norm=max_norm,
+    step = GraphedTrainStep(gen, optimizer, lambda m, c, y: m.loss(c, y), (inputs, labels), max_grad_norm=max_norm,
                             amp_dtype=amp, warmup=1)
     with torch.no_grad():
         for p, saved in zip(params, saved_params):

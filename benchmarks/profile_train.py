@@ -24,29 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from aimkit.generator import token_cross_entropy  # noqa: E402
 
-from train_throughput import _parse_set, measure  # noqa: E402
+from train_throughput import _parse_set, build_step, measure  # noqa: E402
 
 
 def _profile(name: str, batch: int, steps: int = 3) -> dict:
-    import aimkit
-    from aimkit.train import param_groups
-
-    gen = aimkit.build(name, tokenizer=None, device="cuda").train()
-    opt = torch.optim.AdamW(param_groups(gen, 0.05), lr=1e-4, fused=True)
-    codes = torch.randint(0, gen.vocab_size, (batch, gen.num_tokens), device="cuda")
-    labels = torch.randint(0, gen.num_classes, (batch,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = gen(codes, labels)
-        loss = token_cross_entropy(logits, codes)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    args = SimpleNamespace(device="cuda", compile=False, cuda_graph=False, precision="bf16", batch=batch, warmup=3)
+    _, step = build_step(name, args, {})
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -73,8 +57,8 @@ def main() -> int:
     ap.add_argument("--all-graphed", action="store_true", help="time every variant with the CUDA-graph step")
     args = ap.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch, "timings": []}
-    base = SimpleNamespace(device="cuda", compile=False, cuda_graph=args.all_graphed, precision="bf16", batch=args.batch,
-                           warmup=3, steps=args.steps)
+    base = SimpleNamespace(device="cuda", compile=False, cuda_graph=args.all_graphed, precision="bf16",
+                           batch=args.batch, warmup=3, steps=args.steps)
     plans = [("default", {}, {})]
     for v in [v for v in args.variants.split(";") if v.strip()]:
         plans.append((v, _parse_set(v.split(",")), {}))

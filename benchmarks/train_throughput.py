@@ -43,7 +43,10 @@ def _parse_set(items):
     return out
 
 
-def measure(name: str, args, overrides) -> dict:
+def build_step(name: str, args, overrides):
+    """The generator and its training step (a callable returning the detached loss) for ``args``
+    (device, precision, batch, compile, cuda_graph, warmup); the step is the one timed here and
+    profiled by ``profile_train.py``."""
     import aimkit
     from aimkit.train import param_groups
 
@@ -51,7 +54,6 @@ def measure(name: str, args, overrides) -> dict:
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     gen = aimkit.build(name, tokenizer=None, device=device, **overrides).train()
-    n_params = gen.num_params()
     graphed = getattr(args, "cuda_graph", False)
     optimizer = torch.optim.AdamW(param_groups(gen, 0.05), lr=8e-4, betas=(0.9, 0.95), fused=cuda or None,
                                   capturable=graphed)
@@ -62,15 +64,11 @@ def measure(name: str, args, overrides) -> dict:
     codes = torch.randint(0, gen.vocab_size, (args.batch, gen.num_tokens), device=device, generator=g)
     labels = torch.randint(0, gen.num_classes, (args.batch,), device=device, generator=g)
 
-    def loss_fn(m, c, y):
-        logits = m(c, y)  # (B, N, V)
-        return token_cross_entropy(logits, c)
-
     if graphed:  # forward + backward + clip and the AdamW update replayed from two CUDA graphs
         from aimkit.train_graph import GraphedTrainStep
 
-        graph_step = GraphedTrainStep(model, optimizer, loss_fn, (codes, labels), max_grad_norm=1.0,
-                                      amp_dtype=amp_dtype, warmup=args.warmup)
+        graph_step = GraphedTrainStep(model, optimizer, lambda m, c, y: token_cross_entropy(m(c, y), c),
+                                      (codes, labels), max_grad_norm=1.0, amp_dtype=amp_dtype, warmup=args.warmup)
 
     def step():
         if graphed:
@@ -84,6 +82,15 @@ def measure(name: str, args, overrides) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return gen, step
+
+
+def measure(name: str, args, overrides) -> dict:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    graphed = getattr(args, "cuda_graph", False)
+    gen, step = build_step(name, args, overrides)
+    n_params = gen.num_params()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # kernels' autotuning, compilation, allocator warm-up

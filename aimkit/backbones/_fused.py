@@ -36,8 +36,8 @@ A sublayer whose output still lacks such a per-row factor hands it on as a :clas
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 import warnings
 from types import ModuleType
 from typing import NamedTuple, Optional
@@ -49,10 +49,6 @@ __all__ = ["KINDS", "OPT_IN_KINDS", "PendingRowNorm", "decode_ops", "enabled_kin
 KINDS = ("ssm", "conv", "norm", "gnorm")  # what "all" enables
 OPT_IN_KINDS = ("conv-in-ssm", "proj-conv", "pdl")  # named explicitly only
 _ENV = "AIMKIT_DECODE_KERNELS"
-
-_lock = threading.Lock()
-_loaded = False
-_module: Optional[ModuleType] = None
 
 
 class PendingRowNorm(NamedTuple):
@@ -81,7 +77,14 @@ class PendingRowNorm(NamedTuple):
 
 def enabled_kinds() -> frozenset:
     """The kernel kinds ``AIMKIT_DECODE_KERNELS`` allows (:data:`KINDS` by default)."""
-    value = os.environ.get(_ENV, "all").strip().lower()
+    return _parse_kinds(os.environ.get(_ENV, "all"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_kinds(raw: str) -> frozenset:
+    # cached per value: a decode step asks for several kinds per layer, and the variable is read
+    # at every call so that a benchmark can switch it between runs
+    value = raw.strip().lower()
     if value in ("", "all"):
         return frozenset(KINDS)
     if value == "none":
@@ -94,21 +97,16 @@ def enabled_kinds() -> frozenset:
     return kinds
 
 
+@functools.lru_cache(maxsize=None)
 def _load() -> Optional[ModuleType]:
-    global _loaded, _module
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                try:
-                    from . import _triton_ops
-
-                    _module = _triton_ops
-                except Exception as exc:  # noqa: BLE001  (no Triton: the PyTorch path is complete)
-                    warnings.warn(f"aimkit's fused decode kernels are unavailable ({type(exc).__name__}: {exc}); "
-                                  "decoding uses the unfused path")
-                    _module = None
-                _loaded = True
-    return _module
+    """The kernel module, imported on the first CUDA query (None, with one warning, without Triton)."""
+    try:
+        from . import _triton_ops
+    except Exception as exc:  # noqa: BLE001  (no Triton: the PyTorch path is complete)
+        warnings.warn(f"aimkit's fused decode kernels are unavailable ({type(exc).__name__}: {exc}); "
+                      "decoding uses the unfused path")
+        return None
+    return _triton_ops
 
 
 def decode_ops(x: torch.Tensor, kind: str) -> Optional[ModuleType]:

@@ -255,7 +255,7 @@ class Backbone(nn.Module):
     def _run(self, x: Tensor, mods: Sequence[Tensor], inference_params, step: bool) -> Tensor:
         if len(mods) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} modulation tensors, got {len(mods)}")
-        if not step and self._glue_layout_ok() and _GLUE.wants_compile(x.device):
+        if not step and _GLUE.wants_compile(x.device) and self._glue_layout_ok():
             return self._run_compiled_glue(x, mods, inference_params)
         hidden, residual = x, None
         for layer, mod in zip(self.layers, mods):
@@ -352,7 +352,7 @@ class Backbone(nn.Module):
 
     def _glue_layout_ok(self) -> bool:
         """Whether fused glue reproduces this stack: float32 residual, affine RMSNorms."""
-        norms = [self.norm_f] + [n for layer in self.layers for n, _ in layer.sequence_sublayers()]
+        norms = [self.norm_f] + [n for layer in self.layers for n in (layer.norm, layer.norm2) if n is not None]
         return self.layers[0].residual_in_fp32 and all(
             isinstance(n, nn.RMSNorm) and n.weight is not None and n.eps is not None for n in norms
         )
