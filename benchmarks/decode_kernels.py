@@ -90,9 +90,10 @@ def part_micro(args) -> None:
 
     kernels = load_kernels()
     out = []
-    for label, nheads in () if args.conv_micro_only else (("aim-b layer", 24), ("aim-xl layer", 48)):
-        for rows in (32, 128, 512):
-            for state_dtype in (torch.bfloat16, torch.float32):
+    layers = [(f"{m} layer", {"aim-b": 24, "aim-xl": 48}[m]) for m in args.micro_models]
+    for label, nheads in () if args.conv_micro_only else layers:
+        for rows in args.micro_rows:
+            for state_dtype in args.micro_dtypes:
                 P, N = 64, 128
                 state = torch.randn(rows, nheads, P, N, device="cuda", dtype=state_dtype)
                 xbc = torch.randn(rows, nheads * P + 2 * N, device="cuda", dtype=torch.bfloat16)
@@ -105,6 +106,10 @@ def part_micro(args) -> None:
                 D = torch.randn(nheads, device="cuda")
                 nbytes = 2 * state.numel() * state.element_size()
                 variants = {}
+                # ceilings: the same bytes through PyTorch's in-place scale and a copy
+                other = torch.empty_like(state)
+                variants["ceiling: state.mul_(1.0) (in place)"] = lambda: state.mul_(1.0)
+                variants["ceiling: other.copy_(state)"] = lambda: other.copy_(state)
                 if kernels is not None:
                     A = -torch.exp(A_log)
                     hp = (nheads, P)
@@ -134,13 +139,16 @@ def part_micro(args) -> None:
                 variants["aimkit conv_step_ + ssm_step_ + folded gated norm"] = conv_then_ssm
                 variants["aimkit conv_ssm_step_ + folded gated norm (one kernel)"] = lambda: _triton_ops.conv_ssm_step_(
                     state, xbc, dt, dt_bias, A_log, ring, conv_w, conv_b, position, D, z=z, norm_weight=norm_w)
-                for bp in (64, 128):
-                    for warps in (4, 8):
-                        for tiles, stages in ((1, 1), (2, 2), (4, 2), (4, 3), (8, 3)):
-                            variants[f"aimkit block_p={bp} warps={warps} tiles={tiles} stages={stages}"] = (
-                                lambda bp=bp, warps=warps, tiles=tiles, stages=stages: _triton_ops.ssm_step_(
-                                    state, x, dt, dt_bias, A_log, B, C, D, block_p=bp, num_warps=warps,
-                                    tiles=tiles, stages=stages))
+                for bp in args.micro_blocks:
+                    for warps in args.micro_warps:
+                        for first in (False, True):
+                            for tiles, stages in args.micro_walks:
+                                variants[f"aimkit block_p={bp} warps={warps} tiles={tiles} stages={stages}"
+                                         f"{' tiles_first' if first else ''}"] = (
+                                    lambda bp=bp, warps=warps, tiles=tiles, stages=stages, first=first:
+                                    _triton_ops.ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=bp,
+                                                          num_warps=warps, tiles=tiles, stages=stages,
+                                                          tiles_first=first))
                 for name, fn in variants.items():
                     ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
@@ -395,12 +403,25 @@ def main() -> int:
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")
     ap.add_argument("--conv-micro-only", action="store_true", help="micro part: only the conv_step_ tilings")
+    ap.add_argument("--micro-models", default="aim-b,aim-xl", help="micro part: layer shapes (aim-b, aim-xl)")
+    ap.add_argument("--micro-rows", default="32,128,512", help="micro part: rows of the state")
+    ap.add_argument("--micro-dtypes", default="bfloat16,float32", help="micro part: state dtypes")
+    ap.add_argument("--micro-blocks", default="64,128", help="micro part: block_p values of the tiling sweep")
+    ap.add_argument("--micro-warps", default="4,8", help="micro part: num_warps values of the tiling sweep")
+    ap.add_argument("--micro-walks", default="1:1,2:2,4:2,4:3,8:3",
+                    help="micro part: tiles:stages pairs of the tiling sweep (each also with tiles_first)")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [int(r) for r in args.rows.split(",") if r]
     args.branches = [int(b) for b in args.branches.split(",") if b]
     args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
     args.kernel_variants = [k for k in args.kernel_variants.split(";") if k]
+    args.micro_models = [m for m in args.micro_models.split(",") if m]
+    args.micro_rows = [int(r) for r in args.micro_rows.split(",") if r]
+    args.micro_dtypes = [getattr(torch, d) for d in args.micro_dtypes.split(",") if d]
+    args.micro_blocks = [int(b) for b in args.micro_blocks.split(",") if b]
+    args.micro_warps = [int(w) for w in args.micro_warps.split(",") if w]
+    args.micro_walks = [tuple(int(v) for v in w.split(":")) for w in args.micro_walks.split(",") if w]
     exported = os.environ.get("AIMKIT_DECODE_KERNELS")  # the kinds of every part but step
     for value in args.kernel_variants:  # fail before any model is built on an unknown kind
         os.environ["AIMKIT_DECODE_KERNELS"] = value

@@ -71,6 +71,13 @@ def _pdl(t: Tensor) -> bool:
     return t.is_cuda and "pdl" in enabled_kinds() and _capability_major(t.device.index or 0) >= 9
 
 
+def _tiles_first(t: Tensor) -> bool:
+    """The state kernel's default launch order: kind ``tiles-first`` of :mod:`._fused`."""
+    from ._fused import enabled_kinds
+
+    return t.is_cuda and "tiles-first" in enabled_kinds()
+
+
 def _launch_options(use_pdl: bool) -> dict:
     return {"launch_pdl": True} if use_pdl else {}
 
@@ -252,7 +259,7 @@ def ssm_step_(
     state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4, tiles: int = 1,
     stages: int = 1, z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
-    tiles_first: bool = False,
+    tiles_first: Optional[bool] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """One Mamba2 decoding step, updating ``state`` in place; returns y (or, with ``z``, the
     gated-norm numerator and its partial sums of squares).
@@ -287,8 +294,8 @@ def ssm_step_(
         z: optional (R, H, P) gate, last dim contiguous (a view of ``in_proj``'s output split).
         norm_weight: (H*P,) contiguous gated-norm weight; given exactly when ``z`` is.
         tiles_first: launch order: the tiles of one row on consecutive programs (contiguous state
-            traffic) instead of one tile of consecutive rows; same results (not yet timed on a GPU,
-            see ``decode_kernels.py --parts micro``).
+            traffic) instead of one tile of consecutive rows; same results. None: on when the
+            opt-in kind ``tiles-first`` of :mod:`._fused` is enabled.
 
     Returns:
         Without ``z``: y (R, H, P) in ``x.dtype``. With ``z``: ``(out, partials)``, out
@@ -354,7 +361,7 @@ def conv_ssm_step_(
 def _ssm_step(
     name: str, state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], block_p: Optional[int], num_warps: int, tiles: int, stages: int,
-    z: Optional[Tensor], norm_weight: Optional[Tensor], conv: Optional[_Conv], tiles_first: bool = False,
+    z: Optional[Tensor], norm_weight: Optional[Tensor], conv: Optional[_Conv], tiles_first: Optional[bool] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Checks and launch of :func:`ssm_step_` (``conv`` None) and :func:`conv_ssm_step_`."""
     rows, nheads, headdim, dstate = state.shape
@@ -389,6 +396,8 @@ def _ssm_step(
     ring = conv.state if conv is not None else state  # placeholders where a pointer goes unused
     width = ring.shape[-1] if conv is not None else 1
     walks = triton.cdiv(n_tiles, tiles)
+    if tiles_first is None:
+        tiles_first = _tiles_first(x)
     grid = (walks, rows) if tiles_first else (rows, walks)
     use_pdl = _pdl(x)
     with _on_device(x):
