@@ -118,8 +118,8 @@ def part_micro(args) -> None:
                         D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
                 variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D)
-                variants["aimkit ssm_step_ (default tiling, tiles_first)"] = lambda: _triton_ops.ssm_step_(
-                    state, x, dt, dt_bias, A_log, B, C, D, tiles_first=True)
+                variants["aimkit ssm_step_ (default tiling, rows first)"] = lambda: _triton_ops.ssm_step_(
+                    state, x, dt, dt_bias, A_log, B, C, D, tiles_first=False)
                 z = torch.randn(rows, nheads, P, device="cuda", dtype=torch.bfloat16)
                 norm_w = torch.randn(nheads * P, device="cuda", dtype=torch.bfloat16)
                 variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: _triton_ops.ssm_step_(
@@ -244,6 +244,19 @@ def _step_ms(model, rows: int, branches: int = 1, replays: int = 30):
     return ms, logits
 
 
+_DEFAULT_MAX_BLOCK_P = None
+
+
+def _set_tiling(max_block_p: str) -> None:
+    """The state kernel's largest default tile (``ssm_step_``'s ``MAX_BLOCK_P``); '' restores it."""
+    global _DEFAULT_MAX_BLOCK_P
+    from aimkit.backbones import _triton_ops
+
+    if _DEFAULT_MAX_BLOCK_P is None:
+        _DEFAULT_MAX_BLOCK_P = _triton_ops.MAX_BLOCK_P
+    _triton_ops.MAX_BLOCK_P = int(max_block_p) if max_block_p else _DEFAULT_MAX_BLOCK_P
+
+
 def part_step(args) -> None:
     """Kernel variants (bf16 state, one branch), then concurrent branches with every kernel."""
     out = []
@@ -256,7 +269,9 @@ def part_step(args) -> None:
                 variants = [(k, 1) for k in args.kernel_variants] if state_dtype == "model" else []
                 variants += [("all", b) for b in args.branches if (state_dtype == "model" or b in (1, 2))]
                 for kind, branches in dict.fromkeys(variants):
-                    os.environ["AIMKIT_DECODE_KERNELS"] = kind
+                    kinds, _, tiling = kind.partition("@")
+                    os.environ["AIMKIT_DECODE_KERNELS"] = kinds
+                    _set_tiling(tiling)
                     clear_decode_graphs()
                     ms, logits = _step_ms(model, rows, branches)
                     if ref is None:
@@ -269,6 +284,7 @@ def part_step(args) -> None:
                     print(f"{name} rows {rows} state {state_dtype} kernels {kind} branches {branches}: "
                           f"{ms:.3f} ms/step (rel. logit diff vs first variant {diff:.2e})", flush=True)
             os.environ.pop("AIMKIT_DECODE_KERNELS", None)
+            _set_tiling("")
             del model
             clear_decode_graphs()
             torch.cuda.empty_cache()
@@ -286,10 +302,14 @@ def part_generate(args) -> None:
         model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
                                   overrides={"state_dtype": "model"})
         labels = torch.arange(batch) % model.num_classes
-        for branches, fused in [(1, True), (1, False)] + [(b, True) for b in args.branches if b > 1]:
+        runs = [(1, True, t) for t in args.tilings] + [(1, False, "")] + [(b, True, "") for b in args.branches if b > 1]
+        for branches, fused, tiling in runs:
+            _set_tiling(tiling)
+            clear_decode_graphs()
             sampler = AutoregressiveSampler(AutoregressiveConfig(graph_branches=branches, fused_sampling=fused))
             out.append(_time_generate(model, labels, sampler, args.repeats, name=name, branches=branches,
-                                      fused_sampling=fused))
+                                      fused_sampling=fused, max_block_p=tiling or "default"))
+        _set_tiling("")
         del model
         clear_decode_graphs()
         torch.cuda.empty_cache()
@@ -399,6 +419,8 @@ def main() -> int:
                          "'conv-in-ssm' computes it inside the state kernel (conv_ssm_step_, with "
                          "'ssm'); neither: PyTorch convolution. E.g. "
                          "'ssm,conv,norm,gnorm;ssm,conv-in-ssm,norm,gnorm' compares the two.")
+    ap.add_argument("--tilings", default="", help="generate part: ','-separated largest state-kernel tiles "
+                    "(MAX_BLOCK_P) to time; '' = the default. The step part takes them as kinds@tile, e.g. 'all@128'")
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")
@@ -416,6 +438,7 @@ def main() -> int:
     args.branches = [int(b) for b in args.branches.split(",") if b]
     args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
     args.kernel_variants = [k for k in args.kernel_variants.split(";") if k]
+    args.tilings = args.tilings.split(",")
     args.micro_models = [m for m in args.micro_models.split(",") if m]
     args.micro_rows = [int(r) for r in args.micro_rows.split(",") if r]
     args.micro_dtypes = [getattr(torch, d) for d in args.micro_dtypes.split(",") if d]
@@ -424,7 +447,7 @@ def main() -> int:
     args.micro_walks = [tuple(int(v) for v in w.split(":")) for w in args.micro_walks.split(",") if w]
     exported = os.environ.get("AIMKIT_DECODE_KERNELS")  # the kinds of every part but step
     for value in args.kernel_variants:  # fail before any model is built on an unknown kind
-        os.environ["AIMKIT_DECODE_KERNELS"] = value
+        os.environ["AIMKIT_DECODE_KERNELS"] = value.partition("@")[0]
         enabled_kinds()
     if exported is None:
         os.environ.pop("AIMKIT_DECODE_KERNELS", None)

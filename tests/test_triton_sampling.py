@@ -64,6 +64,27 @@ def test_seed_and_step_make_draws_reproducible_and_distinct():
     assert not torch.equal(a[:, 0], c[:, 0]) and not torch.equal(a[:, 0], d[:, 1])
 
 
+def test_vocabulary_blocks_do_not_change_the_draws():
+    # the noise is keyed by the token, not by the program: any split of the vocabulary over
+    # programs picks the same tokens; a wrong pick between blocks (off by a block, last instead of
+    # best) changes them. Ties (equal logits and noise) cannot happen: the noise is per token.
+    g = torch.Generator().manual_seed(1)
+    batch, vocab = 6, 300
+    logits = (3 * torch.randn(2 * batch, vocab, generator=g)).to(DEVICE)
+    seed = torch.tensor([5], device=DEVICE)
+    draws = []
+    for block_v in (512, 64, 16):  # 1, 5 and 19 blocks (the last one ragged)
+        codes = torch.full((batch, 2), -1, dtype=torch.long, device=DEVICE)
+        nxt = torch.full((2 * batch,), -1, dtype=torch.long, device=DEVICE)
+        ts.sample_guided_(logits, 1.5, 0.7, seed, 1, nxt, codes, block_v=block_v)
+        assert torch.equal(nxt, codes[:, 1].repeat(2))
+        draws.append(codes[:, 1])
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2]), draws
+    assert len(set(draws[0].tolist())) > 1  # not one constant token
+    with pytest.raises(ValueError, match="power of two"):
+        ts.sample_guided_(logits, 1.5, 0.7, seed, 1, nxt, codes, block_v=48)
+
+
 def test_draw_seed_uses_the_generator():
     g1 = torch.Generator(DEVICE).manual_seed(5)
     g2 = torch.Generator(DEVICE).manual_seed(5)

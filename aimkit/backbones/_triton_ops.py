@@ -71,13 +71,6 @@ def _pdl(t: Tensor) -> bool:
     return t.is_cuda and "pdl" in enabled_kinds() and _capability_major(t.device.index or 0) >= 9
 
 
-def _tiles_first(t: Tensor) -> bool:
-    """The state kernel's default launch order: kind ``tiles-first`` of :mod:`._fused`."""
-    from ._fused import enabled_kinds
-
-    return t.is_cuda and "tiles-first" in enabled_kinds()
-
-
 def _launch_options(use_pdl: bool) -> dict:
     return {"launch_pdl": True} if use_pdl else {}
 
@@ -217,15 +210,27 @@ def _valid_block(block: int, headdim: int, heads_per_group: int) -> bool:
     return block % headdim == 0 and heads_per_group % (block // headdim) == 0
 
 
+# Largest tile (channels per program) the default tiling picks. On an H200 the 32-channel tile
+# with one warp (128 state elements per thread) moved the state fastest at 128 and 512 rows,
+# bf16 (benchmarks/notes.md, session 4); decode_kernels.py overrides this to compare tilings.
+MAX_BLOCK_P = 32
+ELEMENTS_PER_THREAD = 128  # state elements per thread: sets the default num_warps
+
+
 def _block_p(headdim: int, rows: int, nheads: int, heads_per_group: int) -> int:
-    """Channels per program: the largest valid tile of up to 128 channels (two heads of 64) that
-    still gives at least 1024 programs; smaller tiles for small batches. On an H200 the 128-channel
-    tile was the fastest for bf16 and float32 states at 128 and 512 rows (benchmarks/notes.md)."""
-    candidates = [b for b in (128, 64, 32, 16, 8, 4, 2, 1) if _valid_block(b, headdim, heads_per_group)]
+    """Channels per program: the largest valid tile of up to :data:`MAX_BLOCK_P` channels that
+    still gives at least 1024 programs; smaller tiles for small batches."""
+    candidates = [b for b in (128, 64, 32, 16, 8, 4, 2, 1)
+                  if b <= MAX_BLOCK_P and _valid_block(b, headdim, heads_per_group)]
     for block in candidates:
         if rows * triton.cdiv(nheads * headdim, block) >= 1024:
             return block
     return next((b for b in candidates if b <= 32), candidates[-1])
+
+
+def _num_warps(block_p: int, block_n: int) -> int:
+    """Warps per program: :data:`ELEMENTS_PER_THREAD` state elements per thread, 1 to 8 warps."""
+    return min(max(block_p * block_n // (32 * ELEMENTS_PER_THREAD), 1), 8)
 
 
 class _Conv(NamedTuple):
@@ -257,9 +262,9 @@ def _check_conv(name: str, x: Tensor, state: Tensor, weight: Tensor, bias: Optio
 
 def ssm_step_(
     state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: int = 4, tiles: int = 1,
-    stages: int = 1, z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
-    tiles_first: Optional[bool] = None,
+    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: Optional[int] = None,
+    tiles: int = 1, stages: int = 1, z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+    tiles_first: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """One Mamba2 decoding step, updating ``state`` in place; returns y (or, with ``z``, the
     gated-norm numerator and its partial sums of squares).
@@ -288,14 +293,14 @@ def ssm_step_(
         B, C: (R, G, N), last dim contiguous; head ``h`` reads group ``h // (H // G)``.
         D: optional (H,) skip weights.
         block_p: channels per program (default: chosen from the shapes).
-        num_warps: warps per program.
+        num_warps: warps per program (default: 128 state elements per thread).
         tiles: tiles of ``block_p`` channels walked by one program (1: one tile per program).
         stages: software-pipelining depth of that walk (Triton ``num_stages``).
         z: optional (R, H, P) gate, last dim contiguous (a view of ``in_proj``'s output split).
         norm_weight: (H*P,) contiguous gated-norm weight; given exactly when ``z`` is.
         tiles_first: launch order: the tiles of one row on consecutive programs (contiguous state
-            traffic) instead of one tile of consecutive rows; same results. None: on when the
-            opt-in kind ``tiles-first`` of :mod:`._fused` is enabled.
+            traffic; the default) instead of one tile of consecutive rows; same results. On an
+            H200 tiles first moved the state 4-7% faster (benchmarks/notes.md).
 
     Returns:
         Without ``z``: y (R, H, P) in ``x.dtype``. With ``z``: ``(out, partials)``, out
@@ -309,7 +314,7 @@ def ssm_step_(
 def conv_ssm_step_(
     state: Tensor, xBC: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, conv_state: Tensor,
     conv_weight: Tensor, conv_bias: Optional[Tensor], position: Tensor, D: Optional[Tensor] = None,
-    block_p: Optional[int] = None, num_warps: int = 4, tiles: int = 1, stages: int = 1,
+    block_p: Optional[int] = None, num_warps: Optional[int] = None, tiles: int = 1, stages: int = 1,
     z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """One Mamba2 decoding step from the raw convolution inputs: :func:`conv_step_` and
@@ -360,8 +365,8 @@ def conv_ssm_step_(
 
 def _ssm_step(
     name: str, state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor], block_p: Optional[int], num_warps: int, tiles: int, stages: int,
-    z: Optional[Tensor], norm_weight: Optional[Tensor], conv: Optional[_Conv], tiles_first: Optional[bool] = None,
+    D: Optional[Tensor], block_p: Optional[int], num_warps: Optional[int], tiles: int, stages: int,
+    z: Optional[Tensor], norm_weight: Optional[Tensor], conv: Optional[_Conv], tiles_first: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Checks and launch of :func:`ssm_step_` (``conv`` None) and :func:`conv_ssm_step_`."""
     rows, nheads, headdim, dstate = state.shape
@@ -396,10 +401,10 @@ def _ssm_step(
     ring = conv.state if conv is not None else state  # placeholders where a pointer goes unused
     width = ring.shape[-1] if conv is not None else 1
     walks = triton.cdiv(n_tiles, tiles)
-    if tiles_first is None:
-        tiles_first = _tiles_first(x)
     grid = (walks, rows) if tiles_first else (rows, walks)
     use_pdl = _pdl(x)
+    block_n = triton.next_power_of_2(dstate)
+    num_warps = num_warps or _num_warps(block_p, block_n)
     with _on_device(x):
         _ssm_step_kernel[grid](
             state, x, dt, dt_bias, A_log, B, C, D if D is not None else dt_bias, y,
@@ -419,7 +424,7 @@ def _ssm_step(
             sq.stride(0) if sq is not None else 0,
             ring.stride(0), ring.stride(1), ring.stride(2),
             conv.weight.stride(0) if conv is not None else 0,
-            HAS_D=D is not None, HAS_Z=z is not None, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+            HAS_D=D is not None, HAS_Z=z is not None, BLOCK_P=block_p, BLOCK_N=block_n,
             TILES=tiles, STAGES=stages,
             HAS_CONV=conv is not None, HAS_CONV_BIAS=conv is not None and conv.bias is not None,
             WIDTH=width, BLOCK_W=triton.next_power_of_2(width), USE_PDL=use_pdl, TILES_FIRST=tiles_first,

@@ -1,11 +1,11 @@
-"""One-kernel token sampling for plain temperature sampling with guidance (CUDA, Triton).
+"""Fused token sampling for plain temperature sampling with guidance (CUDA, Triton).
 
 The PyTorch sampling chain (:func:`aimkit.samplers.logits.sample` after
 :func:`~aimkit.samplers.logits.apply_guidance`) is about ten kernels per decode step: guidance
 mix, softmax, exponential noise, clamp, divide, argmax, then writing the token into the code
 table and the next step's doubled input. At AiM-B batch 256 on an H200 that is ~0.2 ms of a
-3.5 ms step. :func:`sample_guided_` does all of it in one pass over the logits, one program per
-image:
+3.5 ms step. :func:`sample_guided_` does all of it in two kernels: one program per image and
+vocabulary block, then a small pick of each image's best block:
 
     l = (uncond + s * (cond - uncond)) / T          # guidance, temperature
     token = argmax(l + Gumbel noise)                # Gumbel-max: a draw from softmax(l)
@@ -29,36 +29,44 @@ __all__ = ["draw_seed", "sample_guided_"]
 
 
 @triton.jit(do_not_specialize=["step", "scale", "inv_temperature"])
-def _sample_kernel(
-    logits_ptr, s_logits, vocab, half, scale, inv_temperature, seed_ptr, step,
-    next_ptr, codes_ptr, s_codes,
-    GUIDED: tl.constexpr, BLOCK_V: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+def _sample_block_kernel(
+    logits_ptr, s_logits, vocab, half, scale, inv_temperature, seed_ptr, step, best_val_ptr, best_idx_ptr,
+    GUIDED: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # program (row, block): the best perturbed logit of vocabulary block `block` of image `row`
     row = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
     seed = tl.load(seed_ptr) + step
-    best_val = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.full((), 0, tl.int32)
-    for i in range(NUM_BLOCKS):  # a constexpr trip count (Triton's CPU interpreter needs one)
-        v0 = i * BLOCK_V
-        offs = v0 + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        logit = tl.load(logits_ptr + row * s_logits + offs, mask=mask, other=0.0).to(tl.float32)
-        if GUIDED:
-            uncond = tl.load(logits_ptr + (row + half) * s_logits + offs, mask=mask, other=0.0).to(tl.float32)
-            logit = uncond + scale * (logit - uncond)
-        u = tl.rand(seed, row * vocab + offs)  # uniform [0, 1)
-        val = logit * inv_temperature - tl.log(-tl.log(u))  # + Gumbel(0, 1); u = 0 gives -inf
-        val = tl.where(mask, val, float("-inf"))
-        blk_max = tl.max(val, axis=0)
-        blk_idx = tl.argmax(val, axis=0).to(tl.int32) + v0
-        better = blk_max > best_val
-        best_idx = tl.where(better, blk_idx, best_idx)
-        best_val = tl.where(better, blk_max, best_val)
-    token = best_idx.to(tl.int64)
-    tl.store(codes_ptr + row * s_codes + step, token)
-    tl.store(next_ptr + row, token)
+    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = offs < vocab
+    logit = tl.load(logits_ptr + row * s_logits + offs, mask=mask, other=0.0).to(tl.float32)
     if GUIDED:
-        tl.store(next_ptr + row + half, token)
+        uncond = tl.load(logits_ptr + (row + half) * s_logits + offs, mask=mask, other=0.0).to(tl.float32)
+        logit = uncond + scale * (logit - uncond)
+    u = tl.rand(seed, row * vocab + offs)  # uniform [0, 1); keyed by the token, not the block
+    val = logit * inv_temperature - tl.log(-tl.log(u))  # + Gumbel(0, 1); u = 0 gives -inf
+    val = tl.where(mask, val, float("-inf"))
+    tl.store(best_val_ptr + row * blocks + block, tl.max(val, axis=0))
+    tl.store(best_idx_ptr + row * blocks + block, tl.argmax(val, axis=0).to(tl.int32) + block * BLOCK_V)
+
+
+@triton.jit(do_not_specialize=["step"])
+def _sample_pick_kernel(
+    best_val_ptr, best_idx_ptr, blocks, half, step, next_ptr, codes_ptr, s_codes,
+    GUIDED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # the best block of each image (the first on ties, like one scan over the vocabulary)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_S)
+    mask = (rows < half)[:, None] & (cols < blocks)[None, :]
+    vals = tl.load(best_val_ptr + rows[:, None] * blocks + cols[None, :], mask=mask, other=float("-inf"))
+    first = tl.argmax(vals, axis=1)  # (BLOCK_ROWS,)
+    token = tl.load(best_idx_ptr + rows * blocks + first, mask=rows < half, other=0).to(tl.int64)
+    tl.store(codes_ptr + rows * s_codes + step, token, mask=rows < half)
+    tl.store(next_ptr + rows, token, mask=rows < half)
+    if GUIDED:
+        tl.store(next_ptr + rows + half, token, mask=rows < half)
 
 
 def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
@@ -70,7 +78,7 @@ def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Ten
 
 def sample_guided_(
     logits: Tensor, scale: Optional[float], temperature: float, seed: Tensor, step: int,
-    next_tokens: Tensor, codes: Tensor,
+    next_tokens: Tensor, codes: Tensor, block_v: Optional[int] = None,
 ) -> None:
     """Sample one token per image into ``codes[:, step]`` and the next step's input.
 
@@ -83,6 +91,9 @@ def sample_guided_(
         step: token index; keys the noise, and the column of ``codes`` written.
         next_tokens: (2B,) or (B,) int64, receives the token (both halves under guidance).
         codes: (B, N) int64 with a contiguous last dim.
+        block_v: vocabulary entries per program (a power of two; default: up to 2048). Every
+            (image, block) pair is one program; a second kernel picks each image's best block.
+            The draws do not depend on it.
     """
     rows, vocab = logits.shape
     batch = rows // 2 if scale is not None else rows
@@ -99,9 +110,19 @@ def sample_guided_(
     if seed.shape != (1,) or seed.device != logits.device:
         raise ValueError(f"sample_guided_: seed must be a (1,) tensor on {logits.device}, got {tuple(seed.shape)} "
                          f"on {seed.device}")
-    block = min(triton.next_power_of_2(vocab), 2048)
-    _sample_kernel[(batch,)](
-        logits, logits.stride(0), vocab, batch, float(scale if scale is not None else 1.0), 1.0 / temperature,
-        seed, step, next_tokens, codes, codes.stride(0),
-        GUIDED=scale is not None, BLOCK_V=block, NUM_BLOCKS=triton.cdiv(vocab, block), num_warps=8,
+    block = block_v or min(triton.next_power_of_2(vocab), 2048)
+    if block & (block - 1):
+        raise ValueError(f"sample_guided_: block_v must be a power of two, got {block}")
+    blocks = triton.cdiv(vocab, block)
+    best_val = torch.empty(batch, blocks, device=logits.device, dtype=torch.float32)
+    best_idx = torch.empty(batch, blocks, device=logits.device, dtype=torch.int32)
+    guided = scale is not None
+    _sample_block_kernel[(batch, blocks)](
+        logits, logits.stride(0), vocab, batch, float(scale if guided else 1.0), 1.0 / temperature, seed, step,
+        best_val, best_idx, GUIDED=guided, BLOCK_V=block, num_warps=4,
+    )
+    rows_per_program = 64
+    _sample_pick_kernel[(triton.cdiv(batch, rows_per_program),)](
+        best_val, best_idx, blocks, batch, step, next_tokens, codes, codes.stride(0),
+        GUIDED=guided, BLOCK_ROWS=rows_per_program, BLOCK_S=triton.next_power_of_2(blocks), num_warps=4,
     )
