@@ -13,8 +13,12 @@ good, with one warning, if the first compiled call fails (no working Inductor to
 
 Switch: the environment variable ``AIMKIT_TRAIN_COMPILE`` (read at every call):
 
-* unset or ``auto``: compile for CUDA inputs with autograd on;
-* ``never``: never compile (the plain functions: identical maths, more kernels).
+* unset or ``auto``: compile every region (:data:`REGIONS`) for CUDA inputs with autograd on;
+* ``never``: never compile (the plain functions: identical maths, more kernels);
+* a comma list of regions, e.g. ``glue,loss``: only those (for comparing them one by one).
+
+Regions: ``glue`` (residual add, RMSNorm and modulation between sublayers), ``loss`` (the float32
+cross-entropy), ``gated-norm`` (Mamba2's gated RMSNorm, instead of mamba-ssm's Triton norm).
 """
 
 from __future__ import annotations
@@ -25,18 +29,27 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["TrainCompiled", "compile_enabled"]
+__all__ = ["REGIONS", "TrainCompiled", "compile_enabled"]
 
 _ENV = "AIMKIT_TRAIN_COMPILE"
-_MODES = ("auto", "never")
+REGIONS = ("glue", "loss", "gated-norm")
 
 
-def compile_enabled() -> bool:
-    """Whether ``AIMKIT_TRAIN_COMPILE`` allows compiling (``auto``, the default)."""
+def compile_enabled(region: Optional[str] = None) -> bool:
+    """Whether ``AIMKIT_TRAIN_COMPILE`` allows compiling ``region`` (None: any region)."""
+    if region is not None and region not in REGIONS:
+        raise ValueError(f"unknown compile region {region!r}; known: {list(REGIONS)}")
     value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-    if value not in _MODES:
-        raise ValueError(f"{_ENV}={value!r}: use one of {list(_MODES)}")
-    return value == "auto"
+    if value == "auto":
+        return True
+    if value == "never":
+        return False
+    chosen = {r.strip() for r in value.split(",") if r.strip()}
+    unknown = chosen - set(REGIONS)
+    if unknown:
+        raise ValueError(f"{_ENV}={value!r}: use 'auto', 'never' or a comma list of {list(REGIONS)}; "
+                         f"unknown: {sorted(unknown)}")
+    return bool(chosen) if region is None else region in chosen
 
 
 class TrainCompiled:
@@ -44,17 +57,21 @@ class TrainCompiled:
 
     Args:
         fn: a pure tensor function (no Python side effects, no data-dependent control flow).
+        region: its name in ``AIMKIT_TRAIN_COMPILE`` (one of :data:`REGIONS`).
         backend: the ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
 
     Calling the wrapper runs the compiled function when ``device`` is a CUDA device (any device
-    for a backend other than Inductor), autograd is enabled and :func:`compile_enabled`; otherwise
+    for a backend other than Inductor), autograd is enabled and :func:`compile_enabled` for its region; otherwise
     ``fn`` itself. Shapes are compiled statically (``dynamic=False``): a training run sees one or
     two batch shapes. The fallback covers the forward compile only: AOTAutograd compiles the
     backward at the first ``backward()``, and an error there is raised from that call.
     """
 
-    def __init__(self, fn: Callable[..., Any], backend: str = "inductor"):
+    def __init__(self, fn: Callable[..., Any], region: str, backend: str = "inductor"):
+        if region not in REGIONS:
+            raise ValueError(f"unknown compile region {region!r}; known: {list(REGIONS)}")
         self.fn = fn
+        self.region = region
         self.backend = backend
         self._compiled: Optional[Callable[..., Any]] = None
         self._proven = False  # a compiled call has succeeded: errors from now on are the caller's
@@ -63,7 +80,7 @@ class TrainCompiled:
     def wants_compile(self, device: torch.device) -> bool:
         """Whether a call on ``device`` would use the compiled function."""
         return (device.type == "cuda" or self.backend != "inductor") and torch.is_grad_enabled() \
-            and not self._failed and compile_enabled()
+            and not self._failed and compile_enabled(self.region)
 
     def __call__(self, device: torch.device, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, compiled where :meth:`wants_compile` says so."""

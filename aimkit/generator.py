@@ -54,7 +54,7 @@ def _cross_entropy_fp32(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-_CROSS_ENTROPY = TrainCompiled(_cross_entropy_fp32)
+_CROSS_ENTROPY = TrainCompiled(_cross_entropy_fp32, "loss")
 
 
 def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -6,7 +6,7 @@
 Times the step of ``train_throughput.py`` (bf16 autocast, fused AdamW, grad clip) for the default
 build and for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE`` build overrides;
 keys starting with ``AIMKIT_`` are set as environment variables for that variant, e.g.
-``AIMKIT_TRAIN_COMPILE=never``), then profiles a few default steps and prints the top CUDA
+``AIMKIT_TRAIN_COMPILE=never``, or ``AIMKIT_TRAIN_COMPILE=glue+loss`` for the list ``glue,loss``), then profiles a few default steps and prints the top CUDA
 kernels grouped by family. Writes
 ``$OUT/profile_train.json``.
 """
@@ -67,7 +67,8 @@ def main() -> int:
     if args.compile_variant:
         plans.append(("torch.compile", {}, {"compile": True}))
     for label, overrides, flags in plans:
-        env = {k: str(overrides.pop(k)) for k in list(overrides) if k.startswith("AIMKIT_")}
+        # '+' stands for ',' inside an environment value (',' separates the overrides)
+        env = {k: str(overrides.pop(k)).replace("+", ",") for k in list(overrides) if k.startswith("AIMKIT_")}
         saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

@@ -54,7 +54,7 @@ def test_compiled_glue_forward_and_backward_equal_blocks(kind, monkeypatch):
     ref_out, ref_grads = _forward_and_grads(net, x, mods)
 
     monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "auto")
-    glue = TrainCompiled(base.add_norm_modulate, backend="aot_eager")
+    glue = TrainCompiled(base.add_norm_modulate, "glue", backend="aot_eager")
     monkeypatch.setattr(base, "_GLUE", glue)
     calls = []
     monkeypatch.setattr(net, "_run_compiled_glue",
@@ -70,6 +70,32 @@ def test_compiled_glue_forward_and_backward_equal_blocks(kind, monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
     with torch.no_grad():  # inference keeps the block-by-block path
+        calls.clear()
+        net(x, mods)
+        assert not calls
+
+
+def test_compiled_gated_norm_equals_the_module(monkeypatch):
+    from aimkit.backbones import mamba2
+
+    net = _backbone("mamba2")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, 32, generator=g)
+    mods = [torch.randn(2, net.mod_chunks, 32, generator=g) * 0.3 for _ in net.layers]
+    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "never")
+    ref_out, ref_grads = _forward_and_grads(net, x, mods)
+
+    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "gated-norm")  # this region alone
+    calls = []
+    norm = TrainCompiled(lambda *a: calls.append(1) or mamba2.gated_rms_norm(*a), "gated-norm", backend="aot_eager")
+    monkeypatch.setattr(mamba2, "_GATED_NORM", norm)
+    out, grads = _forward_and_grads(net, x, mods)
+    assert len(calls) == len(net.layers) and norm._proven  # traced once per layer call
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # inference: the module, not the compiled function
         calls.clear()
         net(x, mods)
         assert not calls
@@ -95,7 +121,7 @@ def test_token_cross_entropy_compiled_matches_eager(monkeypatch):
     want = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     (want_grad,) = torch.autograd.grad(want, logits)
 
-    wrapper = TrainCompiled(generator._cross_entropy_fp32, backend="aot_eager")
+    wrapper = TrainCompiled(generator._cross_entropy_fp32, "loss", backend="aot_eager")
     monkeypatch.setattr(generator, "_CROSS_ENTROPY", wrapper)
     got = generator.token_cross_entropy(logits, targets)
     (got_grad,) = torch.autograd.grad(got, logits)
@@ -107,7 +133,7 @@ def test_token_cross_entropy_compiled_matches_eager(monkeypatch):
 
 def test_generator_loss_uses_token_cross_entropy(tiny_gen, monkeypatch):
     calls = []
-    wrapper = TrainCompiled(lambda *a: calls.append(1) or generator._cross_entropy_fp32(*a))
+    wrapper = TrainCompiled(lambda *a: calls.append(1) or generator._cross_entropy_fp32(*a), "loss")
     monkeypatch.setattr(generator, "_CROSS_ENTROPY", wrapper)
     codes = torch.randint(tiny_gen.vocab_size, (2, tiny_gen.num_tokens))
     labels = torch.tensor([1, 2])
@@ -124,7 +150,7 @@ def test_failed_compile_warns_once_and_falls_back(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    wrapper = TrainCompiled(lambda a, b: a * b + 1, backend="aot_eager")
+    wrapper = TrainCompiled(lambda a, b: a * b + 1, "glue", backend="aot_eager")
     a = torch.ones(3, requires_grad=True)
     with pytest.warns(UserWarning, match="no toolchain"):
         out = wrapper(a.device, a, torch.full((3,), 2.0))
@@ -136,7 +162,7 @@ def test_failed_compile_warns_once_and_falls_back(monkeypatch):
 
 
 def test_compile_switch(monkeypatch):
-    wrapper = TrainCompiled(torch.add)
+    wrapper = TrainCompiled(torch.add, "glue")
     cpu = torch.device("cpu")
     assert not wrapper.wants_compile(cpu)  # Inductor only for CUDA tensors
     assert not wrapper.wants_compile(torch.device("meta"))
@@ -145,11 +171,19 @@ def test_compile_switch(monkeypatch):
     monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "sometimes")
     with pytest.raises(ValueError, match="AIMKIT_TRAIN_COMPILE"):
         _compile.compile_enabled()
+    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "glue,loss")  # regions one by one
+    assert _compile.compile_enabled("loss") and not _compile.compile_enabled("gated-norm")
+    assert not TrainCompiled(torch.add, "gated-norm", backend="aot_eager").wants_compile(cpu)
+    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "glue,norms")
+    with pytest.raises(ValueError, match="unknown: \\['norms'\\]"):
+        _compile.compile_enabled("glue")
+    with pytest.raises(ValueError, match="unknown compile region"):
+        TrainCompiled(torch.add, "norms")
     monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "auto")
     assert _compile.compile_enabled()
-    assert TrainCompiled(torch.add, backend="aot_eager").wants_compile(cpu)
+    assert TrainCompiled(torch.add, "glue", backend="aot_eager").wants_compile(cpu)
     with torch.no_grad():
-        assert not TrainCompiled(torch.add, backend="aot_eager").wants_compile(cpu)
+        assert not TrainCompiled(torch.add, "glue", backend="aot_eager").wants_compile(cpu)
 
 
 @pytest.mark.gpu

@@ -110,7 +110,7 @@ def add_norm_modulate(
     return h.to(out_dtype), r
 
 
-_GLUE = TrainCompiled(add_norm_modulate)
+_GLUE = TrainCompiled(add_norm_modulate, "glue")
 
 
 class Block(nn.Module):
