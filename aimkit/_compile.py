@@ -17,8 +17,9 @@ Switch: the environment variable ``AIMKIT_TRAIN_COMPILE`` (read at every call):
 * ``never``: never compile (the plain functions: identical maths, more kernels);
 * a comma list of regions, e.g. ``glue,loss``: only those (for comparing them one by one).
 
-Regions: ``glue`` (residual add, RMSNorm and modulation between sublayers), ``loss`` (the float32
-cross-entropy), ``gated-norm`` (Mamba2's gated RMSNorm, instead of mamba-ssm's Triton norm).
+Regions: ``glue`` (residual add, RMSNorm and modulation between sublayers) and ``loss`` (the
+float32 cross-entropy). Mamba2's gated RMSNorm compiled the same way was measured no faster than
+mamba-ssm's Triton norm (AiM-L CUDA-graph step 157.0 against 156.8 ms, benchmarks/notes.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 __all__ = ["REGIONS", "TrainCompiled", "compile_enabled"]
 
 _ENV = "AIMKIT_TRAIN_COMPILE"
-REGIONS = ("glue", "loss", "gated-norm")
+REGIONS = ("glue", "loss")
 
 
 def compile_enabled(region: Optional[str] = None) -> bool:

@@ -75,32 +75,6 @@ def test_compiled_glue_forward_and_backward_equal_blocks(kind, monkeypatch):
         assert not calls
 
 
-def test_compiled_gated_norm_equals_the_module(monkeypatch):
-    from aimkit.backbones import mamba2
-
-    net = _backbone("mamba2")
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 12, 32, generator=g)
-    mods = [torch.randn(2, net.mod_chunks, 32, generator=g) * 0.3 for _ in net.layers]
-    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "never")
-    ref_out, ref_grads = _forward_and_grads(net, x, mods)
-
-    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "gated-norm")  # this region alone
-    calls = []
-    norm = TrainCompiled(lambda *a: calls.append(1) or mamba2.gated_rms_norm(*a), "gated-norm", backend="aot_eager")
-    monkeypatch.setattr(mamba2, "_GATED_NORM", norm)
-    out, grads = _forward_and_grads(net, x, mods)
-    assert len(calls) == len(net.layers) and norm._proven  # traced once per layer call
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, ref_grads):
-        if got is not None:
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # inference: the module, not the compiled function
-        calls.clear()
-        net(x, mods)
-        assert not calls
-
-
 def test_glue_output_dtype_follows_autocast():
     g = torch.Generator().manual_seed(0)
     hidden, residual = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
@@ -171,9 +145,9 @@ def test_compile_switch(monkeypatch):
     monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "sometimes")
     with pytest.raises(ValueError, match="AIMKIT_TRAIN_COMPILE"):
         _compile.compile_enabled()
-    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "glue,loss")  # regions one by one
-    assert _compile.compile_enabled("loss") and not _compile.compile_enabled("gated-norm")
-    assert not TrainCompiled(torch.add, "gated-norm", backend="aot_eager").wants_compile(cpu)
+    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "loss")  # regions one by one
+    assert _compile.compile_enabled("loss") and not _compile.compile_enabled("glue")
+    assert not TrainCompiled(torch.add, "glue", backend="aot_eager").wants_compile(cpu)
     monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "glue,norms")
     with pytest.raises(ValueError, match="unknown: \\['norms'\\]"):
         _compile.compile_enabled("glue")

@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._compile import TrainCompiled
 from ..errors import ConfigError
 from ..registry import BACKBONES
 from . import _mamba_kernels
@@ -162,21 +161,10 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         """x, z (..., dim) -> (..., dim)."""
-        return gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
-
-
-def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:
-    """:class:`GatedRMSNorm` as a pure function: x, z (..., dim), weight (dim,) -> (..., dim) in
-    ``x.dtype``, computed in float32 (float64 for float64 inputs)."""
-    h = _upcast(x) * F.silu(_upcast(z))  # (..., dim)
-    h = h.unflatten(-1, (-1, group_size))  # (..., groups, group_size)
-    h = h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
-    return (h.flatten(-2) * weight.to(h.dtype)).to(x.dtype)
-
-
-# Training on CUDA: the gated norm compiled by Inductor (one fused kernel per direction) instead of
-# mamba-ssm's Triton norm, whose backward was 8.3 ms of an AiM-L step (benchmarks/notes.md).
-_GATED_NORM = TrainCompiled(gated_rms_norm, "gated-norm")
+        h = _upcast(x) * F.silu(_upcast(z))  # (..., dim)
+        h = h.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        h = h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (h.flatten(-2) * self.weight.to(h.dtype)).to(x.dtype)
 
 
 class Mamba2(nn.Module):
@@ -365,8 +353,6 @@ class Mamba2(nn.Module):
 
     def _gated_norm(self, y: Tensor, z: Tensor, kernels: Optional[MambaKernels]) -> Tensor:
         """rmsnorm(y * silu(z)) * weight; y, z (..., d_inner)."""
-        if _GATED_NORM.wants_compile(y.device):
-            return _GATED_NORM(y.device, y, z, self.norm.weight, self.norm.group_size, self.norm.eps)
         if kernels is None:
             return self.norm(y, z)
         return kernels.rmsnorm_fn(
