@@ -13,8 +13,8 @@ Kernels used (mamba-ssm >= 2.x, causal-conv1d >= 1.4):
   reported but not used: it shifts its window, while aimkit's decode step keeps the convolution
   state as a ring buffer by position (:mod:`aimkit.backbones.mamba2`).
 * ``mamba_ssm.ops.triton.ssd_combined.mamba_split_conv1d_scan_combined``: the whole mixer after
-  ``in_proj`` as one autograd function (opt-in ``Mamba2Config.fused_split_scan``; calls
-  causal-conv1d).
+  ``in_proj`` as one autograd function (``Mamba2Config.fused_split_scan``, on by default;
+  calls causal-conv1d).
 
 Triton-only installs. mamba-ssm 2.3.2.post1 imports its compiled ``selective_scan_cuda``
 extension unconditionally in ``mamba_ssm/__init__.py``, so a build made without its CUDA
