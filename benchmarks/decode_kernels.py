@@ -26,7 +26,7 @@ Parts:
   - ``ssm,conv-in-ssm,norm,gnorm``: the convolution inside the state kernel instead
     (``conv_ssm_step_``, one launch fewer per layer; slower on an H200, notes.md).
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
-  at 16), median of ``--repeats``, with and without the one-kernel sampler, and with
+  at 16), median of ``--repeats``, with and without the fused sampler, and with
   ``--branches`` concurrent graph branches.
 * ``projconv``: one layer's ``in_proj`` + ``conv_step_`` against ``in_proj_conv_step_`` (opt-in
   kind ``proj-conv``) over tilings, AiM-B and AiM-XL widths at 32 and 512 rows.

@@ -48,7 +48,7 @@ class AutoregressiveConfig:
             concurrently (see :class:`~aimkit.samplers._cuda_graph.DecodeGraph`). Tokens do not
             depend on it. On an H200 2 or 3 branches were no faster than 1 for AiM-B/L/XL at 16-256
             images (benchmarks/notes.md), so 1 is the default; an option for other GPUs.
-        fused_sampling: on CUDA with Triton, sample with one kernel per step
+        fused_sampling: on CUDA with Triton, sample with two small kernels per step
             (:mod:`aimkit.samplers._triton_sampling`) when there is no top-k / top-p filtering and
             the temperature is positive. Same distribution, different random draws than the
             PyTorch path; still reproducible from the seed.
@@ -182,7 +182,7 @@ class AutoregressiveSampler:
         return codes.clone()  # a normal tensor, usable outside inference mode
 
     def _fused_sampler(self, device: torch.device, vocab: int, temperature: float, top_k: int, top_p: float):
-        """The one-kernel sampler module when it applies (CUDA, Triton, no filtering), else None."""
+        """The fused sampler module when it applies (CUDA, Triton, no filtering), else None."""
         if not (self.config.fused_sampling and device.type == "cuda" and temperature > 0
                 and (top_k == 0 or top_k >= vocab) and top_p >= 1.0):
             return None
