@@ -401,6 +401,7 @@ def _ssm_step(
     ring = conv.state if conv is not None else state  # placeholders where a pointer goes unused
     width = ring.shape[-1] if conv is not None else 1
     walks = triton.cdiv(n_tiles, tiles)
+    tiles_first = tiles_first and rows <= 65535  # grid axis 1 holds at most 65535 programs
     grid = (walks, rows) if tiles_first else (rows, walks)
     use_pdl = _pdl(x)
     block_n = triton.next_power_of_2(dstate)
