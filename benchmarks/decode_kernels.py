@@ -1,6 +1,6 @@
 """Step-by-step measurement of the fused decode kernels (benchmarks/notes.md, "Changes").
 
-On a GPU machine with the kernels installed (see run_all.py for the set-up)::
+On a GPU machine with the kernels installed (``source benchmarks/device_env.sh`` sets them up)::
 
     python benchmarks/decode_kernels.py                       # everything below, ~3 minutes
     python benchmarks/decode_kernels.py --parts micro,step --models aim-b
@@ -26,11 +26,14 @@ Parts:
   - ``ssm,conv-in-ssm,norm,gnorm``: the convolution inside the state kernel instead
     (``conv_ssm_step_``, one launch fewer per layer; slower on an H200, notes.md).
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
-  at 16), median of ``--repeats``, with and without the fused sampler, and with
-  ``--branches`` concurrent graph branches.
+  at 16), median of ``--repeats``, for each state-kernel tiling of ``--tilings``, without the
+  fused sampler, and with ``--branches`` concurrent graph branches.
 * ``projconv``: one layer's ``in_proj`` + ``conv_step_`` against ``in_proj_conv_step_`` (opt-in
   kind ``proj-conv``) over tilings, AiM-B and AiM-XL widths at 32 and 512 rows.
-* ``profile``: the top kernels of one AiM-B decode step at 128 rows with every kernel on.
+* ``profile``: the top kernels of one AiM-B decode step at ``--profile-rows`` rows with every
+  kernel on.
+* ``breakdown``: where one profiled tokens-only ``generate`` of AiM-B at 256 images spends its
+  wall time (kernel families, GPU idle time).
 
 Prints a table per part and writes ``$OUT/decode_kernels.json``.
 """
@@ -38,12 +41,14 @@ Prints a table per part and writes ``$OUT/decode_kernels.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -244,17 +249,12 @@ def _step_ms(model, rows: int, branches: int = 1, replays: int = 30):
     return ms, logits
 
 
-_DEFAULT_MAX_BLOCK_P = None
-
-
-def _set_tiling(max_block_p: str) -> None:
-    """The state kernel's largest default tile (``ssm_step_``'s ``MAX_BLOCK_P``); '' restores it."""
-    global _DEFAULT_MAX_BLOCK_P
+def _tiling(max_block_p: str):
+    """Context: the state kernel's largest default tile (``ssm_step_``'s ``MAX_BLOCK_P``) set to
+    ``max_block_p`` for its duration ('' keeps the default)."""
     from aimkit.backbones import _triton_ops
 
-    if _DEFAULT_MAX_BLOCK_P is None:
-        _DEFAULT_MAX_BLOCK_P = _triton_ops.MAX_BLOCK_P
-    _triton_ops.MAX_BLOCK_P = int(max_block_p) if max_block_p else _DEFAULT_MAX_BLOCK_P
+    return mock.patch.object(_triton_ops, "MAX_BLOCK_P", int(max_block_p)) if max_block_p else contextlib.nullcontext()
 
 
 def part_step(args) -> None:
@@ -270,10 +270,9 @@ def part_step(args) -> None:
                 variants += [("all", b) for b in args.branches if (state_dtype == "model" or b in (1, 2))]
                 for kind, branches in dict.fromkeys(variants):
                     kinds, _, tiling = kind.partition("@")
-                    os.environ["AIMKIT_DECODE_KERNELS"] = kinds
-                    _set_tiling(tiling)
-                    clear_decode_graphs()
-                    ms, logits = _step_ms(model, rows, branches)
+                    with mock.patch.dict(os.environ, {"AIMKIT_DECODE_KERNELS": kinds}), _tiling(tiling):
+                        clear_decode_graphs()
+                        ms, logits = _step_ms(model, rows, branches)
                     if ref is None:
                         ref = logits
                     diff = float((logits - ref).abs().max() / ref.abs().max())
@@ -283,8 +282,6 @@ def part_step(args) -> None:
                                 "rel_logit_diff_vs_first": diff})
                     print(f"{name} rows {rows} state {state_dtype} kernels {kind} branches {branches}: "
                           f"{ms:.3f} ms/step (rel. logit diff vs first variant {diff:.2e})", flush=True)
-            os.environ.pop("AIMKIT_DECODE_KERNELS", None)
-            _set_tiling("")
             del model
             clear_decode_graphs()
             torch.cuda.empty_cache()
@@ -304,12 +301,11 @@ def part_generate(args) -> None:
         labels = torch.arange(batch) % model.num_classes
         runs = [(1, True, t) for t in args.tilings] + [(1, False, "")] + [(b, True, "") for b in args.branches if b > 1]
         for branches, fused, tiling in runs:
-            _set_tiling(tiling)
-            clear_decode_graphs()
-            sampler = AutoregressiveSampler(AutoregressiveConfig(graph_branches=branches, fused_sampling=fused))
-            out.append(_time_generate(model, labels, sampler, args.repeats, name=name, branches=branches,
-                                      fused_sampling=fused, max_block_p=tiling or "default"))
-        _set_tiling("")
+            with _tiling(tiling):
+                clear_decode_graphs()
+                sampler = AutoregressiveSampler(AutoregressiveConfig(graph_branches=branches, fused_sampling=fused))
+                out.append(_time_generate(model, labels, sampler, args.repeats, name=name, branches=branches,
+                                          fused_sampling=fused, max_block_p=tiling or "default"))
         del model
         clear_decode_graphs()
         torch.cuda.empty_cache()
@@ -445,14 +441,9 @@ def main() -> int:
     args.micro_blocks = [int(b) for b in args.micro_blocks.split(",") if b]
     args.micro_warps = [int(w) for w in args.micro_warps.split(",") if w]
     args.micro_walks = [tuple(int(v) for v in w.split(":")) for w in args.micro_walks.split(",") if w]
-    exported = os.environ.get("AIMKIT_DECODE_KERNELS")  # the kinds of every part but step
     for value in args.kernel_variants:  # fail before any model is built on an unknown kind
-        os.environ["AIMKIT_DECODE_KERNELS"] = value.partition("@")[0]
-        enabled_kinds()
-    if exported is None:
-        os.environ.pop("AIMKIT_DECODE_KERNELS", None)
-    else:
-        os.environ["AIMKIT_DECODE_KERNELS"] = exported
+        with mock.patch.dict(os.environ, {"AIMKIT_DECODE_KERNELS": value.partition("@")[0]}):
+            enabled_kinds()
     from aimkit.backbones._mamba_kernels import kernel_info
 
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,

@@ -1,7 +1,7 @@
 """Where an AiM training step spends its time, and which speed knobs move it (GPU only).
 
     python benchmarks/profile_train.py --model aim-b --batch 64
-    python benchmarks/profile_train.py --variants "chunk_size=128;chunk_size=64" --compile-variant
+    python benchmarks/profile_train.py --variants "chunk_size=256;chunk_size=64" --compile-variant
 
 Times the step of ``train_throughput.py`` (bf16 autocast, fused AdamW, grad clip) for the default
 build and for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE`` build overrides;
@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,7 +51,7 @@ def main() -> int:
     ap.add_argument("--model", default="aim-b")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--variants", default="chunk_size=128;chunk_size=64")
+    ap.add_argument("--variants", default="chunk_size=256;fused_split_scan=false")
     ap.add_argument("--compile-variant", action="store_true", help="also time torch.compile of the generator")
     ap.add_argument("--graph-variant", action="store_true", help="also time the step captured in CUDA graphs")
     ap.add_argument("--no-profile", action="store_true", help="timings only")
@@ -69,22 +70,15 @@ def main() -> int:
     for label, overrides, flags in plans:
         # '+' stands for ',' inside an environment value (',' separates the overrides)
         env = {k: str(overrides.pop(k)).replace("+", ",") for k in list(overrides) if k.startswith("AIMKIT_")}
-        saved_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            row = measure(args.model, SimpleNamespace(**{**vars(base), **flags}), overrides)
+            with mock.patch.dict(os.environ, env):
+                row = measure(args.model, SimpleNamespace(**{**vars(base), **flags}), overrides)
             row["variant"] = label
             print(f"{label:24s} step {row['step_s_median'] * 1e3:7.1f} ms  {row['tokens_per_s']:>9,.0f} tok/s  "
                   f"peak {row['peak_memory_gb']:.1f} GB", flush=True)
         except Exception as exc:  # keep the other variants
             row = {"variant": label, "error": f"{type(exc).__name__}: {exc}"}
             print(f"{label}: failed: {row['error']}", flush=True)
-        finally:
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
         result["timings"].append(row)
         torch.cuda.empty_cache()
     if args.no_profile:

@@ -75,7 +75,7 @@ def test_compiled_glue_forward_and_backward_equal_blocks(kind, monkeypatch):
         assert not calls
 
 
-def test_glue_output_dtype_follows_autocast():
+def test_glue_returns_out_dtype_and_float32_residual():
     g = torch.Generator().manual_seed(0)
     hidden, residual = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
     gate, shift, scale = (torch.randn(2, 8, generator=g) for _ in range(3))

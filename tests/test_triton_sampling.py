@@ -1,4 +1,4 @@
-"""The one-kernel sampler: distribution, guidance, bookkeeping and seeding.
+"""The fused sampler: distribution, guidance, bookkeeping, seeding and the split over vocabulary blocks.
 
 Runs in Triton's interpreter on CPU (set before Triton is imported) and compiled on a GPU machine.
 """
@@ -17,10 +17,10 @@ from aimkit.samplers import _triton_sampling as ts  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run(logits, scale, temperature, seed, step, batch, num_tokens=3):
+def _run(logits, scale, temperature, seed, step, batch, num_tokens=3, **kwargs):
     codes = torch.full((batch, num_tokens), -1, dtype=torch.long, device=DEVICE)
     nxt = torch.full((logits.shape[0],), -1, dtype=torch.long, device=DEVICE)
-    ts.sample_guided_(logits, scale, temperature, seed, step, nxt, codes)
+    ts.sample_guided_(logits, scale, temperature, seed, step, nxt, codes, **kwargs)
     return codes, nxt
 
 
@@ -74,15 +74,13 @@ def test_vocabulary_blocks_do_not_change_the_draws():
     seed = torch.tensor([5], device=DEVICE)
     draws = []
     for block_v in (512, 64, 16):  # 1, 5 and 19 blocks (the last one ragged)
-        codes = torch.full((batch, 2), -1, dtype=torch.long, device=DEVICE)
-        nxt = torch.full((2 * batch,), -1, dtype=torch.long, device=DEVICE)
-        ts.sample_guided_(logits, 1.5, 0.7, seed, 1, nxt, codes, block_v=block_v)
+        codes, nxt = _run(logits, 1.5, 0.7, seed, 1, batch, block_v=block_v)
         assert torch.equal(nxt, codes[:, 1].repeat(2))
         draws.append(codes[:, 1])
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2]), draws
     assert len(set(draws[0].tolist())) > 1  # not one constant token
     with pytest.raises(ValueError, match="power of two"):
-        ts.sample_guided_(logits, 1.5, 0.7, seed, 1, nxt, codes, block_v=48)
+        _run(logits, 1.5, 0.7, seed, 1, batch, block_v=48)
 
 
 def test_draw_seed_uses_the_generator():

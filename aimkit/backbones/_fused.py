@@ -26,9 +26,6 @@ can compare variants in one process — clear captured CUDA graphs in between):
   - ``pdl`` (opt-in): launch the three kernels with Hopper's programmatic dependent launch, so
     that each starts while the previous kernel finishes (the state kernel loads its state before
     waiting); ignored before compute capability 9.0;
-  - ``tiles-first`` (opt-in, for comparisons): the state kernel's launch grid with the tiles of
-    one row on consecutive programs (``ssm_step_(tiles_first=True)``), so that neighbouring
-    programs stream contiguous state; same results;
   - ``norm``: the glue between sublayers (:func:`~._triton_ops.add_norm_modulate`);
   - ``gnorm``: Mamba2's gated RMSNorm folded into the other two (the state kernel writes the
     norm's numerator and partial sums of squares, ``add_norm_modulate`` applies the per-row factor
@@ -50,7 +47,7 @@ import torch
 __all__ = ["KINDS", "OPT_IN_KINDS", "PendingRowNorm", "decode_ops", "enabled_kinds"]
 
 KINDS = ("ssm", "conv", "norm", "gnorm")  # what "all" enables
-OPT_IN_KINDS = ("conv-in-ssm", "proj-conv", "pdl", "tiles-first")  # named explicitly only
+OPT_IN_KINDS = ("conv-in-ssm", "proj-conv", "pdl")  # named explicitly only
 _ENV = "AIMKIT_DECODE_KERNELS"
 
 

@@ -263,21 +263,30 @@ class Backbone(nn.Module):
         residual = hidden + residual
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
+    def _glue_stages(self, mods: Sequence[Tensor], step: bool):
+        """The walk through the stack that the fused glue paths share: for each modulated sublayer
+        in order ``(norm, shift, scale, sublayer, gate)`` (the (B, D) modulation views; ``gate``
+        scales that sublayer's output in the next glue), then ``(norm_f, None, None, None, None)``.
+        ``step`` picks the decode-step sublayer functions (:meth:`Block.sublayers`), else the
+        whole-sequence ones (:meth:`Block.sequence_sublayers`)."""
+        for layer, mod in zip(self.layers, mods):
+            for j, (norm, sublayer) in enumerate(layer.sublayers() if step else layer.sequence_sublayers()):
+                yield norm, mod[:, 3 * j], mod[:, 3 * j + 1], sublayer, mod[:, 3 * j + 2]
+        yield self.norm_f, None, None, None, None
+
     def _run_compiled_glue(self, x: Tensor, mods: Sequence[Tensor], inference_params) -> Tensor:
         """The whole-sequence forward with the glue between sublayers as one compiled function
         (:func:`add_norm_modulate`): training on CUDA, where eager glue cost a third of the step."""
         device = x.device
         out_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         hidden, gate, residual = x, None, None
-        for layer, mod in zip(self.layers, mods):
-            for j, (norm, sublayer) in enumerate(layer.sequence_sublayers()):
-                h, residual = _GLUE(device, hidden, gate, residual, norm.weight, norm.eps,
-                                    mod[:, 3 * j], mod[:, 3 * j + 1], out_dtype or norm.weight.dtype)
-                hidden = sublayer(h, inference_params)  # (B, L, D)
-                gate = mod[:, 3 * j + 2]
-        out, _ = _GLUE(device, hidden, gate, residual, self.norm_f.weight, self.norm_f.eps, None, None,
-                       self.norm_f.weight.dtype)
-        return out
+        for norm, shift, scale, sublayer, next_gate in self._glue_stages(mods, step=False):
+            last = sublayer is None  # the final norm: output in its weight's dtype
+            h, residual = _GLUE(device, hidden, gate, residual, norm.weight, norm.eps, shift, scale,
+                                norm.weight.dtype if last else out_dtype or norm.weight.dtype)
+            if last:
+                return h
+            hidden, gate = sublayer(h, inference_params), next_gate  # (B, L, D)
 
     def forward(
         self, x: Tensor, mods: Sequence[Tensor], inference_params: Optional[InferenceParams] = None
@@ -306,21 +315,16 @@ class Backbone(nn.Module):
             raise ValueError(f"expected {len(self.layers)} modulation tensors, got {len(mods)}")
         hidden, gate, residual = x[:, 0], None, None  # (B, D), gate of the previous sublayer
         pending = None  # the previous sublayer's PendingRowNorm, if any
-        for layer, mod in zip(self.layers, mods):
-            for j, (norm, sublayer) in enumerate(layer.sublayers()):
-                shift, scale = mod[:, 3 * j], mod[:, 3 * j + 1]  # (B, D) views
-                partials, norm_dim, norm_eps = pending if pending is not None else (None, 0, 0.0)
-                h, residual = ops.add_norm_modulate(
-                    hidden, gate, residual, norm.weight, norm.eps, shift, scale,
-                    hidden_sq_partials=partials, hidden_norm_dim=norm_dim, hidden_norm_eps=norm_eps,
-                )
-                out, pending = sublayer(h.unsqueeze(1), inference_params)
-                hidden = out[:, 0]  # (B, D)
-                gate = mod[:, 3 * j + 2]
-        partials, norm_dim, norm_eps = pending if pending is not None else (None, 0, 0.0)
-        out, _ = ops.add_norm_modulate(hidden, gate, residual, self.norm_f.weight, self.norm_f.eps,
-                                       hidden_sq_partials=partials, hidden_norm_dim=norm_dim, hidden_norm_eps=norm_eps)
-        return out.unsqueeze(1)
+        for norm, shift, scale, sublayer, next_gate in self._glue_stages(mods, step=True):
+            partials, norm_dim, norm_eps = pending if pending is not None else (None, 0, 0.0)
+            h, residual = ops.add_norm_modulate(
+                hidden, gate, residual, norm.weight, norm.eps, shift, scale,
+                hidden_sq_partials=partials, hidden_norm_dim=norm_dim, hidden_norm_eps=norm_eps,
+            )
+            if sublayer is None:  # the final norm
+                return h.unsqueeze(1)
+            out, pending = sublayer(h.unsqueeze(1), inference_params)
+            hidden, gate = out[:, 0], next_gate  # (B, D)
 
     def prefill_first(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
         """Prefill of a single first position (the class token) through the decode step.

@@ -483,7 +483,8 @@ class Mamba2(nn.Module):
         kernels = self._kernels(x)
         conv_state, ssm_state = self._cache(inference_params, batch)
         ops = self._decode_kernels(x, "ssm")  # aimkit's state kernel: softplus, -exp(A_log), update, read-out, D
-        conv_in_state = ops is not None and self._conv_in_state_kernel(x)
+        # opt-in kind conv-in-ssm: the convolution inside the state kernel (conv_ssm_step_)
+        conv_in_state = ops is not None and self._decode_kernels(x, "conv-in-ssm") is not None
         z, xBC, dt = self._project_step(x.squeeze(1), conv_state, inference_params, convolve=not conv_in_state)
         # z (B, d_inner), xBC (B, conv_dim) raw conv inputs if conv_in_state else silu(conv), dt (B, H)
         folds = ops is not None and self._folds_gnorm(x)
@@ -544,11 +545,6 @@ class Mamba2(nn.Module):
         if u.dtype not in (torch.bfloat16, torch.float16) or self.in_proj.weight.dtype != u.dtype:
             return None
         return self._decode_kernels(u, "proj-conv")
-
-    def _conv_in_state_kernel(self, x: Tensor) -> bool:
-        """Whether the convolution runs inside aimkit's state kernel (``conv_ssm_step_``): the
-        opt-in kind ``conv-in-ssm`` and ``ssm`` on (:mod:`._fused`)."""
-        return self._decode_kernels(x, "ssm") is not None and self._decode_kernels(x, "conv-in-ssm") is not None
 
     def _folds_gnorm(self, x: Tensor) -> bool:
         """Whether aimkit's state kernel may fold the gated norm in (its row factor left pending).
