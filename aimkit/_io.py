@@ -7,6 +7,8 @@ permissions of an ordinary new file (``mkstemp`` makes 0600), then rename it ove
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -14,7 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-__all__ = ["atomic_path", "atomic_write", "read_json", "write_text_atomic"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "read_json",
+    "write_text_atomic",
+    "fsync_dir",
+    "fsync_tree",
+    "sha256_file",
+    "check_writable_dir",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,6 +55,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself reaches the disk
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -67,3 +79,65 @@ def read_json(path: PathLike, error: type = ValueError) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"cannot read {path}: {exc}") from None
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Flush a directory's entries (new names, renames) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: PathLike) -> None:
+    """Flush every file under ``path`` and every directory (itself included) to disk."""
+    path = Path(path)
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_writable_dir(path: PathLike, what: str = "output folder", error: type = OSError) -> Path:
+    """Make sure ``path`` is (or can become) a directory we can write a file into, before long work.
+
+    Creates the directory when missing and writes, flushes and removes a probe file there, so a
+    read-only location, a path that is a file, or a full disk is reported now rather than after
+    hours of sampling. Raises ``error`` with one line naming the path and the reason.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{what} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".aimkit-probe-")
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "it is on a read-only file system",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror)
+        raise error(f"cannot write to {what} {path}: {reason}") from None
+    return path

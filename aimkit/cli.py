@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .errors import AimkitError
+from .errors import AimkitError, environment_error_message
 
 __all__ = ["main", "COMMANDS"]
 
@@ -68,6 +68,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"aimkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        message = environment_error_message(exc)
+        if message is None:
+            raise
+        print(f"aimkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,16 @@ User-facing errors derive from :class:`AimkitError`; the CLI prints their messag
 and exits with status 2 instead of showing a traceback.
 """
 
-__all__ = ["AimkitError", "UnknownNameError", "DuplicateNameError", "ConfigError", "CheckpointError"]
+import errno
+
+__all__ = [
+    "AimkitError",
+    "UnknownNameError",
+    "DuplicateNameError",
+    "ConfigError",
+    "CheckpointError",
+    "environment_error_message",
+]
 
 
 class AimkitError(Exception):
@@ -28,3 +37,27 @@ class ConfigError(AimkitError, ValueError):
 
 class CheckpointError(AimkitError):
     """A weight file that cannot be read, or whose tensors do not fit the model."""
+
+
+# OS errors caused by where the user asked us to write or read, not by a bug in aimkit
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EISDIR: "is a directory",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOENT: "no such file or directory",
+    errno.EEXIST: "already exists",
+}
+
+
+def environment_error_message(exc: BaseException):
+    """One line for an ``OSError`` that the user's environment caused (full disk, read-only or
+    missing path, permissions); ``None`` for anything else, which is then treated as a bug."""
+    if not isinstance(exc, OSError) or exc.errno not in _ENVIRONMENT_ERRNOS:
+        return None
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{_ENVIRONMENT_ERRNOS[exc.errno]}{where}"
