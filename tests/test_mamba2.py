@@ -17,7 +17,10 @@ from aimkit.backbones.mamba2 import GatedRMSNorm, Mamba2, Mamba2Backbone, Mamba2
 from aimkit.errors import ConfigError
 from aimkit.registry import BACKBONES
 
-OFFICIAL = Path("/work/shared/reference/official_aim_state_dict.json")
+from conftest import assert_float_close
+
+# official tensor names, shapes and counts (a copy of shared/reference/official_aim_state_dict.json)
+OFFICIAL = Path(__file__).resolve().parent / "data" / "official_aim_state_dict.json"
 TINY = Mamba2Config(d_state=16, headdim=8, chunk_size=8)
 D_MODEL = 32
 
@@ -87,7 +90,6 @@ def test_parameter_names_and_shapes_match_official_aim_b():
     assert backbone.mod_chunks == 3
 
 
-@pytest.mark.skipif(not OFFICIAL.exists(), reason="reference state-dict listing not present")
 def test_official_listing_agrees():
     official = json.loads(OFFICIAL.read_text())["models"]["AiM-B"]["state_dict"]
     prefix = "mamba.backbone.layers.0.mixer."
@@ -266,7 +268,9 @@ def test_prefill_conv_state_is_a_ring_by_position(prefills):
             params.advance(n)
             pos += n
     conv_state = params.key_value_memory_dict[0][0]
-    torch.testing.assert_close(conv_state, _ring_reference(xBC, seqlen, TINY.d_conv), atol=0, rtol=0)
+    # the slots are placed by position; their values come from differently shaped matmuls (prefill
+    # chunks against the whole sequence), so they agree up to rounding, not bit for bit
+    assert_float_close(conv_state, _ring_reference(xBC, seqlen, TINY.d_conv))
 
 
 def test_step_reads_the_device_position():

@@ -22,7 +22,8 @@ HEADDIM, DSTATE, DCONV = 8, 16, 4
 DIN = 2 * D
 NH = DIN // HEADDIM
 CONV = DIN + 2 * DSTATE
-REF_JSON = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official_aim_state_dict.json"
+# official tensor names, shapes and counts (a copy of shared/reference/official_aim_state_dict.json)
+REF_JSON = Path(__file__).resolve().parent / "data" / "official_aim_state_dict.json"
 
 
 def official_state(groups, seed=0):
@@ -187,16 +188,13 @@ def _meta_count(name):
 @pytest.mark.parametrize("name,count", [("aim-b", 147_622_080), ("aim-l", 349_760_000), ("aim-xl", 763_291_392)])
 def test_exact_parameter_counts(name, count):
     assert _meta_count(name) == count
-    ref = json.loads(REF_JSON.read_text())["models"] if REF_JSON.exists() else None
-    if ref is not None:
-        key = {"aim-b": "AiM-B", "aim-l": "AiM-L", "aim-xl": "AiM-XL"}[name]
-        assert ref[key]["generator_params"] == count
+    ref = json.loads(REF_JSON.read_text())["models"]
+    key = {"aim-b": "AiM-B", "aim-l": "AiM-L", "aim-xl": "AiM-XL"}[name]
+    assert ref[key]["generator_params"] == count
 
 
 @pytest.mark.parametrize("name,key", [("aim-b", "AiM-B"), ("aim-l", "AiM-L"), ("aim-xl", "AiM-XL")])
 def test_official_names_and_shapes_match_reference(name, key):
-    if not REF_JSON.exists():
-        pytest.skip("shared/reference not present")
     from aimkit.official import official_key_map
 
     ref = json.loads(REF_JSON.read_text())["models"][key]["state_dict"]

@@ -15,6 +15,8 @@ from aimkit.backbones.transformer import (
 from aimkit.errors import ConfigError
 from aimkit.registry import BACKBONES
 
+from conftest import assert_float_close
+
 D, N_LAYER, B, L = 32, 2, 2, 9
 
 
@@ -122,7 +124,7 @@ def test_causal(n_kv_head):
     x2[:, 5:] = torch.randn(B, L - 5, D)
     with torch.no_grad():
         out, out2 = backbone(x, mods), backbone(x2, mods)
-    torch.testing.assert_close(out[:, :5], out2[:, :5], rtol=0, atol=1e-6)
+    assert_float_close(out[:, :5], out2[:, :5])
     assert (out[:, 5:] - out2[:, 5:]).abs().max() > 1e-3
 
 
@@ -141,7 +143,7 @@ def test_step_reads_only_position_tensor():
             steps.append(backbone.step(x[:, t : t + 1], mods, params))
             params.position.add_(1)
             params.seqlen_offset = -7 * t  # garbage: must be ignored
-    torch.testing.assert_close(torch.cat(steps, dim=1), expected[:, 3:], rtol=0, atol=1e-6)
+    assert_float_close(torch.cat(steps, dim=1), expected[:, 3:])
 
 
 def test_step_batch_smaller_than_cache():
