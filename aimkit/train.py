@@ -30,8 +30,12 @@ Output directory::
     OUT/checkpoints/latest              name of the newest checkpoint (informational)
     OUT/final/                          Generator.save_pretrained -> aimkit.build("OUT/final")
 
-Checkpoints appear atomically (written to ``.tmp-step-*`` and renamed). SIGTERM / SIGINT finish
-the current step, write a checkpoint and exit (a second SIGINT stops at once). Multi-node runs
+Checkpoints appear atomically (written to ``.tmp-step-*``, flushed to disk and renamed);
+trainer_state.json, written last, records the size and SHA-256 of every file, and ``--resume``
+takes the newest checkpoint that verifies, naming each newer one it passes over and why. Nothing
+whose parameters are not finite is ever saved. One run at a time writes OUT (a lock file,
+``OUT/.aimkit.lock``, held by the main process). SIGTERM / SIGINT finish the current step, write
+a checkpoint and exit (a second SIGINT stops at once). Multi-node runs
 need ``output_dir`` on a file system every node sees. FSDP is untested: the checkpoint code saves
 full (unsharded) state from the main process, which is what DDP needs.
 """
@@ -46,12 +50,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -60,7 +65,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .errors import AimkitError, ConfigError
+from ._io import check_writable_dir, fsync_dir, fsync_tree, sha256_file, write_text_atomic
+from ._lock import FolderLock
+from .errors import AimkitError, CheckpointError, ConfigError, environment_error_message
 from .generator import token_cross_entropy
 
 __all__ = [
@@ -70,6 +77,7 @@ __all__ = [
     "load_config",
     "find_config",
     "find_checkpoint",
+    "verify_checkpoint",
     "param_fingerprint",
     "train",
     "main",
@@ -170,6 +178,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -211,6 +224,8 @@ def config_from_dict(data: Dict[str, Any], where: str = "config") -> TrainConfig
     for key in _REQUIRED:
         if data.get(key) is None:
             raise ConfigError(f"missing required config key {key!r} in {where} (set it there or pass {key}=...)")
+    if data.get("mixed_precision") is False:  # YAML reads an unquoted `no` (and `off`) as False
+        data = dict(data, mixed_precision="no")
     kwargs = {key: _coerce(key, value, hints[key]) for key, value in data.items()}
     for key, choices in _CHOICES.items():
         if key in kwargs and kwargs[key] not in choices:
@@ -221,15 +236,62 @@ def config_from_dict(data: Dict[str, Any], where: str = "config") -> TrainConfig
     return cfg
 
 
+_INF = math.inf
+_INT_LIMIT = 2**63  # every integer option must fit an int64 (torch generators, tensors)
+_SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2**32
+_POSITIVE = (0, False, _INF, False)  # (low, low included, high, high included)
+_NON_NEGATIVE = (0, True, _INF, False)
+# every int / float option of TrainConfig and the range its values must lie in
+_RANGES: Dict[str, Tuple[float, bool, float, bool]] = {
+    "data_size": _POSITIVE, "num_workers": _NON_NEGATIVE, "global_batch_size": _POSITIVE,
+    "batch_size": _POSITIVE, "grad_accum": _POSITIVE, "lr": _POSITIVE, "lr_per_256": _POSITIVE,
+    "betas": (0, True, 1, False), "weight_decay": _NON_NEGATIVE, "adam_eps": _POSITIVE,
+    "grad_clip": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "min_lr_ratio": (0, True, 1, True),
+    "epochs": _POSITIVE, "max_steps": _POSITIVE, "stop_after": _POSITIVE, "seed": (0, True, _SEED_LIMIT, False),
+    "max_nonfinite": _POSITIVE, "checkpoint_every": _POSITIVE, "keep_last": _NON_NEGATIVE,
+    "log_every": _POSITIVE, "check_replicas_every": _NON_NEGATIVE,
+}
+
+
+def _bound_text(x: float) -> str:
+    return {_INF: "inf", _INT_LIMIT: "2**63", _SEED_LIMIT: "2**32"}.get(x, repr(x))
+
+
+def _numeric_kind(key: str) -> type:
+    """``int`` or ``float``: the number type of option ``key`` (inside Optional / Tuple)."""
+    tp = typing.get_type_hints(TrainConfig)[key]
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return int if inner[0] is int else float
+
+
+def _in_range(value: Union[int, float], low: float, low_in: bool, high: float, high_in: bool) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes no comparison; inf is no setting
+        return False
+    return (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
+
+
+def _check_numbers(cfg: TrainConfig, where: str) -> None:
+    """Every numeric option finite and in its range (:data:`_RANGES`), else one ConfigError."""
+    for key, bounds in _RANGES.items():
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        kind = _numeric_kind(key)
+        low, low_in, high, high_in = bounds
+        if kind is int and high == _INF:  # integers must also fit an int64
+            high, high_in = _INT_LIMIT, False
+        values = value if isinstance(value, tuple) else (value,)
+        if all(_in_range(v, low, low_in, high, high_in) for v in values):
+            continue
+        span = f"{'[' if low_in else '('}{_bound_text(low)}, {_bound_text(high)}{']' if high_in else ')'}"
+        what = f"config key {key!r}" + (" entries" if isinstance(value, tuple) else "")
+        kind_text = "an integer" if kind is int else "a finite number"
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"{what} must be {kind_text} in {span}, got {shown!r} ({where})")
+
+
 def _check_ranges(cfg: TrainConfig, where: str) -> None:
-    positive = ["global_batch_size", "checkpoint_every", "log_every", "max_nonfinite", "data_size"]
-    positive += [k for k in ("batch_size", "grad_accum", "max_steps", "stop_after") if getattr(cfg, k) is not None]
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"config key {key!r} must be positive, got {getattr(cfg, key)!r} ({where})")
-    for key in ("warmup_steps", "num_workers", "keep_last", "check_replicas_every", "weight_decay", "grad_clip"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)!r} ({where})")
+    _check_numbers(cfg, where)
     if cfg.lr is None and cfg.lr_per_256 is None:
         raise ConfigError(f"set either lr or lr_per_256 ({where})")
     if cfg.lr is not None and cfg.lr_per_256 is not None:
@@ -238,10 +300,6 @@ def _check_ranges(cfg: TrainConfig, where: str) -> None:
         )
     if cfg.max_steps is None and cfg.epochs is None:
         raise ConfigError(f"set max_steps or epochs ({where})")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise ConfigError(f"config key 'epochs' must be positive, got {cfg.epochs!r} ({where})")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio!r} ({where})")
 
 
 def find_config(name_or_path: str) -> Path:
@@ -436,9 +494,11 @@ def _make_dataset(cfg: TrainConfig, gen) -> Dataset:
             f"{cfg.data} has {ds.num_classes} classes but the model has {gen.num_classes} "
             f"(set model_args.num_classes={ds.num_classes})"
         )
-    if gen.tokenizer is not None and ds.tokenizer != gen.config.tokenizer.name:
-        print(f"warning: {cfg.data} was made with tokenizer {ds.tokenizer!r}, "
-              f"the model has {gen.config.tokenizer.name!r}")
+    from .data.provenance import adopt_recorded_tokenizer
+
+    note = adopt_recorded_tokenizer(gen, ds)  # the model saves the tokenizer that made the codes
+    if note:
+        print(note)
     if len(ds) == 0:
         raise ConfigError(f"{cfg.data} holds no images")
     return ds
@@ -508,30 +568,104 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def _read_state(path: Path) -> Optional[Dict[str, Any]]:
+    """``path/trainer_state.json`` when it parses and records a step; None otherwise."""
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    ok = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+    return state if ok else None
+
+
 def _is_valid_checkpoint(path: Path) -> bool:
+    """Complete in structure (not checksummed): a visible directory with every file and a step."""
     if not path.is_dir() or path.name.startswith("."):
         return False
-    if not all((path / f).is_file() for f in (STATE_NAME, "model.safetensors", "optimizer.pt", "scheduler.pt")):
+    return all((path / f).is_file() for f in _REQUIRED_FILES) and _read_state(path) is not None
+
+
+def _checkpoint_number(path: Path) -> Optional[int]:
+    digits = path.name[len(_CKPT_PREFIX):]
+    return int(digits) if path.name.startswith(_CKPT_PREFIX) and digits.isdigit() else None
+
+
+def _step_dirs(folder: Path) -> List[Path]:
+    """The ``step-*`` directories of ``folder``, newest first, complete or not."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _checkpoint_number(p) is not None and p.is_dir()]
+    return sorted(found, key=_checkpoint_number, reverse=True)
+
+
+def _checkpoint_dirs(path: Path) -> List[Path]:
+    """``step-*`` directories in ``path/checkpoints``, else in ``path``, newest first."""
+    return _step_dirs(path / "checkpoints") or _step_dirs(path)
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """``path`` names one checkpoint (rather than a run directory or a checkpoints folder)."""
+    if (path / "checkpoints").is_dir():
         return False
-    try:
-        json.loads((path / STATE_NAME).read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
+    return (path / STATE_NAME).is_file() or (_checkpoint_number(path) is not None and path.is_dir())
+
+
+def _file_records(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """Size and SHA-256 of every file of a checkpoint directory (kept in its trainer_state.json)."""
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE_NAME}
+
+
+def _is_record(name: Any, rec: Any) -> bool:
+    return (isinstance(name, str) and name == Path(name).name and not name.startswith(".")
+            and isinstance(rec, dict) and isinstance(rec.get("size"), int) and isinstance(rec.get("sha256"), str))
+
+
+def verify_checkpoint(path: Union[str, os.PathLike]) -> Optional[str]:
+    """Why the checkpoint directory ``path`` cannot be resumed from; None when it can.
+
+    trainer_state.json must parse and name a step, the model, optimizer and scheduler files must
+    be there, and every file it records must have the recorded size and SHA-256. Checkpoints
+    written before aimkit recorded checksums are checked for their files only.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    if not (path / STATE_NAME).is_file():
+        return f"{STATE_NAME} is missing (an interrupted write?)"
+    state = _read_state(path)
+    if state is None:
+        return f"{STATE_NAME} is not valid JSON with a step number"
+    for name in _REQUIRED_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    records = state.get("files", {})
+    if not isinstance(records, dict) or not all(_is_record(k, v) for k, v in records.items()):
+        return f"{STATE_NAME} holds a malformed file list"
+    for name, rec in records.items():  # sizes first: a cut file is found without reading anything
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        size = (path / name).stat().st_size
+        if size != rec["size"]:
+            return f"{name} is {size} bytes, recorded {rec['size']}"
+    for name, rec in records.items():
+        if sha256_file(path / name) != rec["sha256"]:
+            return f"{name} does not match its recorded SHA-256 (the file is damaged)"
+    return None
 
 
 def find_checkpoint(path: Union[str, os.PathLike]) -> Optional[Path]:
-    """The newest valid checkpoint at ``path``: a checkpoint directory itself, a ``checkpoints``
-    folder, or a run's output directory. Incomplete ``.tmp-*`` directories are ignored."""
+    """The newest checkpoint at ``path`` that verifies (:func:`verify_checkpoint`): ``path`` itself
+    when it is a checkpoint directory, else the newest ``step-*`` of ``path/checkpoints`` or
+    ``path``. Incomplete or damaged checkpoints and interrupted ``.tmp-*`` writes are passed over."""
     path = Path(path)
-    if _is_valid_checkpoint(path):
-        return path
-    for folder in (path / "checkpoints", path):
-        if folder.is_dir():
-            found = [p for p in folder.iterdir() if p.name.startswith(_CKPT_PREFIX) and _is_valid_checkpoint(p)]
-            if found:
-                return max(found, key=lambda p: json.loads((p / STATE_NAME).read_text())["step"])
-    return None
+    if _is_checkpoint_dir(path):
+        return path if verify_checkpoint(path) is None else None
+    return next((p for p in _checkpoint_dirs(path) if verify_checkpoint(p) is None), None)
 
 
 def _describe_missing_checkpoint(path: Path) -> str:
@@ -543,6 +677,133 @@ def _describe_missing_checkpoint(path: Path) -> str:
     return f"no valid checkpoint in {path}{seen}; a checkpoint is a step-* directory holding {STATE_NAME}"
 
 
+class _ResumeSearch:
+    """The checkpoints a resume may use, newest first, each verified when reached; every one
+    passed over is reported through ``say`` on one line with the reason."""
+
+    def __init__(self, dirs: List[Path], base: Path, say, explicit: bool = False):
+        self.base, self.say, self.explicit, self.any = base, say, explicit, bool(dirs)
+        self.skipped: List[Tuple[Path, str]] = []
+        self._dirs = iter(dirs)
+
+    def _name(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.base))
+        except ValueError:
+            return str(path)
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped.append((path, reason))
+        self.say(f"skipping {self._name(path)}: {reason}")
+
+    def next(self) -> Optional[Path]:
+        """The next checkpoint that verifies, or None when none is left."""
+        for path in self._dirs:
+            reason = verify_checkpoint(path)
+            if reason is None:
+                return path
+            self.skip(path, reason)
+        return None
+
+    def failure(self) -> CheckpointError:
+        if self.explicit:
+            path, reason = self.skipped[0]
+            return CheckpointError(f"cannot resume from {path}: {reason}")
+        listed = "; ".join(f"{self._name(p)}: {r}" for p, r in self.skipped[:3])
+        more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+        return CheckpointError(f"no checkpoint in {self.base} can be resumed from ({listed}{more}); "
+                               "move the damaged ones away to start afresh")
+
+
+def _resume_search(resume: Optional[str], out: Path, say) -> Optional[_ResumeSearch]:
+    """Where ``resume`` (None, "auto" or a path) looks for checkpoints; refuses to start afresh
+    over a run directory that holds checkpoints."""
+    if resume is None:
+        if _checkpoint_dirs(out):
+            raise ConfigError(
+                f"{out} already holds checkpoints; pass --resume auto to continue, or use a new output_dir"
+            )
+        return None
+    base = out if resume == "auto" else Path(resume).expanduser()
+    if resume != "auto" and _is_checkpoint_dir(base):
+        return _ResumeSearch([base], base.parent, say, explicit=True)
+    dirs = _checkpoint_dirs(base)
+    if not dirs and resume != "auto":
+        raise ConfigError(_describe_missing_checkpoint(base))
+    return _ResumeSearch(dirs, base, say)
+
+
+class _WriteRecorder:
+    """The file object :func:`_write_torch` hands to ``torch.save``: it keeps the OSError of a
+    failed write, which torch itself reports only as a RuntimeError ("unexpected pos")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` one file of a checkpoint; a full disk raises the OSError (ENOSPC), naming the file."""
+    try:
+        with open(path, "wb") as f:
+            recorder = _WriteRecorder(f)
+            try:
+                torch.save(obj, recorder)
+            except RuntimeError:
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+@contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Re-raise a write failure that a library reports in its own type (safetensors: "... (os
+    error 28)") as the OSError behind it: a full disk then ends with one line, not a traceback."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        match = re.search(r"os error (\d+)", str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that an interruption leaves a hidden ``.tmp-*`` name, never a part."""
+    trash = path.with_name(f".tmp-del-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _check_finite(gen, step: int, last: Optional[Path], what: str) -> None:
+    """Raise :class:`TrainingStopped` when a parameter holds NaN or inf (``what`` is not written)."""
+    for name, p in gen.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise TrainingStopped(
+                f"step {step}: parameter {name} is not finite (NaN or inf), so {what} was not written; "
+                f"the last good checkpoint is {last if last else 'none (no checkpoint yet)'}; "
+                "lower the lr or the weight_decay, or check the data"
+            )
+
+
 class _Checkpointer:
     """Writes, lists and prunes ``OUT/checkpoints/step-*``; every process takes part in a save."""
 
@@ -551,41 +812,59 @@ class _Checkpointer:
         self.last: Optional[Path] = None
 
     def save(self, step: int, gen, optimizer, scheduler, state: Dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` into ``.tmp-step-*`` and rename it; on any error the temporary
+        directory is removed and the older checkpoints stay as they were."""
         from .weights import save_safetensors_atomic
 
-        acc = self.acc
+        _check_finite(gen, step, self.last, "the checkpoint")
+        acc, main = self.acc, self.acc.is_main_process
         final = self.root / f"{_CKPT_PREFIX}{step:08d}"
         tmp = self.root / f".tmp-{_CKPT_PREFIX}{step:08d}"
-        if acc.is_main_process:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{acc.process_index:05d}.pt")
-        if acc.is_main_process:
-            save_safetensors_atomic(gen.generator_state_dict(), tmp / "model.safetensors", metadata={"step": step})
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if acc.scaler is not None:
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")  # written last
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            latest_tmp = self.root / ".latest.tmp"
-            latest_tmp.write_text(final.name + "\n")
-            os.replace(latest_tmp, self.root / "latest")
-            self._prune()
+        try:
+            _write_torch(_rng_state(), tmp / f"rng-{acc.process_index:05d}.pt")
+            if main:
+                weights = tmp / "model.safetensors"
+                with _disk_errors(weights):
+                    save_safetensors_atomic(gen.generator_state_dict(), weights, metadata={"step": step})
+                _write_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+                _write_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+                if acc.scaler is not None:
+                    _write_torch(acc.scaler.state_dict(), tmp / "scaler.pt")
+            acc.wait_for_everyone()
+            if main:
+                self._publish(tmp, final, state)
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         acc.wait_for_everyone()
         self.last = final
         return final
 
-    def _prune(self) -> None:
-        done = sorted(p for p in self.root.iterdir() if p.name.startswith(_CKPT_PREFIX) and _is_valid_checkpoint(p))
+    def _publish(self, tmp: Path, final: Path, state: Dict[str, Any]) -> None:
+        """Record every file's size and checksum (trainer_state.json last), flush, rename."""
+        write_text_atomic(tmp / STATE_NAME, json.dumps(dict(state, files=_file_records(tmp)), indent=1) + "\n")
+        fsync_tree(tmp)
+        if final.exists():  # the same step again, after a resume from an older checkpoint
+            _remove_dir(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        write_text_atomic(self.root / "latest", final.name + "\n")
+        self._prune(final)
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the ``keep_last`` newest complete checkpoints up to ``newest`` (later-numbered ones,
+        left by a run that resumed from an older checkpoint, stay until overwritten)."""
+        limit = _checkpoint_number(newest)
+        done = [p for p in reversed(_step_dirs(self.root))
+                if _checkpoint_number(p) <= limit and _is_valid_checkpoint(p)]
         for old in done[: max(0, len(done) - self.keep_last)] if self.keep_last else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".tmp-*"):  # left behind by an interrupted save
+            _remove_dir(old)
+        for stale in self.root.glob(".tmp-*"):  # left behind by an interrupted save or removal
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -605,6 +884,35 @@ def _load_checkpoint(path: Path, accelerator, gen, optimizer, scheduler) -> Dict
         print(f"warning: {rng.name} missing in {path} (different number of processes?); RNG reseeded")
         torch.manual_seed(state["step"] * 7919 + accelerator.process_index)
     return state
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _all_ok(accelerator, ok: bool) -> bool:
+    """``ok`` on every process (a collective when there are several)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=accelerator.device)
+    return bool(accelerator.gather(flag).min().item())
+
+
+def _resume_from(search: _ResumeSearch, path: Path, accelerator, gen, optimizer, scheduler):
+    """Load ``path``; when it (or a process's part) does not load, fall back to the next older
+    checkpoint that verifies. Returns ``(checkpoint, trainer_state)``."""
+    while path is not None:
+        try:
+            state, problem = _load_checkpoint(path, accelerator, gen, optimizer, scheduler), None
+        except Exception as exc:  # an old checkpoint without checksums can be damaged in many ways
+            state, problem = None, _one_line(exc)
+        if _all_ok(accelerator, problem is None):
+            return path, state
+        search.skip(path, f"it does not load ({problem})" if problem else "another process could not load it")
+        path = search.next()
+    raise search.failure()
 
 
 # ============================================================================================
@@ -743,34 +1051,86 @@ def _capture_step(gen, optimizer, inputs: torch.Tensor, labels: torch.Tensor, cf
 def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     """Run (or continue) training as ``cfg`` says.
 
+    The main process holds :class:`aimkit._lock.FolderLock` on ``output_dir`` for the whole run,
+    so a second run on the same directory stops at once with one line and changes nothing.
+
     Args:
         cfg: the run's configuration.
         resume: None (start fresh; an output directory that already holds checkpoints is an
-            error), ``"auto"`` (continue from the newest valid checkpoint in ``output_dir`` if
-            there is one) or a path (a checkpoint, or a directory holding checkpoints).
+            error), ``"auto"`` (continue from the newest checkpoint in ``output_dir`` that
+            verifies, if there is one) or a path (a checkpoint, or a directory holding
+            checkpoints). Newer checkpoints that fail verification are named and passed over.
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        ConfigError: a bad setting, or an output_dir that cannot be written.
+        CheckpointError: no checkpoint to resume from verifies and loads.
+        TrainingStopped: the run diverged (nothing non-finite is ever saved).
+        FolderBusyError: another run holds output_dir.
     """
+    out = Path(cfg.output_dir)
+    pretrained = _init_weights(cfg.init_from)  # checked before anything is written
+    main_env = _launched_as_main()
+    lock = None
+    if main_env:
+        check_writable_dir(out, "output_dir", error=ConfigError)
+        lock = FolderLock(out, command="aimkit train").acquire()
+    try:
+        # ---- where to resume from (checked before anything is allocated)
+        search = _resume_search(resume, out, print if main_env else (lambda *a, **k: None))
+        resume_from = search.next() if search is not None else None
+        if search is not None and resume_from is None and search.any:
+            raise search.failure()
+        return _run(cfg, out, pretrained, search, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _launched_as_main() -> bool:
+    """False on the non-zero ranks of a multi-process launch (torchrun / accelerate set RANK)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _init_weights(init_from: Optional[str]) -> Any:
+    """What ``build(pretrained=...)`` gets for ``init_from``: False (from scratch), a path, an
+    ``hf-hub:`` reference, or, for a preset name, the weights that preset ships or publishes."""
+    if init_from is None:
+        return False  # from scratch, even for presets that ship weights (aim-tiny-shapes)
+    if init_from.startswith("hf-hub:") or Path(init_from).expanduser().exists():
+        return init_from
+    from .assets import embedded_weights
+    from .presets import PUBLISHED_WEIGHTS
+    from .registry import list_models
+
+    presets = list_models()
+    if init_from in presets:
+        shipped = embedded_weights(init_from)
+        if shipped is not None:
+            return shipped
+        if init_from in PUBLISHED_WEIGHTS:
+            record = PUBLISHED_WEIGHTS[init_from]
+            return f"hf-hub:{record.repo_id}@{record.filename}"
+        raise ConfigError(f"init_from: preset {init_from!r} ships no weights and none are published; "
+                          "pass a weight file or a save_pretrained directory")
+    close = difflib.get_close_matches(init_from, presets, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"init_from {init_from!r} is neither an existing file or directory nor a preset name{hint} "
+                      f"(presets: {', '.join(presets)}; or hf-hub:ORG/NAME)")
+
+
+def _run(cfg: TrainConfig, out: Path, pretrained: Any, search: Optional[_ResumeSearch],
+         resume_from: Optional[Path]) -> TrainResult:
+    """The run itself (:func:`train` holds the folder lock and has picked the checkpoint)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from .build import build
 
-    out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
-
-    # ---- where to resume from (checked before anything is allocated)
-    resume_from: Optional[Path] = None
-    if resume == "auto":
-        resume_from = find_checkpoint(out)
-    elif resume:
-        resume_from = find_checkpoint(resume)
-        if resume_from is None:
-            raise ConfigError(_describe_missing_checkpoint(Path(resume)))
-    elif find_checkpoint(out) is not None:
-        raise ConfigError(f"{out} already holds checkpoints; pass --resume auto to continue, or use a new output_dir")
 
     # ---- accelerator (devices, processes, mixed precision, trackers)
     if cfg.log_with == "tensorboard":
@@ -796,8 +1156,6 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
 
     # ---- model: identical initialisation on every process
     set_seed(cfg.seed)
-    # init_from None means from scratch, even for presets that ship weights (aim-tiny-shapes)
-    pretrained = cfg.init_from if cfg.init_from is not None else False
     gen = build(cfg.model, pretrained=pretrained, device=accelerator.device, **cfg.model_args).train()
     if gen.tokenizer is not None:
         gen.tokenizer.requires_grad_(False).eval()  # frozen: it only encodes shapes images
@@ -807,11 +1165,17 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     steps_per_epoch = len(dataset) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"the dataset has {len(dataset)} items, fewer than global_batch_size {cfg.global_batch_size}")
-    total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * steps_per_epoch)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    if not total_steps < _INT_LIMIT:
+        raise ConfigError(f"epochs {cfg.epochs} x {steps_per_epoch} steps per epoch is too many steps; lower epochs")
+    total_steps = math.ceil(total_steps)
     stop_at = min(total_steps, cfg.stop_after) if cfg.stop_after is not None else total_steps
 
     # ---- optimizer and schedule
     peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_256 * cfg.global_batch_size / 256
+    if not math.isfinite(peak_lr):
+        raise ConfigError(f"lr_per_256 {cfg.lr_per_256} x global_batch_size {cfg.global_batch_size} / 256 "
+                          "is not a finite learning rate")
     fused = cfg.fused_adamw if cfg.fused_adamw is not None else accelerator.device.type == "cuda"
     if cfg.cuda_graph:
         _check_graphable(cfg, accelerator.device, world, accum)
@@ -828,7 +1192,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     # ---- resume: weights, optimizer, schedule, RNG, data position
     step, run_state = 0, {"total_skipped": 0}
     if resume_from is not None:
-        run_state = _load_checkpoint(resume_from, accelerator, gen, optimizer, scheduler)
+        resume_from, run_state = _resume_from(search, resume_from, accelerator, gen, optimizer, scheduler)
         step = run_state["step"]
         if cfg.cuda_graph:  # a loaded lr may sit on the CPU; the captured update needs it on the GPU
             for group in optimizer.param_groups:
@@ -839,7 +1203,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
                 "the data order differs from an uninterrupted run")
         say(f"resumed from {resume_from} at step {step}")
     else:
-        set_seed(cfg.seed + rank)  # label dropout differs per process; init is done
+        set_seed((cfg.seed + rank) % _SEED_LIMIT)  # label dropout differs per process; init is done
     accelerator.wait_for_everyone()
 
     checkpointer = _Checkpointer(accelerator, ckpt_root, cfg.keep_last)
@@ -847,7 +1211,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     metrics_path = out / "metrics.jsonl"
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        write_text_atomic(out / "config.yaml", config_to_yaml(cfg))
         _truncate_metrics(metrics_path, step)
     if cfg.log_with:
         accelerator.init_trackers(cfg.project_name, config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
@@ -969,8 +1333,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
                     if cfg.check_replicas_every and step % cfg.check_replicas_every == 0:
                         record["replica_fingerprints"] = _check_replicas(accelerator, gen, step)
                     if main_proc:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
+                        _append_metrics(metrics_path, record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                         bar.write(
                             f"step {step:>7d} | loss {record['loss']:.4f} | lr {lr:.3e} | grad {grad_norm:.3f} | "
@@ -1004,8 +1367,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> TrainResult:
         say(f"stopped after step {step} of {total_steps} (stop_after); continue with --resume auto")
     else:
         final = out / "final"
+        _check_finite(gen, step, checkpointer.last, str(final))  # never export a diverged model
         if main_proc:
-            gen.save_pretrained(final)
+            with _disk_errors(final):
+                gen.save_pretrained(final)
         result.final_dir = final
         say(f"done: {step} steps; model saved to {final} (load with aimkit.build({str(final)!r}))")
     return _finish(accelerator, result, cfg)
@@ -1041,17 +1406,29 @@ def _check_replicas(accelerator, gen, step: int) -> List[int]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (written by a run that was killed after its last checkpoint)."""
+    """Drop metric lines after ``step`` (written by a run that was killed after its last
+    checkpoint) and cut lines; the file is replaced atomically, so a kill keeps the old one."""
     if not path.is_file():
         return
+    text = path.read_text(errors="replace")
     keep = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= step:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    path.write_text("".join(line + "\n" for line in keep))
+    new = "".join(line + "\n" for line in keep)
+    if new != text:
+        write_text_atomic(path, new)
+
+
+def _append_metrics(path: Path, record: Dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ============================================================================================
@@ -1090,6 +1467,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("aimkit train: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # full disk, read-only or missing folder, permissions: one line
+        message = environment_error_message(exc)
+        if message is None:
+            raise
+        print(f"aimkit train: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""``aimkit eval``: quality of a shapes generator measured with the shipped shapes classifier."""
+"""``aimkit eval``: quality of a shapes generator measured with the shipped shapes classifier.
+
+The grid and the JSON report are written atomically; their folders are checked for writability
+before anything is sampled.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+from ._args import positive_int as _positive_int
 
 HELP = "conditional accuracy and Fréchet distance of a shapes generator (writes a sample grid)"
 DESCRIPTION = (
@@ -18,14 +24,16 @@ DESCRIPTION = (
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="aim-tiny-shapes", help="preset name or save_pretrained directory")
     parser.add_argument("--pretrained", default=None, help="weights file or directory (default: the preset's own)")
-    parser.add_argument("--num", type=int, default=1008, help="generated images, balanced over classes (default 1008)")
+    parser.add_argument("--num", type=_positive_int, default=1008,
+                        help="generated images, balanced over classes (default 1008)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the preset's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the preset's)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k filter, 0 = off (default: the preset's)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus mass, 1 = off (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=252, help="images sampled together (default 252)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--batch-size", type=_positive_int, default=252, help="images sampled together (default 252)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto, cpu or cuda (default auto)")
     parser.add_argument("--grid", default="eval_grid.png", help="PNG grid of the first images (default eval_grid.png)")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
 
@@ -34,14 +42,23 @@ def run(args) -> int:
     import torch
 
     import aimkit
+    from aimkit._io import check_writable_dir, write_text_atomic
     from aimkit.data.shapes import class_names
     from aimkit.errors import ConfigError
     from aimkit.eval.quality import evaluate_generated
+    from aimkit.samplers.api import MAX_IMAGES
     from aimkit.samplers.grid import save_grid
 
-    if args.num < 2:
-        raise ConfigError("--num must be at least 2")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from ._args import resolve_device
+
+    if not 2 <= args.num <= MAX_IMAGES:
+        raise ConfigError(f"--num must be in [2, {MAX_IMAGES}], got {args.num}")
+    for option, target in (("--grid", args.grid), ("--json", args.json)):
+        if target and Path(target).is_dir():
+            raise ConfigError(f"{option} {target} is an existing directory; give a file name")
+        if target:
+            check_writable_dir(Path(target).parent, f"the folder of {option}", ConfigError)
+    device = resolve_device(args.device)
     gen = aimkit.build(args.model, pretrained=args.pretrained, device=device)
     if gen.num_classes != len(class_names()):
         raise ConfigError(f"{args.model} has {gen.num_classes} classes; the shapes dataset has {len(class_names())}")
@@ -61,5 +78,5 @@ def run(args) -> int:
     print(f"wrote {path}")
     if args.json:
         record = {**report.__dict__, "seconds": seconds, "device": device, "model": args.model, "seed": args.seed}
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
     return 0

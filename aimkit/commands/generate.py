@@ -8,6 +8,11 @@
 Labels repeat cyclically up to ``--num`` images; without ``--labels`` the classes are drawn at
 random from the seed. Sampling settings left out come from the model's ``pretty`` preset (or
 ``fid`` with ``--defaults fid``).
+
+The labels and the output locations are checked before the model is built and anything is
+sampled (an existing directory given as ``--out``, a file given as ``--out-dir``, a read-only or
+full disk: one line, exit 2). Every PNG is written atomically, so a failed write never replaces
+an earlier grid with a truncated file.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 from pathlib import Path
 
 
+from .._io import check_writable_dir
 from ..errors import ConfigError
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
@@ -24,7 +30,7 @@ from ._args import resolve_device as _device
 HELP = "sample images of chosen classes into a PNG grid"
 DESCRIPTION = __doc__.split("\n\n")[0]
 
-__all__ = ["HELP", "add_arguments", "run"]
+__all__ = ["HELP", "add_arguments", "run", "check_outputs"]
 
 
 def _labels(text: str):
@@ -35,6 +41,16 @@ def _labels(text: str):
     if not labels:
         raise argparse.ArgumentTypeError("--labels needs at least one class id")
     return labels
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text!r}")
+    return value
 
 
 def add_arguments(parser) -> None:
@@ -67,7 +83,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", default="constant", choices=("constant", "linear"),
                         help="guidance scale over the tokens: constant, or linear from 1 up to --cfg-scale")
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed; the same seed gives the same images (default 0)"
+        "--seed", type=_seed, default=0, help="random seed; the same seed gives the same images (default 0)"
     )
     parser.add_argument(
         "--defaults", choices=("fid", "pretty"), default="pretty",
@@ -95,16 +111,72 @@ def _class_names(gen):
     return None
 
 
+def check_outputs(out, out_dir) -> None:
+    """Refuse output locations that cannot be written, before anything is sampled.
+
+    Raises:
+        ConfigError: ``out`` is an existing directory, ``out_dir`` an existing file, or a folder
+            to write into is read-only, full or otherwise unwritable.
+    """
+    if out:
+        out = Path(out)
+        if out.is_dir():
+            raise ConfigError(
+                f"--out {out} is an existing directory; give the grid's file name, e.g. {out / 'grid.png'}"
+            )
+        check_writable_dir(out.parent, "the folder of --out", ConfigError)
+    if out_dir:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out-dir {out_dir} is an existing file, not a folder")
+        check_writable_dir(out_dir, "--out-dir", ConfigError)
+
+
+def _write(images, labels, args, model) -> list:
+    """Write the grid and the single images (every file atomically); returns what was written."""
+    from ..samplers.grid import save_grid, save_png
+
+    written = []
+    if args.out:
+        names = _class_names(model) if args.captions else None
+        shown = images
+        if images.shape[1] < 128:  # small images: nearest-neighbour 2x so the grid and captions are readable
+            shown = images.repeat(2, axis=1).repeat(2, axis=2)
+        written.append(str(save_grid(shown, args.out, labels=labels.tolist() if args.captions else None,
+                                     class_names=names)))
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            save_png(image, out_dir / f"{i:05d}_class{label}.png")
+        written.append(f"{len(images)} files in {out_dir}")
+    return written
+
+
+def _check_before_build(args, num: int) -> None:
+    """Labels and sampling settings against the preset's config, before the (slow) model build."""
+    from ..build import resolve_config
+    from ..samplers import resolve_labels
+    from ..samplers.logits import check_sampling_args
+
+    config = resolve_config(args.model)
+    resolve_labels(config, args.labels, num, args.seed)
+    preset = config.fid_sampling if args.defaults == "fid" else config.pretty_sampling
+    check_sampling_args(*(getattr(preset, key) if getattr(args, key) is None else getattr(args, key)
+                          for key in ("cfg_scale", "temperature", "top_k", "top_p")))
+
+
 def run(args) -> int:
     from ..build import build
     from ..registry import SAMPLERS
-    from ..samplers import generate, resolve_labels, save_grid
+    from ..samplers import generate, resolve_labels
 
     if args.out_dir is None and not args.out:
         raise ConfigError("nothing to write: give --out or --out-dir")
+    check_outputs(args.out, args.out_dir)
+    num = args.num if args.num is not None or args.labels is not None else 8
+    _check_before_build(args, num)
     pretrained = True if args.pretrained == "published" else args.pretrained
     model = build(args.model, pretrained=pretrained, device=_device(args.device), dtype=args.dtype)
-    num = args.num if args.num is not None or args.labels is not None else 8
     labels = resolve_labels(model, args.labels, num, args.seed)  # fixed here to name the files
     spec = model.config.sampler
     sampler_cls = SAMPLERS.get(spec.name)
@@ -128,22 +200,7 @@ def run(args) -> int:
     )
     seconds = time.perf_counter() - start
 
-    written = []
-    if args.out:
-        names = _class_names(model) if args.captions else None
-        shown = images
-        if images.shape[1] < 128:  # small images: nearest-neighbour 2x so the grid and captions are readable
-            shown = images.repeat(2, axis=1).repeat(2, axis=2)
-        written.append(str(save_grid(shown, args.out, labels=labels.tolist() if args.captions else None,
-                                     class_names=names)))
-    if args.out_dir:
-        from PIL import Image
-
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            Image.fromarray(image).save(out_dir / f"{i:05d}_class{label}.png")
-        written.append(f"{len(images)} files in {out_dir}")
+    written = _write(images, labels, args, model)
     capture = getattr(sampler, "total_capture_seconds", None)
     extra = f", including {capture:.2f} s of CUDA graph capture" if capture else ""
     print(

@@ -10,6 +10,18 @@ Sampling settings left out are the preset's FID settings (``config.fid_sampling`
 ``<out>.shards/shard-NNNNN.npz`` first; the main process packs them into ``--out`` (the ADM
 evaluator's ``arr_0`` / ``arr_1`` layout) once every process is done. Rerunning the same command
 after an interruption generates only the missing shards.
+
+One run at a time per shard folder: the main process holds
+:class:`~aimkit._lock.FolderLock` on it from before anything is written until the npz is packed
+(released by the kernel if the run dies, ``kill -9`` included). A second run into the same folder,
+with any settings, stops at once with one line naming the owner (exit 2). With several processes
+only the main process holds the lock (``flock`` is per process); it tells the others whether it
+got it before any process writes, so every process of a refused run stops, and the non-main
+processes write their shards only while their main process holds the folder. The folder of
+``--out`` is not locked (it may be shared with other work); two runs into one ``--out`` share the
+default shard folder and so conflict there, and with different ``--shard-dir`` each writes a complete
+npz atomically (the later one stays). The output folders are checked for writability before the
+model is built.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .._io import check_writable_dir
+from .._lock import FolderBusyError, FolderLock
 from ..build import build, resolve_config
 from ..errors import ConfigError
 from ._args import positive_int as _positive_int
@@ -29,7 +43,7 @@ from ._args import positive_int as _positive_int
 HELP = "sample images for FID into an ADM-layout .npz (sharded, resumable, accelerate-ready)"
 DESCRIPTION = __doc__.split("\n\n")[0]
 
-__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model", "lock_shard_dir"]
 
 
 def _seed(text: str) -> int:
@@ -106,21 +120,76 @@ def build_model(args, device: torch.device):
     return build(args.model, pretrained=pretrained, device=device, dtype=args.dtype, **_overrides(args))
 
 
-def run(args) -> int:
-    from accelerate import PartialState
-
-    from ..eval.sample import pack_npz, resolve_sample_labels, sample_to_shards
-
+def _paths(args):
+    """``(out, shard_dir)`` checked before any work: names, kinds, writable folders."""
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out must end in .npz (the ADM evaluator reads npz files), got {out}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is an existing directory; give the .npz file's name")
     shard_dir = Path(args.shard_dir) if args.shard_dir else out.with_name(out.name + ".shards")
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise ConfigError(f"the shard folder {shard_dir} is an existing file (see --shard-dir)")
+    check_writable_dir(out.parent, "the folder of --out", ConfigError)
+    check_writable_dir(shard_dir, "the shard folder", ConfigError)
+    return out, shard_dir
+
+
+def _main_process_outcome(state, message):
+    """Every process gets the main process's ``message`` (None: go on); one process: unchanged."""
+    if state.num_processes == 1:
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def lock_shard_dir(state, shard_dir: Path):
+    """The main process takes the shard folder's lock; every process learns whether it got it.
+
+    Returns:
+        The held :class:`FolderLock` in the main process, None in the others.
+
+    Raises:
+        FolderBusyError: in every process, when another run holds the folder.
+    """
+    lock, message = None, None
+    if state.is_main_process:
+        try:
+            lock = FolderLock(shard_dir, command="aimkit sample").acquire()
+        except FolderBusyError as exc:
+            message = str(exc)
+    message = _main_process_outcome(state, message)
+    if message is not None:
+        raise FolderBusyError(message)
+    return lock
+
+
+def run(args) -> int:
+    from accelerate import PartialState
+
+    from ..eval.sample import resolve_sample_labels
+
+    out, shard_dir = _paths(args)
     labels = args.labels if args.labels in ("balanced", "random") else Path(args.labels)
     # check the labels against the config before the (slow) model build
     resolve_sample_labels(labels, args.num, resolve_config(args.model, **_overrides(args)).num_classes, args.seed)
 
     # one process unless started by `accelerate launch` / torchrun; on CPU, gloo joins the processes
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    lock = lock_shard_dir(state, shard_dir)
+    try:
+        return _sample_and_pack(args, state, out, shard_dir, labels, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> int:
+    from ..eval.sample import pack_npz, sample_to_shards
+
     device = _process_device(args.device, state)
     model = build_model(args, device)
     if args.pretrained is None and not Path(args.model).is_dir():
@@ -144,6 +213,7 @@ def run(args) -> int:
         progress=not args.no_progress,
         metadata={"model": args.model, "pretrained": args.pretrained, "dtype": args.dtype,
                   "decode_position_offset": getattr(model, "position_offset", None)},
+        lock=lock,
         cfg_scale=args.cfg_scale,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -154,7 +224,7 @@ def run(args) -> int:
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
-    pack_npz(shard_dir, out)
+    pack_npz(shard_dir, out, lock=lock)
     if args.delete_shards:
         shutil.rmtree(shard_dir)
     rate = f" ({summary.images / seconds:.2f} images/s)" if summary.images and seconds > 0 else ""

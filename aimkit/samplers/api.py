@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+from collections.abc import Mapping, Set
 from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
@@ -25,11 +26,16 @@ from ..registry import SAMPLERS
 from .logits import check_sampling_args
 from .schedules import get_schedule
 
-__all__ = ["OUTPUTS", "generate", "resolve_labels", "to_uint8", "to_pil"]
+__all__ = ["OUTPUTS", "MAX_IMAGES", "generate", "resolve_labels", "to_uint8", "to_pil"]
 
 OUTPUTS = ("tokens", "tensor", "uint8", "pil")
+# generate() returns every image in memory; more than this many images in one call is refused up
+# front (before any allocation). Larger runs belong to aimkit.eval.sample.sample_to_shards /
+# `aimkit sample`, which write shards to disk.
+MAX_IMAGES = 10_000_000
 _DECODE_CHUNK = 16  # images decoded by the tokenizer at once (bounds activation memory)
 _LABEL_SEED_SALT = 0x5DEECE66D  # labels are drawn from a generator seeded apart from the tokens'
+_SIGNED_OR_BYTE = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _is_int(value: Any) -> bool:
@@ -46,16 +52,47 @@ def _bad_labels(labels: Any) -> ConfigError:
     return ConfigError(f"labels must be a non-empty 1-D list or tensor of integer class ids, got {text}")
 
 
+def _out_of_range(worst: int, num_classes: int) -> ConfigError:
+    return ConfigError(f"label {worst} is outside [0, {num_classes}): the model has {num_classes} classes")
+
+
+def _labels_from_items(labels: Any, num_classes: int) -> Tensor:
+    """A list-like of Python / numpy ints -> (n,) int64, range-checked before any conversion."""
+    if isinstance(labels, (Mapping, Set, str, bytes, bytearray)):  # keys, no order, characters
+        raise _bad_labels(labels)
+    try:
+        items = list(labels)
+    except TypeError:
+        raise _bad_labels(labels) from None
+    if not items or not all(_is_int(v) for v in items):
+        raise _bad_labels(labels)
+    values = [int(v) for v in items]
+    for v in values:  # before torch.tensor, which overflows on ints beyond int64
+        if not 0 <= v < num_classes:
+            raise _out_of_range(v, num_classes)
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _check_count(count: int) -> None:
+    if count > MAX_IMAGES:
+        raise ConfigError(
+            f"{count} images in one generate call is more than the {MAX_IMAGES} it holds in memory; "
+            "use `aimkit sample` (aimkit.eval.sample.sample_to_shards), which writes shards to disk"
+        )
+
+
 def resolve_labels(
     model, labels: Any = None, num_images: Optional[int] = None, seed: Optional[int] = None
 ) -> Tensor:
     """The (n,) int64 CPU label tensor :func:`generate` samples for.
 
     Args:
-        model: gives ``num_classes``.
+        model: gives ``num_classes`` (a config works too).
         labels: an int, a sequence / array / tensor of ints in ``[0, num_classes)``, or None for
-            ``num_images`` uniformly random labels (drawn from ``seed`` when given).
-        num_images: with labels given, repeat them cyclically to this many images.
+            ``num_images`` uniformly random labels (drawn from ``seed`` when given). Mappings,
+            sets and strings are refused.
+        num_images: with labels given, repeat them cyclically to this many images; at most
+            :data:`MAX_IMAGES`.
         seed: seed of the random labels.
 
     Raises:
@@ -63,6 +100,8 @@ def resolve_labels(
     """
     if num_images is not None and (not _is_int(num_images) or num_images <= 0):
         raise ConfigError(f"num_images must be a positive integer, got {num_images!r}")
+    if num_images is not None:
+        _check_count(num_images)
     num_classes = model.num_classes
     if labels is None:
         if num_images is None:
@@ -73,22 +112,20 @@ def resolve_labels(
         return torch.randint(0, num_classes, (num_images,), generator=gen)
     if _is_int(labels):
         labels = [labels]
+    if torch.is_tensor(labels) and labels.dtype not in _SIGNED_OR_BYTE:  # uint16..uint64: no min/max kernels
+        if labels.dim() != 1 or not _integer_dtype(labels.dtype):
+            raise _bad_labels(labels)
+        labels = labels.detach().cpu().numpy()
     if torch.is_tensor(labels):
         if labels.dim() != 1 or labels.numel() == 0 or not _integer_dtype(labels.dtype):
             raise _bad_labels(labels)
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise _out_of_range(lo if lo < 0 else hi, num_classes)
         out = labels.detach().cpu().long()
     else:
-        try:
-            items = list(labels)
-        except TypeError:
-            raise _bad_labels(labels) from None
-        if not items or not all(_is_int(v) for v in items):
-            raise _bad_labels(labels)
-        out = torch.tensor([int(v) for v in items], dtype=torch.long)
-    lo, hi = int(out.min()), int(out.max())
-    if lo < 0 or hi >= num_classes:
-        worst = lo if lo < 0 else hi
-        raise ConfigError(f"label {worst} is outside [0, {num_classes}): the model has {num_classes} classes")
+        out = _labels_from_items(labels, num_classes)
+    _check_count(out.numel())
     if num_images is not None:
         out = out[torch.arange(num_images) % out.numel()]
     return out

@@ -17,6 +17,13 @@ fed the same sampled token. It sees logits and the cache only and never asks wha
 
 On CUDA (``use_cuda_graph``) the decode step is replayed from a captured CUDA graph (see
 :mod:`aimkit.samplers._cuda_graph`); elsewhere it runs eagerly.
+
+The model's logits are checked for NaN / inf at every step (:class:`_FiniteCheck`): on the CPU the
+first bad step raises :class:`~aimkit.samplers.logits.NonFiniteLogitsError` at once; on CUDA the
+per-step result stays on the device (no host synchronisation in the decode loop) and is read once
+when the batch is done, which then raises the same error instead of returning tokens drawn from
+NaN. Temperatures below :data:`~aimkit.samplers.logits.GREEDY_TEMPERATURE` sample greedily on both
+the PyTorch and the fused path.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..registry import SAMPLERS
 from ._cuda_graph import get_decode_graph
-from .logits import apply_guidance, check_sampling_args, sample
-from .schedules import get_schedule
+from .logits import GREEDY_TEMPERATURE, NonFiniteLogitsError, apply_guidance, check_sampling_args, sample
+from .schedules import get_schedule, scale_at
 
 __all__ = ["AutoregressiveConfig", "AutoregressiveSampler"]
 
@@ -72,6 +79,38 @@ def _device_of(model) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
+
+
+class _FiniteCheck:
+    """Whether every logits tensor of a decoding run was finite (NaN / inf would draw garbage tokens).
+
+    On the CPU each step is checked at once (one cheap reduction and a read). On CUDA the per-step
+    flags are combined on the device and read once by :meth:`finish`, so the decode loop (and the
+    CUDA-graph replays) never waits for the host.
+    """
+
+    def __init__(self, device: torch.device):
+        self._eager = device.type != "cuda"
+        self._all_finite: Optional[Tensor] = None
+
+    def update(self, logits: Tensor, step: int) -> None:
+        finite = torch.isfinite(logits).all()
+        if self._eager:
+            if not bool(finite):
+                raise NonFiniteLogitsError(_non_finite_message(f"at token {step}"))
+        elif self._all_finite is None:
+            self._all_finite = finite
+        else:
+            self._all_finite.logical_and_(finite)
+
+    def finish(self) -> None:
+        if self._all_finite is not None and not bool(self._all_finite):
+            raise NonFiniteLogitsError(_non_finite_message("during this batch"))
+
+
+def _non_finite_message(where: str) -> str:
+    return (f"the model produced NaN or infinite logits {where}; no token can be sampled from them "
+            "(check the weights, the dtype, and the guidance scale)")
 
 
 class _EagerDecoder:
@@ -139,7 +178,7 @@ class AutoregressiveSampler:
             labels: (B,) integer class labels in ``[0, num_classes)``.
             cfg_scale: guidance scale; exactly 1 disables guidance (no unconditional rows are
                 computed and ``schedule`` is not consulted).
-            temperature: softmax temperature; 0 is greedy.
+            temperature: softmax temperature; 0 (or below ``GREEDY_TEMPERATURE``) is greedy.
             top_k: keep the k most likely tokens (0 = all).
             top_p: nucleus mass in (0, 1] (1 = all).
             generator: random source on the model's device; seed it for reproducible tokens.
@@ -147,9 +186,15 @@ class AutoregressiveSampler:
 
         Returns:
             (B, N) int64 codes on the model's device, N = ``model.num_tokens``.
+
+        Raises:
+            ConfigError: bad settings, or the schedule returns a non-finite / out-of-range scale.
+            NonFiniteLogitsError: the model's logits held NaN or inf (see the module docstring).
         """
         cfg_scale, temperature, top_k, top_p = check_sampling_args(cfg_scale, temperature, top_k, top_p)
-        scale_at = get_schedule(schedule)
+        if temperature < GREEDY_TEMPERATURE:
+            temperature = 0.0  # greedy on every path; 1 / temperature would overflow in the fused kernel
+        schedule_fn = get_schedule(schedule)
         if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point():
             raise ConfigError("labels must be an integer tensor of shape (B,)")
         device = _device_of(model)
@@ -163,12 +208,14 @@ class AutoregressiveSampler:
             logits = model.prefill(decoder.cond, params)  # (R, V) for token 0
             params.advance(1)
             codes = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+            check = _FiniteCheck(device)
             fused = self._fused_sampler(device, logits.shape[-1], temperature, top_k, top_p)
             if fused is not None:
                 seed = fused.draw_seed(generator, device)
                 next_tokens = torch.empty(rows.shape[0], dtype=torch.long, device=device)
             for k in range(num_tokens):
-                scale = scale_at(k, num_tokens, cfg_scale) if guided else None
+                check.update(logits, k)
+                scale = scale_at(schedule_fn, k, num_tokens, cfg_scale) if guided else None
                 if fused is not None:  # writes codes[:, k] and the (doubled) next input
                     fused.sample_guided_(logits, scale, temperature, seed, k, next_tokens, codes)
                 else:
@@ -179,6 +226,7 @@ class AutoregressiveSampler:
                 if k + 1 < num_tokens:
                     logits = decoder.step(next_tokens)
                     params.advance(1)
+            check.finish()
         return codes.clone()  # a normal tensor, usable outside inference mode
 
     def _fused_sampler(self, device: torch.device, vocab: int, temperature: float, top_k: int, top_p: float):

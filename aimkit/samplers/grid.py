@@ -9,9 +9,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .._io import atomic_path
 from ..errors import ConfigError
 
-__all__ = ["make_grid", "save_grid"]
+__all__ = ["make_grid", "save_grid", "save_png"]
 
 
 def _as_uint8_array(images: Any) -> np.ndarray:
@@ -101,13 +102,26 @@ def save_grid(
 ) -> Path:
     """Write a PNG grid of images (see :func:`make_grid` for the arguments).
 
+    The PNG is written atomically: on any failure (a full disk, say) an existing file at ``path``
+    is left as it was and no partial file remains.
+
     Returns:
         The path written; parent folders are created.
-    """
-    from PIL import Image
 
+    Raises:
+        ConfigError: bad images, or ``path`` is an existing directory.
+    """
     grid = make_grid(images_uint8, nrow=nrow, labels=labels, class_names=class_names)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path, format="PNG")
+    if path.is_dir():
+        raise ConfigError(f"cannot write the grid to {path}: it is a directory (give a .png file name)")
+    save_png(grid, path)
     return path
+
+
+def save_png(image: np.ndarray, path: Union[str, os.PathLike]) -> None:
+    """Write one (H, W, 3) uint8 image as a PNG, atomically (see :func:`aimkit._io.atomic_path`)."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")

@@ -16,13 +16,31 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import AimkitError, ConfigError
 
 __all__ = [
+    "MAX_CFG_SCALE",
+    "GREEDY_TEMPERATURE",
+    "NonFiniteLogitsError",
     "check_sampling_args",
     "apply_guidance", "apply_temperature", "top_k_filter", "top_p_filter",
     "sample",
 ]
+
+
+# |guidance scale| above this is refused: 1e4 is far beyond any useful guidance (published
+# settings are 1-10), and keeps ``scale * (cond - uncond)`` finite in float32 for any logits
+# below ~1e34, so a typo such as 1e300 is an error instead of inf/NaN logits.
+MAX_CFG_SCALE = 1e4
+# Temperatures below float32's machine epsilon sample greedily (the argmax). Logits are processed in
+# float32; dividing by such a temperature stretches every logit gap by more than 1/eps = 8.4e6, so the
+# tempered distribution is already the argmax to float32 precision, and a still smaller temperature
+# (1e-300 is 0 in float32) would turn the logits into inf / NaN.
+GREEDY_TEMPERATURE = float(torch.finfo(torch.float32).eps)
+
+
+class NonFiniteLogitsError(AimkitError):
+    """The model produced NaN or infinite logits, so no token can be drawn from them."""
 
 
 def _is_real(value) -> bool:
@@ -33,16 +51,19 @@ def check_sampling_args(cfg_scale, temperature, top_k, top_p) -> Tuple[float, fl
     """Validate sampling settings; each bad value raises one :class:`ConfigError` naming it.
 
     Args:
-        cfg_scale: guidance scale, any finite number (1 = no guidance).
-        temperature: finite, >= 0 (0 = greedy).
+        cfg_scale: guidance scale, finite with ``|cfg_scale| <= MAX_CFG_SCALE`` (1e4; 1 = no guidance).
+        temperature: finite, >= 0 (0 = greedy; below ``GREEDY_TEMPERATURE`` it also samples greedily).
         top_k: integer >= 0 (0 = no top-k filtering).
         top_p: in (0, 1] (1 = no nucleus filtering).
 
     Returns:
         ``(cfg_scale, temperature, top_k, top_p)`` as ``(float, float, int, float)``.
     """
-    if not _is_real(cfg_scale):
-        raise ConfigError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale!r}")
+    if not _is_real(cfg_scale) or abs(cfg_scale) > MAX_CFG_SCALE:
+        raise ConfigError(
+            f"cfg_scale must be a finite number with |cfg_scale| <= {MAX_CFG_SCALE:g} (1 = no guidance), "
+            f"got {cfg_scale!r}"
+        )
     if not _is_real(temperature) or temperature < 0:
         raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
@@ -112,8 +133,9 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """Nucleus filtering: keep the smallest set of most probable tokens whose mass reaches ``p``.
 
     Tokens are ranked by probability; token ``i`` of the ranking is kept when the mass of the
-    tokens ranked before it is below ``p``. So the most probable token is always kept, and the
-    kept set is the shortest prefix of the ranking whose total probability is ``>= p``.
+    tokens ranked before it is below ``p``. So the most probable token is always kept (also for
+    a ``p`` below float32's smallest number, such as 1e-300, which then keeps just that token), and
+    the kept set is the shortest prefix of the ranking whose total probability is ``>= p``.
 
     Args:
         logits: (B, V); ``-inf`` entries (already removed tokens) have zero mass.
@@ -130,6 +152,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V) mass up to and including i
     before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass before i
     drop_sorted = before >= p
+    drop_sorted[:, 0] = False  # the top token stays whatever p rounds to in float32 (1e-300 -> 0)
     drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocab order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -145,7 +168,8 @@ def sample(
 
     Args:
         logits: (B, V) float logits (not modified).
-        temperature: 0 picks the argmax (greedy, no randomness); > 0 divides the logits.
+        temperature: 0 picks the argmax (greedy, no randomness), and so does any temperature
+            below ``GREEDY_TEMPERATURE`` (float32 eps); larger values divide the logits.
         top_k: keep the k most likely tokens (0 = all).
         top_p: nucleus mass in (0, 1] (1 = all).
         generator: random source on the logits' device; a seeded generator makes the draw
@@ -153,11 +177,12 @@ def sample(
             Gumbel-max), which, unlike ``torch.multinomial``, needs no host synchronisation.
 
     Returns:
-        (B,) int64 token ids.
+        (B,) int64 token ids. NaN or infinite logits give meaningless tokens; the sampler checks
+        the model's logits (see :class:`NonFiniteLogitsError`).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:  # filtering never removes the top token, so it cannot change the argmax
+    if temperature < GREEDY_TEMPERATURE:  # filtering never removes the top token: same argmax
         return logits.argmax(dim=-1)
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")

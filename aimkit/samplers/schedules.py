@@ -6,16 +6,21 @@ tokens and ``base_scale`` the ``cfg_scale`` the caller asked for. Pass a callabl
 name (``"constant"``, ``"linear"``) wherever a ``schedule`` argument is accepted.
 
 The sampler consults the schedule only when guidance is on (``cfg_scale != 1``); with
-``cfg_scale == 1`` no unconditional branch is run at all.
+``cfg_scale == 1`` no unconditional branch is run at all. It reads every value through
+:func:`scale_at`, which refuses a value that is not a finite number within
+``±MAX_CFG_SCALE`` (1e4): a NaN scale would otherwise turn every logit into NaN.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Dict, Protocol, Union
 
 from ..errors import ConfigError
+from .logits import MAX_CFG_SCALE
 
-__all__ = ["GuidanceSchedule", "constant", "linear", "SCHEDULES", "get_schedule"]
+__all__ = ["GuidanceSchedule", "constant", "linear", "SCHEDULES", "get_schedule", "scale_at"]
 
 
 class GuidanceSchedule(Protocol):
@@ -61,3 +66,24 @@ def get_schedule(schedule: Union[str, Callable[[int, int, float], float]]) -> Gu
                 "(or pass a callable (step, num_steps, base_scale) -> float)"
             ) from None
     raise ConfigError(f"schedule must be a name or a callable, got {type(schedule).__name__}")
+
+
+def scale_at(schedule: GuidanceSchedule, step: int, num_steps: int, base_scale: float) -> float:
+    """``schedule(step, num_steps, base_scale)`` as a float, checked.
+
+    Raises:
+        ConfigError: the schedule returned something other than a finite real number with
+            ``|scale| <= MAX_CFG_SCALE``; the message names the schedule, the token and the value.
+    """
+    value = schedule(step, num_steps, base_scale)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        scale = float(value)
+        if math.isfinite(scale) and abs(scale) <= MAX_CFG_SCALE:
+            return scale
+    name = getattr(schedule, "__name__", type(schedule).__name__)
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    raise ConfigError(
+        f"guidance schedule {name} returned {text} for token {step} of {num_steps}; a schedule must return "
+        f"a finite number with |scale| <= {MAX_CFG_SCALE:g}"
+    )
