@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ._config import replace_checked
 from ._io import read_json
 from .config import ComponentSpec, GeneratorConfig, _REGISTRIES
-from .errors import CheckpointError, ConfigError
+from .errors import AimkitError, CheckpointError, ConfigError
 from .generator import CONFIG_NAME, Generator
 from .registry import GENERATORS
 
@@ -140,11 +142,47 @@ def _check_device(device: Any) -> Optional[torch.device]:
     return device
 
 
-def _read_saved_config(directory: Path) -> GeneratorConfig:
-    data = read_json(directory / CONFIG_NAME, CheckpointError)
+_MAX_CONFIG_BYTES = 4 << 20  # a generator's config.json is a few KB
+
+
+def _read_saved_json(directory: Path) -> Dict[str, Any]:
+    """The parsed ``config.json`` of a saved directory, its top-level entries checked."""
+    path = directory / CONFIG_NAME
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    if size > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is {size:,} bytes, not an aimkit config (those are a few KB)")
+    try:
+        data = read_json(path, CheckpointError)
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: its JSON is nested too deeply") from None
     if not isinstance(data, dict) or "generator" not in data:
-        raise CheckpointError(f"{directory / CONFIG_NAME} is not an aimkit config (no 'generator' entry)")
-    return GeneratorConfig.from_dict(data["generator"])
+        raise CheckpointError(f"{path} is not an aimkit config (no 'generator' entry)")
+    fmt = data.get("aimkit_format", 1)
+    if isinstance(fmt, bool) or fmt != 1:
+        raise ConfigError(f"{path}: aimkit_format {fmt!r} is not supported (this aimkit reads format 1)")
+    if data.get("dtype") is not None and not isinstance(data["dtype"], str):
+        raise ConfigError(f"{path}: dtype must be a dtype name such as 'float32', got {data['dtype']!r}")
+    return data
+
+
+def _read_saved_config(directory: Path) -> GeneratorConfig:
+    data = _read_saved_json(directory)
+    try:
+        return GeneratorConfig.from_dict(data["generator"])
+    except AimkitError as exc:  # name the file: "/x/config.json: backbone.config.n_head must be int, ..."
+        raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from None
+
+
+def _saved_dtype(directory: Path) -> Optional[torch.dtype]:
+    """The dtype a saved generator was written in (its ``config.json``), or None."""
+    saved = _read_saved_json(directory).get("dtype")
+    try:
+        return _check_dtype(saved) if saved else None
+    except ConfigError as exc:
+        raise ConfigError(f"{directory / CONFIG_NAME}: {exc}") from None
 
 
 def resolve_config(name_or_path: PathLike, **overrides: Any) -> GeneratorConfig:
@@ -153,10 +191,13 @@ def resolve_config(name_or_path: PathLike, **overrides: Any) -> GeneratorConfig:
     if isinstance(name_or_path, (str, os.PathLike)) and (path / CONFIG_NAME).is_file():
         config, where = _read_saved_config(path), str(path)
     else:
-        if not isinstance(name_or_path, str):
+        if not isinstance(name_or_path, (str, os.PathLike)):
             raise ConfigError(f"expected a preset name or a saved directory, got {name_or_path!r}")
-        if os.sep in name_or_path or path.exists():
-            raise ConfigError(f"{name_or_path!r} is not a directory written by Generator.save_pretrained")
+        if (path / CONFIG_NAME).exists():
+            raise ConfigError(f"{path / CONFIG_NAME} is not a regular file")
+        if not isinstance(name_or_path, str) or os.sep in name_or_path or path.exists():
+            what = "does not exist" if not path.exists() else "is not a directory written by Generator.save_pretrained"
+            raise ConfigError(f"{os.fspath(name_or_path)!r} {what} (and is not a preset name)")
         config, where = GENERATORS.get(name_or_path)(), name_or_path
     return _apply_overrides(config, overrides, where)
 
@@ -210,6 +251,222 @@ def load_weights_into(gen: Generator, path: PathLike) -> None:
         warnings.warn(f"{path} holds no {part} weights; the {part} keeps its random initialisation", stacklevel=3)
 
 
+# --------------------------------------------------------------------------------------------
+# preflight: sizes and weight shapes from a meta-device build, before anything is allocated
+# --------------------------------------------------------------------------------------------
+
+# in-place calls that change a tensor's shape or flags: run them even on the meta device
+_SHAPE_CHANGING_INPLACE = frozenset({
+    "resize_", "resize_as_", "set_", "squeeze_", "unsqueeze_", "t_", "transpose_", "swapdims_",
+    "swapaxes_", "as_strided_", "requires_grad_", "share_memory_", "retain_grad_",
+})
+# element-wise maths of parameter initialisers (output shape = broadcast of the inputs)
+_ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "truediv", "neg", "exp", "expm1", "log", "log1p",
+    "clamp", "clamp_min", "clamp_max", "sqrt", "rsqrt", "abs", "pow", "sigmoid", "tanh",
+    "reciprocal", "erfinv", "floor", "ceil", "round", "sin", "cos", "radd", "rsub", "rmul",
+    "rtruediv", "rpow", "minimum", "maximum",
+})
+_SAME_SHAPE = frozenset({"normalize", "softmax", "log_softmax", "rand_like", "randn_like"})
+_RANDOM_FACTORIES = frozenset({"rand", "randn"})
+# function name -> how the meta build answers it (dunder spellings of the operators included)
+_SHORTCUTS = {
+    **{n: "elementwise" for n in _ELEMENTWISE}, **{f"__{n}__": "elementwise" for n in _ELEMENTWISE},
+    **{n: "same-shape" for n in _SAME_SHAPE}, **{n: "random" for n in _RANDOM_FACTORIES},
+}
+# a meta build of more layers than this first estimates the size from two small builds
+_EXTRAPOLATE_ABOVE_LAYERS = 64
+
+
+def _is_init_inplace(name: str) -> bool:
+    return name[-1:] == "_" and name[:2] != "__" and name not in _SHAPE_CHANGING_INPLACE
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Inside a meta-device build, answer initialiser arithmetic without computing it.
+
+    On the meta device tensors have shapes but no values, so in-place fills (``normal_``,
+    ``uniform_``, ``zero_``, ``copy_``, ``torch.nn.init.*``) change nothing, and the element-wise
+    maths of an initialiser (``exp``, ``log``, ``clamp``, ...) only needs its output shape.
+    Running them would call PyTorch's Python meta kernels, whose first use imports
+    ``torch._dynamo`` (about a second); this mode returns the shapes directly. Every other call
+    runs unchanged, so an unlisted operation is only slower, never wrong.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        kind = _SHORTCUTS.get(name)
+        if kind is None and not _is_init_inplace(name):
+            return func(*args, **kwargs)
+        if kind == "random":
+            if kwargs.get("device") not in (None, "meta", torch.device("meta")):
+                return func(*args, **kwargs)
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k not in ("generator", "out")})
+        first = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+        if not (isinstance(first, torch.Tensor) and first.is_meta):
+            return func(*args, **kwargs)
+        if kind is None:  # an in-place fill: nothing to fill on the meta device
+            return first
+        if kind == "same-shape":
+            return torch.empty_like(first)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if not all(t.is_meta for t in tensors):
+            return func(*args, **kwargs)
+        dtype = torch.result_type(args[0], args[1]) if len(args) > 1 else first.dtype
+        return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+
+
+def _build_meta(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Generator:
+    with torch.device("meta"), _ShapesOnly():
+        return Generator(config, device=torch.device("meta"), dtype=dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_generator_cached(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Generator:
+    return _build_meta(config, dtype)
+
+
+def _meta_generator(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Generator:
+    """``config`` built on the meta device: every shape, no storage (cached per config and dtype)."""
+    try:
+        return _meta_generator_cached(config, dtype)
+    except TypeError as exc:  # a plugin config with unhashable fields
+        if "unhashable" not in str(exc):
+            raise
+        return _build_meta(config, dtype)
+
+
+def _tensor_bytes(module: torch.nn.Module) -> Tuple[int, str]:
+    """Bytes of the parameters and buffers (shared ones once), and the largest tensor's name and shape."""
+    seen, total, largest = set(), 0, (0, "")
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        if nbytes > largest[0]:
+            largest = (nbytes, f"{name} {tuple(t.shape)}")
+    return total, largest[1]
+
+
+def _memory_limit(device: Optional[torch.device]) -> Optional[Tuple[int, str]]:
+    """Total memory of the target device and its description: physical RAM for the CPU, the
+    GPU's memory for CUDA; None where unknown (nothing is refused then)."""
+    if device is None or device.type == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+        return (total, "physical memory") if total > 0 else None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, f"memory of cuda:{index}"
+    return None
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:,.0f} {unit}" if unit == "bytes" else f"{nbytes:,.1f} {unit}"
+        nbytes /= 1024
+    return ""  # pragma: no cover
+
+
+def _too_large(where: str, nbytes: float, largest: str, limit: Tuple[int, str], device, estimated: bool) -> ConfigError:
+    about = "about " if estimated else ""
+    biggest = f"; largest tensor {largest}" if largest else ""
+    return ConfigError(
+        f"{where} would need {about}{_size(nbytes)} for its weights, more than the {_size(limit[0])} of "
+        f"{limit[1]} on {device or 'cpu'}; nothing was allocated (check d_model, n_layer, vocab_size, "
+        f"num_classes, num_tokens{biggest})"
+    )
+
+
+def _extrapolated_bytes(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Optional[int]:
+    """Weight bytes of a very deep config from two small meta builds (the size is linear in depth)."""
+    groups = getattr(config.conditioning.config, "num_groups", None)
+    lo = max(16, groups if isinstance(groups, int) else 0)  # conditioning groups cannot exceed the depth
+    hi = 2 * lo
+    if config.n_layer <= max(_EXTRAPOLATE_ABOVE_LAYERS, 2 * hi):
+        return None
+    try:
+        b_lo = _tensor_bytes(_meta_generator(dataclasses.replace(config, n_layer=lo), dtype))[0]
+        b_hi = _tensor_bytes(_meta_generator(dataclasses.replace(config, n_layer=hi), dtype))[0]
+    except AimkitError:  # e.g. more conditioning groups than the probe's layers: build it whole
+        return None
+    return b_lo + (b_hi - b_lo) * (config.n_layer - lo) // (hi - lo)
+
+
+def _meta_for_preflight(config: GeneratorConfig, dtype, device, where: str) -> Optional[Generator]:
+    """The meta build used by the checks, refusing configs whose weights cannot fit in memory."""
+    limit = _memory_limit(device)
+    estimate = _extrapolated_bytes(config, dtype)
+    if limit is not None and estimate is not None and estimate > limit[0]:
+        raise _too_large(where, estimate, "", limit, device, estimated=True)
+    try:
+        meta = _meta_generator(config, dtype)
+    except (RuntimeError, OverflowError, TypeError) as exc:
+        text = str(exc).lower()
+        if any(word in text for word in ("overflow", "negative dimension", "numel", "too large", "invalid shape")):
+            raise ConfigError(f"{where}: its sizes describe tensors that cannot be built ({_first_line(exc)})") from None
+        log.debug("meta-device build of %s failed (%s); building without the preflight checks", where, exc)
+        return None
+    nbytes, largest = _tensor_bytes(meta)
+    if limit is not None and nbytes > limit[0]:
+        raise _too_large(where, nbytes, largest, limit, device, estimated=False)
+    return meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _check_weights_fit(meta: Generator, path: PathLike) -> None:
+    """Compare a weight file's names and shapes (its header only) with the meta-device model."""
+    from .official import from_official, is_official
+    from .weights import read_tensor_shapes
+
+    state = {k: torch.empty(shape, device="meta") for k, shape in read_tensor_shapes(path).items()}
+    if is_official(state):
+        if "mamba.backbone.embeddings.word_embeddings.weight" in state:
+            state.pop("mamba.lm_head.weight", None)  # tied; from_official would compare the values
+        state = from_official(meta, state)
+    meta.check_aimkit_state_dict(state, source=str(path))
+
+
+def _preflight(config: GeneratorConfig, dtype, device, weights: Optional[Path], where: str) -> None:
+    """Refuse, before allocating, a model too large for the device or weights that do not fit it."""
+    if device is not None and device.type == "meta":
+        return  # a meta build allocates nothing
+    meta = _meta_for_preflight(config, dtype, device, where)
+    if meta is not None and weights is not None:
+        _check_weights_fit(meta, weights)
+
+
+def _weights_for(name_or_path: PathLike, config: GeneratorConfig, pretrained: Any,
+                 saved_dir: Optional[Path]) -> Optional[Path]:
+    """The weights :func:`build` loads: ``pretrained``, a saved directory's own, or a preset's shipped ones."""
+    weights = _resolve_pretrained(str(name_or_path), pretrained)
+    if weights is None and saved_dir is not None and pretrained is not False:
+        weights = saved_dir
+    if weights is None and pretrained is None and isinstance(name_or_path, str) and saved_dir is None:
+        from .assets import embedded_weights
+
+        shipped = embedded_weights(name_or_path)
+        if shipped is not None and _same_weights_layout(config, resolve_config(name_or_path)):
+            weights = shipped
+        elif shipped is not None:
+            warnings.warn(
+                f"the overrides change the architecture of {name_or_path}, so its shipped weights are not "
+                "loaded and the model is random; pass pretrained=False to say so explicitly",
+                stacklevel=3,
+            )
+    return weights
+
+
 def build(
     name_or_path: PathLike,
     *,
@@ -243,28 +500,14 @@ def build(
     saved_dir = Path(os.fspath(name_or_path))
     saved_dir = saved_dir if (saved_dir / CONFIG_NAME).is_file() else None
     if dtype is None and saved_dir is not None:  # a saved generator comes back in the dtype it was saved in
-        saved = read_json(saved_dir / CONFIG_NAME, CheckpointError).get("dtype")
-        dtype = _check_dtype(saved) if saved else None
+        dtype = _saved_dtype(saved_dir)
+    if tokenizer_weights is not None and config.tokenizer is None:
+        raise ConfigError("tokenizer_weights given, but this generator has no tokenizer")
+    weights = _weights_for(name_or_path, config, pretrained, saved_dir)
+    _preflight(config, dtype, device, weights, where=os.fspath(name_or_path))
     gen = Generator(config, device=device, dtype=dtype)
-    weights = _resolve_pretrained(str(name_or_path), pretrained)
-    if weights is None and saved_dir is not None and pretrained is not False:
-        weights = saved_dir
-    if weights is None and pretrained is None and isinstance(name_or_path, str) and saved_dir is None:
-        from .assets import embedded_weights
-
-        shipped = embedded_weights(name_or_path)
-        if shipped is not None and _same_weights_layout(config, resolve_config(name_or_path)):
-            weights = shipped
-        elif shipped is not None:
-            warnings.warn(
-                f"the overrides change the architecture of {name_or_path}, so its shipped weights are not "
-                "loaded and the model is random; pass pretrained=False to say so explicitly",
-                stacklevel=2,
-            )
     if weights is not None:
         load_weights_into(gen, weights)
     if tokenizer_weights is not None:
-        if gen.tokenizer is None:
-            raise ConfigError("tokenizer_weights given, but this generator has no tokenizer")
         gen.tokenizer.load_weights(tokenizer_weights)
     return gen.eval()

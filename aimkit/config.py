@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-from ._config import config_from_dict, config_to_dict
+from ._config import _type_hints, check_fields, check_value, config_from_dict, config_to_dict, describe
 from .errors import ConfigError
 from .registry import BACKBONES, CONDITIONING, SAMPLERS, TOKENIZERS, Registry
 
@@ -49,16 +49,25 @@ class ComponentSpec:
         return {"name": self.name, "config": None if self.config is None else config_to_dict(self.config)}
 
     @classmethod
-    def from_dict(cls, kind: str, data: Mapping[str, Any]) -> "ComponentSpec":
+    def from_dict(cls, kind: str, data: Mapping[str, Any], path: Optional[str] = None) -> "ComponentSpec":
+        """The spec of one ``config.json`` entry: ``{"name": ..., "config": {...} or null}``.
+
+        ``path`` names the entry in messages (default ``kind``)."""
+        path = kind if path is None else path
         if not isinstance(data, Mapping) or "name" not in data:
-            raise ConfigError(f"{kind} entry must be a mapping with a 'name', got {data!r}")
-        component = _REGISTRIES[kind].get(data["name"])
+            raise ConfigError(f"{path} must be a mapping with a 'name', got {describe(data)}")
+        unknown = sorted(str(k) for k in data if k not in ("name", "config"))
+        if unknown:
+            raise ConfigError(f"{path} has unknown keys {', '.join(unknown)} (expected 'name' and 'config')")
+        name = check_value(data["name"], str, f"{path}.name")
+        component = _REGISTRIES[kind].get(name)
         config_cls = getattr(component, "config_cls", None)
         raw = data.get("config")
         config = None
         if config_cls is not None:
-            config = config_from_dict(config_cls, raw or {}, where=f"{kind} {data['name']!r}")
-        return cls(data["name"], config)
+            config = config_from_dict(config_cls, {} if raw is None else raw, where=f"{kind} {name!r}",
+                                      path=f"{path}.config")
+        return cls(name, config)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,15 @@ class SamplingDefaults:
     temperature: float = 1.0  # softmax temperature
     top_k: int = 0  # 0 = no top-k filtering
     top_p: float = 1.0  # 1.0 = no nucleus filtering
+
+    def __post_init__(self):
+        check_fields(self, "sampling defaults")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling defaults temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling defaults top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling defaults top_p must be in (0, 1], got {self.top_p!r}")
 
 
 @dataclass(frozen=True)
@@ -103,13 +121,15 @@ class GeneratorConfig:
         if isinstance(self.decode_position_offset, bool) or self.decode_position_offset not in (0, 1):
             raise ConfigError(f"decode_position_offset must be 0 or 1, got {self.decode_position_offset!r}")
         for name in ("class_dropout", "norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
+            check_value(getattr(self, name), float, name)
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        for kind in _REGISTRIES:
+            spec = getattr(self, kind)
+            if not isinstance(spec, ComponentSpec) and not (kind == "tokenizer" and spec is None):
+                raise ConfigError(f"{kind} must be a ComponentSpec (a registered {kind}), got {describe(spec)}")
         for name in ("fid_sampling", "pretty_sampling"):
             value = getattr(self, name)
             if isinstance(value, Mapping):
@@ -140,15 +160,28 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GeneratorConfig":
+        """The config of a ``config.json``'s ``generator`` entry, every value type-checked.
+
+        Raises:
+            ConfigError: one line naming the key path, e.g. ``backbone.config.n_head must be int,
+                got '4' (str)``.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the generator config must be a mapping, got {describe(data)}")
         valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - valid
+        unknown = [str(k) for k in data if k not in valid]
         if unknown:
             raise ConfigError(f"unknown generator config keys: {', '.join(sorted(unknown))}")
+        hints = _type_hints(cls)
         kwargs: Dict[str, Any] = {}
         for key, value in data.items():
-            if key in _REGISTRIES:
-                value = None if value is None else ComponentSpec.from_dict(key, value)
+            if key == "tokenizer" and value is None:
+                pass  # a tokens-only generator
+            elif key in _REGISTRIES:
+                value = ComponentSpec.from_dict(key, value)
             elif key in ("fid_sampling", "pretty_sampling"):
-                value = config_from_dict(SamplingDefaults, value, where=key)
+                value = config_from_dict(SamplingDefaults, value, where=key, path=key)
+            else:
+                value = check_value(value, hints[key], key)
             kwargs[key] = value
         return cls(**kwargs)

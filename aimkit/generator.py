@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -376,19 +376,11 @@ class Generator(nn.Module):
         write_text_atomic(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=False) + "\n")
         return directory
 
-    def load_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:
-        """Load aimkit-layout tensors strictly; a missing tokenizer part is allowed and reported.
+    def _aimkit_expected(self, state: Dict[str, Tensor]) -> Tuple[Dict[str, Any], List[str]]:
+        """The ``name -> shape`` that aimkit-layout ``state`` must match, and the absent parts.
 
-        Returns the list of parts that were not in the file (e.g. ``["tokenizer"]``)."""
-        from .weights import check_state_dict
-
-        state = dict(state)
-        if "lm_head.weight" in state:
-            tied = state.pop("lm_head.weight")
-            if "tok_embed.weight" not in state:
-                state["tok_embed.weight"] = tied
-            elif not torch.equal(tied, state["tok_embed.weight"]):
-                raise CheckpointError(f"{source}: lm_head.weight differs from tok_embed.weight but they are tied")
+        A file may hold the generator, the tokenizer, or both; ``lm_head.weight`` is tied to
+        ``tok_embed.weight`` and never expected."""
         expected = {k: v.shape for k, v in self.state_dict().items() if k != "lm_head.weight"}
         has_tok = any(k.startswith("tokenizer.") for k in state)
         has_gen = any(not k.startswith("tokenizer.") for k in state)
@@ -400,6 +392,39 @@ class Generator(nn.Module):
         if not has_gen:
             expected = {k: v for k, v in expected.items() if k.startswith("tokenizer.")}
             not_found.append("generator")
+        return expected, not_found
+
+    @staticmethod
+    def _untie(state: Dict[str, Tensor], source: str, compare: bool = True) -> Dict[str, Tensor]:
+        """``state`` with ``lm_head.weight`` folded into ``tok_embed.weight`` (they are tied)."""
+        state = dict(state)
+        if "lm_head.weight" in state:
+            tied = state.pop("lm_head.weight")
+            if "tok_embed.weight" not in state:
+                state["tok_embed.weight"] = tied
+            elif compare and not torch.equal(tied, state["tok_embed.weight"]):
+                raise CheckpointError(f"{source}: lm_head.weight differs from tok_embed.weight but they are tied")
+        return state
+
+    def check_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:
+        """Check names and shapes of aimkit-layout tensors (values are not read: meta tensors do).
+
+        Returns the parts the file lacks; raises :class:`CheckpointError` when it does not fit."""
+        from .weights import check_state_dict
+
+        state = self._untie(state, source, compare=False)
+        expected, not_found = self._aimkit_expected(state)
+        check_state_dict(expected, state, what=source)
+        return not_found
+
+    def load_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:
+        """Load aimkit-layout tensors strictly; a missing tokenizer part is allowed and reported.
+
+        Returns the list of parts that were not in the file (e.g. ``["tokenizer"]``)."""
+        from .weights import check_state_dict
+
+        state = self._untie(state, source)
+        expected, not_found = self._aimkit_expected(state)
         check_state_dict(expected, state, what=source)
         own = self.state_dict()
         with torch.no_grad():

@@ -240,11 +240,16 @@ _INF = math.inf
 _INT_LIMIT = 2**63  # every integer option must fit an int64 (torch generators, tensors)
 _SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2**32
 _POSITIVE = (0, False, _INF, False)  # (low, low included, high, high included)
+# sizes that allocate per item (a permutation of data_size int64s, batches, worker processes):
+# far above any real run, far below what exhausts memory with an allocator traceback
+_MAX_ITEMS = 2**31
+_MAX_BATCH = 2**24
+_MAX_WORKERS = 256
 _NON_NEGATIVE = (0, True, _INF, False)
 # every int / float option of TrainConfig and the range its values must lie in
 _RANGES: Dict[str, Tuple[float, bool, float, bool]] = {
-    "data_size": _POSITIVE, "num_workers": _NON_NEGATIVE, "global_batch_size": _POSITIVE,
-    "batch_size": _POSITIVE, "grad_accum": _POSITIVE, "lr": _POSITIVE, "lr_per_256": _POSITIVE,
+    "data_size": (0, False, _MAX_ITEMS, True), "num_workers": (0, True, _MAX_WORKERS, True),
+    "global_batch_size": (0, False, _MAX_BATCH, True), "batch_size": (0, False, _MAX_BATCH, True), "grad_accum": _POSITIVE, "lr": _POSITIVE, "lr_per_256": _POSITIVE,
     "betas": (0, True, 1, False), "weight_decay": _NON_NEGATIVE, "adam_eps": _POSITIVE,
     "grad_clip": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "min_lr_ratio": (0, True, 1, True),
     "epochs": _POSITIVE, "max_steps": _POSITIVE, "stop_after": _POSITIVE, "seed": (0, True, _SEED_LIMIT, False),
@@ -254,7 +259,8 @@ _RANGES: Dict[str, Tuple[float, bool, float, bool]] = {
 
 
 def _bound_text(x: float) -> str:
-    return {_INF: "inf", _INT_LIMIT: "2**63", _SEED_LIMIT: "2**32"}.get(x, repr(x))
+    names = {_INF: "inf", _INT_LIMIT: "2**63", _SEED_LIMIT: "2**32", _MAX_ITEMS: "2**31", _MAX_BATCH: "2**24"}
+    return names.get(x, repr(x))
 
 
 def _numeric_kind(key: str) -> type:

@@ -5,6 +5,10 @@ Every component loads its weights through this module so that all of them share 
 * safetensors first; PyTorch pickles are opened with ``weights_only=True`` only;
 * a file that cannot be read, or that holds no state dict, raises
   :class:`~aimkit.errors.CheckpointError` naming the path (never a raw pickle or zip traceback);
+* a file whose floating tensors hold NaN or infinity is refused, naming the first such tensor;
+* :func:`read_tensor_shapes` gives the names and shapes without reading the tensors (the
+  safetensors header, or a memory-mapped PyTorch file), so a model can be checked against a
+  file before it is allocated;
 * tensors are checked against the model *before* anything is copied, so a module is never left
   half-loaded, and a mismatch lists the missing, unexpected and mis-shaped names together;
 * writes go to a temporary file in the target folder and are moved into place atomically.
@@ -32,12 +36,15 @@ from .errors import CheckpointError
 
 __all__ = [
     "WRAPPER_KEYS",
+    "check_finite",
     "check_state_dict",
     "load_strict",
     "read_state_dict",
+    "read_tensor_shapes",
     "save_safetensors_atomic",
     "select_prefix",
     "strip_prefix",
+    "weight_file",
 ]
 
 PathLike = str | os.PathLike
@@ -61,7 +68,7 @@ _MAX_LISTED = 5
 # --------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: PathLike, key: str | None = None) -> dict[str, Tensor]:
+def read_state_dict(path: PathLike, key: str | None = None, check_values: bool = True) -> dict[str, Tensor]:
     """Read a flat ``name -> tensor`` dict from a weight file or folder, on the CPU.
 
     Args:
@@ -71,23 +78,77 @@ def read_state_dict(path: PathLike, key: str | None = None) -> dict[str, Tensor]
             their first bytes.
         key: the entry of a wrapping dict to use (``"model"``); by default the first of
             :data:`WRAPPER_KEYS` present is taken, repeatedly, until a flat tensor dict is found.
+        check_values: refuse floating tensors holding NaN or infinity (:func:`check_finite`).
 
     Returns:
         The tensors by name, in file order.
 
     Raises:
-        CheckpointError: the path does not exist, the file is truncated or corrupt, or it holds
-            something other than a state dict.
+        CheckpointError: the path does not exist, the file is empty, truncated or corrupt, it
+            holds something other than a state dict, or a tensor holds NaN / infinity.
+    """
+    path = weight_file(path)
+    obj = _load_safetensors(path) if _file_kind(path) == "safetensors" else _load_torch(path)
+    sd = _unwrap(obj, path, key)
+    if check_values:
+        check_finite(sd, path)
+    return sd
+
+
+def read_tensor_shapes(path: PathLike, key: str | None = None) -> dict[str, tuple[int, ...]]:
+    """The ``name -> shape`` of a weight file or folder without reading its tensors.
+
+    A safetensors file's header is read (and validated against the file's size); a PyTorch
+    file is opened memory-mapped where its format allows. Same arguments and errors as
+    :func:`read_state_dict`, without the value check.
+    """
+    path = weight_file(path)
+    if _file_kind(path) == "safetensors":
+        return _safetensors_shapes(path)
+    return {k: tuple(v.shape) for k, v in _unwrap(_load_torch(path, mmap=True), path, key).items()}
+
+
+def weight_file(path: PathLike) -> Path:
+    """The file :func:`read_state_dict` reads for ``path`` (a file, or the weight file of a folder).
+
+    Raises:
+        CheckpointError: nothing there, no (or several) weight files in the folder, an empty
+            file, or something that is neither a file nor a folder.
     """
     path = Path(path)
     if path.is_dir():
         path = _find_in_dir(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"weight file {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"weight file {path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"weight file {path} is empty (0 bytes): an interrupted download or copy?")
+    return path
 
-    kind = _file_kind(path)
-    obj = _load_safetensors(path) if kind == "safetensors" else _load_torch(path)
-    return _unwrap(obj, path, key)
+
+def check_finite(sd: Mapping[str, Tensor], source: PathLike | None = None) -> None:
+    """Raise when a floating tensor of ``sd`` holds NaN or infinity, naming the first one.
+
+    A sum per tensor is the fast test (NaN and infinity survive a sum); only a tensor whose sum
+    is not finite (which also happens for huge finite values) is scanned element by element.
+
+    Raises:
+        CheckpointError: ``model.safetensors: tensor 'tok_embed.weight' holds 12 NaN / infinite
+            values (of 2048)``.
+    """
+    for name, t in sd.items():
+        if not (isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())) or t.numel() == 0:
+            continue
+        if torch.isfinite(t.sum()).all():
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            origin = f"{source}: " if source is not None else ""
+            raise CheckpointError(
+                f"{origin}tensor {name!r} holds {bad:,} NaN / infinite values (of {t.numel():,}); "
+                "the file is corrupt or was saved from a diverged run"
+            )
 
 
 def _find_in_dir(folder: Path) -> Path:
@@ -126,23 +187,48 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _safetensors_error(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read safetensors file {path}: it is truncated, corrupt or not a safetensors file ({_short(exc)})"
+    )
+
+
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001  (the Rust reader raises its own error type)
-        raise CheckpointError(
-            f"cannot read safetensors file {path}: it is truncated, corrupt or not a safetensors file ({_short(exc)})"
-        ) from None
+        raise _safetensors_error(path, exc) from None
 
 
-def _load_torch(path: Path) -> object:
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
     try:
-        if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001
+        raise _safetensors_error(path, exc) from None
+    if not shapes:
+        raise CheckpointError(f"{path} holds no tensors")
+    return shapes
+
+
+def _torch_load(path: Path, mmap: bool) -> object:
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _load_torch(path: Path, mmap: bool = False) -> object:
+    """``torch.load`` with the weights-only unpickler (no code runs); ``mmap`` maps the tensors
+    instead of reading them where the file format allows it (zip files, not legacy pickles)."""
+    try:
+        if mmap and _is_zip(path):
+            return _torch_load(path, mmap=True)
+        return _torch_load(path, mmap=False)
     except Exception as exc:  # noqa: BLE001  (zip errors, EOFError, UnpicklingError, ...)
         text = str(exc)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -156,6 +242,11 @@ def _load_torch(path: Path) -> object:
         raise CheckpointError(
             f"cannot read PyTorch file {path}: it is truncated, corrupt or not a checkpoint ({reason})"
         ) from None
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
 
 
 def _is_flat(obj: Mapping) -> bool:

@@ -124,7 +124,8 @@ HOSTILE = [
     ("global_batch_size", "global_batch_size=0"), ("global_batch_size", "global_batch_size=-16"),
     ("batch_size", "batch_size=0"), ("grad_accum", "grad_accum=-1"), ("grad_accum", "grad_accum=0"),
     ("data_size", "data_size=0"), ("data_size", "data_size=100000000000000000000"),
-    ("num_workers", "num_workers=-1"), ("max_nonfinite", "max_nonfinite=0"),
+    ("data_size", "data_size=1099511627776"), ("num_workers", "num_workers=100000"),
+    ("global_batch_size", "global_batch_size=1000000000000"), ("num_workers", "num_workers=-1"), ("max_nonfinite", "max_nonfinite=0"),
     ("checkpoint_every", "checkpoint_every=0"), ("keep_last", "keep_last=-1"), ("log_every", "log_every=0"),
     ("check_replicas_every", "check_replicas_every=-1"),
 ]

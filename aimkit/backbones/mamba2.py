@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._config import check_fields
 from ..errors import ConfigError
 from ..registry import BACKBONES
 from . import _mamba_kernels
@@ -112,15 +113,20 @@ class Mamba2Config:
     fused_split_scan: bool = True  # training forward through mamba-ssm's one-function mixer
 
     def __post_init__(self):
+        check_fields(self, "mamba2")  # types: ints are ints, floats finite, A_init_range two numbers
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"mamba2 {name} must be a positive integer, got {value!r}")
         low, high = self.A_init_range
         if not 0 < low <= high:
             raise ConfigError(f"mamba2 A_init_range must satisfy 0 < low <= high, got {self.A_init_range}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"mamba2 needs 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.dt_init_floor < 0:
+            raise ConfigError(f"mamba2 dt_init_floor must be >= 0, got {self.dt_init_floor!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"mamba2 norm_eps must be positive, got {self.norm_eps!r}")
         if self.use_kernels not in _USE_KERNELS:
             raise ConfigError(f"mamba2 use_kernels must be one of {_USE_KERNELS}, got {self.use_kernels!r}")
         for name in ("conv_bias", "bias", "fused_split_scan"):

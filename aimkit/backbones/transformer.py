@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._config import check_fields
 from ..errors import ConfigError
 from ..registry import BACKBONES
 from .base import Backbone, InferenceParams, rms_norm_factory
@@ -63,6 +64,7 @@ class TransformerConfig:
     qkv_bias: bool = False  # LlamaGen uses no bias anywhere
 
     def __post_init__(self):
+        check_fields(self, "transformer")  # types: ints are ints (or None where allowed), floats finite
         for name in ("n_head", "n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -71,6 +73,8 @@ class TransformerConfig:
             raise ConfigError(f"transformer multiple_of must be positive, got {self.multiple_of}")
         if self.rope_base <= 0:
             raise ConfigError(f"transformer rope_base must be positive, got {self.rope_base}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"transformer norm_eps must be positive, got {self.norm_eps}")
 
     def head_counts(self, d_model: int) -> Tuple[int, int]:
         """``(n_head, n_kv_head)`` resolved for width ``d_model``, checked for consistency."""

@@ -80,17 +80,61 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default $OUT, else ./bench_out)")
 
 
+def _check_numbers(args) -> None:
+    """Every count positive, the time budget a finite number >= 0 (one line each, before any work)."""
+    import math
+
+    from ..errors import ConfigError
+
+    for name in ("repeats", "train_steps", "train_batch", "compare_batch"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("batches", "tokens", "compare_tokens", "decode_batches"):
+        values = list(getattr(args, name))
+        if not values and name in ("batches", "tokens"):
+            raise ConfigError(f"--{name.replace('_', '-')} is empty")
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {','.join(map(str, values))}")
+    if not math.isfinite(args.budget_s) or args.budget_s < 0:
+        raise ConfigError(f"--budget-s must be a finite number of seconds >= 0, got {args.budget_s}")
+
+
+def _check_device_and_dtype(args) -> None:
+    import torch
+
+    from ..errors import ConfigError
+
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown --device {args.device!r}; use cuda, cuda:N or cpu") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
+    dtype = getattr(torch, args.dtype, None) if not args.dtype.startswith("_") else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"--dtype must be a floating-point dtype such as bfloat16, got {args.dtype!r}")
+
+
+def _check_overrides(args, overrides: Dict[str, Any]) -> None:
+    """The ``--override`` values are valid for aim-b, the correctness check's model (nothing is
+    built). Unknown preset names are not refused here: their rows fail and the table is kept."""
+    from ..build import resolve_config
+
+    resolve_config("aim-b", **{**overrides, "tokenizer": None, "num_tokens": args.tokens[0]})
+
+
 def options_from_args(args):
-    """:class:`aimkit.bench.BenchOptions` from parsed arguments."""
+    """:class:`aimkit.bench.BenchOptions` from parsed arguments, checked before any work starts."""
+    from .._io import check_writable_dir
     from ..bench import BenchOptions
     from ..errors import ConfigError
 
     overrides: Dict[str, Any] = dict(args.override)
-    for name in ("repeats", "train_steps", "train_batch", "compare_batch"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    if any(b <= 0 for b in list(args.batches) + list(args.tokens)):
-        raise ConfigError("--batches and --tokens must be positive")
+    _check_numbers(args)
+    _check_device_and_dtype(args)
+    _check_overrides(args, overrides)
+    if args.out is not None:
+        check_writable_dir(args.out, "output folder", ConfigError)
     return BenchOptions(
         suite=args.suite, models=tuple(args.models), batches=tuple(args.batches), tokens=tuple(args.tokens),
         dtype=args.dtype, transformer=args.transformer, compare_models=tuple(args.compare_models),

@@ -47,10 +47,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _input_file(path: str, what: str) -> None:
+    """Refuse a missing input, or a directory where an ``.npz`` file is expected, before any work."""
+    import os
+
+    from ..errors import ConfigError
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} is not a file (an .npz is expected)")
+
+
 def run(args) -> int:
     from ..eval.fid import fid_from_npz
     from ..eval.inception import load_inception
 
+    _input_file(args.samples, "samples")
+    _input_file(args.ref, "reference batch")
     device = _device(args.device)
     net = load_inception(args.inception_weights, device=device)
     start = time.perf_counter()

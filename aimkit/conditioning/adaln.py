@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._config import check_fields
 from ..errors import ConfigError
 from ..registry import CONDITIONING
 
@@ -49,6 +50,11 @@ class AdaLNConfig:
 @dataclass(frozen=True)
 class AdaLNGroupConfig:
     num_groups: int = 4  # G shared projections; layer i uses group i % G
+
+    def __post_init__(self):
+        check_fields(self, "adaln-group")
+        if self.num_groups < 1:
+            raise ConfigError(f"num_groups must be a positive integer, got {self.num_groups!r}")
 
 
 @dataclass(frozen=True)

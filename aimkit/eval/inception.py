@@ -47,6 +47,7 @@ __all__ = [
     "find_inception_weights",
     "inception_key_map",
     "load_inception",
+    "check_responds",
 ]
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -365,9 +366,39 @@ def load_inception(
     from ..weights import load_strict, read_state_dict
 
     weights = find_inception_weights(path)
-    state = inception_key_map(read_state_dict(weights))
+    state = inception_key_map(read_state_dict(weights))  # NaN / infinite tensors are refused there
     net = FIDInceptionV3()
     load_strict(net, state, "FID Inception-v3", source=weights)
     for p in net.parameters():
         p.requires_grad_(False)
+    check_responds(net.eval(), weights)
     return net.to(device).eval()
+
+
+def check_responds(net: FIDInceptionV3, source: Union[str, os.PathLike] = "the weights") -> None:
+    """Refuse a network whose features do not depend on the image.
+
+    A file of the right names and shapes but wrong values (all zeros, one constant) gives the
+    same features for every image, so every FID would be a silent 0.0000. Two random 80 x 80
+    images go through the network unresized (the smallest size it takes; a few tens of ms on a
+    CPU core) and must give finite, different features.
+
+    Raises:
+        CheckpointError: naming ``source``.
+    """
+    from ..errors import CheckpointError
+
+    images = torch.rand(2, 3, 80, 80, generator=torch.Generator().manual_seed(0))
+    resize, net.resize_input = net.resize_input, False
+    try:
+        with torch.no_grad():
+            out = net(images.to(net.fc.weight.device))
+    finally:
+        net.resize_input = resize
+    if not bool(torch.isfinite(out.features).all() and torch.isfinite(out.logits).all()):
+        raise CheckpointError(f"the FID Inception network from {source} gives NaN or infinite features")
+    if bool((out.features[0] - out.features[1]).abs().max() == 0):
+        raise CheckpointError(
+            f"the FID Inception network from {source} gives the same features for different images, so every "
+            f"FID would be 0; the file does not hold the FID Inception-v3 weights ({INCEPTION_WEIGHTS_FILE})"
+        )

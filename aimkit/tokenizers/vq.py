@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._config import check_fields
 from ..errors import ConfigError
 from ..registry import TOKENIZERS
 from .base import Tokenizer
@@ -45,6 +46,7 @@ class VQConfig:
     image_size: int = 256  # training resolution; attention sits at the lowest level (16x16)
 
     def __post_init__(self) -> None:
+        check_fields(self, "VQConfig")  # types: ints are ints, ch_mult a list of ints, dropout finite
         positive = (
             "codebook_size",
             "codebook_embed_dim",
