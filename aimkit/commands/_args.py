@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int", "resolve_device"]
+__all__ = ["positive_int", "seed", "resolve_device"]
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +15,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed in [0, 2**63) (what ``torch.Generator.manual_seed`` takes), or an argparse error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text!r}")
     return value
 
 

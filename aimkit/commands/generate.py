@@ -25,6 +25,7 @@ from pathlib import Path
 from .._io import check_writable_dir
 from ..errors import ConfigError
 from ._args import positive_int as _positive_int
+from ._args import seed as _seed
 from ._args import resolve_device as _device
 
 HELP = "sample images of chosen classes into a PNG grid"
@@ -41,16 +42,6 @@ def _labels(text: str):
     if not labels:
         raise argparse.ArgumentTypeError("--labels needs at least one class id")
     return labels
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text!r}")
-    return value
 
 
 def add_arguments(parser) -> None:

@@ -26,7 +26,6 @@ model is built.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -39,21 +38,12 @@ from .._lock import FolderBusyError, FolderLock
 from ..build import build, resolve_config
 from ..errors import ConfigError
 from ._args import positive_int as _positive_int
+from ._args import seed as _seed
 
 HELP = "sample images for FID into an ADM-layout .npz (sharded, resumable, accelerate-ready)"
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model", "lock_shard_dir"]
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text!r}")
-    return value
 
 
 def add_arguments(parser) -> None:
