@@ -46,6 +46,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             save_file(tensors, tmp)
     """
     path = Path(path)
+    if os.path.lexists(path) and not path.is_file():  # a device, a folder, a socket: never replaced
+        raise FileExistsError(errno.EEXIST, "exists and is not a regular file; refusing to replace it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -11,6 +11,7 @@ import errno
 import importlib
 import json
 import os
+import stat
 import random
 import shutil
 import signal
@@ -487,10 +488,20 @@ def test_generate_bad_input_is_one_line_before_sampling(tmp_path, capsys, monkey
         (["--out", str(tmp_path / "adir")], "is an existing directory"),
         (["--out-dir", str(tmp_path / "afile")], "is an existing file"),
         (["--out", str(tmp_path / "afile" / "g.png")], "exists and is not a directory"),
+        (["--out", str(tmp_path / "fifo.png")], "exists and is not a regular file"),
+        (["--out", str(tmp_path / "g.jpg")], "ending in .png"),
+        (["--batch-size", "99999999999999999999", "--out", str(tmp_path / "g.png")], "below 2**63"),
+        (["--batch-size", str(2**63), "--out", str(tmp_path / "g.png")], "below 2**63"),
     ]
+    os.mkfifo(tmp_path / "fifo.png")  # stands for /dev/null: a file that is no regular file
     for extra, words in cases:
-        assert main(_generate_argv(*extra)) == 2, extra
+        try:
+            code = main(_generate_argv(*extra))
+        except SystemExit as exc:  # argparse's own one-line error
+            code = exc.code
+        assert code == 2, extra
         assert words in _one_line(capsys, "aimkit generate: error: "), extra
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo.png").st_mode)  # left as it was
     monkeypatch.setattr(aimkit_io, "os", _FullDiskOs())
     assert main(_generate_argv("--out", str(tmp_path / "full" / "g.png"))) == 2
     assert "the disk is full" in _one_line(capsys, "aimkit generate: error: ")
@@ -518,10 +529,15 @@ def test_sample_bad_input_is_one_line_before_sampling(tmp_path, capsys, monkeypa
         (_sample_argv(tmp_path / "adir.npz"), "is an existing directory"),
         (_sample_argv(tmp_path / "s.npz", "--shard-dir", str(tmp_path / "afile")), "is an existing file"),
         (_sample_argv(tmp_path / "s.npz", "--labels", str(tmp_path / "labels.txt")), "label 99"),
-        (_sample_argv(tmp_path / "s.npz", "--num", "99999999999999999999"), "more than one sampling run"),
+        (_sample_argv(tmp_path / "s.npz", "--num", "99999999999999999999"), "below 2**63"),
+        (_sample_argv(tmp_path / "s.npz", "--num", str(2**62)), "more than one sampling run"),
     ]
     for argv, words in cases:
-        assert main(argv) == 2, argv
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own one-line error
+            code = exc.code
+        assert code == 2, argv
         assert words in _one_line(capsys, "aimkit sample: error: "), argv
     monkeypatch.setattr(aimkit_io, "os", _FullDiskOs())
     assert main(_sample_argv(tmp_path / "full" / "s.npz")) == 2

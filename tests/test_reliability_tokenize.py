@@ -480,9 +480,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "noimages" / "a").mkdir(parents=True)
     (tmp_path / "noimages" / "a" / "notes.txt").write_text("x")
     cases = [
-        (["--workers", "-1"], photos, tmp_path / "o1", "--workers must be >= 0"),
-        (["--batch-size", "0"], photos, tmp_path / "o2", "--batch-size must be positive"),
-        (["--shard-size", "0"], photos, tmp_path / "o2", "--shard-size must be positive"),
+        (["--workers", "-1"], photos, tmp_path / "o1", "--workers must be an integer in [0, 256]"),
+        (["--workers", "99999999999999999999"], photos, tmp_path / "o1", "--workers must be an integer in [0, 256]"),
+        (["--batch-size", "0"], photos, tmp_path / "o2", "--batch-size must be an integer in [1, "),
+        (["--batch-size", str(2**40)], photos, tmp_path / "o2", "--batch-size must be an integer in [1, "),
+        (["--shard-size", "0"], photos, tmp_path / "o2", "--shard-size must be an integer in [1, "),
         (["--image-size", "-64"], photos, tmp_path / "o2", "--image-size must be positive"),
         (["--image-size", "30"], photos, tmp_path / "o2", "not a positive multiple of 4"),
         ([], photos, afile, "exists and is not a directory"),

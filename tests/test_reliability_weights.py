@@ -680,3 +680,26 @@ def test_bench_user_errors_exit_2_before_any_work(tmp_path, capsys, argv, expect
         argv = ["--device", "cpu", *argv]
     code, err = _cli(capsys, ["bench", *argv])
     assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_atomic_writer_never_replaces_a_non_regular_file(tmp_path):
+    """A device, FIFO or folder at the target is refused, never swapped for a regular file
+    (``aimkit generate --out /dev/null`` once replaced the device node)."""
+    import errno
+    import os
+    import stat
+
+    from aimkit._io import write_text_atomic
+    from aimkit.errors import environment_error_message
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    for target in (fifo, tmp_path / "folder"):
+        with pytest.raises(FileExistsError) as info:
+            write_text_atomic(target, "x")
+        assert info.value.errno == errno.EEXIST
+        assert environment_error_message(info.value) == f"{target}: exists and is not a regular file; refusing to replace it"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and (tmp_path / "folder").is_dir()
+    assert list(tmp_path.iterdir()) == [fifo, tmp_path / "folder"] or sorted(tmp_path.iterdir()) == sorted(
+        [fifo, tmp_path / "folder"])  # no temporary file left

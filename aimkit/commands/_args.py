@@ -15,6 +15,8 @@ def positive_int(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value >= 2**63:  # torch sizes and seeds are int64
+        raise argparse.ArgumentTypeError(f"expected a positive integer below 2**63, got {text!r}")
     return value
 
 

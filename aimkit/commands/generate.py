@@ -18,6 +18,7 @@ an earlier grid with a truncated file.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter dtype (default float32)")
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="grid image to write (default samples.png)")
-    parser.add_argument("--out-dir", metavar="DIR", help="also write every image as DIR/NNNNN_class<id>.png")
+    parser.add_argument("--out-dir", metavar="DIR", help="also write every image as DIR/NNNNN_class<id>.png (files of those names are replaced, each atomically once sampling has succeeded)")
     parser.add_argument("--captions", action="store_true", help="write each image's class id under it in the grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -115,6 +116,10 @@ def check_outputs(out, out_dir) -> None:
             raise ConfigError(
                 f"--out {out} is an existing directory; give the grid's file name, e.g. {out / 'grid.png'}"
             )
+        if os.path.lexists(out) and not out.is_file():
+            raise ConfigError(f"--out {out} exists and is not a regular file (a device or socket); give a .png file")
+        if out.suffix.lower() != ".png":
+            raise ConfigError(f"--out {out}: the grid is written as PNG; give a file name ending in .png")
         check_writable_dir(out.parent, "the folder of --out", ConfigError)
     if out_dir:
         out_dir = Path(out_dir)

@@ -133,13 +133,17 @@ class TokenizeReport:
         return text
 
 
+MAX_WORKERS = 256  # decoding processes per process; far above any useful count
+MAX_BATCH = 2**20  # images encoded together / per shard
+
+
 def _check_numbers(**values: int) -> None:
-    minimum = {"batch_size": 1, "shard_size": 1, "num_workers": 0}
+    bounds = {"batch_size": (1, MAX_BATCH), "shard_size": (1, MAX_BATCH), "num_workers": (0, MAX_WORKERS)}
     for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum[key]:
+        low, high = bounds[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             flag = "--workers" if key == "num_workers" else f"--{key.replace('_', '-')}"
-            need = "positive" if minimum[key] else ">= 0"
-            raise ConfigError(f"{flag} must be {need}, got {value!r}")
+            raise ConfigError(f"{flag} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def tokenize_folder(
