@@ -59,6 +59,6 @@ def environment_error_message(exc: BaseException):
     missing path, permissions); ``None`` for anything else, which is then treated as a bug."""
     if not isinstance(exc, OSError) or exc.errno not in _ENVIRONMENT_ERRNOS:
         return None
-    where = f"{exc.filename}: " if exc.filename else ""
+    where = f": {exc.filename}" if exc.filename else ""
     reason = exc.strerror if exc.errno == errno.EEXIST and exc.strerror else _ENVIRONMENT_ERRNOS[exc.errno]
-    return f"{where}{reason}"
+    return f"{reason}{where}"

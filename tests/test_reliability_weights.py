@@ -699,7 +699,7 @@ def test_atomic_writer_never_replaces_a_non_regular_file(tmp_path):
         with pytest.raises(FileExistsError) as info:
             write_text_atomic(target, "x")
         assert info.value.errno == errno.EEXIST
-        assert environment_error_message(info.value) == f"{target}: exists and is not a regular file; refusing to replace it"
+        assert environment_error_message(info.value) == f"exists and is not a regular file; refusing to replace it: {target}"
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and (tmp_path / "folder").is_dir()
     assert list(tmp_path.iterdir()) == [fifo, tmp_path / "folder"] or sorted(tmp_path.iterdir()) == sorted(
         [fifo, tmp_path / "folder"])  # no temporary file left
