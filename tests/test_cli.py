@@ -49,3 +49,15 @@ def test_convert_official_file_to_aimkit_dir(tmp_path, capsys):
     labels = torch.tensor([3, 30])
     with torch.no_grad():
         assert (src(codes, labels) - out(codes, labels)).abs().max() <= 1e-5
+
+
+def test_python_dash_m_aimkit_is_the_cli():
+    """``python -m aimkit`` runs the same command line (and the same one-line errors)."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "aimkit", "--version"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("aimkit ")
+    bad = subprocess.run([sys.executable, "-m", "aimkit", "generate", "--model", "aim-tiny-shapes", "--seed", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
