@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Union
 
 from .errors import AimkitError
 
-__all__ = ["FolderLock", "FolderBusyError", "LOCK_NAME"]
+__all__ = ["FolderLock", "FolderBusyError", "LOCK_NAME", "lock_on_main_process"]
 
 LOCK_NAME = ".aimkit.lock"
 
@@ -125,3 +125,41 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _main_process_outcome(state, message: Optional[str]) -> Optional[str]:
+    """Every process gets the main process's ``message`` (None: go on); one process: unchanged."""
+    if state.num_processes == 1:
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def lock_on_main_process(state, folder: Union[str, os.PathLike], command: str) -> Optional[FolderLock]:
+    """The main process of a (possibly multi-process) run takes ``folder``'s lock, and every
+    process learns whether it got it, so a refused run stops everywhere instead of hanging.
+
+    Args:
+        state: accelerate's ``PartialState`` (``is_main_process``, ``num_processes``).
+        folder: the output folder to guard.
+        command: what the owner is doing (``"aimkit sample"``).
+
+    Returns:
+        The held :class:`FolderLock` in the main process, None in the others.
+
+    Raises:
+        FolderBusyError: in every process, when another run holds the folder.
+    """
+    lock, message = None, None
+    if state.is_main_process:
+        try:
+            lock = FolderLock(folder, command=command).acquire()
+        except FolderBusyError as exc:
+            message = str(exc)
+    message = _main_process_outcome(state, message)
+    if message is not None:
+        raise FolderBusyError(message)
+    return lock

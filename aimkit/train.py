@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -927,12 +926,11 @@ def _resume_from(search: _ResumeSearch, path: Path, accelerator, gen, optimizer,
 
 
 def param_fingerprint(module: torch.nn.Module) -> int:
-    """A 56-bit hash of every tensor of ``module``'s state dict (equal iff bitwise equal, w.h.p.)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest()[:7], "little")
+    """A 56-bit hash of every tensor of ``module``'s state dict (equal iff bitwise equal, w.h.p.):
+    the head of :func:`aimkit.weights.state_dict_fingerprint`, small enough for an int64 gather."""
+    from .weights import state_dict_fingerprint
+
+    return int(state_dict_fingerprint(module)[:14], 16)
 
 
 class _StopSignal:

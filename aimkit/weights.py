@@ -23,6 +23,7 @@ Typical use::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ __all__ = [
     "read_tensor_shapes",
     "save_safetensors_atomic",
     "select_prefix",
+    "state_dict_fingerprint",
     "strip_prefix",
     "weight_file",
 ]
@@ -416,3 +418,16 @@ def save_safetensors_atomic(
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def state_dict_fingerprint(module: nn.Module) -> str:
+    """Hex SHA-256 of a module's state dict: for each entry in name order, its name, dtype, shape
+    and raw bytes. Equal fingerprints mean bit-identical weights (token folders record their
+    tokenizer's; training compares replicas by it)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype!s}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

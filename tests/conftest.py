@@ -29,13 +29,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
     return module
 
 
+# overrides giving a fast Mamba2 generator without a tokenizer: aimkit.build("aim-b", **TINY_MAMBA)
+TINY_MAMBA = dict(
+    d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
+    d_state=16, headdim=8, chunk_size=8,
+)
+
+
 @pytest.fixture
 def tiny_kwargs():
-    """Overrides giving a fast Mamba2 generator without a tokenizer."""
-    return dict(
-        d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
-        d_state=16, headdim=8, chunk_size=8,
-    )
+    """Overrides giving a fast Mamba2 generator without a tokenizer (a fresh copy of TINY_MAMBA)."""
+    return dict(TINY_MAMBA)
 
 
 @pytest.fixture

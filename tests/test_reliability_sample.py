@@ -51,10 +51,9 @@ from aimkit.samplers.logits import (
     sample,
     top_p_filter,
 )
-from conftest import randomize_
+from conftest import TINY_MAMBA, randomize_
 
-TINY = dict(d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
-            d_state=16, headdim=8, chunk_size=8)
+TINY = TINY_MAMBA
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(labels="random", seed=5, batch_size=2, shard_size=2, progress=False)  # 6 images: 3 shards
 

@@ -29,10 +29,9 @@ from aimkit.eval.sample import (
     shard_name,
     shard_seed,
 )
-from conftest import randomize_
+from conftest import TINY_MAMBA, randomize_
 
-TINY = dict(d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
-            d_state=16, headdim=8, chunk_size=8)
+TINY = TINY_MAMBA
 
 
 class PaletteDecoder(nn.Module):

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .._io import check_writable_dir
-from .._lock import FolderBusyError, FolderLock
+from .._lock import lock_on_main_process
 from ..build import build, resolve_config
 from ..errors import ConfigError
 from ._args import positive_int as _positive_int
@@ -125,36 +125,10 @@ def _paths(args):
     return out, shard_dir
 
 
-def _main_process_outcome(state, message):
-    """Every process gets the main process's ``message`` (None: go on); one process: unchanged."""
-    if state.num_processes == 1:
-        return message
-    import torch.distributed as dist
-
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def lock_shard_dir(state, shard_dir: Path):
-    """The main process takes the shard folder's lock; every process learns whether it got it.
-
-    Returns:
-        The held :class:`FolderLock` in the main process, None in the others.
-
-    Raises:
-        FolderBusyError: in every process, when another run holds the folder.
-    """
-    lock, message = None, None
-    if state.is_main_process:
-        try:
-            lock = FolderLock(shard_dir, command="aimkit sample").acquire()
-        except FolderBusyError as exc:
-            message = str(exc)
-    message = _main_process_outcome(state, message)
-    if message is not None:
-        raise FolderBusyError(message)
-    return lock
+    """The main process takes the shard folder's lock; every process learns whether it got it
+    (:func:`aimkit._lock.lock_on_main_process`)."""
+    return lock_on_main_process(state, shard_dir, "aimkit sample")
 
 
 def run(args) -> int:

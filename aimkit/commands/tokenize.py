@@ -191,7 +191,7 @@ def tokenize_folder(
     from accelerate import PartialState
 
     from .._io import check_writable_dir
-    from .._lock import FolderLock
+    from .._lock import lock_on_main_process
     from ..train import _distributed_cpu
 
     _check_numbers(batch_size=batch_size, shard_size=shard_size, num_workers=num_workers)
@@ -200,7 +200,7 @@ def tokenize_folder(
     scan = scan_image_folder(data)
     check_writable_dir(out, "--out", ConfigError)
     state = PartialState(cpu=_distributed_cpu())
-    lock = FolderLock(out, command="aimkit tokenize").acquire() if state.is_main_process else None
+    lock = lock_on_main_process(state, out, "aimkit tokenize")
     try:
         plan = dict(
             num_sources=len(scan.files),

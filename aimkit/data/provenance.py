@@ -22,7 +22,6 @@ is a :class:`~aimkit.errors.ConfigError` that says what to do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from ..errors import AimkitError, ConfigError
+from ..weights import state_dict_fingerprint
 
 __all__ = [
     "tokenizer_fingerprint",
@@ -45,15 +45,8 @@ _SOURCE_KEYS = ("model", "pretrained", "tokenizer", "tokenizer_weights", "option
 
 
 def tokenizer_fingerprint(module: torch.nn.Module) -> str:
-    """Hex SHA-256 of a module's state dict: for each entry in name order, its name, dtype,
-    shape and raw bytes. Equal fingerprints mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype!s}\0{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """The weight fingerprint a record holds (:func:`aimkit.weights.state_dict_fingerprint`)."""
+    return state_dict_fingerprint(module)
 
 
 def _json_ready(value: Any) -> Any:
