@@ -800,13 +800,16 @@ def _remove_dir(path: Path) -> None:
 
 def _check_finite(gen, step: int, last: Optional[Path], what: str) -> None:
     """Raise :class:`TrainingStopped` when a parameter holds NaN or inf (``what`` is not written)."""
-    for name, p in gen.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise TrainingStopped(
-                f"step {step}: parameter {name} is not finite (NaN or inf), so {what} was not written; "
-                f"the last good checkpoint is {last if last else 'none (no checkpoint yet)'}; "
-                "lower the lr or the weight_decay, or check the data"
-            )
+    from .weights import first_nonfinite
+
+    found = first_nonfinite((name, p.detach()) for name, p in gen.named_parameters())
+    if found is not None:
+        name = found[0]
+        raise TrainingStopped(
+            f"step {step}: parameter {name} is not finite (NaN or inf), so {what} was not written; "
+            f"the last good checkpoint is {last if last else 'none (no checkpoint yet)'}; "
+            "lower the lr or the weight_decay, or check the data"
+        )
 
 
 class _Checkpointer:

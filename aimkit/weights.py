@@ -26,7 +26,7 @@ import argparse
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from .errors import CheckpointError
 __all__ = [
     "WRAPPER_KEYS",
     "check_finite",
+    "first_nonfinite",
     "check_state_dict",
     "load_strict",
     "read_state_dict",
@@ -129,28 +130,38 @@ def weight_file(path: PathLike) -> Path:
     return path
 
 
-def check_finite(sd: Mapping[str, Tensor], source: PathLike | None = None) -> None:
-    """Raise when a floating tensor of ``sd`` holds NaN or infinity, naming the first one.
+def first_nonfinite(tensors: Iterable[tuple[str, Tensor]]) -> tuple[str, int, int] | None:
+    """``(name, bad, numel)`` of the first floating tensor holding NaN or infinity, else None.
 
     A sum per tensor is the fast test (NaN and infinity survive a sum); only a tensor whose sum
     is not finite (which also happens for huge finite values) is scanned element by element.
-
-    Raises:
-        CheckpointError: ``model.safetensors: tensor 'tok_embed.weight' holds 12 NaN / infinite
-            values (of 2048)``.
     """
-    for name, t in sd.items():
+    for name, t in tensors:
         if not (isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())) or t.numel() == 0:
             continue
         if torch.isfinite(t.sum()).all():
             continue
         bad = int((~torch.isfinite(t)).sum())
         if bad:
-            origin = f"{source}: " if source is not None else ""
-            raise CheckpointError(
-                f"{origin}tensor {name!r} holds {bad:,} NaN / infinite values (of {t.numel():,}); "
-                "the file is corrupt or was saved from a diverged run"
-            )
+            return name, bad, t.numel()
+    return None
+
+
+def check_finite(sd: Mapping[str, Tensor], source: PathLike | None = None) -> None:
+    """Raise when a floating tensor of ``sd`` holds NaN or infinity, naming the first one.
+
+    Raises:
+        CheckpointError: ``model.safetensors: tensor 'tok_embed.weight' holds 12 NaN / infinite
+            values (of 2048)``.
+    """
+    found = first_nonfinite(sd.items())
+    if found is not None:
+        name, bad, numel = found
+        origin = f"{source}: " if source is not None else ""
+        raise CheckpointError(
+            f"{origin}tensor {name!r} holds {bad:,} NaN / infinite values (of {numel:,}); "
+            "the file is corrupt or was saved from a diverged run"
+        )
 
 
 def _find_in_dir(folder: Path) -> Path:
