@@ -18,14 +18,13 @@ got '4' (str)``) instead of a traceback from deep inside a constructor:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import types
 import typing
 from typing import Any, Dict, Mapping, Optional, Type, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 __all__ = ["check_fields", "check_value", "config_from_dict", "config_to_dict", "describe", "replace_checked"]
 
@@ -37,8 +36,7 @@ def _check_keys(cls: type, keys, where: str) -> None:
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in keys:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(key, valid)
             raise ConfigError(
                 f"unknown {where} option {key!r}{hint} Valid options: {', '.join(valid)}"
             )

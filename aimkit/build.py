@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from ._config import replace_checked
 from ._io import read_json
 from .config import ComponentSpec, GeneratorConfig, _REGISTRIES
-from .errors import AimkitError, CheckpointError, ConfigError
+from .errors import AimkitError, CheckpointError, ConfigError, did_you_mean
 from .generator import CONFIG_NAME, Generator
 from .registry import GENERATORS
 
@@ -77,10 +77,7 @@ def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: 
                 spec = getattr(config, kind)
                 if spec is not None and spec.config is not None:
                     valid += [f.name for f in dataclasses.fields(spec.config)]
-            import difflib
-
-            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(key, valid, cutoff=0.6)
             raise ConfigError(f"unknown option {key!r} for {where}{hint}")
         if len(owners) > 1:
             raise ConfigError(

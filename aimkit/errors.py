@@ -4,7 +4,9 @@ User-facing errors derive from :class:`AimkitError`; the CLI prints their messag
 and exits with status 2 instead of showing a traceback.
 """
 
+import difflib
 import errno
+from typing import Iterable
 
 __all__ = [
     "AimkitError",
@@ -12,8 +14,20 @@ __all__ = [
     "DuplicateNameError",
     "ConfigError",
     "CheckpointError",
+    "did_you_mean",
     "environment_error_message",
 ]
+
+
+def did_you_mean(name: object, choices: Iterable[str], cutoff: float = 0.5, quote: bool = True) -> str:
+    """``"; did you mean 'a', 'b'?"`` for the (up to three) choices closest to ``name``, or ``""``.
+
+    The one suggestion helper behind every "unknown name" message (registries, config keys,
+    build overrides, recipe names), so they all read the same way."""
+    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=cutoff)
+    if not close:
+        return ""
+    return f"; did you mean {', '.join(repr(c) if quote else c for c in close)}?"
 
 
 class AimkitError(Exception):

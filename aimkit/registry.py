@@ -17,14 +17,13 @@ searched, and which registers its components with these same decorators.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 import threading
 from importlib import metadata
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
-from .errors import DuplicateNameError, UnknownNameError
+from .errors import DuplicateNameError, UnknownNameError, did_you_mean
 
 __all__ = [
     "Registry",
@@ -110,8 +109,7 @@ class Registry:
         except (KeyError, TypeError):
             pass
         known = sorted(self._entries)
-        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, known, cutoff=0.4)
         listing = ", ".join(known) if known else "none"
         broken = f" (plugins that failed to load: {', '.join(_plugin_errors)})" if _plugin_errors else ""
         raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} Known {self.kind}s: {listing}{broken}")

@@ -1,0 +1,228 @@
+"""Which implementation of each operation runs: one explicit, immutable execution policy.
+
+Every numerical operation with a fast path has two implementations: a pure-PyTorch reference that
+runs anywhere (and that the fast path is tested against) and a kernel (Triton, mamba-ssm,
+``torch.compile``, CUDA graphs). An :class:`ExecutionPolicy` says which one each operation uses.
+It is decided once, when a model or trainer is built (``aimkit.build(..., policy=...)``), stored
+on it (``gen.policy``), shown by ``repr(gen)`` and ``aimkit info MODEL``, written into benchmark
+results, and part of every CUDA-graph key, so a captured graph never replays another policy.
+Nothing reads global state per call.
+
+Per-operation choices take three values:
+
+* ``"auto"`` (default): the kernel for CUDA tensors when it can be imported, else the reference;
+* ``"kernel"``: the kernel or an error (CPU tensors, or the package missing), for tests that must
+  exercise the fast path;
+* ``"reference"``: always the PyTorch reference.
+
+Environment variables only give the default (:func:`default_policy`, read when an object is
+built without an explicit policy, never per call): ``AIMKIT_DECODE_KERNELS`` (``all``, ``none``
+or a comma list of ``ssm``, ``conv``, ``norm``, ``gnorm``) and ``AIMKIT_TRAIN_COMPILE``
+(``auto``, ``never`` or a comma list of ``glue``, ``loss``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["CHOICES", "OPERATIONS", "ExecutionPolicy", "default_policy", "kernel_available"]
+
+CHOICES = ("auto", "kernel", "reference")
+
+# operation -> (what its kernel is, the package the kernel needs)
+OPERATIONS: Dict[str, tuple] = {
+    "scan": ("mamba-ssm's chunked scan, gated norm and causal-conv1d for whole sequences", "mamba_ssm"),
+    "state_update": ("aimkit's one-pass Mamba2 state-update kernel (decode step)", "triton"),
+    "conv_step": ("aimkit's ring-buffer convolution-step kernel (decode step)", "triton"),
+    "decode_glue": ("aimkit's fused residual-add + RMSNorm + modulation kernel (decode step)", "triton"),
+    "sampling": ("aimkit's fused guidance + temperature + Gumbel-max sampling kernels", "triton"),
+}
+TRAIN_STEPS = ("eager", "graph")
+STATE_DTYPES = ("float32", "model")
+
+_DECODE_ENV = "AIMKIT_DECODE_KERNELS"
+_COMPILE_ENV = "AIMKIT_TRAIN_COMPILE"
+_DECODE_KINDS = {"ssm": "state_update", "conv": "conv_step", "norm": "decode_glue"}
+
+
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """How a model computes, as opposed to what it computes (its config): same maths, other speed.
+
+    Attributes:
+        scan: Mamba2 over whole sequences (training, prefill): mamba-ssm's Triton chunked scan and
+            gated norm, causal-conv1d's convolution when installed; reference: aimkit's chunked SSD.
+        state_update: the Mamba2 decode-step state update (aimkit's Triton kernel).
+        conv_step: the Mamba2 decode-step convolution (aimkit's Triton kernel).
+        decode_glue: the decode step's glue between sublayers (gated residual add, RMSNorm,
+            modulation) as one Triton kernel per sublayer.
+        sampling: plain temperature sampling (no top-k / top-p) as two Triton kernels per step.
+        fold_gated_norm: fold Mamba2's gated RMSNorm into the state-update and glue kernels
+            (needs both as kernels).
+        split_scan: in training, Mamba2's whole mixer after ``in_proj`` as mamba-ssm's one
+            autograd function (needs ``scan`` as kernel and causal-conv1d).
+        chunk_size: chunk length of the chunked scan (either implementation).
+        state_dtype: decoding SSM state: ``"float32"`` (float64 for a float64 model) or ``"model"``
+            (the model's dtype, e.g. bf16: half the memory traffic of a decode step).
+        compile_glue: ``torch.compile`` the glue between sublayers in whole-sequence forwards
+            without a cache on CUDA (training); falls back to eager with one warning.
+        compile_loss: ``torch.compile`` the float32 cross-entropy on CUDA.
+        train_step: the trainer's step: ``"eager"`` or ``"graph"`` (forward, backward, clipping
+            and the optimizer step replayed from CUDA graphs).
+    """
+
+    scan: str = "auto"
+    state_update: str = "auto"
+    conv_step: str = "auto"
+    decode_glue: str = "auto"
+    sampling: str = "auto"
+    fold_gated_norm: bool = True
+    split_scan: bool = True
+    chunk_size: int = 128
+    state_dtype: str = "float32"
+    compile_glue: bool = True
+    compile_loss: bool = True
+    train_step: str = "eager"
+
+    def __post_init__(self):
+        for op in OPERATIONS:
+            if getattr(self, op) not in CHOICES:
+                raise ConfigError(f"policy {op} must be one of {list(CHOICES)}, got {getattr(self, op)!r}")
+        for name in ("fold_gated_norm", "split_scan", "compile_glue", "compile_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"policy {name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ConfigError(f"policy chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ConfigError(f"policy state_dtype must be one of {list(STATE_DTYPES)}, got {self.state_dtype!r}")
+        if self.train_step not in TRAIN_STEPS:
+            raise ConfigError(f"policy train_step must be one of {list(TRAIN_STEPS)}, got {self.train_step!r}")
+
+    # ------------------------------------------------------------------------- construction
+
+    @classmethod
+    def reference(cls, **changes: Any) -> "ExecutionPolicy":
+        """Every operation on its PyTorch reference, nothing compiled (``changes`` applied last)."""
+        base = {op: "reference" for op in OPERATIONS}
+        base.update(fold_gated_norm=False, split_scan=False, compile_glue=False, compile_loss=False)
+        base.update(changes)
+        return cls.from_dict(base)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "policy") -> "ExecutionPolicy":
+        """A policy from a plain mapping (a recipe's ``policy:`` section, a benchmark record);
+        unknown keys name the closest valid ones."""
+        from ._config import config_from_dict
+
+        return config_from_dict(cls, dict(data), where)
+
+    def replace(self, **changes: Any) -> "ExecutionPolicy":
+        """A copy with ``changes`` (checked like :meth:`from_dict`)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Every field as plain JSON values (benchmark records, ``aimkit info``)."""
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------------- decisions
+
+    def use_kernel(self, op: str, x: Union[torch.Tensor, torch.device]) -> bool:
+        """Whether ``op`` runs its kernel for tensors like ``x`` (a tensor or a device).
+
+        ``"auto"``: CUDA, not float64 (the kernels compute in float32 or lower), and the kernel's
+        package importable. ``"kernel"``: the same conditions or a :class:`ConfigError` that says
+        which one fails. ``"reference"``: never."""
+        choice = getattr(self, op) if op in OPERATIONS else _unknown_op(op)
+        if choice == "reference":
+            return False
+        device = x if isinstance(x, torch.device) else x.device
+        float64 = torch.is_tensor(x) and x.dtype == torch.float64
+        usable = device.type == "cuda" and not float64 and kernel_available(op)
+        if not usable and choice == "kernel":
+            why = ("float64 tensors" if float64 else f"tensors on {device}" if device.type != "cuda"
+                   else f"{OPERATIONS[op][1]} cannot be imported")
+            raise ConfigError(f"policy {op}='kernel' needs CUDA float tensors and {OPERATIONS[op][1]}, "
+                              f"got {why}; use {op}='auto' or 'reference'")
+        return usable
+
+    def resolved(self, device: Union[str, torch.device]) -> Dict[str, str]:
+        """What each operation runs on ``device`` (``"kernel"`` / ``"reference"``), for reports."""
+        device = torch.device(device)
+        out = {}
+        for op in OPERATIONS:
+            try:
+                out[op] = "kernel" if self.use_kernel(op, device) else "reference"
+            except ConfigError:
+                out[op] = "unavailable"
+        return out
+
+    def describe(self) -> str:
+        """One line of the fields that differ from the defaults (``"defaults"`` when none do)."""
+        default = ExecutionPolicy()
+        changed = [f"{k}={v!r}" for k, v in self.to_dict().items() if getattr(default, k) != v]
+        return ", ".join(changed) if changed else "defaults"
+
+    def __repr__(self) -> str:
+        return f"ExecutionPolicy({self.describe()})"
+
+
+def _unknown_op(op: str):
+    raise ValueError(f"unknown operation {op!r}; known: {list(OPERATIONS)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def kernel_available(op: str) -> bool:
+    """Whether the package ``op``'s kernel needs can be found (cached: installs don't change
+    under a running process). CUDA itself is checked per tensor by :meth:`ExecutionPolicy.use_kernel`."""
+    return _importable(OPERATIONS[op][1])
+
+
+def _decode_env(value: str) -> Dict[str, Any]:
+    value = value.strip().lower()
+    if value in ("", "all"):
+        return {}
+    kinds = set() if value == "none" else {k.strip() for k in value.split(",") if k.strip()}
+    unknown = kinds - set(_DECODE_KINDS) - {"gnorm"}
+    if unknown:
+        raise ConfigError(f"{_DECODE_ENV}={value!r}: unknown kernel kinds {sorted(unknown)}; use 'all', "
+                          f"'none' or a comma list of {sorted(_DECODE_KINDS) + ['gnorm']}")
+    changes: Dict[str, Any] = {op: "auto" if kind in kinds else "reference" for kind, op in _DECODE_KINDS.items()}
+    changes["fold_gated_norm"] = "gnorm" in kinds
+    return changes
+
+
+def _compile_env(value: str) -> Dict[str, Any]:
+    value = value.strip().lower()
+    if value in ("", "auto"):
+        return {}
+    regions = set() if value == "never" else {r.strip() for r in value.split(",") if r.strip()}
+    unknown = regions - {"glue", "loss"}
+    if unknown:
+        raise ConfigError(f"{_COMPILE_ENV}={value!r}: use 'auto', 'never' or a comma list of "
+                          f"['glue', 'loss']; unknown: {sorted(unknown)}")
+    return {"compile_glue": "glue" in regions, "compile_loss": "loss" in regions}
+
+
+def default_policy(environ: Optional[Mapping[str, str]] = None) -> ExecutionPolicy:
+    """The policy an object gets when built without one: the defaults, changed only by
+    ``AIMKIT_DECODE_KERNELS`` and ``AIMKIT_TRAIN_COMPILE`` in ``environ`` (default
+    ``os.environ``), read now and never again by that object."""
+    env = os.environ if environ is None else environ
+    changes = {**_decode_env(env.get(_DECODE_ENV, "")), **_compile_env(env.get(_COMPILE_ENV, ""))}
+    return ExecutionPolicy(**changes)
