@@ -66,6 +66,8 @@ class ExecutionPolicy:
         decode_glue: the decode step's glue between sublayers (gated residual add, RMSNorm,
             modulation) as one Triton kernel per sublayer.
         sampling: plain temperature sampling (no top-k / top-p) as two Triton kernels per step.
+        decode_graph: on CUDA, replay each decode step from a captured CUDA graph (one launch
+            per step instead of one per kernel).
         fold_gated_norm: fold Mamba2's gated RMSNorm into the state-update and glue kernels
             (needs both as kernels).
         split_scan: in training, Mamba2's whole mixer after ``in_proj`` as mamba-ssm's one
@@ -85,6 +87,7 @@ class ExecutionPolicy:
     conv_step: str = "auto"
     decode_glue: str = "auto"
     sampling: str = "auto"
+    decode_graph: bool = True
     fold_gated_norm: bool = True
     split_scan: bool = True
     chunk_size: int = 128
@@ -97,7 +100,7 @@ class ExecutionPolicy:
         for op in OPERATIONS:
             if getattr(self, op) not in CHOICES:
                 raise ConfigError(f"policy {op} must be one of {list(CHOICES)}, got {getattr(self, op)!r}")
-        for name in ("fold_gated_norm", "split_scan", "compile_glue", "compile_loss"):
+        for name in ("decode_graph", "fold_gated_norm", "split_scan", "compile_glue", "compile_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"policy {name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -113,7 +116,7 @@ class ExecutionPolicy:
     def reference(cls, **changes: Any) -> "ExecutionPolicy":
         """Every operation on its PyTorch reference, nothing compiled (``changes`` applied last)."""
         base = {op: "reference" for op in OPERATIONS}
-        base.update(fold_gated_norm=False, split_scan=False, compile_glue=False, compile_loss=False)
+        base.update(decode_graph=False, fold_gated_norm=False, split_scan=False, compile_glue=False, compile_loss=False)
         base.update(changes)
         return cls.from_dict(base)
 
