@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test` (`make lint` checks the style).
 # Set-up: a .venv with CPU torch when no CUDA is present (torch==2.13.0, served locally here),
 # then aimkit itself in editable mode with its dev extras. Existing torch is never upgraded.
 PY ?= python3
@@ -33,6 +33,7 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -p no:cacheprovider
 
+# the rule set is pinned in pyproject.toml ([tool.ruff.lint]); CI (.ci/run) runs this and `make test`
 lint: setup
 	$(BIN)/ruff check aimkit tests recipes benchmarks
 

@@ -24,12 +24,12 @@ from .backbones import mamba2 as _mamba2  # noqa: F401  (mamba2)
 from .backbones import transformer as _transformer  # noqa: F401  (transformer)
 from .conditioning import adaln as _adaln  # noqa: F401  (adaln, adaln-group, adaln-single)
 from .samplers import autoregressive as _autoregressive  # noqa: F401  (autoregressive)
-from . import presets as _presets  # noqa: F401  (aim-b, aim-l, aim-xl, aim-1b)
-from . import presets_tiny as _presets_tiny  # noqa: F401  (aim-tiny-shapes)
+from . import presets as _presets  # noqa: F401  (aim-b/l/xl/1b, aim-tiny-shapes, aim-test-*)
 
 from .build import build, resolve_config
 from .config import ComponentSpec, GeneratorConfig, SamplingDefaults
 from .generator import Generator
+from .policy import ExecutionPolicy, default_policy
 
 __all__ = [
     "__version__",
@@ -37,6 +37,8 @@ __all__ = [
     "resolve_config",
     "list_models",
     "Generator",
+    "ExecutionPolicy",
+    "default_policy",
     "GeneratorConfig",
     "ComponentSpec",
     "SamplingDefaults",

@@ -13,6 +13,11 @@ got '4' (str)``) instead of a traceback from deep inside a constructor:
 * ``Tuple[X, Y]`` is a list or tuple of exactly that length, ``Tuple[X, ...]`` of any length,
   each element checked (JSON lists become tuples);
 * annotations it does not know (``Any``, plugin types) are not checked.
+
+Fields declared with :func:`option` carry their rules as metadata, checked by the same
+:func:`check_fields`: ``choices``, a range (``low`` / ``high``, each inclusive unless ``*_open``),
+and whether the field is ``runtime`` (changes how a model runs, never its weights:
+:func:`runtime_fields`).
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ import functools
 import math
 import types
 import typing
-from typing import Any, Dict, Mapping, Optional, Type, TypeVar
+from typing import Any, Dict, Mapping, Optional, Sequence, Type, TypeVar
 
 from .errors import ConfigError, did_you_mean
 
-__all__ = ["check_fields", "check_value", "config_from_dict", "config_to_dict", "describe", "replace_checked"]
+__all__ = [
+    "check_fields", "check_option", "check_value", "config_from_dict", "config_to_dict", "describe", "option",
+    "replace_checked", "runtime_fields",
+]
 
 C = TypeVar("C")
 _MAX_SHOWN = 60
@@ -155,7 +163,8 @@ def check_value(value: Any, annotation: Any, path: str) -> Any:
 def check_fields(cfg: Any, where: str) -> None:
     """Check every field of a dataclass instance against its annotation (for ``__post_init__``).
 
-    Lists given for tuple fields are stored as tuples (also on frozen dataclasses)."""
+    Lists given for tuple fields are stored as tuples (also on frozen dataclasses); fields
+    declared with :func:`option` are checked against their choices and range too."""
     hints = _type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         if f.name not in hints:
@@ -164,6 +173,64 @@ def check_fields(cfg: Any, where: str) -> None:
         checked = check_value(value, hints[f.name], f"{where} {f.name}")
         if checked is not value:
             object.__setattr__(cfg, f.name, checked)
+        if "aimkit" in f.metadata:
+            _check_rules(checked, f.metadata["aimkit"], f"{where} {f.name}")
+
+
+def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           choices: Optional[Sequence[Any]] = None, low: Optional[float] = None, high: Optional[float] = None,
+           low_open: bool = False, high_open: bool = False, runtime: bool = False, generation: bool = False) -> Any:
+    """A dataclass field with its rules as metadata (checked by :func:`check_fields`).
+
+    Args:
+        default, default_factory: as for :func:`dataclasses.field`.
+        choices: the allowed values.
+        low, high: the allowed range; ``low_open`` / ``high_open`` exclude the bound itself.
+        runtime: the field changes how a model runs, never the shapes or meaning of its weights.
+        generation: a sampling setting, saved apart from the architecture (implies ``runtime``).
+    """
+    meta = {"choices": None if choices is None else tuple(choices), "low": low, "high": high,
+            "low_open": low_open, "high_open": high_open, "runtime": runtime or generation,
+            "generation": generation}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"aimkit": meta})
+
+
+def _check_rules(value: Any, meta: Mapping[str, Any], path: str) -> None:
+    """Check ``value`` against an :func:`option`'s choices and range (None passes: Optional)."""
+    if value is None:
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{path} must be one of {list(meta['choices'])}, got {describe(value)}")
+    low, high = meta["low"], meta["high"]
+    below = low is not None and (value <= low if meta["low_open"] else value < low)
+    above = high is not None and (value >= high if meta["high_open"] else value > high)
+    if below or above:
+        raise ConfigError(f"{path} must be {_range_text(meta)}, got {describe(value)}")
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    """``"in [0, 1)"``, ``">= 1"`` or ``"< 2"``: how a message names an :func:`option`'s range."""
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+    if low is not None:
+        return f"{'>' if meta['low_open'] else '>='} {low:g}"
+    return f"{'<' if meta['high_open'] else '<='} {high:g}"
+
+
+def check_option(cfg: Any, name: str, path: Optional[str] = None) -> Any:
+    """Check one field of a dataclass instance (its type, and its :func:`option` rules); returns the value."""
+    value = check_value(getattr(cfg, name), _type_hints(type(cfg))[name], path or name)
+    meta = next(f.metadata for f in dataclasses.fields(cfg) if f.name == name).get("aimkit")
+    if meta is not None:
+        _check_rules(value, meta, path or name)
+    return value
+
+
+def runtime_fields(cls: type, kind: str = "runtime") -> frozenset:
+    """Names of the fields of dataclass ``cls`` declared ``option(..., runtime=True)`` (or, with
+    ``kind="generation"``, ``option(..., generation=True)``)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("aimkit", {}).get(kind))
 
 
 def config_to_dict(cfg: Any) -> Dict[str, Any]:

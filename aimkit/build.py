@@ -14,10 +14,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._config import replace_checked
-from ._io import read_json
-from .config import ComponentSpec, GeneratorConfig, _REGISTRIES
+from ._saved import CONFIG_NAME, LEGACY_RUNTIME, check_dtype, read_saved_config, saved_dtype
+from .config import _REGISTRIES, ComponentSpec, GeneratorConfig
 from .errors import AimkitError, CheckpointError, ConfigError, did_you_mean
-from .generator import CONFIG_NAME, Generator
+from .generator import Generator
+from .policy import ExecutionPolicy
 from .registry import GENERATORS
 
 __all__ = ["build", "resolve_config", "load_weights_into"]
@@ -27,6 +28,43 @@ _COMPONENT_KINDS = ("backbone", "conditioning", "tokenizer", "sampler")
 _SCALARS = [f.name for f in dataclasses.fields(GeneratorConfig) if f.name not in _COMPONENT_KINDS]
 
 PathLike = Union[str, os.PathLike]
+_POLICY_FIELDS = {f.name for f in dataclasses.fields(ExecutionPolicy)}
+def _swap_component(config: GeneratorConfig, kind: str, value: Any) -> Optional[ComponentSpec]:
+    """The spec for ``kind=value``: None (tokens only), a spec, or a registry name (kept with its
+    config when it names the current component, else that component's defaults)."""
+    if value is None:
+        if kind != "tokenizer":
+            raise ConfigError(f"{kind} cannot be None")
+        return None
+    if isinstance(value, ComponentSpec):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{kind} must be a registered {kind} name, got {value!r}")
+    _REGISTRIES[kind].get(value)  # raises with suggestions when unknown
+    current = getattr(config, kind)
+    return current if current is not None and current.name == value else ComponentSpec(value)
+
+
+def _component_fields(config: GeneratorConfig, kind: str) -> set:
+    spec = getattr(config, kind)
+    return set() if spec is None or spec.config is None else {f.name for f in dataclasses.fields(spec.config)}
+
+
+def _owner_of(config: GeneratorConfig, key: str, value: Any, where: str) -> str:
+    """The one component kind whose config has field ``key`` (or the error that says why not)."""
+    owners = [kind for kind in _COMPONENT_KINDS if key in _component_fields(config, kind)]
+    if len(owners) == 1:
+        return owners[0]
+    if owners:
+        raise ConfigError(f"option {key!r} is ambiguous for {where} (fields of {', '.join(owners)}); "
+                          f"write e.g. {owners[0]}__{key}={value!r}")
+    if key in _POLICY_FIELDS or key in LEGACY_RUNTIME:
+        field = LEGACY_RUNTIME.get(key, key)
+        raise ConfigError(f"{key!r} is an execution setting, not part of the architecture: pass "
+                          f"policy={{{field!r}: ...}} (aimkit.ExecutionPolicy) instead")
+    fields = set().union(*(_component_fields(config, k) for k in _COMPONENT_KINDS))
+    valid = _SCALARS + list(_COMPONENT_KINDS) + sorted(fields)
+    raise ConfigError(f"unknown option {key!r} for {where}{did_you_mean(key, valid, cutoff=0.6)}")
 
 
 def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: str) -> GeneratorConfig:
@@ -36,55 +74,17 @@ def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: 
     ``tokenizer=None`` builds a tokens-only generator; ``d_state=64`` goes to whichever component
     config has a ``d_state`` field; ``backbone__d_state=64`` names the component explicitly.
     """
-    top = {k: v for k, v in overrides.items() if k in _SCALARS}
-    swaps = {k: v for k, v in overrides.items() if k in _COMPONENT_KINDS}
-    rest = {k: v for k, v in overrides.items() if k not in top and k not in swaps}
-    changes: Dict[str, Any] = dict(top)
-    for kind, value in swaps.items():
-        if value is None:
-            if kind != "tokenizer":
-                raise ConfigError(f"{kind} cannot be None")
-            changes[kind] = None
-        elif isinstance(value, ComponentSpec):
-            changes[kind] = value
-        elif isinstance(value, str):
-            _REGISTRIES[kind].get(value)  # raises with suggestions when unknown
-            current = getattr(config, kind)
-            keep = current is not None and current.name == value
-            changes[kind] = current if keep else ComponentSpec(value)
-        else:
-            raise ConfigError(f"{kind} must be a registered {kind} name, got {value!r}")
+    changes = {k: v for k, v in overrides.items() if k in _SCALARS}
+    changes.update({k: _swap_component(config, k, v) for k, v in overrides.items() if k in _COMPONENT_KINDS})
     config = dataclasses.replace(config, **changes).resolved()
-
     per_component: Dict[str, Dict[str, Any]] = {k: {} for k in _COMPONENT_KINDS}
-    for key, value in rest.items():
-        if "__" in key:
-            kind, field = key.split("__", 1)
-            if kind not in _COMPONENT_KINDS:
-                raise ConfigError(f"unknown option {key!r} for {where}: {kind!r} is not a component kind")
-            per_component[kind][field] = value
+    for key, value in overrides.items():
+        if key in changes:
             continue
-        owners = [
-            kind
-            for kind in _COMPONENT_KINDS
-            if getattr(config, kind) is not None
-            and getattr(config, kind).config is not None
-            and key in {f.name for f in dataclasses.fields(getattr(config, kind).config)}
-        ]
-        if not owners:
-            valid = _SCALARS + list(_COMPONENT_KINDS)
-            for kind in _COMPONENT_KINDS:
-                spec = getattr(config, kind)
-                if spec is not None and spec.config is not None:
-                    valid += [f.name for f in dataclasses.fields(spec.config)]
-            hint = did_you_mean(key, valid, cutoff=0.6)
-            raise ConfigError(f"unknown option {key!r} for {where}{hint}")
-        if len(owners) > 1:
-            raise ConfigError(
-                f"option {key!r} is ambiguous for {where} (fields of {', '.join(owners)}); "
-                f"write e.g. {owners[0]}__{key}={value!r}"
-            )
-        per_component[owners[0]][key] = value
+        kind, field = key.split("__", 1) if "__" in key else (_owner_of(config, key, value, where), key)
+        if kind not in _COMPONENT_KINDS:
+            raise ConfigError(f"unknown option {key!r} for {where}: {kind!r} is not a component kind")
+        per_component[kind][field] = value
     for kind, fields in per_component.items():
         if not fields:
             continue
@@ -96,35 +96,9 @@ def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: 
     return config
 
 
-# fields that change how a model runs, never the shapes or meaning of its weights
-_RUNTIME_FIELDS = {"use_kernels", "state_dtype", "chunk_size", "fused_split_scan"}
-_RUNTIME_TOP = {"decode_position_offset", "fid_sampling", "pretty_sampling", "sampler", "class_dropout"}
-
-
 def _same_weights_layout(a: GeneratorConfig, b: GeneratorConfig) -> bool:
     """True when two configs take the same weights (they differ only in run-time settings)."""
-
-    def strip(cfg: GeneratorConfig) -> Dict[str, Any]:
-        data = cfg.to_dict()
-        for key in _RUNTIME_TOP:
-            data.pop(key, None)
-        for kind in ("backbone", "conditioning", "tokenizer"):
-            spec = data.get(kind)
-            if spec and spec.get("config"):
-                spec["config"] = {k: v for k, v in spec["config"].items() if k not in _RUNTIME_FIELDS}
-        return data
-
-    return strip(a) == strip(b)
-
-
-def _check_dtype(dtype: Any) -> Optional[torch.dtype]:
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if not dtype.startswith("_") else None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError("dtype must be a floating-point torch dtype or its name, e.g. 'float32' or 'bfloat16'")
-    return dtype
+    return a.resolved().weights_layout() == b.resolved().weights_layout()
 
 
 def _check_device(device: Any) -> Optional[torch.device]:
@@ -139,54 +113,11 @@ def _check_device(device: Any) -> Optional[torch.device]:
     return device
 
 
-_MAX_CONFIG_BYTES = 4 << 20  # a generator's config.json is a few KB
-
-
-def _read_saved_json(directory: Path) -> Dict[str, Any]:
-    """The parsed ``config.json`` of a saved directory, its top-level entries checked."""
-    path = directory / CONFIG_NAME
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
-    if size > _MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path} is {size:,} bytes, not an aimkit config (those are a few KB)")
-    try:
-        data = read_json(path, CheckpointError)
-    except RecursionError:
-        raise CheckpointError(f"cannot read {path}: its JSON is nested too deeply") from None
-    if not isinstance(data, dict) or "generator" not in data:
-        raise CheckpointError(f"{path} is not an aimkit config (no 'generator' entry)")
-    fmt = data.get("aimkit_format", 1)
-    if isinstance(fmt, bool) or fmt != 1:
-        raise ConfigError(f"{path}: aimkit_format {fmt!r} is not supported (this aimkit reads format 1)")
-    if data.get("dtype") is not None and not isinstance(data["dtype"], str):
-        raise ConfigError(f"{path}: dtype must be a dtype name such as 'float32', got {data['dtype']!r}")
-    return data
-
-
-def _read_saved_config(directory: Path) -> GeneratorConfig:
-    data = _read_saved_json(directory)
-    try:
-        return GeneratorConfig.from_dict(data["generator"])
-    except AimkitError as exc:  # name the file: "/x/config.json: backbone.config.n_head must be int, ..."
-        raise type(exc)(f"{directory / CONFIG_NAME}: {exc}") from None
-
-
-def _saved_dtype(directory: Path) -> Optional[torch.dtype]:
-    """The dtype a saved generator was written in (its ``config.json``), or None."""
-    saved = _read_saved_json(directory).get("dtype")
-    try:
-        return _check_dtype(saved) if saved else None
-    except ConfigError as exc:
-        raise ConfigError(f"{directory / CONFIG_NAME}: {exc}") from None
-
-
 def resolve_config(name_or_path: PathLike, **overrides: Any) -> GeneratorConfig:
     """The :class:`GeneratorConfig` that :func:`build` would use (nothing is allocated)."""
     path = Path(name_or_path)
     if isinstance(name_or_path, (str, os.PathLike)) and (path / CONFIG_NAME).is_file():
-        config, where = _read_saved_config(path), str(path)
+        config, where = read_saved_config(path), str(path)
     else:
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise ConfigError(f"expected a preset name or a saved directory, got {name_or_path!r}")
@@ -471,6 +402,7 @@ def build(
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[Union[str, torch.dtype]] = None,
     tokenizer_weights: Optional[PathLike] = None,
+    policy: Any = None,
     **overrides: Any,
 ) -> Generator:
     """Build a generator from a preset name or a ``save_pretrained`` directory.
@@ -484,12 +416,15 @@ def build(
         device: where to build (``"cuda"``, ``"cpu"``); default CPU.
         dtype: parameter dtype (``torch.bfloat16`` or ``"bfloat16"``); default float32.
         tokenizer_weights: LlamaGen's ``vq_ds16_c2i.pt`` (or any tokenizer-only file) loaded separately.
+        policy: which implementation each operation runs: an :class:`~aimkit.policy.ExecutionPolicy`
+            or a mapping of its fields (``{"state_dtype": "model"}``); None: ``default_policy()``.
+            Stored on the model (``gen.policy``, shown by ``repr``), never re-read per call.
         **overrides: architecture overrides, e.g. ``d_model=64, n_layer=3, num_groups=2``.
 
     Returns:
         A :class:`Generator` in eval mode.
     """
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     device = _check_device(device)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ConfigError(f"expected a preset name or a saved directory, got {name_or_path!r}")
@@ -497,12 +432,12 @@ def build(
     saved_dir = Path(os.fspath(name_or_path))
     saved_dir = saved_dir if (saved_dir / CONFIG_NAME).is_file() else None
     if dtype is None and saved_dir is not None:  # a saved generator comes back in the dtype it was saved in
-        dtype = _saved_dtype(saved_dir)
+        dtype = saved_dtype(saved_dir)
     if tokenizer_weights is not None and config.tokenizer is None:
         raise ConfigError("tokenizer_weights given, but this generator has no tokenizer")
     weights = _weights_for(name_or_path, config, pretrained, saved_dir)
     _preflight(config, dtype, device, weights, where=os.fspath(name_or_path))
-    gen = Generator(config, device=device, dtype=dtype)
+    gen = Generator(config, device=device, dtype=dtype, policy=policy)
     if weights is not None:
         load_weights_into(gen, weights)
     if tokenizer_weights is not None:

@@ -27,6 +27,7 @@ COMMANDS = {
     "bench": "aimkit.commands.bench",
     "convert": "aimkit.commands.convert",
     "list": "aimkit.commands.list_components",
+    "info": "aimkit.commands.info",
 }
 
 

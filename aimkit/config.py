@@ -12,7 +12,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-from ._config import _type_hints, check_fields, check_value, config_from_dict, config_to_dict, describe
+from ._config import (
+    _type_hints,
+    check_fields,
+    check_option,
+    check_value,
+    config_from_dict,
+    config_to_dict,
+    describe,
+    option,
+    runtime_fields,
+)
 from .errors import ConfigError
 from .registry import BACKBONES, CONDITIONING, SAMPLERS, TOKENIZERS, Registry
 
@@ -101,16 +111,18 @@ class GeneratorConfig:
     vocab_size: int = 16384  # tokenizer codebook size
     num_classes: int = 1000  # real classes; the class table has one more row (null class)
     num_tokens: int = 256  # image tokens per sample (16 x 16 grid)
-    class_dropout: float = 0.1  # label dropout probability during training (CFG)
+    # label dropout probability during training (classifier-free guidance)
+    class_dropout: float = option(0.1, low=0.0, high=1.0, high_open=True, runtime=True)
     norm_eps: float = 1e-5  # RMSNorm epsilon of blocks and head
-    decode_position_offset: int = 0  # 0: decode token k at position k as in training; 1: official sampler (k + 1)
+    # 0: decode token k at position k as in training; 1: the official sampler (k + 1)
+    decode_position_offset: int = option(0, choices=(0, 1), generation=True)
     backbone: ComponentSpec = field(default_factory=lambda: ComponentSpec("mamba2"))
     conditioning: ComponentSpec = field(default_factory=lambda: ComponentSpec("adaln"))
     tokenizer: Optional[ComponentSpec] = field(default_factory=lambda: ComponentSpec("vq-f16"))
-    sampler: ComponentSpec = field(default_factory=lambda: ComponentSpec("autoregressive"))
-    fid_sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # for FID numbers
-    pretty_sampling: SamplingDefaults = field(
-        default_factory=lambda: SamplingDefaults(cfg_scale=5.0, top_k=600, top_p=0.98)
+    sampler: ComponentSpec = option(default_factory=lambda: ComponentSpec("autoregressive"), generation=True)
+    fid_sampling: SamplingDefaults = option(default_factory=SamplingDefaults, generation=True)  # for FID numbers
+    pretty_sampling: SamplingDefaults = option(
+        default_factory=lambda: SamplingDefaults(cfg_scale=5.0, top_k=600, top_p=0.98), generation=True
     )  # for pictures people look at
 
     def __post_init__(self):
@@ -118,12 +130,9 @@ class GeneratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.decode_position_offset, bool) or self.decode_position_offset not in (0, 1):
-            raise ConfigError(f"decode_position_offset must be 0 or 1, got {self.decode_position_offset!r}")
-        for name in ("class_dropout", "norm_eps"):
-            check_value(getattr(self, name), float, name)
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}")
+        for name in ("decode_position_offset", "class_dropout"):
+            check_option(self, name)
+        check_value(self.norm_eps, float, "norm_eps")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
         for kind in _REGISTRIES:
@@ -136,6 +145,32 @@ class GeneratorConfig:
                 object.__setattr__(self, name, config_from_dict(SamplingDefaults, value, where=name))
             elif not isinstance(value, SamplingDefaults):
                 raise ConfigError(f"{name} must be SamplingDefaults or a mapping, got {type(value).__name__}")
+
+    def generation_dict(self) -> Dict[str, Any]:
+        """The sampling settings (fields declared ``generation=True``): ``generation_config.json``."""
+        generation = runtime_fields(type(self), "generation")
+        return {k: v for k, v in self.to_dict().items() if k in generation}
+
+    def architecture_dict(self) -> Dict[str, Any]:
+        """Everything but the sampling settings: ``config.json``."""
+        generation = runtime_fields(type(self), "generation")
+        return {k: v for k, v in self.to_dict().items() if k not in generation}
+
+    def weights_layout(self) -> Dict[str, Any]:
+        """:meth:`to_dict` without the run-time fields (declared ``option(..., runtime=True)``, here
+        and in every component's config): two configs with equal layouts take the same weights."""
+        layout: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in runtime_fields(type(self)):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, ComponentSpec):
+                value = value.to_dict()
+                if value["config"] is not None:
+                    runtime = runtime_fields(type(getattr(self, f.name).config))
+                    value["config"] = {k: v for k, v in value["config"].items() if k not in runtime}
+            layout[f.name] = value
+        return layout
 
     def resolved(self) -> "GeneratorConfig":
         """Fill every component's config with its defaults (looks the names up in the registries)."""

@@ -22,16 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._compile import TrainCompiled
+from ._saved import CONFIG_NAME, GENERATION_CONFIG_NAME
 from .backbones.base import InferenceParams, modulate
 from .conditioning.label import ClassEmbedder
 from .config import ComponentSpec, GeneratorConfig
 from .errors import CheckpointError, ConfigError
+from .kernels.compiled import TrainCompiled
+from .policy import ExecutionPolicy, default_policy
 from .registry import BACKBONES, CONDITIONING, TOKENIZERS
 
 __all__ = ["Generator", "DecodeCondition", "FinalLayer", "token_cross_entropy"]
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -57,20 +58,24 @@ def _cross_entropy_fp32(logits: Tensor, targets: Tensor) -> Tensor:
 _CROSS_ENTROPY = TrainCompiled(_cross_entropy_fp32, "loss")
 
 
-def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+def token_cross_entropy(logits: Tensor, targets: Tensor, compiled: bool = True) -> Tensor:
     """Mean next-token cross-entropy computed in float32.
 
-    In training on CUDA it runs compiled (:mod:`aimkit._compile`): the float32 cast, the
+    With ``compiled`` (a model passes its ``policy.compile_loss``), on CUDA it runs compiled
+    (:mod:`aimkit.kernels.compiled`): the float32 cast, the
     log-softmax and its backward fuse, instead of materialising float32 copies of the
     (B * N, V) logits (1 GiB for a 64 x 256 batch over 16384 codes).
 
     Args:
         logits: (B, N, V) in any float dtype.
         targets: (B, N) int64 codes.
+        compiled: allow the compiled function (False: always the plain one).
 
     Returns:
         () float32 loss.
     """
+    if not compiled:
+        return _cross_entropy_fp32(logits, targets)
     return _CROSS_ENTROPY(logits.device, logits, targets)
 
 
@@ -93,6 +98,16 @@ class FinalLayer(nn.Module):
         return modulate(self.norm(x), final[:, 0], final[:, 1])
 
 
+def _check_policy(policy: Any) -> ExecutionPolicy:
+    if policy is None:
+        return default_policy()
+    if isinstance(policy, dict):
+        return ExecutionPolicy.from_dict(policy)
+    if not isinstance(policy, ExecutionPolicy):
+        raise ConfigError(f"policy must be an ExecutionPolicy or a mapping of its fields, got {type(policy).__name__}")
+    return policy
+
+
 def _build(registry, spec: ComponentSpec, *args, **kwargs):
     cls = registry.get(spec.name)
     if spec.config is not None:
@@ -108,17 +123,22 @@ class Generator(nn.Module):
     Args:
         config: the full configuration (components by registry name); its
             ``decode_position_offset`` chooses where decoding feeds image token k (see there).
+        policy: which implementation each operation runs (:class:`~aimkit.policy.ExecutionPolicy`);
+            None takes :func:`~aimkit.policy.default_policy` once, now. Shared with the backbone
+            and every sub-module that branches on it; change it with :meth:`set_policy`.
     """
 
-    def __init__(self, config: GeneratorConfig, device=None, dtype=None):
+    def __init__(self, config: GeneratorConfig, device=None, dtype=None, policy: Optional[ExecutionPolicy] = None):
         super().__init__()
         config = config.resolved()
         self.config = config
+        self.policy = _check_policy(policy)
         d, kw = config.d_model, {"device": device, "dtype": dtype}
         self.class_embed = ClassEmbedder(config.num_classes, d, config.class_dropout, **kw)
         self.tok_embed = nn.Embedding(config.vocab_size, d, **kw)
         self.pos_embed = nn.Embedding(config.num_tokens + 1, d, **kw)
-        self.backbone = _build(BACKBONES, config.backbone, d, config.n_layer, norm_eps=config.norm_eps, **kw)
+        self.backbone = _build(BACKBONES, config.backbone, d, config.n_layer, norm_eps=config.norm_eps,
+                               policy=self.policy, **kw)
         self.conditioning = _build(
             CONDITIONING, config.conditioning, d, config.n_layer, self.backbone.mod_chunks, **kw
         )
@@ -127,6 +147,20 @@ class Generator(nn.Module):
         self.lm_head.weight = self.tok_embed.weight  # tied, as in AiM
         self.tokenizer = None if config.tokenizer is None else _build(TOKENIZERS, config.tokenizer).to(**kw)
         self._init_embeddings()
+
+    def set_policy(self, policy: ExecutionPolicy) -> "Generator":
+        """Use ``policy`` from now on, here and in every sub-module that holds one (``.policy``).
+
+        Captured CUDA graphs are keyed on the policy, so the next sampling call captures anew.
+        Returns self."""
+        policy = _check_policy(policy)
+        for module in self.modules():
+            if isinstance(getattr(module, "policy", None), ExecutionPolicy):
+                module.policy = policy
+        return self
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy.describe()}"
 
     def _init_embeddings(self) -> None:
         for emb in (self.class_embed.embedding_table, self.tok_embed, self.pos_embed):
@@ -241,7 +275,7 @@ class Generator(nn.Module):
 
     def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
         """Mean next-token cross-entropy of the teacher-forced forward (float32)."""
-        return token_cross_entropy(self(codes, labels), codes.long())
+        return token_cross_entropy(self(codes, labels), codes.long(), compiled=self.policy.compile_loss)
 
     # ------------------------------------------------------------------ incremental decoding
     def condition(self, labels: Tensor) -> DecodeCondition:
@@ -352,7 +386,9 @@ class Generator(nn.Module):
         include_tokenizer: bool = True,
         storage_dtype: Optional[torch.dtype] = None,
     ) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (registry names of every component, dtype).
+        """Write ``model.safetensors``, ``generation_config.json`` (the sampling settings) and
+        ``config.json`` (the architecture: registry names and configs of every component, dtype).
+        The execution policy is not saved: it belongs to whoever runs the model.
 
         Args:
             directory: created if missing.
@@ -370,9 +406,12 @@ class Generator(nn.Module):
             state.update({f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()})
         if storage_dtype is not None:
             state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
-        cfg = {"aimkit_format": 1, "dtype": str(self.dtype).replace("torch.", ""), "generator": self.config.to_dict()}
-        # the config goes last: a reader that sees the new config.json also sees the new weights
+        dtype = str(self.dtype).replace("torch.", "")
+        cfg = {"aimkit_format": 1, "dtype": dtype, "generator": self.config.architecture_dict()}
+        generation = {"aimkit_format": 1, "generation": self.config.generation_dict()}
+        # config.json goes last: a reader that sees the new config.json also sees the new weights
         save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "aimkit"})
+        write_text_atomic(directory / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
         write_text_atomic(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=False) + "\n")
         return directory
 

@@ -32,6 +32,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from ._config import check_fields, config_from_dict, option
 from .errors import ConfigError
 
 __all__ = ["CHOICES", "OPERATIONS", "ExecutionPolicy", "default_policy", "kernel_available"]
@@ -82,33 +83,22 @@ class ExecutionPolicy:
             and the optimizer step replayed from CUDA graphs).
     """
 
-    scan: str = "auto"
-    state_update: str = "auto"
-    conv_step: str = "auto"
-    decode_glue: str = "auto"
-    sampling: str = "auto"
+    scan: str = option("auto", choices=CHOICES)
+    state_update: str = option("auto", choices=CHOICES)
+    conv_step: str = option("auto", choices=CHOICES)
+    decode_glue: str = option("auto", choices=CHOICES)
+    sampling: str = option("auto", choices=CHOICES)
     decode_graph: bool = True
     fold_gated_norm: bool = True
     split_scan: bool = True
-    chunk_size: int = 128
-    state_dtype: str = "float32"
+    chunk_size: int = option(128, low=1)
+    state_dtype: str = option("float32", choices=STATE_DTYPES)
     compile_glue: bool = True
     compile_loss: bool = True
-    train_step: str = "eager"
+    train_step: str = option("eager", choices=TRAIN_STEPS)
 
     def __post_init__(self):
-        for op in OPERATIONS:
-            if getattr(self, op) not in CHOICES:
-                raise ConfigError(f"policy {op} must be one of {list(CHOICES)}, got {getattr(self, op)!r}")
-        for name in ("decode_graph", "fold_gated_norm", "split_scan", "compile_glue", "compile_loss"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"policy {name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
-            raise ConfigError(f"policy chunk_size must be a positive integer, got {self.chunk_size!r}")
-        if self.state_dtype not in STATE_DTYPES:
-            raise ConfigError(f"policy state_dtype must be one of {list(STATE_DTYPES)}, got {self.state_dtype!r}")
-        if self.train_step not in TRAIN_STEPS:
-            raise ConfigError(f"policy train_step must be one of {list(TRAIN_STEPS)}, got {self.train_step!r}")
+        check_fields(self, "policy")  # types, choices and ranges of every field
 
     # ------------------------------------------------------------------------- construction
 
@@ -124,8 +114,6 @@ class ExecutionPolicy:
     def from_dict(cls, data: Mapping[str, Any], where: str = "policy") -> "ExecutionPolicy":
         """A policy from a plain mapping (a recipe's ``policy:`` section, a benchmark record);
         unknown keys name the closest valid ones."""
-        from ._config import config_from_dict
-
         return config_from_dict(cls, dict(data), where)
 
     def replace(self, **changes: Any) -> "ExecutionPolicy":

@@ -8,10 +8,10 @@ Run from the repository root (no install needed)::
 
 For each width the same weights run through
 
-* the kernel path (``use_kernels="always"``) in three precisions: ``fp32`` (fp32 module),
+* the kernel path (policy with every Mamba2 operation on ``"kernel"``) in three precisions: ``fp32`` (fp32 module),
   ``bf16-autocast`` (fp32 module under ``torch.autocast(bfloat16)``, the training setup) and
   ``bf16`` (module cast to bf16, the inference setup);
-* the PyTorch reference (``use_kernels="never"``) in float64, the ground truth, and in the same
+* the PyTorch reference (``ExecutionPolicy.reference()``) in float64, the ground truth, and in the same
   precision as the kernel run, which shows how much error that precision alone explains.
 
 Printed as relative errors ``||out - ref|| / ||ref||`` against float64: the forward output, the
@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
-from aimkit.backbones import _mamba_kernels
 from aimkit.backbones.base import InferenceParams
 from aimkit.backbones.mamba2 import Mamba2, Mamba2Config
+from aimkit.kernels import mamba_ssm
+from aimkit.policy import ExecutionPolicy
 
 MODES = ("fp32", "bf16-autocast", "bf16")
 # A wrong kernel gives relative errors of order 1; these bounds only catch such failures.
@@ -53,11 +54,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def build(d_model: int, seed: int, use_kernels: str, dtype: torch.dtype, state=None) -> Mamba2:
-    """A mixer on the GPU; with ``state`` given, its weights are loaded (cast to ``dtype``)."""
+POLICIES = {
+    "kernel": ExecutionPolicy(**{op: "kernel" for op in ("scan", "state_update", "conv_step", "decode_glue")}),
+    "reference": ExecutionPolicy.reference(),
+}
+
+
+def build(d_model: int, seed: int, path: str, dtype: torch.dtype, state=None) -> Mamba2:
+    """A mixer on the GPU running ``path`` (``"kernel"`` or ``"reference"``); with ``state``
+    given, its weights are loaded (cast to ``dtype``)."""
     torch.manual_seed(seed)
-    config = Mamba2Config(use_kernels=use_kernels)
-    mixer = Mamba2(d_model, layer_idx=0, config=config, device="cuda", dtype=dtype)
+    mixer = Mamba2(d_model, layer_idx=0, device="cuda", dtype=dtype, policy=POLICIES[path])
     if state is None:
         with torch.no_grad():  # move D, norm and conv bias off their structured init
             mixer.D.normal_(1.0, 0.5)
@@ -205,9 +212,9 @@ def time_paths(kernel: Mamba2, ref: Mamba2, x: torch.Tensor, gout: torch.Tensor,
 
 def check_width(d_model: int, args, failures: List[str]) -> Dict[str, object]:
     batch, seqlen = args.batch, args.seqlen
-    base = build(d_model, args.seed, "always", torch.float32)
+    base = build(d_model, args.seed, "kernel", torch.float32)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    ref64 = build(d_model, args.seed, "never", torch.float64, state)
+    ref64 = build(d_model, args.seed, "reference", torch.float64, state)
     gen = torch.Generator(device="cuda").manual_seed(args.seed + 1)
     x = torch.randn(batch, seqlen, d_model, device="cuda", generator=gen)
     gout = torch.randn(batch, seqlen, d_model, device="cuda", generator=gen)
@@ -222,8 +229,8 @@ def check_width(d_model: int, args, failures: List[str]) -> Dict[str, object]:
         entry: Dict[str, object] = {}
         report["modes"][mode] = entry
         try:
-            kernel = build(d_model, args.seed, "always", module_dtype, state)
-            ref = build(d_model, args.seed, "never", module_dtype, state)
+            kernel = build(d_model, args.seed, "kernel", module_dtype, state)
+            ref = build(d_model, args.seed, "reference", module_dtype, state)
             xin = x.to(input_dtype)
             entry["kernel_vs_f64"] = compare(fwd_bwd(kernel, xin, gout, ctx), truth)
             entry["reference_vs_f64"] = compare(fwd_bwd(ref, xin, gout, ctx), truth)
@@ -297,13 +304,14 @@ def main() -> int:
         failures.append(record["error"])
     else:
         record["device"] = torch.cuda.get_device_name()
-        record["kernel_info"] = info = _mamba_kernels.kernel_info()
+        record["kernel_info"] = info = mamba_ssm.kernel_info()
         print("device:", record["device"])
         print("kernels:", json.dumps(info, indent=1))
         if not info["available"]:
             failures.append(f"mamba-ssm kernels unavailable: {info.get('error')}")
         else:
             record["config"] = dataclasses.asdict(Mamba2Config())
+            record["policies"] = {name: policy.to_dict() for name, policy in POLICIES.items()}
             record["results"] = [check_width(d, args, failures) for d in args.widths]
     record["failures"] = failures
     print("\nFAILURES:\n  " + "\n  ".join(failures) if failures else "\nall checks passed")

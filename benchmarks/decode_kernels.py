@@ -7,33 +7,32 @@ On a GPU machine with the kernels installed (``source benchmarks/device_env.sh``
 
 Parts:
 
-* ``micro``: the SSM state update alone on one layer's state (AiM-B and AiM-XL head shapes),
-  mamba-ssm's ``selective_state_update`` against aimkit's ``ssm_step_`` with several tilings and
-  with the gated norm folded in (``z``), and the convolution with it: ``conv_step_`` then
-  ``ssm_step_`` against the one kernel ``conv_ssm_step_``; reports microseconds and the achieved
-  state bandwidth (state bytes read + written / time).
-* ``step``: one whole decode step (CUDA-graph replay) per model and batch, with each
-  ``AIMKIT_DECODE_KERNELS`` value of ``--kernel-variants`` (default below: each change measured
-  on its own), bf16 state, plus the float32 state with every kernel; and the largest logit
-  difference of each variant from the first after the same steps. The default variants:
+* ``micro``: the SSM state update alone on one layer's state (AiM-B and AiM-XL head shapes):
+  mamba-ssm's ``selective_state_update`` (when installed; aimkit no longer uses it) against
+  aimkit's ``ssm_step_`` with several tilings and with the gated norm folded in (``z``), and
+  ``conv_step_`` then ``ssm_step_``; reports microseconds and the achieved state bandwidth
+  (state bytes read + written / time).
+* ``step``: one whole decode step (CUDA-graph replay) per model and batch under each execution
+  policy of ``--policies`` (default below: each change measured on its own), bf16 state, plus the
+  float32 state with every kernel; and the largest logit difference of each variant from the
+  first after the same steps. The default variants (``ExecutionPolicy`` changes):
 
-  - ``none``: PyTorch convolution, mamba-ssm's state update, unfused glue;
-  - ``ssm``: aimkit's state kernel;
-  - ``ssm,norm``: and the fused glue between sublayers;
-  - ``ssm,norm,gnorm``: and the gated norm folded into the state kernel and the glue (the
-    convolution still in PyTorch);
-  - ``all`` (= ``ssm,conv,norm,gnorm``): and the convolution in its own kernel (``conv_step_``);
-  - ``ssm,conv-in-ssm,norm,gnorm``: the convolution inside the state kernel instead
-    (``conv_ssm_step_``, one launch fewer per layer; slower on an H200, notes.md).
+  - ``reference``: PyTorch convolution, state update and glue;
+  - ``ssm``: aimkit's state kernel (``state_update``);
+  - ``ssm,norm``: and the fused glue between sublayers (``decode_glue``);
+  - ``ssm,norm,gnorm``: and the gated norm folded into both (``fold_gated_norm``; the convolution
+    still in PyTorch);
+  - ``all``: and the convolution in its own kernel (``conv_step``): the default policy.
 * ``generate``: tokens-only ``generate`` for the acceptance rows (AiM-B/L/XL at 256 images, AiM-XL
-  at 16), median of ``--repeats``, for each state-kernel tiling of ``--tilings``, without the
-  fused sampler, and with ``--branches`` concurrent graph branches.
-* ``projconv``: one layer's ``in_proj`` + ``conv_step_`` against ``in_proj_conv_step_`` (opt-in
-  kind ``proj-conv``) over tilings, AiM-B and AiM-XL widths at 32 and 512 rows.
+  at 16), median of ``--repeats``, with and without the fused sampler (policy ``sampling``).
 * ``profile``: the top kernels of one AiM-B decode step at ``--profile-rows`` rows with every
   kernel on.
 * ``breakdown``: where one profiled tokens-only ``generate`` of AiM-B at 256 images spends its
   wall time (kernel families, GPU idle time).
+
+Variants measured slower and removed from aimkit (the convolution inside the state kernel, the
+convolution in ``in_proj``'s epilogue, programmatic dependent launch, multi-tile walks, concurrent
+graph branches) are recorded in benchmarks/notes.md and docs/benchmarks.md.
 
 Prints a table per part and writes ``$OUT/decode_kernels.json``.
 """
@@ -41,25 +40,34 @@ Prints a table per part and writes ``$OUT/decode_kernels.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 import aimkit  # noqa: E402
-from aimkit.backbones._fused import KINDS, OPT_IN_KINDS, enabled_kinds  # noqa: E402
 from aimkit.bench import build_bench_model  # noqa: E402
+from aimkit.kernels.mamba_ssm import kernel_info  # noqa: E402
+from aimkit.policy import ExecutionPolicy, default_policy  # noqa: E402
 from aimkit.samplers._cuda_graph import DecodeGraph, clear_decode_graphs  # noqa: E402
 
 RESULTS: dict = {}
+
+# --policies names -> AIMKIT_DECODE_KERNELS values, read by default_policy (reference: none)
+_DECODE_VARIANTS = {"reference": "none", "ssm": "ssm", "ssm,norm": "ssm,norm", "ssm,norm,gnorm": "ssm,norm,gnorm",
+                    "all": "all"}
+
+
+def _policy(variant: str, **changes) -> ExecutionPolicy:
+    """The execution policy of a ``--policies`` variant, with ``changes`` applied."""
+    value = _DECODE_VARIANTS.get(variant, variant)
+    return default_policy({"AIMKIT_DECODE_KERNELS": value}).replace(**changes)
 
 
 def _cuda_ms(fn, iters: int = 50, warmup: int = 3) -> float:
@@ -89,11 +97,20 @@ def _graphed_ms(fn, calls: int = 20, replays: int = 10) -> float:
     return _cuda_ms(graph.replay, iters=replays, warmup=1) / calls
 
 
-def part_micro(args) -> None:
-    from aimkit.backbones import _triton_ops
-    from aimkit.backbones._mamba_kernels import load_kernels
+def _selective_state_update():
+    """mamba-ssm's decode-step kernel, for comparison only (None when not installed)."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception:  # noqa: BLE001
+        return None
+    return selective_state_update
 
-    kernels = load_kernels()
+
+def part_micro(args) -> None:
+    from aimkit.kernels.conv_step import conv_step_
+    from aimkit.kernels.ssm_step import ssm_step_
+
+    selective_state_update = _selective_state_update()
     out = []
     layers = [(f"{m} layer", {"aim-b": 24, "aim-xl": 48}[m]) for m in args.micro_models]
     for label, nheads in () if args.conv_micro_only else layers:
@@ -115,45 +132,35 @@ def part_micro(args) -> None:
                 other = torch.empty_like(state)
                 variants["ceiling: state.mul_(1.0) (in place)"] = lambda: state.mul_(1.0)
                 variants["ceiling: other.copy_(state)"] = lambda: other.copy_(state)
-                if kernels is not None:
+                if selective_state_update is not None:
                     A = -torch.exp(A_log)
                     hp = (nheads, P)
-                    variants["mamba-ssm selective_state_update"] = lambda: kernels.selective_state_update(
+                    variants["mamba-ssm selective_state_update"] = lambda: selective_state_update(
                         state, x, dt.unsqueeze(-1).expand(rows, nheads, P), A[:, None, None].expand(*hp, N), B, C,
                         D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
-                variants["aimkit ssm_step_ (default tiling)"] = lambda: _triton_ops.ssm_step_(
-                    state, x, dt, dt_bias, A_log, B, C, D)
-                variants["aimkit ssm_step_ (default tiling, rows first)"] = lambda: _triton_ops.ssm_step_(
-                    state, x, dt, dt_bias, A_log, B, C, D, tiles_first=False)
+                variants["aimkit ssm_step_ (default tiling)"] = lambda: ssm_step_(state, x, dt, dt_bias, A_log, B, C, D)
                 z = torch.randn(rows, nheads, P, device="cuda", dtype=torch.bfloat16)
                 norm_w = torch.randn(nheads * P, device="cuda", dtype=torch.bfloat16)
-                variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: _triton_ops.ssm_step_(
+                variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: ssm_step_(
                     state, x, dt, dt_bias, A_log, B, C, D, z=z, norm_weight=norm_w)
-                # the convolution too: its own kernel then the state kernel, or both in one
+                # the convolution too: its own kernel, then the state kernel
                 ring = torch.randn(rows, 4, xbc.shape[1], device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                 conv_w = torch.randn(xbc.shape[1], 4, device="cuda", dtype=torch.bfloat16)
                 conv_b = torch.randn(xbc.shape[1], device="cuda", dtype=torch.bfloat16)
                 position = torch.full((), 130, dtype=torch.long, device="cuda")
 
                 def conv_then_ssm():
-                    xc = _triton_ops.conv_step_(xbc, ring, conv_w, conv_b, position)
-                    _triton_ops.ssm_step_(state, xc[:, :nheads * P].unflatten(-1, (nheads, P)), dt, dt_bias, A_log,
-                                          xc[:, nheads * P:nheads * P + N].unsqueeze(1),
-                                          xc[:, nheads * P + N:].unsqueeze(1), D, z=z, norm_weight=norm_w)
+                    xc = conv_step_(xbc, ring, conv_w, conv_b, position)
+                    ssm_step_(state, xc[:, :nheads * P].unflatten(-1, (nheads, P)), dt, dt_bias, A_log,
+                              xc[:, nheads * P:nheads * P + N].unsqueeze(1),
+                              xc[:, nheads * P + N:].unsqueeze(1), D, z=z, norm_weight=norm_w)
 
                 variants["aimkit conv_step_ + ssm_step_ + folded gated norm"] = conv_then_ssm
-                variants["aimkit conv_ssm_step_ + folded gated norm (one kernel)"] = lambda: _triton_ops.conv_ssm_step_(
-                    state, xbc, dt, dt_bias, A_log, ring, conv_w, conv_b, position, D, z=z, norm_weight=norm_w)
                 for bp in args.micro_blocks:
                     for warps in args.micro_warps:
-                        for first in (False, True):
-                            for tiles, stages in args.micro_walks:
-                                variants[f"aimkit block_p={bp} warps={warps} tiles={tiles} stages={stages}"
-                                         f"{' tiles_first' if first else ''}"] = (
-                                    lambda bp=bp, warps=warps, tiles=tiles, stages=stages, first=first:
-                                    _triton_ops.ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=bp,
-                                                          num_warps=warps, tiles=tiles, stages=stages,
-                                                          tiles_first=first))
+                        variants[f"aimkit block_p={bp} warps={warps}"] = (
+                            lambda bp=bp, warps=warps: ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=bp,
+                                                                 num_warps=warps))
                 for name, fn in variants.items():
                     ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
@@ -170,8 +177,8 @@ def part_micro(args) -> None:
             nbytes = 2 * state.numel() * 2 + 2 * xc.numel() * 2
             for block in (128, 256, 512, 1024):
                 for warps in (1, 2, 4, 8):
-                    ms = _graphed_ms(lambda: _triton_ops.conv_step_(xc, state, w, bias, position, block_c=block,
-                                                                    num_warps=warps))
+                    ms = _graphed_ms(lambda: conv_step_(xc, state, w, bias, position, block_c=block,
+                                                        num_warps=warps))
                     out.append({"shape": label, "rows": rows, "state_dtype": "bfloat16",
                                 "variant": f"conv_step_ block_c={block} warps={warps}", "us": ms * 1e3,
                                 "state_GBps": nbytes / ms / 1e6})
@@ -182,54 +189,11 @@ def part_micro(args) -> None:
         print(f"{r['shape']:13s} {r['rows']:5d} {r['state_dtype']:>8s} {r['us']:8.1f} {r['state_GBps']:7.0f}  {r['variant']}")
 
 
-def part_projconv(args) -> None:
-    """in_proj + conv_step_ (cuBLAS GEMM, then the conv kernel) against in_proj_conv_step_ (one
-    Triton GEMM with the convolution in its epilogue) over tilings, for one layer."""
-    import torch.nn.functional as F
-
-    from aimkit.backbones import _triton_ops
-
-    out = []
-    for label, d_model, nheads in (("aim-b", 768, 24), ("aim-xl", 1536, 48)):
-        d_inner, conv_dim = 2 * d_model, 2 * d_model + 256
-        n_in = d_inner + conv_dim + nheads
-        for rows in (32, 512):
-            x = torch.randn(rows, d_model, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n_in, d_model, device="cuda", dtype=torch.bfloat16) * 0.03
-            ring = torch.zeros(rows, 4, conv_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-            cw = torch.randn(conv_dim, 4, device="cuda", dtype=torch.bfloat16)
-            cb = torch.randn(conv_dim, device="cuda", dtype=torch.bfloat16)
-            position = torch.full((), 130, dtype=torch.long, device="cuda")
-            variants = {"F.linear + conv_step_": lambda: _triton_ops.conv_step_(
-                F.linear(x, w)[:, d_inner:d_inner + conv_dim], ring, cw, cb, position)}
-            for bm in (16, 32, 64, 128):
-                for bn in (64, 128, 256):
-                    for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                        variants[f"in_proj_conv_step_ {bm}x{bn} w{warps} s{stages}"] = (
-                            lambda bm=bm, bn=bn, warps=warps, stages=stages: _triton_ops.in_proj_conv_step_(
-                                x, w, None, ring, cw, cb, position, d_inner, conv_dim, block_m=bm, block_n=bn,
-                                num_warps=warps, num_stages=stages))
-            for name, fn in variants.items():
-                try:
-                    us = _graphed_ms(fn) * 1e3
-                except Exception as exc:  # noqa: BLE001  (a tiling that does not compile: skip it)
-                    print(f"{label} {rows} {name}: {type(exc).__name__}")
-                    continue
-                out.append({"shape": label, "rows": rows, "variant": name, "us": us})
-    RESULTS["projconv"] = out
-    print("\n## projconv: one layer's projection + convolution step")
-    for key in sorted({(r["shape"], r["rows"]) for r in out}):
-        rows = sorted((r for r in out if (r["shape"], r["rows"]) == key), key=lambda r: r["us"])
-        shown = [r for r in rows if r["variant"].startswith("F.linear")] + rows[:4]  # baseline, best four
-        for r in shown:
-            print(f"{r['shape']:7s} {r['rows']:4d} {r['us']:8.2f} us  {r['variant']}")
-
-
-def _step_ms(model, rows: int, branches: int = 1, replays: int = 30):
+def _step_ms(model, rows: int, replays: int = 30):
     labels = torch.arange(rows, device="cuda") % model.num_classes
     with torch.inference_mode():
         cond = model.condition(labels)
-        graph = DecodeGraph(model, cond, rows, branches=branches)
+        graph = DecodeGraph(model, cond, rows)
         graph.start(cond)
         params = graph.inference_params
         model.prefill(cond, params)
@@ -249,63 +213,49 @@ def _step_ms(model, rows: int, branches: int = 1, replays: int = 30):
     return ms, logits
 
 
-def _tiling(max_block_p: str):
-    """Context: the state kernel's largest default tile (``ssm_step_``'s ``MAX_BLOCK_P``) set to
-    ``max_block_p`` for its duration ('' keeps the default)."""
-    from aimkit.backbones import _triton_ops
-
-    return mock.patch.object(_triton_ops, "MAX_BLOCK_P", int(max_block_p)) if max_block_p else contextlib.nullcontext()
-
-
 def part_step(args) -> None:
-    """Kernel variants (bf16 state, one branch), then concurrent branches with every kernel."""
+    """Policy variants (bf16 state), then the float32 state with every kernel."""
     out = []
     for name in args.models:
+        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
         for state_dtype in args.state_dtypes:
-            model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
-                                      overrides={"state_dtype": state_dtype})
             for rows in args.rows:
                 ref = None
-                variants = [(k, 1) for k in args.kernel_variants] if state_dtype == "model" else []
-                variants += [("all", b) for b in args.branches if (state_dtype == "model" or b in (1, 2))]
-                for kind, branches in dict.fromkeys(variants):
-                    kinds, _, tiling = kind.partition("@")
-                    with mock.patch.dict(os.environ, {"AIMKIT_DECODE_KERNELS": kinds}), _tiling(tiling):
-                        clear_decode_graphs()
-                        ms, logits = _step_ms(model, rows, branches)
+                variants = args.policies if state_dtype == "model" else ["all"]
+                for variant in variants:
+                    model.set_policy(_policy(variant, state_dtype=state_dtype))
+                    clear_decode_graphs()
+                    ms, logits = _step_ms(model, rows)
                     if ref is None:
                         ref = logits
                     diff = float((logits - ref).abs().max() / ref.abs().max())
-                    out.append({"model": name, "rows": rows, "state_dtype": state_dtype, "kernels": kind,
-                                "branches": branches, "step_ms": ms,
+                    out.append({"model": name, "rows": rows, "state_dtype": state_dtype, "kernels": variant,
+                                "policy": model.policy.to_dict(), "step_ms": ms,
                                 "images_per_s_bound": (rows // 2) / (ms * 1e-3 * 256),
                                 "rel_logit_diff_vs_first": diff})
-                    print(f"{name} rows {rows} state {state_dtype} kernels {kind} branches {branches}: "
+                    print(f"{name} rows {rows} state {state_dtype} policy {model.policy.describe()}: "
                           f"{ms:.3f} ms/step (rel. logit diff vs first variant {diff:.2e})", flush=True)
-            del model
-            clear_decode_graphs()
-            torch.cuda.empty_cache()
+        del model
+        clear_decode_graphs()
+        torch.cuda.empty_cache()
     RESULTS["step"] = out
 
 
 def part_generate(args) -> None:
-    from aimkit.samplers import AutoregressiveConfig, AutoregressiveSampler
+    from aimkit.samplers import AutoregressiveSampler
 
     out = []
     plan = [("aim-b", 256), ("aim-l", 256), ("aim-xl", 16), ("aim-xl", 256)]
     for name, batch in plan:
         if name not in args.models:
             continue
-        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
-                                  overrides={"state_dtype": "model"})
+        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
         labels = torch.arange(batch) % model.num_classes
-        runs = [(1, True, t) for t in args.tilings] + [(1, False, "")] + [(b, True, "") for b in args.branches if b > 1]
-        for branches, fused, tiling in runs:
-            with _tiling(tiling):
-                clear_decode_graphs()
-                sampler = AutoregressiveSampler(AutoregressiveConfig(graph_branches=branches, fused_sampling=fused))
-                out.append(_time_generate(model, labels, sampler, args.repeats, name=name, branches=branches,
-                                          fused_sampling=fused, max_block_p=tiling or "default"))
+        for sampling in ("auto", "reference"):
+            model.set_policy(_policy("all", state_dtype="model", sampling=sampling))
+            clear_decode_graphs()
+            out.append(_time_generate(model, labels, AutoregressiveSampler(), args.repeats, name=name,
+                                      fused_sampling=sampling == "auto", policy=model.policy.to_dict()))
         del model
         clear_decode_graphs()
         torch.cuda.empty_cache()
@@ -342,8 +292,8 @@ def part_breakdown(args) -> None:
     """Where one tokens-only generate call of AiM-B at 256 images spends its wall time."""
     from aimkit.samplers import AutoregressiveSampler, generate
 
-    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
-                              overrides={"state_dtype": "model"})
+    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
+    model.set_policy(_policy("all", state_dtype="model"))
     labels = torch.arange(256) % model.num_classes
     sampler = AutoregressiveSampler()
 
@@ -375,8 +325,8 @@ def part_breakdown(args) -> None:
 
 
 def part_profile(args) -> None:
-    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
-                              overrides={"state_dtype": "model"})
+    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
+    model.set_policy(_policy("all", state_dtype="model"))
     rows = args.profile_rows
     with torch.inference_mode():
         cond = model.condition(torch.arange(rows, device="cuda") % model.num_classes)
@@ -407,16 +357,9 @@ def main() -> int:
     ap.add_argument("--models", default="aim-b,aim-l,aim-xl")
     ap.add_argument("--rows", default="32,128,512", help="decode rows for the step part (2 x images)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--branches", default="1,2", help="graph branches to compare (step and generate parts)")
-    ap.add_argument("--kernel-variants", default="none;ssm;ssm,norm;ssm,norm,gnorm;all;ssm,conv-in-ssm,norm,gnorm",
-                    help="';'-separated AIMKIT_DECODE_KERNELS values (step part): 'all' (= "
-                         f"{','.join(KINDS)}), 'none' or comma lists of {','.join(KINDS + OPT_IN_KINDS)}. "
-                         "'conv' runs the convolution in its own kernel (conv_step_); the opt-in "
-                         "'conv-in-ssm' computes it inside the state kernel (conv_ssm_step_, with "
-                         "'ssm'); neither: PyTorch convolution. E.g. "
-                         "'ssm,conv,norm,gnorm;ssm,conv-in-ssm,norm,gnorm' compares the two.")
-    ap.add_argument("--tilings", default="", help="generate part: ','-separated largest state-kernel tiles "
-                    "(MAX_BLOCK_P) to time; '' = the default. The step part takes them as kinds@tile, e.g. 'all@128'")
+    ap.add_argument("--policies", default="reference;ssm;ssm,norm;ssm,norm,gnorm;all",
+                    help="';'-separated decode policies (step part): 'reference', 'all' (the default policy) "
+                         "or AIMKIT_DECODE_KERNELS-style comma lists of ssm, conv, norm, gnorm")
     ap.add_argument("--profile-rows", type=int, default=512)
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")
@@ -426,31 +369,22 @@ def main() -> int:
     ap.add_argument("--micro-dtypes", default="bfloat16,float32", help="micro part: state dtypes")
     ap.add_argument("--micro-blocks", default="64,128", help="micro part: block_p values of the tiling sweep")
     ap.add_argument("--micro-warps", default="4,8", help="micro part: num_warps values of the tiling sweep")
-    ap.add_argument("--micro-walks", default="1:1,2:2,4:2,4:3,8:3",
-                    help="micro part: tiles:stages pairs of the tiling sweep (each also with tiles_first)")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [int(r) for r in args.rows.split(",") if r]
-    args.branches = [int(b) for b in args.branches.split(",") if b]
     args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
-    args.kernel_variants = [k for k in args.kernel_variants.split(";") if k]
-    args.tilings = args.tilings.split(",")
+    args.policies = [k for k in args.policies.split(";") if k]
     args.micro_models = [m for m in args.micro_models.split(",") if m]
     args.micro_rows = [int(r) for r in args.micro_rows.split(",") if r]
     args.micro_dtypes = [getattr(torch, d) for d in args.micro_dtypes.split(",") if d]
     args.micro_blocks = [int(b) for b in args.micro_blocks.split(",") if b]
     args.micro_warps = [int(w) for w in args.micro_warps.split(",") if w]
-    args.micro_walks = [tuple(int(v) for v in w.split(":")) for w in args.micro_walks.split(",") if w]
-    for value in args.kernel_variants:  # fail before any model is built on an unknown kind
-        with mock.patch.dict(os.environ, {"AIMKIT_DECODE_KERNELS": value.partition("@")[0]}):
-            enabled_kinds()
-    from aimkit.backbones._mamba_kernels import kernel_info
-
+    for variant in args.policies:  # fail before any model is built on an unknown kind
+        _policy(variant)
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "aimkit": aimkit.__version__,
                       "date": time.strftime("%Y-%m-%d"), **kernel_info()["versions"]}
     print(json.dumps(RESULTS["env"]))
     parts = {"micro": part_micro, "step": part_step, "generate": part_generate, "profile": part_profile,
-             "projconv": part_projconv,
              "breakdown": part_breakdown}
     for part in args.parts.split(","):
         t = time.perf_counter()

@@ -28,7 +28,8 @@ def main() -> None:
     ap.add_argument("--state-dtype", default="float32", choices=("float32", "model"))
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    gen = aimkit.build(args.model, device="cuda", dtype=args.dtype, tokenizer=None, state_dtype=args.state_dtype)
+    gen = aimkit.build(args.model, device="cuda", dtype=args.dtype, tokenizer=None,
+                       policy={"state_dtype": args.state_dtype})
     with torch.no_grad():
         for p in gen.parameters():
             p.normal_(0, 0.02)

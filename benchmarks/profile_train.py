@@ -3,12 +3,14 @@
     python benchmarks/profile_train.py --model aim-b --batch 64
     python benchmarks/profile_train.py --variants "chunk_size=256;chunk_size=64" --compile-variant
 
-Times the step of ``train_throughput.py`` (bf16 autocast, fused AdamW, grad clip) for the default
-build and for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE`` build overrides;
-keys starting with ``AIMKIT_`` are set as environment variables for that variant, e.g.
-``AIMKIT_TRAIN_COMPILE=never``, or ``AIMKIT_TRAIN_COMPILE=glue+loss`` for the list ``glue,loss``), then profiles a few default steps and prints the top CUDA
-kernels grouped by family. Writes
-``$OUT/profile_train.json``.
+Times the step of ``train_throughput.py`` (:class:`aimkit.training.TrainStep`: bf16 autocast,
+fused AdamW with the recipe's parameter groups, grad clip) for the default build and policy and
+for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE``: a field of
+:class:`aimkit.ExecutionPolicy` such as ``chunk_size=256``, ``split_scan=false`` or
+``train_step=graph`` changes the policy; a key starting with ``AIMKIT_`` is set as an environment
+variable for that variant, e.g. ``AIMKIT_TRAIN_COMPILE=never``, or ``AIMKIT_TRAIN_COMPILE=glue+loss``
+for the list ``glue,loss``; any other key is an ``aimkit.build`` override), then profiles a few
+default steps and prints the top CUDA kernels. Writes ``$OUT/profile_train_MODEL.json``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from train_throughput import _parse_set, build_step, measure  # noqa: E402
+
+from aimkit.policy import ExecutionPolicy  # noqa: E402
+
+POLICY_FIELDS = set(ExecutionPolicy().to_dict())
 
 
 def _profile(name: str, batch: int, steps: int = 3) -> dict:
-    args = SimpleNamespace(device="cuda", compile=False, cuda_graph=False, precision="bf16", batch=batch, warmup=3)
-    _, step = build_step(name, args, {})
+    args = SimpleNamespace(device="cuda", compile=False, policy=[], precision="bf16", batch=batch, warmup=3)
+    _, step, _ = build_step(name, args, {})
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -51,25 +56,28 @@ def main() -> int:
     ap.add_argument("--model", default="aim-b")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--variants", default="chunk_size=256;fused_split_scan=false")
+    ap.add_argument("--variants", default="chunk_size=256;split_scan=false")
     ap.add_argument("--compile-variant", action="store_true", help="also time torch.compile of the generator")
     ap.add_argument("--graph-variant", action="store_true", help="also time the step captured in CUDA graphs")
     ap.add_argument("--no-profile", action="store_true", help="timings only")
     ap.add_argument("--all-graphed", action="store_true", help="time every variant with the CUDA-graph step")
     args = ap.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch, "timings": []}
-    base = SimpleNamespace(device="cuda", compile=False, cuda_graph=args.all_graphed, precision="bf16",
+    base_policy = ["train_step=graph"] if args.all_graphed else []
+    base = SimpleNamespace(device="cuda", compile=False, policy=base_policy, precision="bf16",
                            batch=args.batch, warmup=3, steps=args.steps)
     plans = [("default", {}, {})]
     for v in [v for v in args.variants.split(";") if v.strip()]:
         plans.append((v, _parse_set(v.split(",")), {}))
     if args.graph_variant:
-        plans.append(("cuda graph", {}, {"cuda_graph": True}))
+        plans.append(("cuda graph", {}, {"policy": [*base_policy, "train_step=graph"]}))
     if args.compile_variant:
         plans.append(("torch.compile", {}, {"compile": True}))
     for label, overrides, flags in plans:
         # '+' stands for ',' inside an environment value (',' separates the overrides)
         env = {k: str(overrides.pop(k)).replace("+", ",") for k in list(overrides) if k.startswith("AIMKIT_")}
+        policy = [f"{k}={overrides.pop(k)}" for k in list(overrides) if k in POLICY_FIELDS]
+        flags = {"policy": [*base.policy, *policy], **flags}
         try:
             with mock.patch.dict(os.environ, env):
                 row = measure(args.model, SimpleNamespace(**{**vars(base), **flags}), overrides)

@@ -1,14 +1,17 @@
-"""Training-step throughput of AiM generators: the step :mod:`aimkit.train` runs, without the loop.
+"""Training-step throughput of AiM generators: the step :mod:`aimkit.training` runs, without the loop.
 
-One step = teacher-forced forward on random codes (batch x 256 tokens) under bf16 autocast,
-float32 cross-entropy, backward, global grad-norm clip at 1.0, fused AdamW (weight decay on
-matrices only, as the recipe). Reported per model: median / mean step time, tokens/s,
-``6 * N * tokens/s`` in TFLOP/s (N = generator parameters, the usual dense estimate; it ignores
-the scan's own FLOPs) and peak GPU memory. Run from the repository root, no install needed::
+One step is :class:`aimkit.training.TrainStep` (the trainer's own): teacher-forced forward on
+random codes (batch x 256 tokens) under bf16 autocast, float32 cross-entropy, backward, global
+grad-norm clip at 1.0, fused AdamW with the recipe's parameter groups (weight decay 0.05 on
+matrices only, :func:`aimkit.training.param_groups`). The execution policy (``--policy``, over
+:func:`aimkit.default_policy`) picks its implementations, the step's included (``train_step``:
+eager or CUDA graphs). Reported per model: median / mean step time, tokens/s, ``6 * N *
+tokens/s`` in TFLOP/s (N = generator parameters, the usual dense estimate; it ignores the scan's
+own FLOPs) and peak GPU memory. Run from the repository root, no install needed::
 
     python benchmarks/train_throughput.py --models aim-b,aim-l --batch 64 --steps 20
     python benchmarks/train_throughput.py --models aim-b --compile          # torch.compile too
-    python benchmarks/train_throughput.py --models aim-b,aim-l --cuda-graph # the step in CUDA graphs
+    python benchmarks/train_throughput.py --models aim-b,aim-l --policy train_step=graph  # CUDA graphs
     python benchmarks/train_throughput.py --device cpu --models aim-b --batch 2 --steps 2 \\
         --set d_model=64 --set n_layer=2                                     # smoke test on CPU
 
@@ -28,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch  # noqa: E402
-from aimkit.generator import token_cross_entropy  # noqa: E402
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def _parse_set(items):
@@ -43,53 +47,41 @@ def _parse_set(items):
     return out
 
 
+def make_policy(args):
+    """The run's execution policy: ``default_policy()`` (the environment's defaults, read now)
+    with ``args.policy`` (KEY=VALUE strings) on top."""
+    from aimkit.policy import default_policy
+
+    return default_policy().replace(**_parse_set(getattr(args, "policy", [])))
+
+
 def build_step(name: str, args, overrides):
-    """The generator and its training step (a callable returning the detached loss) for ``args``
-    (device, precision, batch, compile, cuda_graph, warmup); the step is the one timed here and
-    profiled by ``profile_train.py``."""
+    """The generator, its training step (``step() -> loss``) and the policy for ``args`` (device,
+    precision, batch, compile, policy, warmup); the step timed here and profiled by
+    ``profile_train.py`` is :class:`aimkit.training.TrainStep`, the trainer's."""
     import aimkit
-    from aimkit.train import param_groups
+    from aimkit.training import make_optimizer, make_train_step
 
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
+    policy = make_policy(args)
+    graphed = policy.train_step == "graph"
     torch.manual_seed(0)
-    gen = aimkit.build(name, tokenizer=None, device=device, **overrides).train()
-    graphed = getattr(args, "cuda_graph", False)
-    optimizer = torch.optim.AdamW(param_groups(gen, 0.05), lr=8e-4, betas=(0.9, 0.95), fused=cuda or None,
-                                  capturable=graphed)
+    gen = aimkit.build(name, tokenizer=None, device=device, policy=policy, **overrides).train()
+    optimizer = make_optimizer(gen, lr=8e-4, weight_decay=0.05, betas=(0.9, 0.95), capturable=graphed)
     model = torch.compile(gen) if args.compile else gen
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    train_step = make_train_step(model, optimizer, policy, max_grad_norm=1.0, amp_dtype=AMP[args.precision],
+                                 graph_warmup=max(1, args.warmup))
 
     g = torch.Generator(device=device).manual_seed(0)
     codes = torch.randint(0, gen.vocab_size, (args.batch, gen.num_tokens), device=device, generator=g)
     labels = torch.randint(0, gen.num_classes, (args.batch,), device=device, generator=g)
-
-    if graphed:  # forward + backward + clip and the AdamW update replayed from two CUDA graphs
-        from aimkit.train_graph import GraphedTrainStep
-
-        graph_step = GraphedTrainStep(model, optimizer, lambda m, c, y: token_cross_entropy(m(c, y), c),
-                                      (codes, labels), max_grad_norm=1.0, amp_dtype=amp_dtype, warmup=args.warmup)
-
-    def step():
-        if graphed:
-            return graph_step(codes, labels)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(codes, labels)  # (B, N, V)
-        loss = token_cross_entropy(logits, codes)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return gen, step
+    return gen, (lambda: train_step(codes, labels)), policy
 
 
 def measure(name: str, args, overrides) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    graphed = getattr(args, "cuda_graph", False)
-    gen, step = build_step(name, args, overrides)
+    gen, step, policy = build_step(name, args, overrides)
     n_params = gen.num_params()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
@@ -116,7 +108,8 @@ def measure(name: str, args, overrides) -> dict:
         "tokens_per_step": tokens,
         "precision": args.precision,
         "compile": args.compile,
-        "cuda_graph": graphed,
+        "policy": policy.to_dict(),
+        "cuda_graph": policy.train_step == "graph",
         "steps": args.steps,
         "warmup_s": round(warmup_s, 3),
         "step_s_median": median,
@@ -137,8 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="capture the step in CUDA graphs (aimkit.train_graph.GraphedTrainStep)")
+    parser.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
+                        help="an ExecutionPolicy field, e.g. train_step=graph (the step in CUDA graphs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="aimkit.build override")
     args = parser.parse_args(argv)
@@ -147,7 +140,7 @@ def main(argv=None) -> int:
     env = {"torch": torch.__version__, "device": args.device}
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
-        from aimkit.backbones._mamba_kernels import kernel_info
+        from aimkit.kernels.mamba_ssm import kernel_info
 
         info = kernel_info()
         env["mamba_kernels"] = {k: info[k] for k in ("available", "versions", "kernels")}

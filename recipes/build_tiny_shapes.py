@@ -11,7 +11,7 @@ On a CPU, with tiny step counts, to check that every stage runs (writes nothing 
 Stages (each training stage is its own process, so every recipe runs exactly as launched by hand):
 
 1. tokenizer: ``recipes/train_tokenizer.py --config vq_f4_tiny`` -> ``ROOT/tokenizer/tokenizer.safetensors``.
-2. generator: ``python -m aimkit.train --config aim_tiny_shapes init_from=<tokenizer>`` (the generic
+2. generator: ``python -m aimkit.training --config aim_tiny_shapes init_from=<tokenizer>`` (the generic
    training recipe; shapes rendered and tokenized on the fly) -> ``ROOT/generator/final``. Before it
    starts, a few timed training steps check that ``max_steps`` fits the time budget (``--budget-s``);
    if not, the step count is lowered and the record says so.
@@ -99,21 +99,26 @@ def run_stage(name: str, cmd: list[str], log_path: Path) -> float:
 
 
 def probe_step_seconds(batch_size: int, device: str, steps: int = 15, warmup: int = 5) -> float:
-    """Seconds per generator training step (tokenizer encode + bf16 forward/backward + AdamW, with
-    the loop's per-step host sync), measured on random weights with the training recipe's batch."""
-    import torch.nn.functional as F
-
+    """Seconds per generator training step (tokenizer encode + the trainer's own step,
+    :class:`aimkit.training.TrainStep`, with the loop's per-step host sync), measured on random
+    weights with the training recipe's batch, optimizer, parameter groups and execution policy."""
     import aimkit
     from aimkit.data.shapes import make_batch
+    from aimkit.training import execution_policy, load_config, make_optimizer, make_train_step
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    gen = aimkit.build(PRESET, pretrained=False, device=device).train()
+    cfg = load_config("aim_tiny_shapes", ["output_dir=unused", f"global_batch_size={batch_size}"])
+    policy = execution_policy(cfg)
+    gen = aimkit.build(PRESET, pretrained=False, device=device, policy=policy, **cfg.model_args).train()
     gen.tokenizer.requires_grad_(False).eval()
-    params = [p for p in gen.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda" or None)
+    lr = cfg.lr if cfg.lr is not None else cfg.lr_per_256 * batch_size / 256
+    opt = make_optimizer(gen, lr=lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.adam_eps,
+                         capturable=policy.train_step == "graph")
+    train_step = make_train_step(gen, opt, policy, max_grad_norm=cfg.grad_clip or None,
+                                 amp_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None)
     images, labels = make_batch(batch_size, seed=12345)
     images, labels = images.to(device), labels.to(device)
     for i in range(warmup + steps):
@@ -122,17 +127,12 @@ def probe_step_seconds(batch_size: int, device: str, steps: int = 15, warmup: in
             start = time.perf_counter()
         with torch.no_grad():
             codes = gen.tokenizer.encode(images)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            logits = gen(codes, labels)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss, norm = train_step.forward_backward([(codes, labels)])
         _ = loss.item() + norm.item()  # the training loop reads both every step (a host sync)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step.finish(update=True)
     sync()
     seconds = (time.perf_counter() - start) / steps
-    del gen, opt
+    del gen, opt, train_step
     if device == "cuda":
         torch.cuda.empty_cache()
     return seconds
@@ -199,7 +199,8 @@ def evaluate(gen, plan: dict[str, Any], device: str, classifier) -> dict[str, An
     pretty = score(plan["sweep_images"], seed=2, defaults="pretty")
     pretty["sampling"] = dataclasses.asdict(gen.config.pretty_sampling)
     say(f"pretty defaults: accuracy {pretty['conditional_accuracy']:.4f}, Fréchet {pretty['frechet_distance']:.3f}")
-    return {"fid_defaults": main, "cfg_sweep": sweep, "pretty_defaults": pretty, "classifier": "aimkit/assets/shapes_classifier.safetensors"}
+    return {"fid_defaults": main, "cfg_sweep": sweep, "pretty_defaults": pretty,
+            "classifier": "aimkit/assets/shapes_classifier.safetensors"}
 
 
 def save_sample_grid(gen, per_class: int, path: Path) -> dict[str, Any]:
@@ -357,12 +358,13 @@ def build(args: argparse.Namespace, root: Path, assets_dir: Path, grid_path: Pat
         say(f"probe: {step_s * 1e3:.1f} ms per generator step; {spent:.0f} s spent; "
             f"{steps} steps need ~{steps * step_s:.0f} s, the budget allows {affordable}")
         if affordable < steps:
-            budget_note = f"max_steps lowered from {steps} to {max(affordable // 100 * 100, 100)} to fit --budget-s {args.budget_s:g}"
-            steps = max(affordable // 100 * 100, 100)
+            lowered = max(affordable // 100 * 100, 100)
+            budget_note = f"max_steps lowered from {steps} to {lowered} to fit --budget-s {args.budget_s:g}"
+            steps = lowered
             say("WARNING: " + budget_note)
         record["probe_step_ms"] = round(step_s * 1e3, 2)
     gen_dir = root / "generator"
-    gen_cmd = [py, "-m", "aimkit.train", "--config", "recipes/configs/aim_tiny_shapes.yaml",
+    gen_cmd = [py, "-m", "aimkit.training", "--config", "recipes/configs/aim_tiny_shapes.yaml",
                f"init_from={tok_dir / 'tokenizer.safetensors'}", f"output_dir={gen_dir}", *plan["generator_args"]]
     if steps != gen_config["max_steps"] and not args.smoke:
         gen_cmd.append(f"max_steps={steps}")

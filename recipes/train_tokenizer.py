@@ -55,7 +55,7 @@ from aimkit.data.shapes import ShapesDataset, make_batch
 from aimkit.errors import AimkitError, ConfigError
 from aimkit.eval.classifier import HELDOUT_SEED
 from aimkit.registry import TOKENIZERS
-from aimkit.train import find_config, lr_factor
+from aimkit.training import find_config, make_scheduler
 from aimkit.weights import save_safetensors_atomic
 
 WEIGHTS_NAME = "tokenizer.safetensors"
@@ -194,7 +194,9 @@ def restart_dead_codes(tok: nn.Module, counts: Tensor, pool: Tensor, generator: 
 
 
 @torch.no_grad()
-def evaluate_reconstruction(tok: nn.Module, num_images: int, device: torch.device, chunk: int = 250) -> dict[str, float]:
+def evaluate_reconstruction(
+    tok: nn.Module, num_images: int, device: torch.device, chunk: int = 250
+) -> dict[str, float]:
     """Held-out quality: PSNR, codebook usage, and the shapes classifier's accuracy on the
     reconstructions (an upper bound for what a generator using this tokenizer can reach)."""
     from aimkit.eval.quality import load_default_classifier
@@ -258,13 +260,13 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> dict[str, An
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
     )
-    schedule = {"total": recipe.steps, "warmup": recipe.warmup_steps, "schedule": "cosine",
-                "min_ratio": recipe.min_lr_ratio}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **schedule))
+    scheduler = make_scheduler(optimizer, total=recipe.steps, warmup=recipe.warmup_steps, schedule="cosine",
+                               min_ratio=recipe.min_lr_ratio)
 
     # ---- data: an endless-looking stream of freshly rendered images, one pass
     world = accelerator.num_processes
-    dataset = ShapesDataset(recipe.steps * recipe.batch_size * world, seed=recipe.data_seed, image_size=recipe.image_size)
+    dataset = ShapesDataset(recipe.steps * recipe.batch_size * world, seed=recipe.data_seed,
+                            image_size=recipe.image_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=recipe.batch_size, shuffle=False, drop_last=True,
         num_workers=recipe.num_workers, pin_memory=device.type == "cuda",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 import aimkit
+from aimkit.config import _REGISTRIES, ComponentSpec
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
@@ -29,23 +32,54 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
     return module
 
 
-# overrides giving a fast Mamba2 generator without a tokenizer: aimkit.build("aim-b", **TINY_MAMBA)
+# overrides giving a fast Mamba2 generator without a tokenizer: aimkit.build("aim-b", **TINY_MAMBA) is the
+# registered preset aimkit.build("aim-test-mamba2"); new tests use the preset or tiny_generator() below
 TINY_MAMBA = dict(
     d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
-    d_state=16, headdim=8, chunk_size=8,
+    d_state=16, headdim=8,
 )
 
 
-@pytest.fixture
-def tiny_kwargs():
-    """Overrides giving a fast Mamba2 generator without a tokenizer (a fresh copy of TINY_MAMBA)."""
-    return dict(TINY_MAMBA)
+def tiny_config(kind: str, name: str) -> Any:
+    """The config a tiny test generator gives component ``name`` of ``kind`` (``"backbone"``, ...).
+
+    In this order: the component's ``config_cls.tiny()`` classmethod, if it defines one; the
+    config a registered ``aim-test-*`` preset gives it; the defaults ``config_cls()``; None for a
+    component without ``config_cls``. The sizes around it: d_model 32, 2 layers, 16 tokens.
+    """
+    config_cls = getattr(_REGISTRIES[kind].get(name), "config_cls", None)
+    if config_cls is None:
+        return None
+    if hasattr(config_cls, "tiny"):
+        return config_cls.tiny()
+    for preset in aimkit.list_models("aim-test-*"):
+        spec = getattr(aimkit.resolve_config(preset), kind)
+        if spec is not None and spec.name == name:
+            return spec.config
+    return config_cls()
+
+
+def tiny_generator(backbone: str = "mamba2", conditioning: str = "adaln", tokenizer: str | None = None,
+                   seed: int = 0, **overrides: Any) -> aimkit.Generator:
+    """A tiny generator with seeded random weights (:func:`randomize_`) from ``aim-test-mamba2``.
+
+    Each named component gets :func:`tiny_config`; a tokenizer also sets ``vocab_size`` to its
+    ``codebook_size``. ``overrides`` go to :func:`aimkit.build` last (``n_layer=4``, ``dtype=...``).
+    """
+    specs = {kind: ComponentSpec(name, tiny_config(kind, name))
+             for kind, name in (("backbone", backbone), ("conditioning", conditioning), ("tokenizer", tokenizer))
+             if name is not None}
+    if tokenizer is not None:
+        overrides = {"vocab_size": specs["tokenizer"].config.codebook_size, **overrides}
+    torch.manual_seed(seed)
+    gen = aimkit.build("aim-test-mamba2", pretrained=False, **{"tokenizer": None, **specs, **overrides})
+    return randomize_(gen, seed=seed)
 
 
 @pytest.fixture
-def tiny_gen(tiny_kwargs):
-    torch.manual_seed(0)
-    return randomize_(aimkit.build("aim-b", **tiny_kwargs))
+def tiny_gen():
+    """``aim-test-mamba2`` with seeded random weights."""
+    return tiny_generator()
 
 
 def assert_float_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 64) -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_float_close, randomize_
 
 import aimkit
 from aimkit.conditioning import ClassEmbedder, InexactConversionError
 
-from conftest import assert_float_close, randomize_
 
-TINY = dict(d_model=32, n_layer=4, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None,
-            d_state=16, headdim=8, chunk_size=8)
+def _tiny(conditioning="adaln", **options):
+    """``aim-test-mamba2`` with 4 layers (two groups of two) and the given conditioning kind."""
+    return aimkit.build("aim-test-mamba2", n_layer=4, conditioning=conditioning, **options)
 
 
 def _logits(gen):
@@ -21,14 +22,14 @@ def _logits(gen):
 
 
 def test_group_to_per_layer_is_exact():
-    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY))
+    gen = randomize_(_tiny("adaln-group", num_groups=2))
     conv = gen.convert_conditioning("adaln")
     assert conv.config.conditioning.name == "adaln" and type(conv.conditioning).__name__ == "AdaLN"
     assert_float_close(_logits(conv), _logits(gen))
 
 
 def test_single_to_group_to_per_layer_is_exact():
-    gen = randomize_(aimkit.build("aim-l", conditioning="adaln-single", **TINY))
+    gen = randomize_(_tiny("adaln-single"))
     group = gen.convert_conditioning("adaln-group", num_groups=2)
     assert group.conditioning.num_groups == 2
     per_layer = group.convert_conditioning("adaln")
@@ -38,7 +39,7 @@ def test_single_to_group_to_per_layer_is_exact():
 
 
 def test_reverse_direction_exact_when_projections_equal():
-    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY))
+    gen = randomize_(_tiny("adaln-group", num_groups=2))
     back = gen.convert_conditioning("adaln").convert_conditioning("adaln-group", num_groups=2)
     assert_float_close(_logits(back), _logits(gen))
     # G=2 -> G=1 would merge different projections
@@ -47,7 +48,7 @@ def test_reverse_direction_exact_when_projections_equal():
 
 
 def test_inexact_request_raises_and_approximate_reports():
-    gen = randomize_(aimkit.build("aim-b", **TINY))  # per-layer, all projections differ
+    gen = randomize_(_tiny())  # per-layer, all projections differ
     with pytest.raises(InexactConversionError, match="layers \\[0, 2\\]"):
         gen.convert_conditioning("adaln-group", num_groups=2)
     with pytest.warns(UserWarning, match="approximate conversion"):
@@ -57,13 +58,13 @@ def test_inexact_request_raises_and_approximate_reports():
 
 
 def test_unknown_conversion_option():
-    gen = aimkit.build("aim-b", **TINY)
+    gen = _tiny()
     with pytest.raises(aimkit.ConfigError, match="num_group"):
         gen.convert_conditioning("adaln-group", num_group=2)
 
 
 def test_converted_generator_saves_and_reloads(tmp_path):
-    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY)).convert_conditioning("adaln")
+    gen = randomize_(_tiny("adaln-group", num_groups=2)).convert_conditioning("adaln")
     gen.save_pretrained(tmp_path / "m")
     again = aimkit.build(tmp_path / "m")
     assert torch.equal(_logits(gen), _logits(again))
@@ -82,15 +83,15 @@ def test_label_dropout_only_in_training():
 
 
 def test_adaln_zero_init_makes_blocks_identity():
-    gen = aimkit.build("aim-b", **TINY)
+    gen = _tiny()
     mods = gen.conditioning(torch.randn(2, 32))
     assert all(m.abs().max() == 0 for m in mods)
 
 
 def test_bfloat16_conversion_reports_rounding():
-    gen = randomize_(aimkit.build("aim-l", num_groups=2, **TINY)).to(torch.bfloat16)
+    gen = randomize_(_tiny("adaln-group", num_groups=2)).to(torch.bfloat16)
     with pytest.warns(UserWarning, match="exact in float32"):
         conv = gen.convert_conditioning("adaln")
     assert conv.conversion_error > 0 and conv.dtype == torch.bfloat16
-    exact = randomize_(aimkit.build("aim-l", num_groups=2, **TINY)).convert_conditioning("adaln")
+    exact = randomize_(_tiny("adaln-group", num_groups=2)).convert_conditioning("adaln")
     assert exact.conversion_error == 0.0

@@ -1,35 +1,40 @@
-"""Tests of the Mamba2 mixer and backbone (CPU, PyTorch path) and of the kernel loader."""
+"""Tests of the Mamba2 mixer and backbone: the PyTorch path on CPU, the decode kernels chosen by
+the execution policy (in Triton's interpreter on CPU), and the mamba-ssm path on the GPU."""
 
-import importlib
+import dataclasses
 import json
+import os
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from aimkit.backbones import _mamba_kernels
-from aimkit.backbones._ssd import ssd_chunked, ssd_naive, ssd_recurrent_step
-from aimkit.backbones.base import InferenceParams
-from aimkit.backbones.mamba2 import GatedRMSNorm, Mamba2, Mamba2Backbone, Mamba2Config
-from aimkit.errors import ConfigError
-from aimkit.registry import BACKBONES
+if not torch.cuda.is_available():  # the decode kernels run in Triton's interpreter on CPU: set before
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton is imported (torch may import it itself)
 
-from conftest import assert_float_close
+from conftest import assert_float_close  # noqa: E402
+
+from aimkit.backbones.base import InferenceParams  # noqa: E402
+from aimkit.backbones.mamba2 import GatedRMSNorm, Mamba2, Mamba2Backbone, Mamba2Config  # noqa: E402
+from aimkit.errors import ConfigError  # noqa: E402
+from aimkit.kernels import mamba_ssm  # noqa: E402
+from aimkit.policy import ExecutionPolicy, default_policy  # noqa: E402
+from aimkit.registry import BACKBONES  # noqa: E402
 
 # official tensor names, shapes and counts (a copy of shared/reference/official_aim_state_dict.json)
 OFFICIAL = Path(__file__).resolve().parent / "data" / "official_aim_state_dict.json"
-TINY = Mamba2Config(d_state=16, headdim=8, chunk_size=8)
+TINY = Mamba2Config(d_state=16, headdim=8)
+REFERENCE = ExecutionPolicy.reference(chunk_size=8)  # every operation in PyTorch, chunks of 8
 D_MODEL = 32
 
 
-def _tiny_mixer(seed=0, dtype=torch.float32, **overrides):
+def _tiny_mixer(seed=0, dtype=torch.float32, policy=REFERENCE, **overrides):
     """A small mixer with every parameter perturbed away from its structured init."""
     torch.manual_seed(seed)
     fields = {**TINY.__dict__, **overrides}
-    mixer = Mamba2(D_MODEL, layer_idx=0, config=Mamba2Config(**fields), dtype=dtype)
+    mixer = Mamba2(D_MODEL, layer_idx=0, config=Mamba2Config(**fields), dtype=dtype, policy=policy)
     with torch.no_grad():
         mixer.D.normal_()
         mixer.norm.weight.add_(0.2 * torch.randn_like(mixer.norm.weight))
@@ -44,22 +49,6 @@ def _cache(module, batch, max_seqlen=32, dtype=None):
     else:
         params.key_value_memory_dict = module.allocate_inference_cache(batch, max_seqlen, dtype)
     return params
-
-
-def _ssd_inputs(dtype, groups, seqlen, batch=2, nheads=4, headdim=3, dstate=5, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    x = randn(batch, seqlen, nheads, headdim)
-    dt = F.softplus(randn(batch, seqlen, nheads) - 1)
-    A = -torch.exp(randn(nheads).abs())
-    B = randn(batch, seqlen, groups, dstate)
-    C = randn(batch, seqlen, groups, dstate)
-    D = randn(nheads)
-    state = randn(batch, nheads, headdim, dstate)
-    return x, dt, A, B, C, D, state
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -113,10 +102,11 @@ def test_initialisation_follows_mamba_ssm():
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="use_kernels"):
-        Mamba2Config(use_kernels="sometimes")
+    for removed in ("use_kernels", "state_dtype", "chunk_size", "fused_split_scan"):  # execution, not architecture
+        with pytest.raises(TypeError, match=removed):
+            Mamba2Config(**{removed: None})
     with pytest.raises(ConfigError, match="state_dtype"):
-        Mamba2Config(state_dtype="bf16")
+        ExecutionPolicy(state_dtype="bf16")
     with pytest.raises(ConfigError, match="A_init_range"):
         Mamba2Config(A_init_range=(0, 4))
     with pytest.raises(ConfigError, match="headdim"):
@@ -125,51 +115,7 @@ def test_config_validation():
         Mamba2(32, layer_idx=0, config=Mamba2Config(headdim=16, ngroups=3))
 
 
-# ------------------------------------------------------------------------------------ SSD maths
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("seqlen", [21, 24, 5])  # padded, exact multiple, shorter than a chunk
-@pytest.mark.parametrize("with_state", [False, True])
-def test_ssd_chunked_matches_naive(dtype, tol, groups, seqlen, with_state):
-    x, dt, A, B, C, D, state = _ssd_inputs(dtype, groups, seqlen)
-    init = state if with_state else None
-    y, final = ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=init, return_final_state=True)
-    y_ref, final_ref = ssd_naive(x, dt, A, B, C, D=D, initial_state=init)
-    assert y.dtype == dtype and y.shape == x.shape and final.shape == state.shape
-    scale = y_ref.abs().max().item()
-    assert (y - y_ref).abs().max().item() <= tol * scale
-    assert (final - final_ref).abs().max().item() <= tol * final_ref.abs().max().item()
-    assert torch.allclose(ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=init), y)
-
-
-def test_ssd_chunked_low_precision_inputs_compute_in_float32():
-    x, dt, A, B, C, D, _ = _ssd_inputs(torch.float32, 2, 19)
-    y16 = ssd_chunked(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 8, D=D)
-    y_ref, _ = ssd_naive(x.bfloat16().float(), dt, A, B.bfloat16().float(), C.bfloat16().float(), D=D)
-    assert y16.dtype == torch.bfloat16
-    assert (y16.float() - y_ref).abs().max() <= 1e-2 * y_ref.abs().max()
-
-
-def test_ssd_chunked_gradcheck():
-    inputs = _ssd_inputs(torch.float64, 2, 7, batch=1, nheads=2, headdim=2, dstate=3)
-    inputs = tuple(t.clone().requires_grad_() for t in inputs)
-
-    def fn(x, dt, A, B, C, D, state):
-        return ssd_chunked(x, dt, A, B, C, 4, D=D, initial_state=state, return_final_state=True)
-
-    assert torch.autograd.gradcheck(fn, inputs)
-
-
-@pytest.mark.parametrize("groups", [1, 2])
-def test_recurrent_step_matches_naive(groups):
-    x, dt, A, B, C, D, state = _ssd_inputs(torch.float64, groups, 6)
-    y_ref, final_ref = ssd_naive(x, dt, A, B, C, D=D, initial_state=state)
-    for t in range(x.shape[1]):
-        y, state = ssd_recurrent_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
-        assert torch.allclose(y, y_ref[:, t], atol=1e-12)
-    assert torch.allclose(state, final_ref, atol=1e-12)
+# ------------------------------------------------------------------------------------ gated norm
 
 
 def test_gated_rmsnorm_groups():
@@ -219,7 +165,7 @@ def test_forward_matches_cached_decoding(ngroups, prefills):
 
 
 def test_float64_model_with_model_dtype_state_is_exact():
-    mixer = _tiny_mixer(dtype=torch.float64, state_dtype="model")
+    mixer = _tiny_mixer(dtype=torch.float64, policy=REFERENCE.replace(state_dtype="model"))
     x = torch.randn(1, 13, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         decoded, params = _decode(mixer, x, (3,))
@@ -342,7 +288,7 @@ def test_allocate_inference_cache():
     assert ssm_state.dtype == torch.float32 and not conv_state.any() and not ssm_state.any()
     conv16, ssm32 = mixer.allocate_inference_cache(2, 8, dtype=torch.bfloat16)
     assert conv16.dtype == torch.bfloat16 and ssm32.dtype == torch.float32
-    model_state = Mamba2(D_MODEL, layer_idx=0, config=Mamba2Config(**{**TINY.__dict__, "state_dtype": "model"}))
+    model_state = Mamba2(D_MODEL, layer_idx=0, config=TINY, policy=ExecutionPolicy(state_dtype="model"))
     assert model_state.allocate_inference_cache(2, 8, dtype=torch.bfloat16)[1].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="no inference cache"):
         mixer.step(torch.randn(1, 1, D_MODEL), InferenceParams(8, 1))
@@ -359,24 +305,25 @@ def test_backward_gradients_are_finite():
         assert p.grad.abs().sum() > 0, name
 
 
-def test_use_kernels_always_on_cpu_raises():
-    mixer = _tiny_mixer(use_kernels="always")
-    with pytest.raises(ConfigError, match="needs CUDA inputs"):
-        mixer(torch.randn(1, 4, D_MODEL))
-    with pytest.raises(ConfigError, match="needs CUDA inputs"):
-        mixer.step(torch.randn(1, 1, D_MODEL), _cache(mixer, 1))
+def test_policy_kernel_on_cpu_raises():
+    for op in ("scan", "state_update", "conv_step"):
+        mixer = _tiny_mixer(policy=REFERENCE.replace(**{op: "kernel"}))
+        with pytest.raises(ConfigError, match=f"policy {op}='kernel' needs CUDA"):
+            if op == "scan":
+                mixer(torch.randn(1, 4, D_MODEL))
+            else:
+                mixer.step(torch.randn(1, 1, D_MODEL), _cache(mixer, 1))
 
 
-def test_cpu_path_never_loads_kernels(monkeypatch):
-    def forbidden():
-        raise AssertionError("the CPU path must not import the kernels")
-
+def test_cpu_path_never_loads_kernels():
+    """The default policy on CPU tensors: the PyTorch path, without importing a kernel package."""
     already = {"mamba_ssm", "causal_conv1d", "triton"} & set(sys.modules)
-    monkeypatch.setattr(_mamba_kernels, "load_kernels", forbidden)
-    mixer = _tiny_mixer()
+    mamba_ssm._reset_for_tests()  # forget any earlier load: the loader must not run at all here
+    mixer = _tiny_mixer(policy=ExecutionPolicy(chunk_size=8))
     x = torch.randn(1, 6, D_MODEL, requires_grad=True)
     _decode(mixer, x.detach(), (3,))
     mixer(x).sum().backward()
+    assert not mamba_ssm._loaded
     assert {"mamba_ssm", "causal_conv1d", "triton"} & set(sys.modules) == already
 
 
@@ -387,7 +334,7 @@ def test_backbone_registered_and_decodes():
     assert BACKBONES.get("mamba2") is Mamba2Backbone
     assert Mamba2Backbone.config_cls is Mamba2Config
     torch.manual_seed(0)
-    backbone = Mamba2Backbone(D_MODEL, 2, config=TINY).eval()
+    backbone = Mamba2Backbone(D_MODEL, 2, config=TINY, policy=REFERENCE).eval()
     x = torch.randn(2, 11, D_MODEL)
     mods = [0.1 * torch.randn(2, 3, D_MODEL) for _ in range(2)]
     params = _cache(backbone, 2)
@@ -401,86 +348,6 @@ def test_backbone_registered_and_decodes():
     assert (torch.cat(outs, 1) - full).abs().max().item() <= 1e-5
 
 
-# ------------------------------------------------------------------------------------ kernel loader
-
-
-@pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
-    """An isolated import world: fake packages under tmp_path, module cache restored afterwards."""
-    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] in ("mamba_ssm", "causal_conv1d")}
-    for name in saved:
-        del sys.modules[name]
-    monkeypatch.syspath_prepend(str(tmp_path))
-    _mamba_kernels._reset_for_tests()
-    yield tmp_path
-    for name in [n for n in sys.modules if n.split(".")[0] in ("mamba_ssm", "causal_conv1d")]:
-        del sys.modules[name]
-    sys.modules.update(saved)
-    _mamba_kernels._reset_for_tests()
-
-
-def _write_fake_mamba(root: Path, init_source: str) -> None:
-    files = {
-        "mamba_ssm/__init__.py": init_source,
-        "mamba_ssm/ops/__init__.py": "",
-        "mamba_ssm/ops/triton/__init__.py": "",
-        "mamba_ssm/ops/triton/ssd_combined.py": ("def mamba_chunk_scan_combined(*a, **k):\n    return 'scan'\n\n"
-                                                 "def mamba_split_conv1d_scan_combined(*a, **k):\n    return 'mixer'\n"),
-        "mamba_ssm/ops/triton/selective_state_update.py": "def selective_state_update(*a, **k):\n    return 'step'\n",
-        "mamba_ssm/ops/triton/layernorm_gated.py": "def rmsnorm_fn(*a, **k):\n    return 'norm'\n",
-        "causal_conv1d/__init__.py": "def causal_conv1d_fn(*a, **k):\n    pass\n\ndef causal_conv1d_update(*a, **k):\n    pass\n",
-    }
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    importlib.invalidate_caches()
-
-
-def test_loader_bypasses_missing_compiled_extension(fresh_loader):
-    # like mamba-ssm 2.3.2.post1 built without CUDA: __init__ imports submodules, then the extension
-    _write_fake_mamba(fresh_loader, "from mamba_ssm.ops.triton import layernorm_gated\nimport selective_scan_cuda\n")
-    kernels = _mamba_kernels.load_kernels()
-    assert kernels is not None
-    assert kernels.mamba_chunk_scan_combined() == "scan" and kernels.rmsnorm_fn() == "norm"
-    assert kernels.causal_conv1d_fn is not None and kernels.causal_conv1d_update is not None
-    info = _mamba_kernels.kernel_info()
-    assert info["available"] and info["bare_package"] and all(info["kernels"].values())
-    package = sys.modules["mamba_ssm"]
-    assert package.ops.triton.layernorm_gated is sys.modules["mamba_ssm.ops.triton.layernorm_gated"]
-    assert not hasattr(package, "Mamba")
-
-
-def test_loader_uses_a_working_package_normally(fresh_loader):
-    _write_fake_mamba(fresh_loader, "Mamba = 'mamba-1'\n")
-    assert _mamba_kernels.kernels_available()
-    assert _mamba_kernels.kernel_info()["bare_package"] is False
-    assert sys.modules["mamba_ssm"].Mamba == "mamba-1"
-
-
-def test_loader_does_not_mask_other_import_errors(fresh_loader):
-    _write_fake_mamba(fresh_loader, "import some_other_missing_dependency\n")
-    with pytest.warns(UserWarning, match="some_other_missing_dependency"):
-        assert _mamba_kernels.load_kernels() is None
-    info = _mamba_kernels.kernel_info()
-    assert not info["available"] and not info["bare_package"] and "some_other_missing" in info["error"]
-
-
-def test_loader_is_silent_when_mamba_ssm_is_absent(fresh_loader, monkeypatch):
-    class _Hide:  # make mamba_ssm unimportable even where it is installed
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name.split(".")[0] == "mamba_ssm":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    monkeypatch.setattr(sys, "meta_path", [_Hide, *sys.meta_path])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert _mamba_kernels.load_kernels() is None
-    assert not _mamba_kernels.kernels_available()
-    assert "ModuleNotFoundError" in _mamba_kernels.kernel_info()["error"]
-
-
 # ------------------------------------------------------------------------------------ GPU kernels
 
 
@@ -488,8 +355,8 @@ def test_loader_is_silent_when_mamba_ssm_is_absent(fresh_loader, monkeypatch):
 def cuda_kernels():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    if not _mamba_kernels.kernels_available():
-        pytest.skip(f"mamba-ssm kernels unavailable: {_mamba_kernels.kernel_info().get('error')}")
+    if not mamba_ssm.kernels_available():
+        pytest.skip(f"mamba-ssm kernels unavailable: {mamba_ssm.kernel_info().get('error')}")
 
 
 def _rel(a, b):
@@ -499,11 +366,12 @@ def _rel(a, b):
 @pytest.mark.gpu
 @pytest.mark.parametrize("ngroups,split_scan", [(1, False), (2, False), (1, True), (2, True)])
 def test_kernel_path_matches_reference(cuda_kernels, ngroups, split_scan):
-    kernel = _tiny_mixer(ngroups=ngroups, use_kernels="always", chunk_size=16, fused_split_scan=split_scan).cuda()
-    if split_scan and _mamba_kernels.load_kernels().causal_conv1d_fn is None:
-        pytest.skip("fused_split_scan needs causal-conv1d")
-    assert kernel._split_scan_usable(_mamba_kernels.load_kernels()) == split_scan
-    ref = _tiny_mixer(ngroups=ngroups, use_kernels="never", chunk_size=16, dtype=torch.float64).cuda()
+    policy = ExecutionPolicy(scan="kernel", split_scan=split_scan, chunk_size=16)
+    kernel = _tiny_mixer(ngroups=ngroups, policy=policy).cuda()
+    if split_scan and mamba_ssm.load_kernels().causal_conv1d_fn is None:
+        pytest.skip("split_scan needs causal-conv1d")
+    assert kernel._split_scan_usable(mamba_ssm.load_kernels()) == split_scan
+    ref = _tiny_mixer(ngroups=ngroups, policy=ExecutionPolicy.reference(chunk_size=16), dtype=torch.float64).cuda()
     ref.load_state_dict(kernel.state_dict())
     x = torch.randn(2, 40, D_MODEL, device="cuda")
     runs = []
@@ -520,7 +388,8 @@ def test_kernel_path_matches_reference(cuda_kernels, ngroups, split_scan):
 
 @pytest.mark.gpu
 def test_kernel_decode_and_cuda_graph_step(cuda_kernels):
-    mixer = _tiny_mixer(use_kernels="always", chunk_size=16).cuda()
+    kernels = {op: "kernel" for op in ("scan", "state_update", "conv_step", "decode_glue")}
+    mixer = _tiny_mixer(policy=ExecutionPolicy(chunk_size=16, **kernels)).cuda()
     x = torch.randn(2, 24, D_MODEL, device="cuda")
     with torch.no_grad():
         full = mixer(x)
@@ -556,9 +425,9 @@ def test_prefill_first_equals_forward_from_a_dirty_cache(kind):
 
     torch.manual_seed(0)
     if kind == "mamba2":
-        net = Mamba2Backbone(D_MODEL, 2, Mamba2Config(d_state=16, headdim=8))
+        net = Mamba2Backbone(D_MODEL, 2, Mamba2Config(d_state=16, headdim=8), policy=REFERENCE)
     else:
-        net = TransformerBackbone(D_MODEL, 2, TransformerConfig(n_head=4))
+        net = TransformerBackbone(D_MODEL, 2, TransformerConfig(n_head=4), policy=REFERENCE)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -586,3 +455,218 @@ def test_prefill_first_equals_forward_from_a_dirty_cache(kind):
         for i, ts in ref_params.key_value_memory_dict.items():
             for a, b in zip(ts, params.key_value_memory_dict[i]):
                 torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ execution policy
+
+
+def test_policy_is_shared_and_read_once_from_the_environment(monkeypatch):
+    """default_policy reads the two variables; a built backbone keeps what it read, however the
+    environment changes afterwards, and hands the same object to every mixer."""
+    env = {"AIMKIT_DECODE_KERNELS": "ssm,gnorm", "AIMKIT_TRAIN_COMPILE": "loss"}
+    policy = default_policy(env)
+    assert (policy.state_update, policy.conv_step, policy.decode_glue) == ("auto", "reference", "reference")
+    assert policy.fold_gated_norm and not policy.compile_glue and policy.compile_loss
+    assert default_policy({}) == ExecutionPolicy()
+    with pytest.raises(ConfigError, match="unknown kernel kinds"):
+        default_policy({"AIMKIT_DECODE_KERNELS": "ssm,fast"})
+
+    monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "none")
+    monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "never")
+    torch.manual_seed(0)
+    net = Mamba2Backbone(D_MODEL, 2, config=TINY).eval()
+    built = net.policy
+    assert built == ExecutionPolicy.reference(scan="auto", sampling="auto", decode_graph=True, split_scan=True)
+    assert all(layer.mixer.policy is built for layer in net.layers)
+    x, mods = torch.randn(2, 5, D_MODEL), [0.1 * torch.randn(2, 3, D_MODEL) for _ in range(2)]
+    with torch.no_grad():
+        before = net(x, mods)
+        monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "all")
+        monkeypatch.setenv("AIMKIT_TRAIN_COMPILE", "auto")
+        assert net.policy is built and net.layers[1].mixer.policy is built
+        assert torch.equal(net(x, mods), before)
+    assert "use_kernels" not in repr(net)
+
+
+def _set_policy(net, policy):
+    """What Generator.set_policy does: the new policy on every sub-module that holds one."""
+    for module in net.modules():
+        if isinstance(getattr(module, "policy", None), ExecutionPolicy):
+            module.policy = policy
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_changed_policy_is_read_at_the_next_call(chunk):
+    torch.manual_seed(0)
+    net = Mamba2Backbone(D_MODEL, 2, config=TINY, policy=REFERENCE).eval()
+    x, mods = torch.randn(2, 11, D_MODEL), [0.1 * torch.randn(2, 3, D_MODEL) for _ in range(2)]
+    with torch.no_grad():
+        ref = net(x, mods)
+        _set_policy(net, REFERENCE.replace(chunk_size=chunk, state_dtype="model"))
+        assert all(layer.mixer.policy.chunk_size == chunk for layer in net.layers)
+        torch.testing.assert_close(net(x, mods), ref, atol=1e-5, rtol=1e-5)  # same maths, other chunks
+    cache = net.allocate_inference_cache(2, 8, dtype=torch.bfloat16)
+    assert cache[0][1].dtype == torch.bfloat16  # state_dtype="model", read at allocation
+
+
+# ------------------------------------------------------------------------------------ decode kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpretedPolicy(ExecutionPolicy):
+    """A policy whose ``"kernel"`` operations also run on CPU tensors, in Triton's interpreter
+    (the test module sets ``TRITON_INTERPRET=1`` off the GPU); on CUDA it is the plain policy."""
+
+    def use_kernel(self, op, x):
+        if getattr(self, op) == "kernel" and not torch.cuda.is_available():
+            return True
+        return super().use_kernel(op, x)
+
+
+def _decode_policy(*ops, fold=True):
+    """Kernels for ``ops`` (of state_update, conv_step, decode_glue), PyTorch for the rest."""
+    return InterpretedPolicy.reference(fold_gated_norm=fold, **{op: "kernel" for op in ops})
+
+
+_DECODE_OPS = ("state_update", "conv_step", "decode_glue")
+_COUNTED = ("ssm_step_", "conv_step_", "add_norm_modulate", "folded ssm_step_", "deferred add_norm_modulate")
+
+
+class _KernelCalls:
+    """Counts the calls of the decode kernels' entry points with a profile hook (nothing replaced):
+    ``with _KernelCalls() as calls: ...`` fills ``calls[name]`` for the names of ``_COUNTED``."""
+
+    def __init__(self):
+        from aimkit.kernels import conv_step, decode_glue, ssm_step
+
+        self._names = {ssm_step.ssm_step_.__code__: "ssm_step_", conv_step.conv_step_.__code__: "conv_step_",
+                       decode_glue.add_norm_modulate.__code__: "add_norm_modulate"}
+        self.counts = dict.fromkeys(_COUNTED, 0)
+
+    def _hook(self, frame, event, arg):
+        name = self._names.get(frame.f_code) if event == "call" else None
+        if name is not None:
+            self.counts[name] += 1
+            if name == "ssm_step_" and frame.f_locals.get("z") is not None:
+                self.counts["folded ssm_step_"] += 1
+            if name == "add_norm_modulate" and frame.f_locals.get("hidden_sq_partials") is not None:
+                self.counts["deferred add_norm_modulate"] += 1
+
+    def __enter__(self):
+        self._previous = sys.getprofile()
+        sys.setprofile(self._hook)
+        return self.counts
+
+    def __exit__(self, *exc):
+        sys.setprofile(self._previous)
+
+
+@pytest.fixture
+def triton_kernels():
+    """Triton importable; off the GPU its interpreter runs the kernels on CPU tensors (module top)."""
+    pytest.importorskip("triton")
+
+
+def _randomize(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+
+
+def _prefill_then_steps(net, xs, mods, prefill: int):
+    """Outputs (B, L, D) of a prefill of ``xs[:, :prefill]`` then one decode step per later position."""
+    batch, length = xs.shape[:2]
+    params = InferenceParams(max_seqlen=length + 1, max_batch_size=batch,
+                             position=torch.zeros((), dtype=torch.long, device=xs.device))
+    params.key_value_memory_dict = net.allocate_inference_cache(batch, length + 1)
+    outs = [net(xs[:, :prefill], mods, inference_params=params)]
+    params.advance(prefill)
+    for t in range(prefill, length):
+        outs.append(net.step(xs[:, t:t + 1], mods, params))
+        params.advance(1)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("kind,ops,fold,overrides,folds", [
+    ("mamba2", _DECODE_OPS, True, {}, True),  # conv_step_, ssm_step_ with the gated norm folded, the glue
+    ("mamba2", _DECODE_OPS, False, {}, False),
+    ("mamba2", _DECODE_OPS, True, {"ngroups": 2}, False),  # two norm groups: not foldable
+    ("mamba2", ("conv_step", "decode_glue"), True, {}, False),  # conv_step_, then the PyTorch state update
+    ("mamba2", ("state_update", "decode_glue"), True, {}, True),  # the PyTorch ring convolution, then ssm_step_
+    ("transformer", _DECODE_OPS, True, {}, False),
+])
+def test_fused_backbone_step_matches_unfused(triton_kernels, kind, ops, fold, overrides, folds):
+    """Backbone.step with the policy's kernels equals the reference step over several positions (a
+    prefill of two, then steps around the conv ring and past it); the same backbone switches path
+    when its policy is replaced."""
+    from aimkit.backbones.transformer import TransformerBackbone, TransformerConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    if kind == "mamba2":
+        net = Mamba2Backbone(32, 2, Mamba2Config(d_state=16, headdim=8, **overrides), policy=REFERENCE)
+    else:
+        net = TransformerBackbone(32, 2, TransformerConfig(n_head=4), policy=REFERENCE)
+    net = net.to(device)
+    _randomize(net, 3)
+    batch, prefill, steps = 3, 2, 5
+    mods = [torch.randn(batch, net.mod_chunks, 32, device=device) * 0.5 for _ in range(2)]
+    xs = torch.randn(batch, prefill + steps, 32, device=device)
+    with torch.no_grad(), _KernelCalls() as calls:
+        unfused = _prefill_then_steps(net, xs, mods, prefill)
+        assert not any(calls.values())
+        _set_policy(net, _decode_policy(*ops, fold=fold))
+        fused = _prefill_then_steps(net, xs, mods, prefill)
+    torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=2e-5)
+    sublayers = 1 if kind == "mamba2" else 2
+    assert calls["add_norm_modulate"] == steps * (2 * sublayers + 1)  # steps x (sublayers + final norm)
+    mixer_steps = steps * 2 if kind == "mamba2" else 0  # 2 layers
+    assert calls["ssm_step_"] == (mixer_steps if "state_update" in ops else 0)
+    assert calls["conv_step_"] == (mixer_steps if "conv_step" in ops else 0)
+    # folded: every mixer output carries its row factor into the next glue kernel
+    assert calls["folded ssm_step_"] == calls["deferred add_norm_modulate"] == (mixer_steps if folds else 0)
+
+
+@pytest.mark.parametrize("overrides,folds", [({}, True), ({"bias": True}, False), ({"ngroups": 2}, False)])
+def test_mamba2_step_folds_gated_norm(triton_kernels, overrides, folds):
+    """Mamba2.step_with_deferred_norm defers the gated norm's row factor only where it commutes
+    with out_proj (one norm group, no bias); Mamba2.step applies it and equals the reference step."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    mixer = Mamba2(32, layer_idx=0, config=Mamba2Config(d_state=16, headdim=8, **overrides), policy=REFERENCE)
+    mixer = mixer.to(device)
+    _randomize(mixer, 4)
+    batch = 2
+    xs = torch.randn(batch, 4, 32, device=device)
+
+    def run(policy, deferring: bool, defers: bool = False):
+        mixer.policy = policy
+        params = InferenceParams(max_seqlen=8, max_batch_size=batch)
+        params.key_value_memory_dict = {0: mixer.allocate_inference_cache(batch, 8)}
+        outs = []
+        for t in range(xs.shape[1]):
+            if deferring:
+                out, deferred = mixer.step_with_deferred_norm(xs[:, t:t + 1], params)
+                assert (deferred is not None) == defers
+                if deferred is not None:
+                    assert deferred.partials.shape[0] == batch and deferred.partials.dtype == torch.float32
+                    assert deferred.dim == 64 and deferred.eps == mixer.norm.eps
+                    normed = deferred.apply(out)
+                    assert not torch.allclose(normed, out, atol=1e-3)  # the factor matters
+                    out = normed
+            else:
+                out = mixer.step(xs[:, t:t + 1], params)
+            outs.append(out)
+            params.advance(1)
+        return torch.cat(outs, dim=1), params.key_value_memory_dict[0][1].clone()
+
+    with torch.no_grad(), _KernelCalls() as calls:
+        reference, ref_state = run(REFERENCE, deferring=False)
+        for deferring in (False, True):
+            out, state = run(_decode_policy(*_DECODE_OPS), deferring, defers=folds)
+            torch.testing.assert_close(out, reference, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)
+        assert calls["folded ssm_step_"] == (2 * 4 if folds else 0)
+        out, _ = run(_decode_policy(*_DECODE_OPS, fold=False), deferring=True, defers=False)  # nothing deferred
+        torch.testing.assert_close(out, reference, atol=2e-5, rtol=2e-5)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 import aimkit
 from aimkit.weights import save_safetensors_atomic
 
-D, NL, V, NC, NT = 32, 4, 64, 10, 16
-HEADDIM, DSTATE, DCONV = 8, 16, 4
+TINY = aimkit.resolve_config("aim-test-mamba2")  # the sizes; the official presets give the architecture
+D, NL, V, NC, NT = TINY.d_model, 4, TINY.vocab_size, TINY.num_classes, TINY.num_tokens
+HEADDIM, DSTATE, DCONV = TINY.backbone.config.headdim, TINY.backbone.config.d_state, TINY.backbone.config.d_conv
 DIN = 2 * D
 NH = DIN // HEADDIM
 CONV = DIN + 2 * DSTATE
@@ -103,7 +104,8 @@ def reference_logits(sd, codes, labels, groups):
         ys = []
         for t in range(N):
             decay = torch.exp(dt[:, t] * A)  # (B, H)
-            state = decay[:, :, None, None] * state + (dt[:, t, :, None] * xs[:, t])[..., None] * Bm[:, t, None, None, :]
+            update = (dt[:, t, :, None] * xs[:, t])[..., None] * Bm[:, t, None, None, :]
+            state = decay[:, :, None, None] * state + update
             ys.append((state * Cm[:, t, None, None, :]).sum(-1) + sd[p + "mixer.D"][:, None] * xs[:, t])
         y = torch.stack(ys, 1).reshape(B, N, DIN)
         y = rms(y * F.silu(z), sd[p + "mixer.norm.weight"])
@@ -115,11 +117,6 @@ def reference_logits(sd, codes, labels, groups):
                     + sd[b + "final_layer.adaLN_modulation.1.bias"]).chunk(2, 1)
     h = rms(h, sd[b + "final_layer.norm_final.weight"]) * (1 + scale[:, None]) + shift[:, None]
     return h @ sd["mamba.lm_head.weight"].T
-
-
-def build_tiny(preset, **extra):
-    return aimkit.build(preset, d_model=D, n_layer=NL, vocab_size=V, num_classes=NC, num_tokens=NT,
-                        tokenizer=None, headdim=HEADDIM, d_state=DSTATE, chunk_size=8, **extra)
 
 
 @pytest.mark.parametrize("preset,groups,extra", [("aim-b", None, {}), ("aim-l", 2, {"num_groups": 2})])
@@ -137,8 +134,9 @@ def test_logits_match_official_architecture(tmp_path, preset, groups, extra):
 
 
 def _tiny_overrides(extra):
+    """An official preset at aim-test-mamba2's sizes (its Mamba2 config, 4 layers), plus ``extra``."""
     return dict(d_model=D, n_layer=NL, vocab_size=V, num_classes=NC, num_tokens=NT, tokenizer=None,
-                headdim=HEADDIM, d_state=DSTATE, chunk_size=8, **extra)
+                backbone=TINY.backbone, **extra)
 
 
 def test_official_keys_round_trip(tmp_path):
@@ -168,7 +166,7 @@ def test_unknown_and_misshaped_keys_fail_before_loading(tmp_path):
     sd["mamba.backbone.extra.weight"] = torch.zeros(3)
     sd["mamba.backbone.norm_f.weight"] = torch.zeros(D + 1)
     torch.save(sd, tmp_path / "bad.pt")
-    gen = build_tiny("aim-b")
+    gen = aimkit.build("aim-b", **_tiny_overrides({}))
     before = {k: v.clone() for k, v in gen.state_dict().items()}
     with pytest.raises(CheckpointError) as info:
         from aimkit.build import load_weights_into

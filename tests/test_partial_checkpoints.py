@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_
 
 import aimkit
 from aimkit.official import to_official
 from aimkit.weights import save_safetensors_atomic
 
-from conftest import randomize_
+MODEL = "aim-test-vq"  # a tiny Mamba2 generator with the vq-f4-tiny tokenizer
 
 
 @pytest.fixture(scope="module")
 def source():
     torch.manual_seed(0)
-    return randomize_(aimkit.build("aim-tiny-shapes", pretrained=False), seed=5)
+    return randomize_(aimkit.build(MODEL, pretrained=False), seed=5)
 
 
 def _equal_part(a, b, prefix, negate=False):
@@ -28,7 +29,7 @@ def test_generator_only_official_checkpoint_names_the_missing_tokenizer(tmp_path
     sd = {k: v for k, v in to_official(source).items() if k.startswith("mamba.")}
     save_safetensors_atomic(sd, tmp_path / "gen_only.safetensors")
     with pytest.warns(UserWarning, match="holds no tokenizer weights"):
-        gen = aimkit.build("aim-tiny-shapes", pretrained=tmp_path / "gen_only.safetensors")
+        gen = aimkit.build(MODEL, pretrained=tmp_path / "gen_only.safetensors")
     assert _equal_part(gen, source, "tokenizer.", negate=True)
     assert not _equal_part(gen, source, "tokenizer.")
 
@@ -37,20 +38,20 @@ def test_tokenizer_only_checkpoint_names_the_missing_generator(tmp_path, source)
     sd = {k: v for k, v in to_official(source).items() if k.startswith("vqvae.")}
     torch.save(sd, tmp_path / "tok_only.pt")
     with pytest.warns(UserWarning, match="holds no generator weights"):
-        gen = aimkit.build("aim-tiny-shapes", pretrained=tmp_path / "tok_only.pt")
+        gen = aimkit.build(MODEL, pretrained=tmp_path / "tok_only.pt")
     assert _equal_part(gen, source, "tokenizer.")
 
 
 def test_tokenizer_weights_in_llamagen_layout(tmp_path, source):
     torch.save({"model": source.tokenizer.state_dict()}, tmp_path / "vq.pt")
-    gen = aimkit.build("aim-tiny-shapes", pretrained=False, tokenizer_weights=tmp_path / "vq.pt")
+    gen = aimkit.build(MODEL, pretrained=False, tokenizer_weights=tmp_path / "vq.pt")
     assert _equal_part(gen, source, "tokenizer.")
 
 
 def test_tokenizer_weights_without_tokenizer_is_an_error(tmp_path, source):
     torch.save({"model": source.tokenizer.state_dict()}, tmp_path / "vq.pt")
     with pytest.raises(aimkit.ConfigError, match="no tokenizer"):
-        aimkit.build("aim-tiny-shapes", pretrained=False, tokenizer=None, tokenizer_weights=tmp_path / "vq.pt")
+        aimkit.build(MODEL, pretrained=False, tokenizer=None, tokenizer_weights=tmp_path / "vq.pt")
 
 
 def test_sample_command_random_weights_are_seeded():

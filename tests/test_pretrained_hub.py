@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+from test_official_layout import official_state
 
 from aimkit.weights import save_safetensors_atomic
-from test_official_layout import official_state
 
 
 def _fake_cache(root, repo_id, files):
@@ -25,22 +26,23 @@ def _fake_cache(root, repo_id, files):
 
 
 def _run(code, hf_home):
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    """Run ``code`` offline with the hub cache at ``hf_home``; it may import test_official_layout."""
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([tests, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=env, timeout=180)
-
-
-TINY = "d_model=32, n_layer=4, vocab_size=64, num_classes=10, num_tokens=16, tokenizer=None, headdim=8, d_state=16, chunk_size=8"
 
 
 def test_pretrained_true_uses_offline_cache(tmp_path):
     sd = official_state(None)
     _fake_cache(tmp_path, "hp-l33/aim-base", {"model.safetensors": sd})
-    res = _run(f"""
+    res = _run("""
         import aimkit, torch
-        gen = aimkit.build("aim-b", pretrained=True, {TINY})
+        from test_official_layout import _tiny_overrides
+        gen = aimkit.build("aim-b", pretrained=True, **_tiny_overrides({}))
         print(float(gen.pos_embed.weight.sum()))
-        gen2 = aimkit.build("aim-b", pretrained="hf-hub:hp-l33/aim-base", {TINY})
+        gen2 = aimkit.build("aim-b", pretrained="hf-hub:hp-l33/aim-base", **_tiny_overrides({}))
         print(torch.equal(gen.pos_embed.weight, gen2.pos_embed.weight))
     """, tmp_path)
     assert res.returncode == 0, res.stderr
@@ -50,10 +52,11 @@ def test_pretrained_true_uses_offline_cache(tmp_path):
 
 
 def test_missing_offline_weights_give_one_clear_error(tmp_path):
-    res = _run(f"""
+    res = _run("""
         import aimkit
+        from test_official_layout import _tiny_overrides
         try:
-            aimkit.build("aim-xl", pretrained=True, {TINY.replace('n_layer=4', 'n_layer=4, num_groups=2')})
+            aimkit.build("aim-xl", pretrained=True, **_tiny_overrides({"num_groups": 2}))
         except aimkit.CheckpointError as e:
             print("ERR", e)
     """, tmp_path)

@@ -6,13 +6,18 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from conftest import TINY_MAMBA
 
 import aimkit
 from aimkit.errors import ConfigError, DuplicateNameError, UnknownNameError
 from aimkit.registry import Registry
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_list_models_has_official_presets():
@@ -78,8 +83,8 @@ def test_swap_backbone_resets_its_config():
     assert cfg.backbone.name == "transformer" and cfg.backbone.config.n_head == 4
 
 
-def test_build_small_preset(tiny_kwargs):
-    gen = aimkit.build("aim-b", **tiny_kwargs)
+def test_build_small_preset():
+    gen = aimkit.build("aim-test-mamba2")
     assert isinstance(gen, aimkit.Generator) and not gen.training
     logits = gen(torch.randint(0, 64, (2, 16)), torch.tensor([1, 2]))
     assert logits.shape == (2, 16, 64)
@@ -111,21 +116,21 @@ def test_saved_dir_with_wrong_shapes_fails_cleanly(tmp_path, tiny_gen):
         aimkit.build(tmp_path / "saved")
 
 
-def test_dtype_and_device_arguments(tiny_kwargs):
-    gen = aimkit.build("aim-b", dtype="bfloat16", device="cpu", **tiny_kwargs)
+def test_dtype_and_device_arguments():
+    gen = aimkit.build("aim-test-mamba2", dtype="bfloat16", device="cpu")
     assert gen.dtype == torch.bfloat16
     for bad in ("float13", "int32", 123):
         with pytest.raises(ConfigError, match="dtype must be a floating-point torch dtype"):
-            aimkit.build("aim-b", dtype=bad, **tiny_kwargs)
+            aimkit.build("aim-test-mamba2", dtype=bad)
     with pytest.raises(ConfigError, match="unknown device 'gpu'"):
-        aimkit.build("aim-b", device="gpu", **tiny_kwargs)
+        aimkit.build("aim-test-mamba2", device="gpu")
     with pytest.raises(ConfigError, match="expected a preset name"):
         aimkit.build(123)
 
 
 def test_runtime_overrides_keep_shipped_weights_and_architecture_overrides_warn():
     shipped = aimkit.build("aim-tiny-shapes")
-    same = aimkit.build("aim-tiny-shapes", use_kernels="never", decode_position_offset=1)
+    same = aimkit.build("aim-tiny-shapes", policy={"scan": "reference", "chunk_size": 64}, decode_position_offset=1)
     assert torch.equal(shipped.tok_embed.weight, same.tok_embed.weight)
     with pytest.warns(UserWarning, match="shipped weights are not loaded"):
         other = aimkit.build("aim-tiny-shapes", n_layer=2)
@@ -174,14 +179,15 @@ def test_plugin_entry_point_is_found(tmp_path):
 
 
 def test_import_does_not_pull_cuda_packages():
-    code = "import sys, aimkit; bad=[m for m in ('mamba_ssm','causal_conv1d','triton','timm') if m in sys.modules]; print(bad)"
+    code = ("import sys, aimkit; "
+            "bad=[m for m in ('mamba_ssm','causal_conv1d','triton','timm') if m in sys.modules]; print(bad)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
 
 
-def test_saved_bfloat16_generator_comes_back_in_bfloat16(tmp_path, tiny_kwargs):
-    gen = aimkit.build("aim-b", dtype="bfloat16", **tiny_kwargs)
+def test_saved_bfloat16_generator_comes_back_in_bfloat16(tmp_path):
+    gen = aimkit.build("aim-test-mamba2", dtype="bfloat16")
     gen.save_pretrained(tmp_path / "bf16")
     again = aimkit.build(tmp_path / "bf16")
     assert again.dtype == torch.bfloat16
@@ -202,3 +208,25 @@ def test_plugin_may_look_names_up_while_loading(tmp_path):
     res = subprocess.run([sys.executable, "-c", "import aimkit; print(len(aimkit.list_models()) > 3)"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
+
+
+@pytest.mark.parametrize("name,count", [("aim-test-mamba2", 27_504), ("aim-test-transformer", 38_400),
+                                        ("aim-test-vq", 41_840)])
+def test_test_presets_are_tiny(name, count):
+    gen = aimkit.build(name)
+    assert gen.num_params() == count  # the count in the preset's docstring
+    logits = gen(torch.zeros(2, gen.num_tokens, dtype=torch.long), torch.tensor([0, 9]))
+    assert logits.shape == (2, 16, gen.vocab_size)
+
+
+def test_test_preset_is_aim_b_at_tiny_sizes():
+    assert aimkit.resolve_config("aim-test-mamba2") == aimkit.resolve_config("aim-b", **TINY_MAMBA)
+
+
+def test_every_package_ships():
+    """pyproject.toml lists packages (recipes/ ships as aimkit.recipes): every package under aimkit/ is listed."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "aimkit").rglob("__init__.py")}
+    found |= {"aimkit." + ".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "recipes").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+    assert not (REPO / "aimkit" / "recipes").exists(), "recipes/ ships through package-dir, not a link"

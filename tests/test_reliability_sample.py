@@ -11,10 +11,10 @@ import errno
 import importlib
 import json
 import os
-import stat
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MAMBA, randomize_
 
 import aimkit
 import aimkit._io as aimkit_io
 from aimkit._lock import LOCK_NAME, FolderBusyError, FolderLock
 from aimkit.cli import main
 from aimkit.errors import AimkitError, ConfigError
-from aimkit.eval.sample import (
+from aimkit.eval.fid_sampling import (
     LABELS_NAME,
     MANIFEST_NAME,
     MAX_NUM,
@@ -51,7 +52,6 @@ from aimkit.samplers.logits import (
     sample,
     top_p_filter,
 )
-from conftest import TINY_MAMBA, randomize_
 
 TINY = TINY_MAMBA
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,9 +23,9 @@ from PIL import Image
 import aimkit
 from aimkit._lock import FolderLock
 from aimkit.cli import main as cli_main
-from aimkit.commands.tokenize import tokenize_folder
 from aimkit.data.images import MAX_PIXELS, crop_variants, load_image, scan_image_folder, to_rgb
 from aimkit.data.provenance import adopt_recorded_tokenizer, tokenizer_fingerprint
+from aimkit.data.tokenize import tokenize_folder
 from aimkit.data.tokens import INDEX_NAME, TokenDataset, TokenShardWriter, shard_name
 from aimkit.errors import ConfigError
 from aimkit.tokenizers.base import Tokenizer

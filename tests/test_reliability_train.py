@@ -23,10 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import aimkit.train as recipe
+import aimkit.training.checkpoint as checkpoint
+import aimkit.training.cli as training_cli
 from aimkit._lock import FolderBusyError, FolderLock
 from aimkit.cli import main as cli_main
-from aimkit.train import TrainConfig, TrainingStopped, find_checkpoint, load_config, train, verify_checkpoint
+from aimkit.errors import ConfigError
+from aimkit.training import TrainConfig, TrainingStopped, find_checkpoint, load_config, train, verify_checkpoint
+from aimkit.training._metrics import MetricsFile
 from aimkit.weights import read_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +128,8 @@ HOSTILE = [
     ("batch_size", "batch_size=0"), ("grad_accum", "grad_accum=-1"), ("grad_accum", "grad_accum=0"),
     ("data_size", "data_size=0"), ("data_size", "data_size=100000000000000000000"),
     ("data_size", "data_size=1099511627776"), ("num_workers", "num_workers=100000"),
-    ("global_batch_size", "global_batch_size=1000000000000"), ("num_workers", "num_workers=-1"), ("max_nonfinite", "max_nonfinite=0"),
+    ("global_batch_size", "global_batch_size=1000000000000"), ("num_workers", "num_workers=-1"),
+    ("max_nonfinite", "max_nonfinite=0"),
     ("checkpoint_every", "checkpoint_every=0"), ("keep_last", "keep_last=-1"), ("log_every", "log_every=0"),
     ("check_replicas_every", "check_replicas_every=-1"),
 ]
@@ -164,9 +168,9 @@ def test_yaml_spellings_of_good_values_are_accepted(tmp_path):
     assert load_config("tiny_test", base + ["mixed_precision=no"]).mixed_precision == "no"  # YAML: False
     assert load_config("tiny_test", base + ["mixed_precision=off"]).mixed_precision == "no"
     assert load_config("tiny_test", base + ["lr=3e-4"]).lr == 3e-4  # YAML 1.1: the string '3e-4'
-    with pytest.raises(recipe.ConfigError, match="'mixed_precision' must be one of"):
+    with pytest.raises(ConfigError, match="'mixed_precision' must be one of"):
         load_config("tiny_test", base + ["mixed_precision=fp8"])
-    with pytest.raises(recipe.ConfigError, match="'lr' must be float"):
+    with pytest.raises(ConfigError, match="'lr' must be a finite float"):
         load_config("tiny_test", base + ["lr=fast"])
 
 
@@ -238,15 +242,15 @@ def test_second_writer_is_refused_and_touches_nothing(run_copy, tmp_path, capsys
 
 def test_lock_is_held_for_the_whole_run_and_released(tmp_path, monkeypatch):
     out, seen = tmp_path / "run", []
-    real = recipe._append_metrics
+    real = MetricsFile.append
 
-    def append(path, record):
+    def append(self, record):
         with pytest.raises(FolderBusyError):
             FolderLock(out).acquire()
         seen.append(record["step"])
-        real(path, record)
+        real(self, record)
 
-    monkeypatch.setattr(recipe, "_append_metrics", append)
+    monkeypatch.setattr(MetricsFile, "append", append)
     train(_cfg(out, "max_steps=3"))
     assert seen == [1, 2, 3]
     FolderLock(out).acquire().release()  # free again once the run is over
@@ -403,7 +407,7 @@ def test_kill9_at_random_points_then_resume_is_exact(tmp_path):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "aimkit.train", "--config", "tiny_test", f"output_dir={out}", *args,
+    cmd = [sys.executable, "-m", "aimkit.training", "--config", "tiny_test", f"output_dir={out}", *args,
            "--resume", "auto"]
     kills = []
     for _ in range(3):
@@ -451,8 +455,8 @@ def test_full_disk_while_saving_a_checkpoint(victim, tmp_path, capsys, monkeypat
             f.write(b"\0" * 1000)  # a part got written before the disk filled up
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    real_torch, real_st = recipe._write_torch, aimkit.weights.save_safetensors_atomic
-    monkeypatch.setattr(recipe, "_write_torch",
+    real_torch, real_st = checkpoint._write_torch, aimkit.weights.save_safetensors_atomic
+    monkeypatch.setattr(checkpoint, "_write_torch",
                         lambda obj, path: full(path) if path.name == victim and path.parent.name.endswith("04")
                         else real_torch(obj, path))
     monkeypatch.setattr(aimkit.weights, "save_safetensors_atomic",
@@ -466,12 +470,12 @@ def test_full_disk_while_saving_a_checkpoint(victim, tmp_path, capsys, monkeypat
 
 
 def test_full_disk_while_logging_through_module_main(tmp_path, capsys, monkeypatch):
-    def full(path, record):
+    def full(self, record):
         if record["step"] == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    monkeypatch.setattr(recipe, "_append_metrics", full)
-    code = recipe.main(["--config", "tiny_test", f"output_dir={tmp_path / 'run'}", *ARGS])
+    monkeypatch.setattr(MetricsFile, "append", full)
+    code = training_cli.main(["--config", "tiny_test", f"output_dir={tmp_path / 'run'}", *ARGS])
     err = capsys.readouterr().err.strip()
     assert "aimkit train: error: no space left on the device" in _one_line_error(code, err)
 
@@ -530,7 +534,7 @@ def _fill(folder: Path, leave: int) -> Path:
 @pytest.mark.parametrize("leave,victim", [(0, "rng-00000.pt"), (64 << 10, "model.safetensors"),
                                           (160 << 10, "optimizer.pt")])  # the first file that does not fit
 def test_real_full_disk_on_a_tmpfs(leave, victim, small_tmpfs, capsys, monkeypatch, reference):
-    out, real_save = small_tmpfs / "run", recipe._Checkpointer.save
+    out, real_save = small_tmpfs / "run", checkpoint.Checkpointer.save
     fillers = []
 
     def save(self, step, *args, **kwargs):
@@ -538,7 +542,7 @@ def test_real_full_disk_on_a_tmpfs(leave, victim, small_tmpfs, capsys, monkeypat
             fillers.append(_fill(small_tmpfs, leave))
         return real_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(recipe._Checkpointer, "save", save)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
     code, _, err = _cli(capsys, f"output_dir={out}", *ARGS)
     assert "no space left on the device" in _one_line_error(code, err) and err.endswith(f"step-00000004/{victim}")
     monkeypatch.undo()

@@ -34,13 +34,7 @@ from aimkit.official import to_official
 from aimkit.weights import read_state_dict, read_tensor_shapes, save_safetensors_atomic
 
 BUILD = sys.modules["aimkit.build"]  # the module (aimkit.build is the function)
-SIZES = dict(d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None)
-TINY = dict(SIZES, d_state=16, headdim=8, chunk_size=8)  # Mamba2
-
-
-def _tiny(**extra):
-    """Tiny-model overrides plus ``extra`` (the Mamba2 options only for a Mamba2 backbone)."""
-    return {**(SIZES if extra.get("backbone") == "transformer" else TINY), **extra}
+TINY = "aim-test-mamba2"  # a swapped backbone (backbone="transformer") starts from that backbone's defaults
 
 
 def _one_line(exc_info) -> str:
@@ -63,7 +57,7 @@ def saved(tmp_path_factory):
     """A tiny generator (no tokenizer) written by save_pretrained."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("saved") / "tiny"
-    aimkit.build("aim-b", **TINY).save_pretrained(folder)
+    aimkit.build(TINY).save_pretrained(folder)
     return folder
 
 
@@ -73,11 +67,22 @@ def shapes_gen():
     return aimkit.build("aim-tiny-shapes", pretrained=False)
 
 
+GENERATION_KEYS = ("decode_position_offset", "sampler", "fid_sampling", "pretty_sampling")
+
+
 def _copy_with_config(saved: Path, dst: Path, edit) -> Path:
+    """A copy of ``saved`` whose two config files, seen merged as one old-style config.json, were
+    changed by ``edit``; the generation settings go back to generation_config.json."""
     shutil.copytree(saved, dst)
     data = json.loads((dst / "config.json").read_text())
+    generation = json.loads((dst / "generation_config.json").read_text())
+    if isinstance(data.get("generator"), dict):
+        data["generator"].update(generation["generation"])
     edit(data)
+    if isinstance(data.get("generator"), dict):
+        generation["generation"] = {k: data["generator"].pop(k) for k in GENERATION_KEYS if k in data["generator"]}
     (dst / "config.json").write_text(json.dumps(data))  # NaN / Infinity are written as JSON literals
+    (dst / "generation_config.json").write_text(json.dumps(generation))
     return dst
 
 
@@ -105,7 +110,7 @@ BAD_VALUES = [
     ("backbone.config.headdim", None, "backbone.config.headdim must be int, got None"),
     ("backbone.config.norm_eps", 0.0, "norm_eps must be positive"),
     ("backbone.config.conv_bias", 1, "backbone.config.conv_bias must be bool"),
-    ("backbone.config.use_kernels", ["auto"], "backbone.config.use_kernels must be str"),
+    ("backbone.config.d_conv", ["4"], "backbone.config.d_conv must be int"),
     ("backbone.config", [1, 2], "backbone.config must be a mapping"),
     ("backbone", None, "backbone must be a mapping with a 'name'"),
     ("backbone", "mamba2", "backbone must be a mapping with a 'name'"),
@@ -115,10 +120,12 @@ BAD_VALUES = [
      "backbone.config.n_head must be int or null, got '4' (str)"),
     ("backbone", {"name": "transformer", "config": {"rope_base": -1.0}}, "rope_base must be positive"),
     ("conditioning", {"name": "adaln-group", "config": {"num_groups": 0}}, "num_groups must be a positive integer"),
-    ("conditioning", {"name": "adaln-group", "config": {"num_groups": 1.5}}, "conditioning.config.num_groups must be int"),
+    ("conditioning", {"name": "adaln-group", "config": {"num_groups": 1.5}},
+     "conditioning.config.num_groups must be int"),
     ("tokenizer", {"name": "vq-f4-tiny", "config": {"ch_mult": [1, "2"]}}, "tokenizer.config.ch_mult[1] must be int"),
     ("tokenizer", {"name": "vq-f4-tiny", "config": {"ch_mult": 3}}, "tokenizer.config.ch_mult must be a list of ints"),
-    ("tokenizer", {"name": "vq-f4-tiny", "config": {"dropout": NAN}}, "tokenizer.config.dropout must be a finite float"),
+    ("tokenizer", {"name": "vq-f4-tiny", "config": {"dropout": NAN}},
+     "tokenizer.config.dropout must be a finite float"),
     ("d_model", "32", "d_model must be int, got '32' (str)"),
     ("d_model", 32.0, "d_model must be int"),
     ("d_model", None, "d_model must be int, got None"),
@@ -130,14 +137,14 @@ BAD_VALUES = [
     ("norm_eps", INF, "norm_eps must be a finite float"),
     ("class_dropout", "0.1", "class_dropout must be a finite float"),
     ("class_dropout", 1.5, "class_dropout must be in [0, 1)"),
-    ("decode_position_offset", 2, "decode_position_offset must be 0 or 1"),
+    ("decode_position_offset", 2, "decode_position_offset must be one of [0, 1]"),
     ("fid_sampling", None, "fid_sampling must be a mapping"),
     ("fid_sampling.top_k", "3", "fid_sampling.top_k must be int"),
     ("fid_sampling.cfg_scale", NAN, "fid_sampling.cfg_scale must be a finite float"),
     ("pretty_sampling.top_p", 0.0, "top_p must be in (0, 1]"),
     ("pretty_sampling.temperature", -1.0, "temperature must be >= 0"),
-    ("sampler.config.graph_branches", "2", "sampler.config.graph_branches must be int"),
-    ("sampler.config.use_cuda_graph", "yes", "sampler.config.use_cuda_graph must be bool"),
+    ("sampler.name", 2, "sampler.name must be str"),
+    ("sampler.config", {"steps": 2}, "unknown sampler 'autoregressive' option 'steps'"),
 ]
 
 
@@ -154,7 +161,8 @@ def test_bad_config_value_is_one_line_naming_the_key(saved, tmp_path, path, valu
     with pytest.raises(ConfigError) as info:
         aimkit.build(folder)
     text = _one_line(info)
-    assert text.startswith(f"{folder / 'config.json'}: ") and expected in text, text
+    name = "generation_config.json" if path.split(".")[0] in GENERATION_KEYS else "config.json"
+    assert text.startswith(f"{folder / name}: ") and expected in text, text
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -208,7 +216,7 @@ def test_config_json_that_is_a_directory(saved, tmp_path):
 ])
 def test_bad_override_values_are_refused_before_building(overrides, expected):
     with pytest.raises(ConfigError) as info:
-        aimkit.build("aim-b", **_tiny(**overrides))
+        aimkit.build(TINY, **overrides)
     assert expected in _one_line(info)
 
 
@@ -224,7 +232,7 @@ def test_saved_configs_still_round_trip(saved):
     """Every value save_pretrained writes passes the checks (lists come back as tuples)."""
     again = aimkit.build(saved)
     assert again.config.backbone.config.A_init_range == (1, 16)
-    assert again.config == aimkit.resolve_config("aim-b", **TINY)
+    assert again.config == aimkit.resolve_config(TINY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ ABSURD = [
 @pytest.mark.parametrize("sizes", ABSURD, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items())[:40])
 def test_absurd_sizes_are_refused_before_allocation(no_real_build, sizes):
     with pytest.raises(ConfigError) as info:
-        aimkit.build("aim-b", pretrained=False, **_tiny(**sizes))
+        aimkit.build(TINY, pretrained=False, **sizes)
     text = _one_line(info)
     assert "nothing was allocated" in text or "cannot be built" in text, text
 
@@ -296,7 +304,7 @@ def _shapes(module):
     dict(conditioning="adaln-single"), dict(tokenizer="vq-f4-tiny", vocab_size=512),
 ], ids=["mamba2", "transformer", "adaln-group", "adaln-single", "vq-f4-tiny"])
 def test_meta_build_has_the_real_shapes(overrides):
-    config = aimkit.resolve_config("aim-b", **_tiny(**overrides))
+    config = aimkit.resolve_config(TINY, **overrides)
     torch.manual_seed(0)
     meta = BUILD._build_meta(config, None)
     assert all(t.is_meta for t in meta.state_dict().values())
@@ -310,15 +318,14 @@ def test_meta_build_leaves_the_random_stream_alone():
     """The preflight draws no random numbers: a seeded build gives the weights it gave before."""
     torch.manual_seed(3)
     state = torch.random.get_rng_state()
-    BUILD._build_meta(aimkit.resolve_config("aim-b", **TINY), None)
+    BUILD._build_meta(aimkit.resolve_config(TINY), None)
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_preflight_imports_no_compiler():
     """The meta pass answers initialisers itself: torch._dynamo (about a second) is not imported."""
     code = ("import sys, aimkit; aimkit.build('aim-tiny-shapes'); "
-            "aimkit.build('aim-b', pretrained=False, d_model=32, n_layer=2, tokenizer=None, backbone='transformer', "
-            "n_head=2); print('torch._dynamo' in sys.modules)")
+            "aimkit.build('aim-test-transformer', n_head=2); print('torch._dynamo' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
@@ -376,7 +383,8 @@ def test_tokenizer_weights_with_nan(shapes_gen, tmp_path):
 
 
 def test_hub_file_with_nan(monkeypatch, shapes_gen, tmp_path):
-    save_safetensors_atomic(_poison(to_official(shapes_gen), "mamba.backbone.norm_f.weight"), tmp_path / "hub.safetensors")
+    poisoned = _poison(to_official(shapes_gen), "mamba.backbone.norm_f.weight")
+    save_safetensors_atomic(poisoned, tmp_path / "hub.safetensors")
     monkeypatch.setattr(BUILD, "_hub_download", lambda repo, filename: tmp_path / "hub.safetensors")
     with pytest.raises(CheckpointError, match="'mamba.backbone.norm_f.weight' holds 1 NaN"):
         aimkit.build("aim-tiny-shapes", pretrained="hf-hub:someone/something")
@@ -610,7 +618,7 @@ def test_convert_into_a_new_or_empty_directory_leaves_no_temporaries(official_fi
         out.mkdir()
     code, _ = _cli(capsys, ["convert", str(official_file), str(out), "--model", "aim-tiny-shapes"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden temporary folder left
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's 0700
 
@@ -699,7 +707,8 @@ def test_atomic_writer_never_replaces_a_non_regular_file(tmp_path):
         with pytest.raises(FileExistsError) as info:
             write_text_atomic(target, "x")
         assert info.value.errno == errno.EEXIST
-        assert environment_error_message(info.value) == f"exists and is not a regular file; refusing to replace it: {target}"
+        want = f"exists and is not a regular file; refusing to replace it: {target}"
+        assert environment_error_message(info.value) == want
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and (tmp_path / "folder").is_dir()
     assert list(tmp_path.iterdir()) == [fifo, tmp_path / "folder"] or sorted(tmp_path.iterdir()) == sorted(
         [fifo, tmp_path / "folder"])  # no temporary file left

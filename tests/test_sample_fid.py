@@ -5,21 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MAMBA, randomize_
 from torch import nn
 
 import aimkit
 from aimkit.cli import main
 from aimkit.errors import AimkitError, CheckpointError, ConfigError
 from aimkit.eval.fid import NpzArrayReader, compute_statistics, fid_from_npz, inception_score
-from aimkit.eval.frechet import frechet_distance
-from aimkit.eval.inception import (
-    INCEPTION_WEIGHTS_ENV,
-    INCEPTION_WEIGHTS_FILE,
-    FIDInceptionV3,
-    _avg_pool_same,
-    load_inception,
-)
-from aimkit.eval.sample import (
+from aimkit.eval.fid_sampling import (
     LABELS_NAME,
     MANIFEST_NAME,
     balanced_labels,
@@ -29,7 +22,14 @@ from aimkit.eval.sample import (
     shard_name,
     shard_seed,
 )
-from conftest import TINY_MAMBA, randomize_
+from aimkit.eval.frechet import frechet_distance
+from aimkit.eval.inception import (
+    INCEPTION_WEIGHTS_ENV,
+    INCEPTION_WEIGHTS_FILE,
+    FIDInceptionV3,
+    _avg_pool_same,
+    load_inception,
+)
 
 TINY = TINY_MAMBA
 

@@ -9,19 +9,21 @@ from conftest import randomize_
 
 import aimkit
 from aimkit.errors import ConfigError
+from aimkit.policy import ExecutionPolicy
 from aimkit.registry import SAMPLERS
 from aimkit.samplers import AutoregressiveConfig, AutoregressiveSampler, generate, resolve_labels, save_grid
 
 COMMON = dict(d_model=32, n_layer=2, num_classes=10, num_tokens=16, vocab_size=64, tokenizer=None)
 BACKBONE_KWARGS = {
-    "mamba2": dict(d_state=16, headdim=8, chunk_size=8),
+    "mamba2": dict(d_state=16, headdim=8),
     "transformer": dict(backbone="transformer", n_head=4, mlp_hidden=64),
 }
 
 
-def _tiny(backbone="mamba2", seed=0, **extra):
+def _tiny(backbone="mamba2", seed=0, policy=None, **extra):
     torch.manual_seed(seed)
-    return randomize_(aimkit.build("aim-b", **COMMON, **BACKBONE_KWARGS[backbone], **extra), seed=seed)
+    policy = ExecutionPolicy(chunk_size=8) if policy is None else policy
+    return randomize_(aimkit.build("aim-b", **COMMON, **BACKBONE_KWARGS[backbone], policy=policy, **extra), seed=seed)
 
 
 @pytest.fixture(scope="module", params=["mamba2", "transformer"])
@@ -184,7 +186,7 @@ def test_bad_arguments(model, kwargs, message):
 def test_sampler_registered_and_chosen_from_config(model):
     assert SAMPLERS.get("autoregressive") is AutoregressiveSampler
     assert model.config.sampler.config == AutoregressiveConfig()
-    sampler = AutoregressiveSampler(AutoregressiveConfig(use_cuda_graph=False))
+    sampler = AutoregressiveSampler(AutoregressiveConfig())
     out = generate(model, [1], output="tokens", seed=0, sampler=sampler, progress=False)
     assert sampler.last_capture_seconds == 0.0  # eager on CPU
     assert torch.equal(out, generate(model, [1], output="tokens", seed=0, sampler="autoregressive", progress=False))
@@ -212,8 +214,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backbone,branches", [("mamba2", 1), ("transformer", 1), ("mamba2", 2), ("transformer", 3)])
-def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone, branches):
+@pytest.mark.parametrize("backbone", ["mamba2", "transformer"])
+def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone):
     from aimkit.samplers._cuda_graph import clear_decode_graphs, get_decode_graph
 
     model = _tiny(backbone).cuda()
@@ -221,9 +223,10 @@ def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone, branches):
     gen = torch.Generator("cuda").manual_seed(0)
     with torch.inference_mode():
         cond = model.condition(labels)
-        graph, seconds = get_decode_graph(model, cond, 3, branches=branches)
-        assert seconds > 0 and get_decode_graph(model, cond, 3, branches=branches) == (graph, 0.0)
-        assert graph.branches == branches
+        graph, seconds = get_decode_graph(model, cond, 3, model.policy)
+        assert seconds > 0 and get_decode_graph(model, cond, 3, model.policy) == (graph, 0.0)
+        other, seconds = get_decode_graph(model, cond, 3, model.policy.replace(decode_glue="reference"))
+        assert other is not graph and seconds > 0  # another policy: another graph
         for run in range(2):  # the second run reuses the cache the first one filled
             codes = torch.randint(0, model.vocab_size, (3, model.num_tokens), device="cuda", generator=gen)
             graph.start(cond)
@@ -243,21 +246,23 @@ def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone, branches):
 @pytest.mark.parametrize("backbone", ["mamba2", "transformer"])
 def test_cuda_graph_sampler_matches_eager(backbone):
     model = _tiny(backbone).cuda()
+    eager_model = _tiny(backbone, policy=ExecutionPolicy(chunk_size=8, decode_graph=False)).cuda()
     labels = torch.tensor([1, 7, 3, 0], device="cuda")
-    graphed, eager = AutoregressiveSampler(), AutoregressiveSampler(AutoregressiveConfig(use_cuda_graph=False))
+    graphed, eager = AutoregressiveSampler(), AutoregressiveSampler()
     greedy = dict(cfg_scale=3.0, temperature=0.0, top_k=0, top_p=1.0)
     a = graphed.sample_tokens(model, labels, **greedy)
     assert graphed.last_capture_seconds > 0
     b = graphed.sample_tokens(model, labels, **greedy)
     assert graphed.last_capture_seconds == 0.0  # reused
-    assert torch.equal(a, b) and torch.equal(a, eager.sample_tokens(model, labels, **greedy))
+    assert torch.equal(a, b) and torch.equal(a, eager.sample_tokens(eager_model, labels, **greedy))
+    assert eager.last_capture_seconds == 0.0
     with torch.no_grad():  # greedy tokens are the argmax of the guided teacher-forced logits
         forced = model(torch.cat([a, a]), torch.cat([labels, torch.full_like(labels, model.null_class)])).float()
     assert torch.equal((forced[4:] + 3.0 * (forced[:4] - forced[4:])).argmax(-1), a)
     random = dict(cfg_scale=2.0, temperature=1.0, top_k=20, top_p=0.9)
     s1 = graphed.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(0), **random)
     s2 = graphed.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(0), **random)
-    s3 = eager.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(0), **random)
+    s3 = eager.sample_tokens(eager_model, labels, generator=torch.Generator("cuda").manual_seed(0), **random)
     s4 = graphed.sample_tokens(model, labels, generator=torch.Generator("cuda").manual_seed(1), **random)
     assert torch.equal(s1, s2) and torch.equal(s1, s3) and not torch.equal(s1, s4)
     out = generate(model, [3, 1], num_images=5, output="tokens", seed=0, batch_size=2, progress=False)
@@ -265,14 +270,36 @@ def test_cuda_graph_sampler_matches_eager(backbone):
     assert torch.equal(out, again) and out.device.type == "cpu"
 
 
-def test_branch_split_and_config():
-    from aimkit.samplers._cuda_graph import branch_bounds
+@pytest.mark.gpu
+@needs_cuda
+def test_changed_policy_captures_a_new_graph():
+    """Changing gen.policy between runs: the next run captures anew (the graph key holds the
+    policy) and samples what the new policy computes; switching back reuses the first graph."""
+    model = _tiny("mamba2").cuda()
+    labels = torch.tensor([1, 7], device="cuda")
+    sampler = AutoregressiveSampler()
+    greedy = dict(cfg_scale=2.0, temperature=0.0, top_k=0, top_p=1.0)
+    first = sampler.sample_tokens(model, labels, **greedy)
+    assert sampler.last_capture_seconds > 0
+    policy = model.policy
+    model.set_policy(policy.replace(state_update="reference", decode_glue="reference", fold_gated_norm=False))
+    second = sampler.sample_tokens(model, labels, **greedy)
+    assert sampler.last_capture_seconds > 0
+    assert torch.equal(first, second)  # same maths
+    model.set_policy(policy)
+    sampler.sample_tokens(model, labels, **greedy)
+    assert sampler.last_capture_seconds == 0.0
 
-    assert branch_bounds(7, 1) == [(0, 7)]
-    assert branch_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
-    with pytest.raises(ValueError, match="cannot split 2 rows into 3"):
-        branch_bounds(2, 3)
-    assert AutoregressiveConfig().branches_for(512) == 1
-    assert AutoregressiveConfig(graph_branches=4).branches_for(3) == 3
-    with pytest.raises(ConfigError, match="graph_branches"):
-        AutoregressiveConfig(graph_branches=0)
+
+def test_sampler_reads_the_policy_of_the_model(model):
+    """Sampling options that are execution settings live in the model's policy, not the config."""
+    fields = {f.name for f in dataclasses.fields(AutoregressiveConfig)}
+    assert not fields & {"use_cuda_graph", "graph_branches", "fused_sampling"}
+    assert isinstance(model.policy, ExecutionPolicy)
+    kernel = dataclasses.replace(model.policy, sampling="kernel")
+    model.set_policy(kernel)
+    try:  # "kernel" on CPU logits is an error, not a silent fallback: the policy was read
+        with pytest.raises(ConfigError, match="policy sampling='kernel' needs CUDA"):
+            generate(model, [1], output="tokens", seed=0, temperature=1.0, progress=False)
+    finally:
+        model.set_policy(dataclasses.replace(kernel, sampling="auto"))

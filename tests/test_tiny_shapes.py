@@ -11,6 +11,7 @@ import torch
 from conftest import randomize_
 
 import aimkit
+from aimkit._saved import read_saved_config
 from aimkit.assets import embedded_weights
 from aimkit.config import GeneratorConfig
 from aimkit.registry import TOKENIZERS
@@ -45,7 +46,8 @@ def test_vq_f4_tiny_encodes_64px_to_256_codes():
 
 def test_vq_f4_tiny_weights_round_trip_under_generator_prefix(tmp_path):
     tok = randomize_(VQTiny().eval(), seed=1)
-    path = save_safetensors_atomic({f"tokenizer.{k}": v for k, v in tok.state_dict().items()}, tmp_path / "t.safetensors")
+    state = {f"tokenizer.{k}": v for k, v in tok.state_dict().items()}
+    path = save_safetensors_atomic(state, tmp_path / "t.safetensors")
     again = VQTiny().load_weights(path).eval()
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.equal(tok.encode(images), again.encode(images))
@@ -101,8 +103,9 @@ def test_float16_storage_loads_into_float32(tmp_path):
 
 @needs_weights
 def test_shipped_config_is_the_preset():
-    saved = json.loads((SHIPPED / "config.json").read_text())["generator"]
-    assert GeneratorConfig.from_dict(saved) == aimkit.resolve_config("aim-tiny-shapes")
+    assert read_saved_config(SHIPPED) == aimkit.resolve_config("aim-tiny-shapes")
+    saved = json.loads((SHIPPED / "config.json").read_text())["generator"]  # the architecture only
+    assert saved == json.loads(json.dumps(aimkit.resolve_config("aim-tiny-shapes").architecture_dict()))
     total = sum(p.stat().st_size for p in SHIPPED.iterdir() if p.is_file())
     assert total <= 12.5e6, f"the shipped folder is {total / 1e6:.2f} MB"
 

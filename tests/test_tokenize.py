@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from aimkit.cli import main as cli_main
-from aimkit.commands.tokenize import crop_variants, find_images, tokenize_folder, variant_names
+from aimkit.data.images import crop_variants, find_images, variant_names
 from aimkit.data.shapes import NUM_CLASSES, export_image_folder
+from aimkit.data.tokenize import tokenize_folder
 from aimkit.data.tokens import INDEX_NAME, TokenDataset, TokenShardWriter, shard_name
 from aimkit.errors import ConfigError
 from aimkit.tokenizers.base import Tokenizer

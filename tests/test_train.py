@@ -21,7 +21,7 @@ import aimkit
 from aimkit.cli import main as cli_main
 from aimkit.data.shapes import NUM_CLASSES, export_image_folder
 from aimkit.data.tokens import TokenDataset
-from aimkit.train import TrainingStopped, find_checkpoint, load_config, train
+from aimkit.training import TrainingStopped, find_checkpoint, load_config, train
 from aimkit.weights import read_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def test_kill_and_resume_is_exact(tokens, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tokens, tmp_path, monkeypatch):
-    import aimkit.train as recipe
+    import aimkit.training.step as recipe  # the step every caller runs computes the loss here
 
     calls = {"n": 0, "bad": set()}
 
@@ -166,9 +166,11 @@ def test_config_and_resume_messages(tokens, tmp_path, capsys):
     assert "'max_steps' must be int" in run("--config", "tiny_test", f"output_dir={tmp_path}", "max_steps=many")
     assert "did you mean tiny_test" in run("--config", "tiny_tst")
 
-    err = run("--config", "tiny_test", f"output_dir={tmp_path / 'g'}", f"data={tokens.dir}", "cuda_graph=true",
+    err = run("--config", "tiny_test", f"output_dir={tmp_path / 'g'}", f"data={tokens.dir}", "policy.train_step=graph",
               "global_batch_size=12", "grad_accum=2")
-    assert "cuda_graph: true needs a CUDA device (this run is on cpu), grad_accum 1" in err
+    assert "policy train_step: graph needs a CUDA device (this run is on cpu), grad_accum 1" in err
+    err = run("--config", "tiny_test", f"output_dir={tmp_path / 'g'}", "cuda_graph=true")
+    assert "'cuda_graph' is gone" in err and "policy: {train_step: graph}" in err
 
     empty = tmp_path / "empty" / "checkpoints" / ".tmp-step-00000003"
     empty.mkdir(parents=True)
@@ -179,7 +181,7 @@ def test_config_and_resume_messages(tokens, tmp_path, capsys):
 def test_sigterm_saves_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aimkit.train", "--config", "tiny_test", f"output_dir={out}", "max_steps=100000",
+        [sys.executable, "-m", "aimkit.training", "--config", "tiny_test", f"output_dir={out}", "max_steps=100000",
          "log_every=1", "checkpoint_every=100000", "progress_bar=false"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path,
     )
@@ -202,7 +204,7 @@ def test_two_processes_keep_replicas_equal(tmp_path):
     launcher = Path(sys.executable).parent / "accelerate"
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "aimkit.train", "--config", "tiny_test", f"output_dir={out}", "max_steps=3",
+           "-m", "aimkit.training", "--config", "tiny_test", f"output_dir={out}", "max_steps=3",
            "log_every=1", "check_replicas_every=1", "progress_bar=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -219,14 +221,14 @@ def test_two_processes_keep_replicas_equal(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_recipe_resumes_and_tracks_eager(tokens, tmp_path):
-    """cuda_graph: the captured step trains like the eager one and a killed run resumes exactly."""
+    """policy train_step graph: the captured step trains like the eager one and a killed run resumes exactly."""
     common = ["max_steps=8", "checkpoint_every=4", "num_workers=0", "model_args={class_dropout: 0.0}"]
     eager = train(_cfg(tokens, tmp_path / "eager", *common))
-    graphed = train(_cfg(tokens, tmp_path / "graphed", *common, "cuda_graph=true"))
+    graphed = train(_cfg(tokens, tmp_path / "graphed", *common, "policy.train_step=graph"))
     assert graphed.losses == pytest.approx(eager.losses, rel=2e-2)  # same maths, other kernel order
-    first = train(_cfg(tokens, tmp_path / "split", *common, "cuda_graph=true", "stop_after=4"))
+    first = train(_cfg(tokens, tmp_path / "split", *common, "policy.train_step=graph", "stop_after=4"))
     assert first.stopped_by == "stop_after"
-    second = train(_cfg(tokens, tmp_path / "split", *common, "cuda_graph=true"), resume="auto")
+    second = train(_cfg(tokens, tmp_path / "split", *common, "policy.train_step=graph"), resume="auto")
     assert second.step == 8
     a, b = _final_state(tmp_path / "graphed"), _final_state(tmp_path / "split")
     for k in a:

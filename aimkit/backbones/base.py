@@ -14,6 +14,11 @@ Inference cache interface (after mamba-ssm's ``utils/generation.py``):
   and updates the cache in place; it is CUDA-graph capturable (position-dependent mixers read the
   device tensor ``inference_params.position``, never a Python int that changes between steps).
 
+Which implementation each operation runs is the backbone's :class:`~aimkit.policy.ExecutionPolicy`,
+given at construction (``policy=``, default :func:`~aimkit.policy.default_policy`) and stored as
+``self.policy`` on the backbone and on every sub-module that branches on it; each reads
+``self.policy`` at call time, so setting ``module.policy`` on all of them switches the path.
+
 Every mixer implements the same four members::
 
     mixer = MixerCls(d_model, layer_idx=i, device=None, dtype=None)
@@ -28,13 +33,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._compile import TrainCompiled
-from ._fused import PendingRowNorm, decode_ops
+from ..kernels.compiled import TrainCompiled
+from ..kernels.glue import DeferredRowNorm, add_norm_modulate
+from ..policy import ExecutionPolicy, default_policy
 
-__all__ = ["InferenceParams", "Block", "Backbone", "add_norm_modulate", "modulate"]
+__all__ = ["InferenceParams", "Block", "Backbone", "modulate", "resolve_policy"]
 
 
 @dataclass
@@ -74,43 +79,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def add_norm_modulate(
-    hidden: Tensor, gate: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float,
-    shift: Optional[Tensor], scale: Optional[Tensor], out_dtype: torch.dtype,
-) -> Tuple[Tensor, Tensor]:
-    """The glue between two sublayers of a whole sequence, as one function (compiled in training).
-
-    ``residual = gate * hidden + residual`` (float32), then ``rmsnorm(residual) * weight`` and the
-    adaLN modulation ``* (1 + scale) + shift``: what :class:`Block` does around each sublayer,
-    with the gate of the previous sublayer folded in (the decode step's fused kernel,
-    :func:`aimkit.backbones._triton_ops.add_norm_modulate`, computes the same per row). ``gate *
-    hidden`` is formed in float32 (the unfused block rounds it to the model dtype first).
-
-    Args:
-        hidden: (B, L, D) output of the previous sublayer (or the embedded sequence).
-        gate: optional (B, D) gate of the previous sublayer.
-        residual: optional (B, L, D) float32 residual stream (None: it starts here).
-        weight: (D,) RMSNorm weight; eps: its epsilon.
-        shift, scale: optional (B, D) modulation (both or neither).
-        out_dtype: dtype of ``out`` (the next sublayer's compute dtype).
-
-    Returns:
-        ``(out, residual)``: out (B, L, D) in ``out_dtype``, residual (B, L, D) float32.
-    """
-    if (shift is None) != (scale is None):
-        raise ValueError("add_norm_modulate: give both shift and scale, or neither")
-    r = hidden.float()
-    if gate is not None:
-        r = r * gate.float().unsqueeze(1)
-    if residual is not None:
-        r = r + residual
-    h = F.rms_norm(r.to(weight.dtype), (r.shape[-1],), weight, eps)
-    if shift is not None:
-        h = modulate(h, shift, scale)
-    return h.to(out_dtype), r
-
-
-_GLUE = TrainCompiled(add_norm_modulate, "glue")
+def resolve_policy(policy: Optional[ExecutionPolicy]) -> ExecutionPolicy:
+    """``policy``, or :func:`~aimkit.policy.default_policy` (the environment, read now) when None."""
+    return default_policy() if policy is None else policy
 
 
 class Block(nn.Module):
@@ -154,13 +125,14 @@ class Block(nn.Module):
 
     def sublayers(
         self,
-    ) -> List[Tuple[nn.Module, Callable[[Tensor, InferenceParams], Tuple[Tensor, Optional[PendingRowNorm]]]]]:
+    ) -> List[Tuple[nn.Module, Callable[[Tensor, InferenceParams], Tuple[Tensor, Optional[DeferredRowNorm]]]]]:
         """``(norm, decode-step function)`` of each modulated sublayer, in order (for fused decoding).
 
-        A step function maps h (B, 1, D) to ``(out (B, 1, D), pending)``: ``pending`` is None, or
-        the :class:`PendingRowNorm` factor that ``out`` still lacks (a mixer's ``step_unnormed``)."""
-        unnormed = getattr(self.mixer, "step_unnormed", None)
-        subs = [(self.norm, unnormed or (lambda h, params: (self.mixer.step(h, params), None)))]
+        A step function maps h (B, 1, D) to ``(out (B, 1, D), deferred)``: ``deferred`` is None,
+        or the :class:`~aimkit.kernels.glue.DeferredRowNorm` factor that ``out`` still lacks (a
+        mixer's ``step_with_deferred_norm``)."""
+        deferring = getattr(self.mixer, "step_with_deferred_norm", None)
+        subs = [(self.norm, deferring or (lambda h, params: (self.mixer.step(h, params), None)))]
         if self.mlp is not None:
             subs.append((self.norm2, lambda h, _params: (self.mlp(h), None)))
         return subs
@@ -188,9 +160,10 @@ class Block(nn.Module):
     ) -> Tuple[Tensor, Tensor]:
         """hidden (B, L, D), residual (B, L, D) or None, mod (B, mod_chunks, D) -> (hidden, residual).
 
-        :class:`Backbone` runs blocks through here except in CUDA training, where it calls the
-        sublayers directly with compiled glue (:meth:`Backbone._run_compiled_glue`): a subclass
-        that overrides this method should also set ``AIMKIT_TRAIN_COMPILE=never``."""
+        :class:`Backbone` runs blocks through here except for whole-sequence forwards on CUDA
+        with policy ``compile_glue``, where it calls the sublayers directly with compiled glue
+        (:meth:`Backbone._run_compiled_glue`): a subclass that overrides this method should be
+        built with a policy whose ``compile_glue`` is false."""
         h, residual = self._pre(hidden, residual, self.norm)
         shift, scale, gate = mod[:, 0], mod[:, 1], mod[:, 2]
         h = modulate(h, shift, scale)
@@ -213,7 +186,14 @@ class Backbone(nn.Module):
         norm_cls: factory ``dim -> norm`` (RMSNorm in every preset).
         mlp_cls: optional factory ``dim -> mlp`` (the transformer's SwiGLU; None for Mamba2).
         residual_in_fp32: keep the residual stream in float32.
+        policy: which implementation each operation runs (None: :func:`~aimkit.policy.default_policy`,
+            read once); subclasses hand the same object to the sub-modules that branch on it.
+
+    Attributes:
+        policy: the :class:`~aimkit.policy.ExecutionPolicy`, read at every call.
     """
+
+    _glue = TrainCompiled(add_norm_modulate, "glue")  # the compiled glue (an instance may hold its own)
 
     def __init__(
         self,
@@ -223,8 +203,11 @@ class Backbone(nn.Module):
         norm_cls: Callable[[int], nn.Module],
         mlp_cls: Optional[Callable[[int], nn.Module]] = None,
         residual_in_fp32: bool = True,
+        *,
+        policy: Optional[ExecutionPolicy] = None,
     ):
         super().__init__()
+        self.policy = resolve_policy(policy)
         self.d_model = d_model
         self.layers = nn.ModuleList(
             Block(
@@ -255,8 +238,8 @@ class Backbone(nn.Module):
     def _run(self, x: Tensor, mods: Sequence[Tensor], inference_params, step: bool) -> Tensor:
         if len(mods) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} modulation tensors, got {len(mods)}")
-        if not step and _GLUE.wants_compile(x.device) and self._glue_layout_ok():
-            return self._run_compiled_glue(x, mods, inference_params)
+        if not step and inference_params is None and self._compiles_glue(x):
+            return self._run_compiled_glue(x, mods)
         hidden, residual = x, None
         for layer, mod in zip(self.layers, mods):
             hidden, residual = layer(hidden, residual, mod, inference_params=inference_params, step=step)
@@ -274,63 +257,70 @@ class Backbone(nn.Module):
                 yield norm, mod[:, 3 * j], mod[:, 3 * j + 1], sublayer, mod[:, 3 * j + 2]
         yield self.norm_f, None, None, None, None
 
-    def _run_compiled_glue(self, x: Tensor, mods: Sequence[Tensor], inference_params) -> Tensor:
-        """The whole-sequence forward with the glue between sublayers as one compiled function
-        (:func:`add_norm_modulate`): training on CUDA, where eager glue cost a third of the step."""
+    def _compiles_glue(self, x: Tensor) -> bool:
+        """Whether a whole-sequence forward without a cache runs the compiled glue: policy
+        ``compile_glue``, a device the compiled function serves (CUDA for Inductor) and a stack
+        the glue reproduces."""
+        return self.policy.compile_glue and self._glue.wants_compile(x.device) and self._glue_layout_ok()
+
+    def _run_compiled_glue(self, x: Tensor, mods: Sequence[Tensor]) -> Tensor:
+        """The whole-sequence forward without a cache, the glue between sublayers as one compiled
+        function (:func:`aimkit.kernels.glue.add_norm_modulate`; measured faster in training,
+        docs/benchmarks.md)."""
         device = x.device
         out_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         hidden, gate, residual = x, None, None
         for norm, shift, scale, sublayer, next_gate in self._glue_stages(mods, step=False):
             last = sublayer is None  # the final norm: output in its weight's dtype
-            h, residual = _GLUE(device, hidden, gate, residual, norm.weight, norm.eps, shift, scale,
-                                norm.weight.dtype if last else out_dtype or norm.weight.dtype)
+            h, residual = self._glue(device, hidden, gate, residual, norm.weight, norm.eps, shift, scale,
+                                     norm.weight.dtype if last else out_dtype or norm.weight.dtype)
             if last:
                 return h
-            hidden, gate = sublayer(h, inference_params), next_gate  # (B, L, D)
+            hidden, gate = sublayer(h, None), next_gate  # (B, L, D)
 
     def forward(
         self, x: Tensor, mods: Sequence[Tensor], inference_params: Optional[InferenceParams] = None
     ) -> Tensor:
         """x (B, L, D), mods: n_layer tensors (B, mod_chunks, D) -> normed hidden (B, L, D).
 
-        With ``inference_params`` the mixers also fill their caches (prefill). In training on
-        CUDA the glue between sublayers runs compiled (:mod:`aimkit._compile`; same maths, the
-        gated residual formed in float32)."""
+        With ``inference_params`` the mixers also fill their caches (prefill). Without, on CUDA
+        with policy ``compile_glue``, the glue between sublayers runs compiled
+        (:mod:`aimkit.kernels.compiled`; same maths, the gated residual formed in float32)."""
         return self._run(x, mods, inference_params, step=False)
 
     def step(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
         """One position: x (B, 1, D) -> (B, 1, D), updating every layer's cache in place.
 
-        On CUDA the glue between sublayers (gated residual add, RMSNorm, modulation) runs as one
-        fused kernel per sublayer (:func:`aimkit.backbones._triton_ops.add_norm_modulate`); the
-        result equals the unfused :meth:`forward` arithmetic up to rounding (float32 inside). A
-        sublayer that leaves its output's per-row norm factor pending (Mamba2's folded gated norm,
-        kind ``gnorm``) has it applied inside the next glue kernel."""
-        ops = decode_ops(x, "norm")  # None off CUDA: checked first, it is the cheap test
-        if ops is not None and not self._fusable():
-            ops = None
-        if ops is None:
+        With policy ``decode_glue`` on the kernel, the glue between sublayers (gated residual add,
+        RMSNorm, modulation) runs as one fused kernel per sublayer
+        (:func:`aimkit.kernels.decode_glue.add_norm_modulate`); the result equals the unfused
+        :meth:`forward` arithmetic up to rounding (float32 inside). A sublayer that defers its
+        output's per-row norm factor (Mamba2's folded gated norm, policy ``fold_gated_norm``) has
+        it applied inside the next glue kernel."""
+        if not (self.policy.use_kernel("decode_glue", x) and self._glue_layout_ok()):
             return self._run(x, mods, inference_params, step=True)
+        from ..kernels import decode_glue  # Triton: imported only when the kernel runs
+
         if len(mods) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} modulation tensors, got {len(mods)}")
         hidden, gate, residual = x[:, 0], None, None  # (B, D), gate of the previous sublayer
-        pending = None  # the previous sublayer's PendingRowNorm, if any
+        deferred = None  # the previous sublayer's DeferredRowNorm, if any
         for norm, shift, scale, sublayer, next_gate in self._glue_stages(mods, step=True):
-            partials, norm_dim, norm_eps = pending if pending is not None else (None, 0, 0.0)
-            h, residual = ops.add_norm_modulate(
+            partials, norm_dim, norm_eps = deferred if deferred is not None else (None, 0, 0.0)
+            h, residual = decode_glue.add_norm_modulate(
                 hidden, gate, residual, norm.weight, norm.eps, shift, scale,
                 hidden_sq_partials=partials, hidden_norm_dim=norm_dim, hidden_norm_eps=norm_eps,
             )
             if sublayer is None:  # the final norm
                 return h.unsqueeze(1)
-            out, pending = sublayer(h.unsqueeze(1), inference_params)
+            out, deferred = sublayer(h.unsqueeze(1), inference_params)
             hidden, gate = out[:, 0], next_gate  # (B, D)
 
     def prefill_first(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
         """Prefill of a single first position (the class token) through the decode step.
 
         Equal to ``forward(x, mods, inference_params)`` at ``seqlen_offset == 0`` with one
-        position, but it runs the step's kernels (on CUDA the fused ones) instead of the chunked
+        position, but it runs the step's operations (the policy's decode kernels) instead of the chunked
         scan, which costs many small launches for one token. Mixers with a recurrent history
         (``reset_inference_cache``) are reset first; attention masks everything past position 0.
 
@@ -346,13 +336,6 @@ class Backbone(nn.Module):
             if reset is not None:
                 reset(inference_params, x.shape[0])
         return self.step(x, mods, inference_params)
-
-    def _fusable(self) -> bool:
-        """Whether the fused decode glue reproduces this stack (:meth:`_glue_layout_ok`) and no
-        mixer asked for the PyTorch path (``use_kernels="never"``)."""
-        never = any(getattr(getattr(layer.mixer, "config", None), "use_kernels", None) == "never"
-                    for layer in self.layers)
-        return not never and self._glue_layout_ok()
 
     def _glue_layout_ok(self) -> bool:
         """Whether fused glue reproduces this stack: float32 residual, affine RMSNorms."""

@@ -10,18 +10,18 @@ match, so official AiM checkpoints load without renaming. Data flow for input ``
     y = SSD(x, softplus(dt + dt_bias), A=-exp(A_log), B, C, D)
     out = out_proj(rmsnorm(y * silu(z)) * norm.weight)
 
-Two implementations of every step, chosen per call:
+Two implementations of every operation, chosen by the mixer's
+:class:`~aimkit.policy.ExecutionPolicy` (``self.policy``, read at every call):
 
-* PyTorch (:mod:`aimkit.backbones._ssd`): runs on any device, used on CPU and whenever
-  ``use_kernels="never"``; never imports mamba-ssm.
-* Fused (CUDA inputs with mamba-ssm installed, see :mod:`aimkit.backbones._mamba_kernels`):
-  Triton ``mamba_chunk_scan_combined`` for the scan (forward and backward), the Triton gated
-  RMSNorm, and causal-conv1d's convolution kernel (prefill) when that package is installed. The
-  decoding step uses aimkit's own kernels (:mod:`aimkit.backbones._triton_ops`, need only Triton;
-  switched by :mod:`aimkit.backbones._fused`): a convolution-step kernel and the one-pass
-  state-update kernel (opt-in alternatives: the convolution inside the state kernel, or in the
-  epilogue of a Triton ``in_proj``), falling back to the PyTorch convolution and mamba-ssm's
-  ``selective_state_update``.
+* the PyTorch reference (:mod:`aimkit.kernels.ssd`, the ring convolution step below,
+  :class:`GatedRMSNorm`): runs on any device; never imports mamba-ssm or Triton.
+* the kernels: for whole sequences (op ``scan``) mamba-ssm's Triton ``mamba_chunk_scan_combined``
+  (forward and backward), its Triton gated RMSNorm and causal-conv1d's convolution when installed
+  (:mod:`aimkit.kernels.mamba_ssm`), or with ``split_scan`` the whole mixer after ``in_proj`` as
+  one mamba-ssm function; for a decode step aimkit's own Triton kernels, the convolution step
+  (op ``conv_step``, :mod:`aimkit.kernels.conv_step`) and the one-pass state update (op
+  ``state_update``, :mod:`aimkit.kernels.ssm_step`), into which the gated norm folds
+  (``fold_gated_norm``: its row factor deferred to the backbone's next glue kernel).
 
 Inference cache per layer: ``(conv_state, ssm_state)`` with conv_state (B, conv_dim, d_conv) and
 ssm_state (B, nheads, headdim, d_state). conv_state is a ring buffer of the last ``d_conv``
@@ -53,17 +53,15 @@ from torch import Tensor, nn
 
 from .._config import check_fields
 from ..errors import ConfigError
+from ..kernels import mamba_ssm
+from ..kernels.glue import DeferredRowNorm
+from ..kernels.mamba_ssm import MambaKernels
+from ..kernels.ssd import ssd_chunked, ssd_recurrent_step_
+from ..policy import ExecutionPolicy
 from ..registry import BACKBONES
-from . import _mamba_kernels
-from ._fused import PendingRowNorm, decode_ops
-from ._mamba_kernels import MambaKernels
-from ._ssd import ssd_chunked, ssd_recurrent_step_
-from .base import Backbone, InferenceParams, rms_norm_factory
+from .base import Backbone, InferenceParams, resolve_policy, rms_norm_factory
 
 __all__ = ["GatedRMSNorm", "Mamba2", "Mamba2Backbone", "Mamba2Config"]
-
-_USE_KERNELS = ("auto", "never", "always")
-_STATE_DTYPES = ("float32", "model")
 
 
 @dataclass(frozen=True)
@@ -76,23 +74,15 @@ class Mamba2Config:
         expand: inner width ``d_inner = expand * d_model``.
         headdim: channels P per head; ``nheads = d_inner // headdim``.
         ngroups: groups G of heads sharing B and C; also the gated-norm groups.
-        chunk_size: chunk length of the chunked scan (a speed knob, not a model change).
         A_init_range: ``A = -uniform(A_init_range)`` at initialisation.
         dt_min, dt_max: range of the log-uniform initial step size.
         dt_init_floor: lower clamp of the initial step size.
         norm_eps: epsilon of the gated RMSNorm inside the mixer.
         conv_bias: bias on the convolution.
         bias: bias on ``in_proj`` and ``out_proj``.
-        use_kernels: ``"auto"`` (fused kernels for CUDA inputs when installed), ``"never"``
-            (always PyTorch), ``"always"`` (fused kernels or an error).
-        state_dtype: SSM cache dtype: ``"float32"`` (float64 for a float64 model) or ``"model"``
-            (the cache's / parameters' dtype, e.g. bf16: half the decode memory traffic).
-        fused_split_scan: run a forward without a cache (training) through mamba-ssm's
-            ``mamba_split_conv1d_scan_combined`` (split, convolution, scan, gated norm and
-            ``out_proj`` in one autograd function that recomputes the convolution in backward)
-            when the fused kernels and causal-conv1d are in use. A speed knob; same maths. On
-            an H200 the AiM-L training step with it and ``chunk_size`` 128 took 151.2 ms against
-            155.7 ms with neither (benchmarks/notes.md).
+
+    How the mixer computes (kernels, scan chunk length, decoding state dtype) is not part of the
+    architecture: see :class:`~aimkit.policy.ExecutionPolicy`.
     """
 
     d_state: int = 128  # N, state per channel (AiM and mamba-ssm default)
@@ -100,7 +90,6 @@ class Mamba2Config:
     expand: int = 2  # d_inner = 2 * d_model
     headdim: int = 64  # P; d_model 768 -> 24 heads
     ngroups: int = 1  # one B/C shared by all heads
-    chunk_size: int = 128  # two chunks per 256-token image: the fastest AiM-L training step on an H200
     A_init_range: Tuple[float, float] = (1, 16)  # A in -[1, 16] at init
     dt_min: float = 0.001  # smallest initial dt
     dt_max: float = 0.1  # largest initial dt
@@ -108,13 +97,10 @@ class Mamba2Config:
     norm_eps: float = 1e-5  # gated RMSNorm epsilon, as mamba-ssm's RMSNormGated
     conv_bias: bool = True  # conv1d.bias present (official checkpoints have it)
     bias: bool = False  # no bias on in_proj / out_proj
-    use_kernels: str = "auto"  # "auto" | "never" | "always"
-    state_dtype: str = "float32"  # "float32" | "model": dtype of the decoding SSM state
-    fused_split_scan: bool = True  # training forward through mamba-ssm's one-function mixer
 
     def __post_init__(self):
         check_fields(self, "mamba2")  # types: ints are ints, floats finite, A_init_range two numbers
-        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups"):
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"mamba2 {name} must be a positive integer, got {value!r}")
@@ -127,13 +113,9 @@ class Mamba2Config:
             raise ConfigError(f"mamba2 dt_init_floor must be >= 0, got {self.dt_init_floor!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"mamba2 norm_eps must be positive, got {self.norm_eps!r}")
-        if self.use_kernels not in _USE_KERNELS:
-            raise ConfigError(f"mamba2 use_kernels must be one of {_USE_KERNELS}, got {self.use_kernels!r}")
-        for name in ("conv_bias", "bias", "fused_split_scan"):
+        for name in ("conv_bias", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"mamba2 {name} must be true or false, got {getattr(self, name)!r}")
-        if self.state_dtype not in _STATE_DTYPES:
-            raise ConfigError(f"mamba2 state_dtype must be one of {_STATE_DTYPES}, got {self.state_dtype!r}")
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -188,6 +170,9 @@ class Mamba2(nn.Module):
         config: :class:`Mamba2Config`.
         device: parameter device.
         dtype: parameter dtype (``D`` is kept at least float32, as in mamba-ssm).
+        policy: which implementation each operation runs (None:
+            :func:`~aimkit.policy.default_policy`, read once); stored as ``self.policy`` and read
+            at every call.
     """
 
     def __init__(
@@ -198,10 +183,12 @@ class Mamba2(nn.Module):
         config: Mamba2Config = Mamba2Config(),
         device=None,
         dtype=None,
+        policy: Optional[ExecutionPolicy] = None,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.config = config
+        self.policy = resolve_policy(policy)
         self.d_model = d_model
         self.layer_idx = layer_idx
         self.d_inner = config.expand * d_model
@@ -266,35 +253,23 @@ class Mamba2(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, layer_idx={self.layer_idx}, nheads={self.nheads}, "
-                f"headdim={self.headdim}, d_state={self.d_state}, ngroups={self.ngroups}, "
-                f"use_kernels={self.config.use_kernels!r}")
+                f"headdim={self.headdim}, d_state={self.d_state}, ngroups={self.ngroups}")
 
     # ----------------------------------------------------------------------------- helpers
 
-    def _kernels(self, x: Tensor) -> Optional[MambaKernels]:
-        """The fused kernels to use for input ``x``, or None for the PyTorch path."""
-        mode = self.config.use_kernels
-        if mode == "never":
+    def _scan_kernels(self, x: Tensor) -> Optional[MambaKernels]:
+        """mamba-ssm's kernels when the policy's ``scan`` picks them for ``x``, else None (the
+        PyTorch reference; also under ``"auto"`` when the installed package cannot be imported)."""
+        if not self.policy.use_kernel("scan", x):
             return None
-        if not x.is_cuda:
-            if mode == "always":
-                raise ConfigError(
-                    f"mamba2 use_kernels='always' needs CUDA inputs (mamba-ssm's Triton kernels), "
-                    f"got a tensor on {x.device}; use use_kernels='auto' or 'never' off the GPU"
-                )
-            return None
-        kernels = _mamba_kernels.load_kernels()
-        if kernels is None and mode == "always":
-            error = _mamba_kernels.kernel_info().get("error")
+        kernels = mamba_ssm.load_kernels()
+        if kernels is None and self.policy.scan == "kernel":
             raise ConfigError(
-                f"mamba2 use_kernels='always' but mamba-ssm's Triton kernels cannot be imported ({error}); "
-                "install mamba-ssm (a Triton-only build is enough) or use use_kernels='auto'"
+                f"policy scan='kernel' but mamba-ssm's Triton kernels cannot be imported "
+                f"({mamba_ssm.kernel_info().get('error')}); install mamba-ssm (a Triton-only build is "
+                "enough) or use scan='auto'"
             )
         return kernels
-
-    def _decode_kernels(self, x: Tensor, kind: str):
-        """aimkit's decode kernel module for ``kind`` (see :mod:`._fused`), None on the PyTorch path."""
-        return None if self.config.use_kernels == "never" else decode_ops(x, kind)
 
     def _cache(self, inference_params: InferenceParams, batch: int) -> Tuple[Tensor, Tensor]:
         """This layer's ``(conv_state, ssm_state)`` views for the first ``batch`` rows."""
@@ -347,9 +322,10 @@ class Mamba2(nn.Module):
         slot ``p % d_conv`` of conv_state (B, conv_dim, d_conv) in place (module docstring)."""
         position = self._position(inference_params, xBC.device)
         weight = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
-        fused = self._decode_kernels(xBC, "conv")
-        if fused is not None:  # aimkit's kernel for the channels-contiguous ring
-            return fused.conv_step_(xBC, conv_state, weight, self.conv1d.bias, position)
+        if self.policy.use_kernel("conv_step", xBC):  # aimkit's kernel for the channels-contiguous ring
+            from ..kernels.conv_step import conv_step_  # Triton: imported only when the kernel runs
+
+            return conv_step_(xBC, conv_state, weight, self.conv1d.bias, position)
         new = xBC.to(conv_state.dtype).unsqueeze(-1)  # (B, conv_dim, 1)
         slots = (position + torch.arange(1, self.d_conv, device=position.device)) % self.d_conv  # (d_conv-1,)
         window = torch.cat([conv_state.index_select(-1, slots), new], dim=-1)  # (B, conv_dim, d_conv), oldest first
@@ -369,19 +345,19 @@ class Mamba2(nn.Module):
         )
 
     def _split_scan_usable(self, kernels: Optional[MambaKernels]) -> bool:
-        """Whether :meth:`_split_scan` may run: ``fused_split_scan``, its kernels present, and the
+        """Whether :meth:`_split_scan` may run: policy ``split_scan``, its kernels present, and the
         channel-last convolution input causal-conv1d accepts there (channels and the in_proj row
         stride multiples of 8; other widths take the split path, which copies when needed)."""
-        return (self.config.fused_split_scan and kernels is not None and kernels.causal_conv1d_fn is not None
+        return (self.policy.split_scan and kernels is not None and kernels.causal_conv1d_fn is not None
                 and kernels.mamba_split_conv1d_scan_combined is not None
                 and self.conv_dim % 8 == 0 and self.in_proj.out_features % 8 == 0)
 
     def _split_scan(self, zxbcdt: Tensor, kernels: MambaKernels) -> Tensor:
         """The mixer after ``in_proj`` in one mamba-ssm autograd function: zxbcdt (B, L, d_in_proj)
-        -> (B, L, D). Used for a forward without a cache (training) with ``fused_split_scan``."""
+        -> (B, L, D). Used for a forward without a cache (training) with policy ``split_scan``."""
         return kernels.mamba_split_conv1d_scan_combined(
             zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, -torch.exp(_upcast(self.A_log)),
-            self.D, self.config.chunk_size, activation="silu", rmsnorm_weight=self.norm.weight,
+            self.D, self.policy.chunk_size, activation="silu", rmsnorm_weight=self.norm.weight,
             rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias,
             headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False,
         )
@@ -406,7 +382,7 @@ class Mamba2(nn.Module):
         offset continues the cached one.
         """
         batch, seqlen, _ = x.shape
-        kernels = self._kernels(x)
+        kernels = self._scan_kernels(x)
         zxbcdt = self.in_proj(x)  # (B, L, 2*d_inner + 2*G*N + H)
         if inference_params is None and self._split_scan_usable(kernels):
             return self._split_scan(zxbcdt, kernels)
@@ -440,14 +416,14 @@ class Mamba2(nn.Module):
         want_state = ssm_state is not None
         if kernels is not None:
             out = kernels.mamba_chunk_scan_combined(
-                xs, dt, A, B, C, chunk_size=self.config.chunk_size, D=self.D,
+                xs, dt, A, B, C, chunk_size=self.policy.chunk_size, D=self.D,
                 dt_bias=self.dt_bias, dt_softplus=True, initial_states=initial_state,
                 return_final_states=want_state,
             )
         else:
             dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, L, H)
             out = ssd_chunked(
-                xs, dt, A, B, C, self.config.chunk_size, D=self.D,
+                xs, dt, A, B, C, self.policy.chunk_size, D=self.D,
                 initial_state=initial_state, return_final_state=want_state,
             )
         if want_state:
@@ -461,16 +437,18 @@ class Mamba2(nn.Module):
 
     def step(self, x: Tensor, inference_params: InferenceParams) -> Tensor:
         """Decode one position: x (B, 1, D) -> (B, 1, D), updating the cache in place."""
-        out, pending = self.step_unnormed(x, inference_params)
-        return out if pending is None else pending.apply(out)  # a folded gated norm: its row factor here
+        out, deferred = self.step_with_deferred_norm(x, inference_params)
+        return out if deferred is None else deferred.apply(out)  # a folded gated norm: its row factor here
 
-    def step_unnormed(self, x: Tensor, inference_params: InferenceParams) -> Tuple[Tensor, Optional[PendingRowNorm]]:
+    def step_with_deferred_norm(
+        self, x: Tensor, inference_params: InferenceParams
+    ) -> Tuple[Tensor, Optional[DeferredRowNorm]]:
         """Decode one position, leaving the gated norm's per-row factor to the caller where it folds.
 
-        With aimkit's state kernel and kind ``gnorm`` (:meth:`_folds_gnorm`), the kernel writes
-        ``g * norm.weight`` with ``g = y * silu(z)`` and partial sums of ``g^2``; since ``out_proj``
-        is linear without bias, ``out_proj(rmsnorm(g) * w) == r * out_proj(g * w)`` with
-        ``r = rsqrt(mean(g^2) + eps)`` per row, and ``r`` is left to the caller
+        With the state-update kernel and a folded gated norm (:meth:`_folds_gated_norm`), the
+        kernel writes ``g * norm.weight`` with ``g = y * silu(z)`` and partial sums of ``g^2``;
+        since ``out_proj`` is linear without bias, ``out_proj(rmsnorm(g) * w) == r * out_proj(g * w)``
+        with ``r = rsqrt(mean(g^2) + eps)`` per row, and ``r`` is left to the caller
         (:meth:`Backbone.step` folds it into its next glue kernel). Otherwise the output is final.
 
         Args:
@@ -479,92 +457,47 @@ class Mamba2(nn.Module):
                 tensor ``position``.
 
         Returns:
-            ``(out, pending)``: out (B, 1, D); pending None when out is final, else a
-            :class:`PendingRowNorm` (partials (B, T) float32, dim ``d_inner``, eps ``norm.eps``)
-            with ``pending.apply(out)`` the output of :meth:`step`.
+            ``(out, deferred)``: out (B, 1, D); deferred None when out is final, else a
+            :class:`~aimkit.kernels.glue.DeferredRowNorm` (partials (B, T) float32, dim
+            ``d_inner``, eps ``norm.eps``) with ``deferred.apply(out)`` the output of :meth:`step`.
         """
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"Mamba2.step takes one position (B, 1, D), got shape {tuple(x.shape)}")
-        batch = x.shape[0]
-        kernels = self._kernels(x)
-        conv_state, ssm_state = self._cache(inference_params, batch)
-        ops = self._decode_kernels(x, "ssm")  # aimkit's state kernel: softplus, -exp(A_log), update, read-out, D
-        # opt-in kind conv-in-ssm: the convolution inside the state kernel (conv_ssm_step_)
-        conv_in_state = ops is not None and self._decode_kernels(x, "conv-in-ssm") is not None
-        z, xBC, dt = self._project_step(x.squeeze(1), conv_state, inference_params, convolve=not conv_in_state)
-        # z (B, d_inner), xBC (B, conv_dim) raw conv inputs if conv_in_state else silu(conv), dt (B, H)
-        folds = ops is not None and self._folds_gnorm(x)
-        gnorm = {"z": z.unflatten(-1, (self.nheads, self.headdim)), "norm_weight": self.norm.weight} if folds else {}
-        if conv_in_state:  # the convolution in the same kernel
-            y = ops.conv_ssm_step_(
-                ssm_state, xBC, dt, self.dt_bias, self.A_log, conv_state, self.conv1d.weight.squeeze(1),
-                self.conv1d.bias, self._position(inference_params, x.device), self.D, **gnorm,
-            )
+        conv_state, ssm_state = self._cache(inference_params, x.shape[0])
+        z, xBC, dt = torch.split(self.in_proj(x[:, 0]), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        # z (B, d_inner), xBC (B, conv_dim), dt (B, H)
+        xBC = self._conv_step(xBC, conv_state, inference_params)  # silu(conv) at this position
+        xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
+        if not self.policy.use_kernel("state_update", x):
+            A = -torch.exp(_upcast(self.A_log))  # (H,)
+            dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, H)
+            y = ssd_recurrent_step_(ssm_state, xs, dt, A, B, C, self.D)  # updates (B, H, P, N) in place
         else:
-            xs, B, C = self._split_xbc(xBC)  # (B, H, P), (B, G, N), (B, G, N)
-            if ops is not None:
-                y = ops.ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D, **gnorm)
-            elif kernels is not None:
-                A = -torch.exp(_upcast(self.A_log))  # (H,)
-                hp = (self.nheads, self.headdim)
-                y = kernels.selective_state_update(  # updates ssm_state in place
-                    ssm_state, xs, dt.unsqueeze(-1).expand(*dt.shape, self.headdim),
-                    A[:, None, None].expand(*hp, self.d_state), B, C,
-                    D=self.D[:, None].expand(hp), z=None,
-                    dt_bias=self.dt_bias[:, None].expand(hp), dt_softplus=True,
-                )  # (B, H, P); stride-0 broadcasts let the kernel share dt and A across a head
-            else:
-                A = -torch.exp(_upcast(self.A_log))  # (H,)
-                dt = F.softplus(_upcast(dt) + _upcast(self.dt_bias))  # (B, H)
-                y = ssd_recurrent_step_(ssm_state, xs, dt, A, B, C, self.D)  # updates (B, H, P, N) in place
-        if folds:  # (B, H, P) = y * silu(z) * norm.weight, (B, T) float32 sums of (y * silu(z))^2
-            y, partials = y
-            out = self.out_proj(y.flatten(-2)).unsqueeze(1)  # (B, 1, D), before the row factor
-            return out, PendingRowNorm(partials, self.d_inner, self.norm.eps)
-        y = self._gated_norm(y.flatten(-2), z, kernels)  # (B, d_inner)
+            from ..kernels.ssm_step import ssm_step_  # Triton: imported only when the kernel runs
+
+            if self._folds_gated_norm(x):  # (B, H, P) = y * silu(z) * norm.weight, (B, T) sums of squares
+                y, partials = ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D,
+                                        z=z.unflatten(-1, (self.nheads, self.headdim)), norm_weight=self.norm.weight)
+                out = self.out_proj(y.flatten(-2)).unsqueeze(1)  # (B, 1, D), before the row factor
+                return out, DeferredRowNorm(partials, self.d_inner, self.norm.eps)
+            y = ssm_step_(ssm_state, xs, dt, self.dt_bias, self.A_log, B, C, self.D)  # softplus, -exp(A_log), D
+        y = self._gated_norm(y.flatten(-2), z, self._scan_kernels(x))  # (B, d_inner)
         return self.out_proj(y).unsqueeze(1), None  # (B, 1, D)
 
-    def _project_step(self, u: Tensor, conv_state: Tensor, inference_params: InferenceParams,
-                      convolve: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        """``in_proj`` of one position, split: u (B, D) -> z (B, d_inner), xBC (B, conv_dim), dt (B, H).
+    def _folds_gated_norm(self, x: Tensor) -> bool:
+        """Whether the state-update kernel folds the gated norm in (its row factor deferred).
 
-        With ``convolve``, xBC is silu(conv) at this position and the raw inputs went into the conv
-        ring (:meth:`_conv_step`), in ``in_proj``'s epilogue where kind ``proj-conv`` allows
-        (:meth:`_proj_conv_kernel`); without, xBC is the raw conv input and the ring untouched.
-        """
-        fused = self._proj_conv_kernel(u) if convolve else None
-        if fused is not None:
-            zxbcdt = fused.in_proj_conv_step_(
-                u, self.in_proj.weight, self.in_proj.bias, conv_state, self.conv1d.weight.squeeze(1),
-                self.conv1d.bias, self._position(inference_params, u.device), self.d_inner, self.conv_dim,
-            )  # (B, 2*d_inner + 2*G*N + H), the xBC columns convolved
-        else:
-            zxbcdt = self.in_proj(u)  # (B, 2*d_inner + 2*G*N + H)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        if convolve and fused is None:
-            xBC = self._conv_step(xBC, conv_state, inference_params)
-        return z, xBC, dt
-
-    def _proj_conv_kernel(self, u: Tensor):
-        """aimkit's kernel module when ``in_proj`` may run with the convolution in its epilogue
-        (opt-in kind ``proj-conv``, :mod:`._fused`): 16-bit input and weight of one dtype, else None."""
-        if u.dtype not in (torch.bfloat16, torch.float16) or self.in_proj.weight.dtype != u.dtype:
-            return None
-        return self._decode_kernels(u, "proj-conv")
-
-    def _folds_gnorm(self, x: Tensor) -> bool:
-        """Whether aimkit's state kernel may fold the gated norm in (its row factor left pending).
-
-        Needs kinds ``ssm``, ``norm`` and ``gnorm`` (:mod:`._fused`), one norm group over all
-        ``d_inner`` channels and no ``out_proj`` bias (the row factor must commute with it). Not
-        for float16 models: the unnormalised ``g * w`` and its projection could overflow there.
+        Needs policy ``fold_gated_norm`` with ``decode_glue`` on the kernel (the caller checked
+        ``state_update``), one norm group over all ``d_inner`` channels and no ``out_proj`` bias
+        (the row factor must commute with it). Not for float16 models: the unnormalised ``g * w``
+        and its projection could overflow there.
         """
         device = x.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        if (self.norm.group_size != self.d_inner or self.out_proj.bias is not None
-                or torch.float16 in (x.dtype, compute)):
+        if (not self.policy.fold_gated_norm or self.norm.group_size != self.d_inner
+                or self.out_proj.bias is not None or torch.float16 in (x.dtype, compute)):
             return False
-        return all(self._decode_kernels(x, kind) is not None for kind in ("ssm", "norm", "gnorm"))
+        return self.policy.use_kernel("decode_glue", x)
 
     def reset_inference_cache(self, inference_params: InferenceParams, batch: int) -> None:
         """Zero this layer's states for the first ``batch`` rows: the empty history a sequence
@@ -580,7 +513,7 @@ class Mamba2(nn.Module):
         Args:
             batch_size: sequences decoded together.
             max_seqlen: unused (the state does not grow with length); part of the contract.
-            dtype: conv_state dtype (default: the conv weight's) and, with
+            dtype: conv_state dtype (default: the conv weight's) and, with policy
                 ``state_dtype="model"``, the ssm_state dtype (default: the parameters').
 
         Returns:
@@ -588,7 +521,7 @@ class Mamba2(nn.Module):
             (d_conv*conv_dim, 1, conv_dim)): the ring buffer of the last ``d_conv`` raw conv
             inputs, slot ``q % d_conv`` holding position ``q`` (module docstring; all zeros: the
             empty history); ssm_state (B, nheads, headdim, d_state) in float32 (float64 for a
-            float64 model) or, with ``state_dtype="model"``, in the model dtype.
+            float64 model) or, with policy ``state_dtype="model"``, in the model dtype.
         """
         del max_seqlen
         device = self.conv1d.weight.device
@@ -597,7 +530,7 @@ class Mamba2(nn.Module):
             batch_size, self.d_conv, self.conv_dim, device=device, dtype=conv_dtype
         ).transpose(1, 2)  # (B, conv_dim, d_conv) with stride 1 over channels
         model_dtype = self.in_proj.weight.dtype if dtype is None else dtype
-        if self.config.state_dtype == "model":
+        if self.policy.state_dtype == "model":
             ssm_dtype = model_dtype
         else:
             ssm_dtype = torch.promote_types(model_dtype, torch.float32)
@@ -620,6 +553,8 @@ class Mamba2Backbone(Backbone):
         norm_eps: epsilon of the block RMSNorms and the final norm.
         device: parameter device.
         dtype: parameter dtype.
+        policy: which implementation each operation runs (None:
+            :func:`~aimkit.policy.default_policy`, read once), shared with every mixer.
     """
 
     config_cls = Mamba2Config
@@ -632,14 +567,18 @@ class Mamba2Backbone(Backbone):
         norm_eps: float = 1e-5,
         device=None,
         dtype=None,
+        *,
+        policy: Optional[ExecutionPolicy] = None,
     ):
         factory = {"device": device, "dtype": dtype}
+        policy = resolve_policy(policy)
         super().__init__(
             d_model,
             n_layer,
-            mixer_cls=partial(Mamba2, config=config, **factory),
+            mixer_cls=partial(Mamba2, config=config, policy=policy, **factory),
             norm_cls=rms_norm_factory(norm_eps, **factory),
             mlp_cls=None,
             residual_in_fp32=True,
+            policy=policy,
         )
         self.config = config

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .._config import check_fields
 from ..errors import ConfigError
+from ..policy import ExecutionPolicy
 from ..registry import BACKBONES
 from .base import Backbone, InferenceParams, rms_norm_factory
 
@@ -337,6 +338,9 @@ class TransformerBackbone(Backbone):
         norm_eps: RMSNorm epsilon; None takes ``config.norm_eps``.
         device: parameter device.
         dtype: parameter dtype.
+        policy: which implementation each operation runs (None:
+            :func:`~aimkit.policy.default_policy`, read once): the decode glue and the compiled
+            training glue (attention and the MLP have no policy-dependent path).
     """
 
     config_cls = TransformerConfig
@@ -349,6 +353,8 @@ class TransformerBackbone(Backbone):
         norm_eps: Optional[float] = None,
         device=None,
         dtype=None,
+        *,
+        policy: Optional[ExecutionPolicy] = None,
     ):
         factory = {"device": device, "dtype": dtype}
         eps = config.norm_eps if norm_eps is None else norm_eps
@@ -359,6 +365,7 @@ class TransformerBackbone(Backbone):
             norm_cls=rms_norm_factory(eps, **factory),
             mlp_cls=partial(SwiGLU, hidden_features=config.mlp_width(d_model), **factory),
             residual_in_fp32=True,
+            policy=policy,
         )
         self.config = config
 

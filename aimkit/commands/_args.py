@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int", "seed", "resolve_device"]
+__all__ = ["policy", "positive_int", "seed", "resolve_device"]
 
 
 def positive_int(text: str) -> int:
@@ -42,3 +42,26 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA device is available")
     return name
+
+
+def policy(text: str):
+    """``--policy state_dtype=model,decode_graph=false`` to an :class:`~aimkit.policy.ExecutionPolicy`
+    (the defaults of :func:`~aimkit.policy.default_policy` with those fields changed), or an
+    argparse error naming the bad entry. Values: ``true``/``false``, integers, or words."""
+    from ..errors import ConfigError
+    from ..policy import default_policy
+
+    changes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected FIELD=VALUE in --policy, got {item!r}")
+        raw = raw.strip()
+        value = {"true": True, "false": False}.get(raw.lower(), raw)
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        changes[key.strip()] = value
+    try:
+        return default_policy().replace(**changes)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 
-
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
 

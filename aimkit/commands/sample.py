@@ -134,7 +134,7 @@ def lock_shard_dir(state, shard_dir: Path):
 def run(args) -> int:
     from accelerate import PartialState
 
-    from ..eval.sample import resolve_sample_labels
+    from ..eval.fid_sampling import resolve_sample_labels
 
     out, shard_dir = _paths(args)
     labels = args.labels if args.labels in ("balanced", "random") else Path(args.labels)
@@ -152,7 +152,7 @@ def run(args) -> int:
 
 
 def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> int:
-    from ..eval.sample import pack_npz, sample_to_shards
+    from ..eval.fid_sampling import pack_npz, sample_to_shards
 
     device = _process_device(args.device, state)
     model = build_model(args, device)

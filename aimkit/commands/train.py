@@ -1,4 +1,4 @@
-"""``aimkit train``: train a generator from a YAML recipe (see :mod:`aimkit.train`).
+"""``aimkit train``: train a generator from a YAML recipe (see :mod:`aimkit.training`).
 
 ::
 
@@ -7,22 +7,22 @@
     aimkit train --config aim_b output_dir=runs/b --resume auto       # continue a run
 
 For several GPUs launch the module through accelerate instead:
-``accelerate launch --multi_gpu --num_processes 8 -m aimkit.train --config aim_b ...``.
+``accelerate launch --multi_gpu --num_processes 8 -m aimkit.training --config aim_b ...``.
 """
 
 from __future__ import annotations
 
-HELP = "train a generator from a YAML recipe (single process; use accelerate launch -m aimkit.train for DDP)"
+HELP = "train a generator from a YAML recipe (single process; use accelerate launch -m aimkit.training for DDP)"
 DESCRIPTION = "Train a generator from a YAML recipe; key=value arguments override the config."
 
 
 def add_arguments(parser) -> None:
-    from ..train import add_arguments as _add
+    from ..training.cli import add_arguments as _add
 
     _add(parser)
 
 
 def run(args) -> int:
-    from ..train import run as _run
+    from ..training.cli import run as _run
 
     return _run(args)

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -72,9 +72,9 @@ _GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 class ImageScan:
     """What :func:`scan_image_folder` found."""
 
-    files: List[Tuple[str, int]]  # sorted (path, label) pairs
-    classes: List[str]  # class folder names, index = label
-    empty_classes: List[str] = field(default_factory=list)  # class folders holding no image
+    files: list[tuple[str, int]]  # sorted (path, label) pairs
+    classes: list[str]  # class folder names, index = label
+    empty_classes: list[str] = field(default_factory=list)  # class folders holding no image
     skipped_links: int = 0  # links not followed: loops, repeats, or into another class folder
 
 
@@ -88,11 +88,11 @@ class _Walker:
 
     def __init__(self, roots: Sequence[Path]):
         self.real_roots = [os.path.realpath(r) for r in roots]
-        self.seen_dirs: Set[Tuple[int, int]] = set()
-        self.links: Dict[str, str] = {}  # linked image file -> its real path
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.links: dict[str, str] = {}  # linked image file -> its real path
         self.skipped = 0
 
-    def owner(self, real: str) -> Optional[int]:
+    def owner(self, real: str) -> int | None:
         """The class whose real folder holds ``real`` most closely (None: outside all of them)."""
         best, depth = None, -1
         for label, root in enumerate(self.real_roots):
@@ -100,7 +100,7 @@ class _Walker:
                 best, depth = label, len(root)
         return best
 
-    def _enter(self, folder: str, label: int) -> Optional[List[os.DirEntry]]:
+    def _enter(self, folder: str, label: int) -> list[os.DirEntry] | None:
         """The sorted entries of a folder not seen yet that belongs to ``label`` (else None)."""
         try:
             st = os.stat(folder)
@@ -115,9 +115,9 @@ class _Walker:
             self.skipped += 1
             return None
 
-    def walk(self, folder: str, label: int) -> List[str]:
+    def walk(self, folder: str, label: int) -> list[str]:
         """Image paths below ``folder`` (sorted, depth first) that belong to class ``label``."""
-        found: List[str] = []
+        found: list[str] = []
         stack = [folder]
         while stack:
             entries = self._enter(stack.pop(), label)
@@ -145,7 +145,7 @@ class _Walker:
             stack.extend(reversed(subdirs))  # visit sub-folders in sorted order
         return found
 
-    def keep(self, path: str, taken: Set[str]) -> bool:
+    def keep(self, path: str, taken: set[str]) -> bool:
         """Whether ``path`` is listed: false for a link to a file listed elsewhere."""
         real = self.links.get(path)
         if real is None:
@@ -185,7 +185,7 @@ def scan_image_folder(root: os.PathLike) -> ImageScan:
         raise ConfigError(f"--data {root} has no class sub-folders (expected DATA/<class>/<image>)")
     walker = _Walker([root / name for name in classes])
     found = [walker.walk(str(root / name), label) for label, name in enumerate(classes)]
-    taken: Set[str] = set()
+    taken: set[str] = set()
     files = [(path, label) for label, paths in enumerate(found) for path in paths if walker.keep(path, taken)]
     counts = [0] * len(classes)
     for _, label in files:
@@ -196,7 +196,7 @@ def scan_image_folder(root: os.PathLike) -> ImageScan:
     return ImageScan(files, classes, empty, walker.skipped)
 
 
-def find_images(root: os.PathLike) -> Tuple[List[Tuple[str, int]], List[str]]:
+def find_images(root: os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
     """``(files, classes)`` of :func:`scan_image_folder`: ``(path, label)`` pairs and class names."""
     scan = scan_image_folder(root)
     return scan.files, scan.classes
@@ -211,7 +211,7 @@ class ImageSkipped(Exception):
     """An image that is not encoded; the message says why (one line)."""
 
 
-def check_image_size(width: int, height: int) -> Optional[str]:
+def check_image_size(width: int, height: int) -> str | None:
     """Why an image of this size is refused (None when it is fine)."""
     if width < 1 or height < 1:
         return f"empty image ({width}x{height})"
@@ -312,7 +312,7 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def variant_names(crops: int, hflip: bool) -> List[str]:
+def variant_names(crops: int, hflip: bool) -> list[str]:
     """Storage order of the variants: the crops, then (if any) their mirror images."""
     if crops not in (1, 5, 10):
         raise ConfigError(f"--crops must be 1, 5 or 10, got {crops}")
@@ -321,7 +321,7 @@ def variant_names(crops: int, hflip: bool) -> List[str]:
     return base + ([f"{b}-flip" for b in base] if flipped else [])
 
 
-def _corners(w: int, h: int, s: int) -> Dict[str, Tuple[int, int]]:
+def _corners(w: int, h: int, s: int) -> dict[str, tuple[int, int]]:
     return {
         "top-left": (0, 0),
         "top-right": (w - s, 0),

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -56,13 +57,13 @@ def _json_ready(value: Any) -> Any:
 
 def tokenizer_source(
     *,
-    model: Optional[str] = None,
-    pretrained: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    tokenizer_weights: Optional[os.PathLike] = None,
-    options: Optional[Mapping[str, Any]] = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    tokenizer: str | None = None,
+    tokenizer_weights: os.PathLike | None = None,
+    options: Mapping[str, Any] | None = None,
     random: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """The ``source`` entry of a record: the tokenize arguments, with local paths made absolute."""
     if (model is None) == (tokenizer is None):
         raise ConfigError("name exactly one of --model and --tokenizer")
@@ -163,7 +164,7 @@ def build_tokenizer(source: Mapping[str, Any]):
     return tok, ComponentSpec(spec.name, cfg)
 
 
-def make_tokenizer_record(tokenizer: torch.nn.Module, spec, source: Mapping[str, Any]) -> Dict[str, Any]:
+def make_tokenizer_record(tokenizer: torch.nn.Module, spec, source: Mapping[str, Any]) -> dict[str, Any]:
     """The ``tokenizer_record`` entry of a token folder's index (see the module docstring)."""
     from .._config import config_to_dict
 
@@ -175,7 +176,7 @@ def make_tokenizer_record(tokenizer: torch.nn.Module, spec, source: Mapping[str,
     }
 
 
-def _check_record(record: Any, where: str) -> Dict[str, Any]:
+def _check_record(record: Any, where: str) -> dict[str, Any]:
     """The record, or ConfigError when an entry is missing or of the wrong type."""
     ok = (
         isinstance(record, dict)
@@ -190,7 +191,7 @@ def _check_record(record: Any, where: str) -> Dict[str, Any]:
     return record
 
 
-def _config_difference(recorded: Optional[Dict[str, Any]], spec) -> str:
+def _config_difference(recorded: dict[str, Any] | None, spec) -> str:
     """``"codebook_size 1024 there, 512 in the model"`` for the fields that differ ('' if none)."""
     from .._config import config_to_dict
 
@@ -213,7 +214,7 @@ def _copy_weights(target: torch.nn.Module, source: torch.nn.Module, where: str) 
             tensor.copy_(have[name])
 
 
-def _mismatch_checks(gen, record: Dict[str, Any], where: str) -> None:
+def _mismatch_checks(gen, record: dict[str, Any], where: str) -> None:
     spec = gen.config.tokenizer.resolved("tokenizer")
     if record["name"] != spec.name:
         raise ConfigError(
@@ -229,7 +230,7 @@ def _mismatch_checks(gen, record: Dict[str, Any], where: str) -> None:
         )
 
 
-def adopt_recorded_tokenizer(gen, dataset) -> Optional[str]:
+def adopt_recorded_tokenizer(gen, dataset) -> str | None:
     """Give ``gen.tokenizer`` exactly the weights that made ``dataset``'s codes.
 
     Nothing happens for datasets that are not token folders, or models without a tokenizer.

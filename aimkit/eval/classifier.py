@@ -137,6 +137,34 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(noisy, x + noise, x).clamp_(-1.0, 1.0)
 
 
+def _warmup_cosine(step: int, steps: int, peak: float) -> float:
+    """Learning rate at ``step`` of ``steps``: a linear warm-up to ``peak`` over the first 5% of the
+    steps, then a cosine decay to zero."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _train_step(
+    model: ShapesClassifier, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, lr: float
+) -> tuple[float, int]:
+    """One optimizer step at learning rate ``lr`` on (B, 3, H, W) images and (B,) labels.
+
+    Returns:
+        ``(loss summed over the batch, correctly classified images)``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(images)  # (B, num_classes)
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item() * images.shape[0], (logits.argmax(dim=1) == labels).sum().item()
+
+
 def train_classifier(
     steps: int = 800,
     batch_size: int = 64,
@@ -177,14 +205,6 @@ def train_classifier(
     model = ShapesClassifier(config).to(device)
     size = model.config.image_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     loss_sum, correct, seen = 0.0, 0, 0
@@ -194,24 +214,17 @@ def train_classifier(
         images, labels = make_batch(batch_size, seed, image_size=size, start=step * batch_size)
         if augment:
             images = _augment(images, generator)
-        images, labels = images.to(device), labels.to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        logits = model(images)  # (B, num_classes)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        loss_sum += loss.item() * batch_size
-        correct += (logits.argmax(dim=1) == labels).sum().item()
+        step_lr = _warmup_cosine(step, steps, lr)
+        batch_loss, batch_correct = _train_step(model, optimizer, images.to(device), labels.to(device), step_lr)
+        loss_sum += batch_loss
+        correct += batch_correct
         seen += batch_size
         if (step + 1) % log_every == 0 or step + 1 == steps:
             record = {
                 "step": step + 1,
                 "loss": loss_sum / seen,
                 "accuracy": correct / seen,
-                "lr": lr_at(step),
+                "lr": step_lr,
                 "elapsed_s": time.perf_counter() - start_time,
             }
             history.append(record)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,8 @@ __all__ = [
     "fid_from_npz",
 ]
 
-PathLike = Union[str, os.PathLike]
-ImageSource = Union[PathLike, np.ndarray, torch.Tensor]
+PathLike = str | os.PathLike
+ImageSource = PathLike | np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class Statistics:
     mu: np.ndarray
     sigma: np.ndarray
     num_images: int = 0
-    inception_score: Optional[float] = None
-    inception_score_std: Optional[float] = None
+    inception_score: float | None = None
+    inception_score_std: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,8 @@ class FIDResult:
     """
 
     fid: float
-    inception_score: Optional[float]
-    inception_score_std: Optional[float]
+    inception_score: float | None
+    inception_score_std: float | None
     num_samples: int
     ref_source: str
 
@@ -151,14 +152,14 @@ class NpzArrayReader:
             self._file.close()
         self._zip.close()
 
-    def __enter__(self) -> "NpzArrayReader":
+    def __enter__(self) -> NpzArrayReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _check_images(shape: Tuple[int, ...], dtype: np.dtype, what: str) -> None:
+def _check_images(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise ConfigError(
             f"{what} must hold uint8 images of shape (N, H, W, 3) in [0, 255] (ADM evaluator layout), "
@@ -168,7 +169,7 @@ def _check_images(shape: Tuple[int, ...], dtype: np.dtype, what: str) -> None:
         raise ConfigError(f"{what} holds {shape[0]} image(s); statistics need at least 2")
 
 
-def iter_image_batches(images: ImageSource, batch_size: int) -> Tuple[int, Iterator[np.ndarray]]:
+def iter_image_batches(images: ImageSource, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
     """``(N, batches)`` of (n, H, W, 3) uint8 arrays from an ``.npz`` path (``arr_0``) or an array."""
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -197,7 +198,7 @@ def iter_image_batches(images: ImageSource, batch_size: int) -> Tuple[int, Itera
 # --------------------------------------------------------------------------------------------
 
 
-def inception_score(logits: Any, splits: int = 10) -> Tuple[float, float]:
+def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
     """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``, mean and std over ``splits`` equal parts.
 
     Part ``i`` holds rows ``[i N / splits, (i + 1) N / splits)`` (the improved-GAN split; for
@@ -232,7 +233,7 @@ def _to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _model_device(extractor: Any, device: Optional[Union[str, torch.device]]) -> torch.device:
+def _model_device(extractor: Any, device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     if isinstance(extractor, torch.nn.Module):
@@ -246,8 +247,8 @@ def compute_statistics(
     extractor: Callable[..., Any],
     batch_size: int = 50,
     *,
-    device: Optional[Union[str, torch.device]] = None,
-    dims: Optional[int] = None,
+    device: str | torch.device | None = None,
+    dims: int | None = None,
     splits: int = 10,
     progress: bool = False,
 ) -> Statistics:
@@ -291,7 +292,7 @@ def compute_statistics(
     return Statistics(mu, sigma, total, score, std)
 
 
-def load_reference_statistics(path: PathLike) -> Optional[Statistics]:
+def load_reference_statistics(path: PathLike) -> Statistics | None:
     """The precomputed ``mu`` / ``sigma`` of an ADM reference batch, or None when it has none."""
     path = Path(path)
     if not path.is_file():
@@ -308,11 +309,11 @@ def load_reference_statistics(path: PathLike) -> Optional[Statistics]:
 def fid_from_npz(
     samples_npz: PathLike,
     ref_npz: PathLike,
-    extractor: Optional[Callable[..., Any]] = None,
+    extractor: Callable[..., Any] | None = None,
     *,
-    inception_weights: Optional[PathLike] = None,
+    inception_weights: PathLike | None = None,
     batch_size: int = 50,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     dims: int = 2048,
     recompute_ref: bool = False,
     splits: int = 10,
@@ -321,7 +322,7 @@ def fid_from_npz(
     """FID of a samples ``.npz`` against a reference ``.npz`` (ADM layout), and the Inception Score.
 
     Args:
-        samples_npz: ``arr_0`` (N, H, W, 3) uint8 samples (e.g. from :func:`~aimkit.eval.sample.pack_npz`).
+        samples_npz: ``arr_0`` (N, H, W, 3) uint8 samples (e.g. from :func:`~aimkit.eval.fid_sampling.pack_npz`).
         ref_npz: the reference batch: ``mu`` / ``sigma`` when present (2048-d only), else ``arr_0``.
         extractor: the feature network; default :func:`~aimkit.eval.inception.load_inception`
             with ``inception_weights`` on ``device``.

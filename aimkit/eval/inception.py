@@ -27,8 +27,9 @@ Shapes through the network (299 px input)::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class InceptionOutput(NamedTuple):
     """
 
     features: Tensor
-    logits: Optional[Tensor]
+    logits: Tensor | None
 
 
 class _BatchNorm(nn.Module):
@@ -262,7 +263,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = MixedE(2048, max_pool=True)
         self.fc = nn.Linear(2048, NUM_LOGITS)
 
-    def _stages(self) -> List[List[nn.Module]]:
+    def _stages(self) -> list[list[nn.Module]]:
         return [
             [self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3],
             [self.Conv2d_3b_1x1, self.Conv2d_4a_3x3],
@@ -317,7 +318,7 @@ def default_inception_path() -> Path:
     return Path("~/.cache/aimkit").expanduser() / INCEPTION_WEIGHTS_FILE
 
 
-def find_inception_weights(path: Optional[Union[str, os.PathLike]] = None) -> Path:
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
     """The FID Inception weight file: ``path``, else ``$AIMKIT_INCEPTION_WEIGHTS``, else the cache.
 
     Raises:
@@ -339,7 +340,7 @@ def find_inception_weights(path: Optional[Union[str, os.PathLike]] = None) -> Pa
     return chosen
 
 
-def inception_key_map(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def inception_key_map(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """pytorch-fid's file -> :class:`FIDInceptionV3` names: identical, minus batch-norm step counters.
 
     Files saved from torchvision modules carry ``*.bn.num_batches_tracked`` (training-only);
@@ -349,8 +350,8 @@ def inception_key_map(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def load_inception(
-    path: Optional[Union[str, os.PathLike]] = None,
-    device: Optional[Union[str, torch.device]] = None,
+    path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
 ) -> FIDInceptionV3:
     """The FID Inception network with its pretrained weights, in eval mode.
 
@@ -375,7 +376,7 @@ def load_inception(
     return net.to(device).eval()
 
 
-def check_responds(net: FIDInceptionV3, source: Union[str, os.PathLike] = "the weights") -> None:
+def check_responds(net: FIDInceptionV3, source: str | os.PathLike = "the weights") -> None:
     """Refuse a network whose features do not depend on the image.
 
     A file of the right names and shapes but wrong values (all zeros, one constant) gives the

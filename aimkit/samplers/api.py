@@ -110,25 +110,29 @@ def resolve_labels(
         if seed is not None:
             gen = torch.Generator().manual_seed((seed ^ _LABEL_SEED_SALT) % 2**63)
         return torch.randint(0, num_classes, (num_images,), generator=gen)
+    out = _given_labels(labels, num_classes)
+    _check_count(out.numel())
+    if num_images is not None:
+        out = out[torch.arange(num_images) % out.numel()]
+    return out
+
+
+def _given_labels(labels: Any, num_classes: int) -> Tensor:
+    """Caller-given labels (int, sequence, array or tensor) as a checked (n,) int64 CPU tensor."""
     if _is_int(labels):
         labels = [labels]
     if torch.is_tensor(labels) and labels.dtype not in _SIGNED_OR_BYTE:  # uint16..uint64: no min/max kernels
         if labels.dim() != 1 or not _integer_dtype(labels.dtype):
             raise _bad_labels(labels)
         labels = labels.detach().cpu().numpy()
-    if torch.is_tensor(labels):
-        if labels.dim() != 1 or labels.numel() == 0 or not _integer_dtype(labels.dtype):
-            raise _bad_labels(labels)
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            raise _out_of_range(lo if lo < 0 else hi, num_classes)
-        out = labels.detach().cpu().long()
-    else:
-        out = _labels_from_items(labels, num_classes)
-    _check_count(out.numel())
-    if num_images is not None:
-        out = out[torch.arange(num_images) % out.numel()]
-    return out
+    if not torch.is_tensor(labels):
+        return _labels_from_items(labels, num_classes)
+    if labels.dim() != 1 or labels.numel() == 0 or not _integer_dtype(labels.dtype):
+        raise _bad_labels(labels)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise _out_of_range(lo if lo < 0 else hi, num_classes)
+    return labels.detach().cpu().long()
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -241,10 +245,7 @@ def generate(
         ConfigError: an argument is out of range, or pixels are requested from a model without
             a tokenizer.
     """
-    if output not in OUTPUTS:
-        raise ConfigError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
-    if defaults not in ("fid", "pretty"):
-        raise ConfigError(f"defaults must be 'fid' or 'pretty', got {defaults!r}")
+    _check_call(model, output, defaults, batch_size, seed)
     preset = model.config.fid_sampling if defaults == "fid" else model.config.pretty_sampling
     cfg_scale, temperature, top_k, top_p = check_sampling_args(
         preset.cfg_scale if cfg_scale is None else cfg_scale,
@@ -252,20 +253,32 @@ def generate(
         preset.top_k if top_k is None else top_k,
         preset.top_p if top_p is None else top_p,
     )
+    settings = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                    generator=_device_generator(seed, model.device), schedule=get_schedule(schedule))
+    labels = resolve_labels(model, labels, num_images, seed)
+    return _sample_batches(model, _resolve_sampler(model, sampler), labels, batch_size, output, progress, settings)
+
+
+def _check_call(model, output: str, defaults: str, batch_size: Any, seed: Any) -> None:
+    """The argument checks of :func:`generate` that do not depend on the sampling settings."""
+    if output not in OUTPUTS:
+        raise ConfigError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    if defaults not in ("fid", "pretty"):
+        raise ConfigError(f"defaults must be 'fid' or 'pretty', got {defaults!r}")
     if not _is_int(batch_size) or batch_size <= 0:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
         raise ConfigError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
-    schedule = get_schedule(schedule)
     if output != "tokens" and getattr(model, "tokenizer", None) is None:
         raise ConfigError(
             f"output={output!r} needs a tokenizer to decode pixels but this model has none; "
             "build it with a tokenizer or use output='tokens'"
         )
-    labels = resolve_labels(model, labels, num_images, seed)
-    sampler = _resolve_sampler(model, sampler)
-    generator = _device_generator(seed, model.device)
 
+
+def _sample_batches(model, sampler, labels: Tensor, batch_size: int, output: str, progress: Optional[bool],
+                    settings: dict):
+    """Sample ``labels`` in batches of ``batch_size`` with a progress bar; the joined output."""
     from tqdm.auto import tqdm
 
     batches = labels.split(batch_size)
@@ -273,16 +286,7 @@ def generate(
     parts = []
     with tqdm(total=labels.numel(), unit="img", desc="generating", disable=not show) as bar:
         for batch in batches:
-            codes = sampler.sample_tokens(
-                model,
-                batch,
-                cfg_scale=cfg_scale,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-                schedule=schedule,
-            )
+            codes = sampler.sample_tokens(model, batch, **settings)
             parts.append(_convert(model, codes, output))
             bar.update(batch.numel())
     return _join(parts, output)

@@ -10,13 +10,17 @@ The sampler drives any model exposing the decoding protocol of
     logits = model.decode_step(tokens, cond, params)   # tokens (R,) -> (R, V) for the next token
     params.advance(1)
 
-plus ``model.num_tokens`` and ``model.null_class``; every tensor of ``cond`` has the batch as
-dimension 0 (so a decoder may split it by rows). Under classifier-free guidance the batch is
-doubled: rows ``[0, B)`` carry the labels, rows ``[B, 2B)`` the null class, and both halves are
-fed the same sampled token. It sees logits and the cache only and never asks what the model is.
+plus ``model.num_tokens``, ``model.null_class`` and ``model.policy`` (its
+:class:`~aimkit.policy.ExecutionPolicy`; a model without one gets the defaults). Under
+classifier-free guidance the batch is doubled: rows ``[0, B)`` carry the labels, rows ``[B, 2B)``
+the null class, and both halves are fed the same sampled token. It sees logits, the cache and the
+policy only and never asks what the model is.
 
-On CUDA (``use_cuda_graph``) the decode step is replayed from a captured CUDA graph (see
-:mod:`aimkit.samplers._cuda_graph`); elsewhere it runs eagerly.
+The model's policy decides, at every call: on CUDA with ``decode_graph`` the decode step is
+replayed from a captured CUDA graph keyed on the policy (see :mod:`aimkit.samplers._cuda_graph`),
+elsewhere it runs eagerly; with ``sampling`` on the kernel, plain temperature sampling (no top-k /
+top-p) runs as two Triton kernels per step (:mod:`aimkit.kernels.sampling`: same distribution,
+different random draws than the PyTorch path, still reproducible from the seed).
 
 The model's logits are checked for NaN / inf at every step (:class:`_FiniteCheck`): on the CPU the
 first bad step raises :class:`~aimkit.samplers.logits.NonFiniteLogitsError` at once; on CUDA the
@@ -28,7 +32,6 @@ the PyTorch and the fused path.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..policy import ExecutionPolicy
 from ..registry import SAMPLERS
 from ._cuda_graph import get_decode_graph
 from .logits import GREEDY_TEMPERATURE, NonFiniteLogitsError, apply_guidance, check_sampling_args, sample
@@ -46,32 +50,21 @@ __all__ = ["AutoregressiveConfig", "AutoregressiveSampler"]
 
 @dataclass(frozen=True)
 class AutoregressiveConfig:
-    """Options of the autoregressive sampler.
+    """Options of the autoregressive sampler: none yet.
 
-    Attributes:
-        use_cuda_graph: on CUDA devices, capture the decode step in a CUDA graph once per
-            batch size and replay it (ignored on CPU).
-        graph_branches: split the captured step into this many row groups that the GPU runs
-            concurrently (see :class:`~aimkit.samplers._cuda_graph.DecodeGraph`). Tokens do not
-            depend on it. On an H200 2 or 3 branches were no faster than 1 for AiM-B/L/XL at 16-256
-            images (benchmarks/notes.md), so 1 is the default; an option for other GPUs.
-        fused_sampling: on CUDA with Triton, sample with two small kernels per step
-            (:mod:`aimkit.samplers._triton_sampling`) when there is no top-k / top-p filtering and
-            the temperature is positive. Same distribution, different random draws than the
-            PyTorch path; still reproducible from the seed.
+    How the decode step and the sampling run (CUDA graphs, fused sampling kernels) is the
+    model's :class:`~aimkit.policy.ExecutionPolicy` (``decode_graph``, ``sampling``), not a
+    sampler option.
     """
 
-    use_cuda_graph: bool = True  # replay a captured decode step on CUDA
-    graph_branches: int = 1  # concurrent row groups in the captured step (no gain measured on an H200)
-    fused_sampling: bool = True  # one Triton kernel per step for plain temperature sampling on CUDA
 
-    def __post_init__(self):
-        if not isinstance(self.graph_branches, int) or self.graph_branches < 1:
-            raise ConfigError(f"graph_branches must be a positive integer, got {self.graph_branches!r}")
+_DEFAULT_POLICY = ExecutionPolicy()
 
-    def branches_for(self, rows: int) -> int:
-        """Concurrent row groups for a decode step of ``rows`` sequences."""
-        return min(self.graph_branches, rows)
+
+def _policy_of(model) -> ExecutionPolicy:
+    """The model's execution policy (``model.policy``); the defaults for a model without one."""
+    policy = getattr(model, "policy", None)
+    return policy if isinstance(policy, ExecutionPolicy) else _DEFAULT_POLICY
 
 
 def _device_of(model) -> torch.device:
@@ -149,9 +142,9 @@ class AutoregressiveSampler:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
-    def _decoder(self, model, cond: Any, rows: int, device: torch.device):
-        if device.type == "cuda" and self.config.use_cuda_graph:
-            graph, seconds = get_decode_graph(model, cond, rows, branches=self.config.branches_for(rows))
+    def _decoder(self, model, cond: Any, rows: int, device: torch.device, policy: ExecutionPolicy):
+        if device.type == "cuda" and policy.decode_graph:
+            graph, seconds = get_decode_graph(model, cond, rows, policy)
             graph.start(cond)
             self.last_capture_seconds = seconds
             self.total_capture_seconds += seconds
@@ -198,18 +191,19 @@ class AutoregressiveSampler:
         if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point():
             raise ConfigError("labels must be an integer tensor of shape (B,)")
         device = _device_of(model)
+        policy = _policy_of(model)
         labels = labels.to(device=device, dtype=torch.long)
         batch, num_tokens = labels.shape[0], model.num_tokens
         guided = cfg_scale != 1.0
         with torch.inference_mode():
             rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
-            decoder = self._decoder(model, model.condition(rows), rows.shape[0], device)
+            decoder = self._decoder(model, model.condition(rows), rows.shape[0], device, policy)
             params = decoder.inference_params
             logits = model.prefill(decoder.cond, params)  # (R, V) for token 0
             params.advance(1)
             codes = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
             check = _FiniteCheck(device)
-            fused = self._fused_sampler(device, logits.shape[-1], temperature, top_k, top_p)
+            fused = self._fused_sampler(policy, logits, temperature, top_k, top_p)
             if fused is not None:
                 seed = fused.draw_seed(generator, device)
                 next_tokens = torch.empty(rows.shape[0], dtype=torch.long, device=device)
@@ -229,16 +223,13 @@ class AutoregressiveSampler:
             check.finish()
         return codes.clone()  # a normal tensor, usable outside inference mode
 
-    def _fused_sampler(self, device: torch.device, vocab: int, temperature: float, top_k: int, top_p: float):
-        """The fused sampler module when it applies (CUDA, Triton, no filtering), else None."""
-        if not (self.config.fused_sampling and device.type == "cuda" and temperature > 0
-                and (top_k == 0 or top_k >= vocab) and top_p >= 1.0):
+    def _fused_sampler(self, policy: ExecutionPolicy, logits: Tensor, temperature: float, top_k: int, top_p: float):
+        """The sampling kernel module when it applies (policy ``sampling`` picks the kernel for
+        these logits, positive temperature, no filtering), else None (the PyTorch reference)."""
+        if not (temperature > 0 and (top_k == 0 or top_k >= logits.shape[-1]) and top_p >= 1.0):
             return None
-        try:
-            from . import _triton_sampling
-        except Exception as exc:  # noqa: BLE001  (no Triton: the PyTorch path samples the same distribution)
-            if not getattr(AutoregressiveSampler, "_warned_fused", False):
-                AutoregressiveSampler._warned_fused = True
-                warnings.warn(f"fused sampling unavailable ({type(exc).__name__}: {exc}); using the PyTorch path")
+        if not policy.use_kernel("sampling", logits):
             return None
-        return _triton_sampling
+        from ..kernels import sampling  # Triton: imported only when the kernel runs
+
+        return sampling

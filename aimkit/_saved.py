@@ -1,0 +1,151 @@
+"""Reading what ``Generator.save_pretrained`` wrote: ``config.json`` (the architecture, the
+dtype) and ``generation_config.json`` (the sampling settings), safely and with one-line errors.
+
+Directories written by older aimkit versions load too: their ``config.json`` also holds the
+sampling settings, and may hold execution settings that now live in the
+:class:`~aimkit.policy.ExecutionPolicy` (dropped, with a warning when a value differed from the
+old default).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ._io import read_json
+from .config import GeneratorConfig
+from .errors import AimkitError, CheckpointError, ConfigError
+
+__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "LEGACY_RUNTIME", "check_dtype", "read_saved_config",
+           "saved_dtype"]
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+# run-time settings that older aimkit versions kept in component configs -> the policy field now
+# holding each (None: removed); dropped when a saved config.json still has them
+LEGACY_RUNTIME = {"use_kernels": "scan", "state_dtype": "state_dtype", "chunk_size": "chunk_size",
+                   "fused_split_scan": "split_scan", "use_cuda_graph": "decode_graph",
+                   "fused_sampling": "sampling", "graph_branches": None}
+LEGACY_DEFAULTS = {"use_kernels": "auto", "state_dtype": "float32", "chunk_size": 128, "fused_split_scan": True,
+                    "use_cuda_graph": True, "fused_sampling": True, "graph_branches": 1}
+
+
+
+
+def check_dtype(dtype: Any) -> Optional[torch.dtype]:
+    """A floating-point ``torch.dtype`` from a dtype or its name (None stays None), or a ConfigError."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if not dtype.startswith("_") else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError("dtype must be a floating-point torch dtype or its name, e.g. 'float32' or 'bfloat16'")
+    return dtype
+
+
+_MAX_CONFIG_BYTES = 4 << 20  # a generator's config.json is a few KB
+
+
+def _read_json_limited(path: Path) -> Any:
+    """A small JSON file (a few KB), read safely: size-limited, nesting-limited, one-line errors."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    if size > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is {size:,} bytes, not an aimkit config (those are a few KB)")
+    try:
+        return read_json(path, CheckpointError)
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: its JSON is nested too deeply") from None
+
+
+def _read_saved_json(directory: Path) -> Dict[str, Any]:
+    """The parsed ``config.json`` of a saved directory, its top-level entries checked."""
+    path = directory / CONFIG_NAME
+    data = _read_json_limited(path)
+    if not isinstance(data, dict) or "generator" not in data:
+        raise CheckpointError(f"{path} is not an aimkit config (no 'generator' entry)")
+    fmt = data.get("aimkit_format", 1)
+    if isinstance(fmt, bool) or fmt != 1:
+        raise ConfigError(f"{path}: aimkit_format {fmt!r} is not supported (this aimkit reads format 1)")
+    if data.get("dtype") is not None and not isinstance(data["dtype"], str):
+        raise ConfigError(f"{path}: dtype must be a dtype name such as 'float32', got {data['dtype']!r}")
+    return data
+
+
+def _drop_legacy_runtime(data: Any, path: Path) -> Any:
+    """``data`` (a saved ``generator`` entry) without the run-time settings older aimkit versions
+    kept in component configs; a saved value other than the old default gets one warning naming
+    the :class:`ExecutionPolicy` field that holds it now."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for kind in ("backbone", "sampler"):
+        entry = data.get(kind)
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            continue
+        config = dict(entry["config"])
+        for key in [k for k in config if k in LEGACY_RUNTIME]:
+            value = config.pop(key)
+            if value != LEGACY_DEFAULTS[key]:
+                field = LEGACY_RUNTIME[key]
+                instead = f"pass policy={{{field!r}: ...}} to aimkit.build" if field else "it was removed"
+                warnings.warn(f"{path}: ignoring {kind}.config.{key}={value!r} (an execution setting, "
+                              f"no longer part of a saved model); {instead}", stacklevel=4)
+        data[kind] = {**entry, "config": config}
+    return data
+
+
+def _read_generation(directory: Path) -> Dict[str, Any]:
+    """The ``generation`` entry of a saved ``generation_config.json`` ({} when the file is absent:
+    directories saved before the split keep those settings in ``config.json``)."""
+    path = directory / GENERATION_CONFIG_NAME
+    if not path.exists():
+        return {}
+    data = _read_json_limited(path)
+    if not isinstance(data, dict) or not isinstance(data.get("generation"), dict):
+        raise CheckpointError(f"{path} is not an aimkit generation config (no 'generation' mapping)")
+    return data["generation"]
+
+
+def read_saved_config(directory: Path) -> GeneratorConfig:
+    """The :class:`GeneratorConfig` of a ``save_pretrained`` directory: ``config.json`` (the
+    architecture) and ``generation_config.json`` (the sampling settings) when present. A setting
+    in both files is an error; an error names the file that holds the bad value."""
+    data = _read_saved_json(directory)
+    generation = _drop_legacy_runtime(_read_generation(directory), directory / GENERATION_CONFIG_NAME)
+    architecture = data["generator"]
+    if not isinstance(architecture, dict):
+        raise ConfigError(f"{directory / CONFIG_NAME}: the generator config must be a mapping, "
+                          f"got {type(architecture).__name__ if architecture is not None else 'None'}")
+    both = sorted(set(architecture) & set(generation))
+    if both:
+        raise ConfigError(f"{directory}: {', '.join(both)} set in both {CONFIG_NAME} and {GENERATION_CONFIG_NAME}; "
+                          f"keep one")
+    _from_dict(generation, directory / GENERATION_CONFIG_NAME)  # its own errors name its own file
+    return _from_dict({**_drop_legacy_runtime(architecture, directory / CONFIG_NAME), **generation},
+                      directory / CONFIG_NAME)
+
+
+def _from_dict(data: Dict[str, Any], path: Path) -> GeneratorConfig:
+    """``GeneratorConfig.from_dict`` whose errors name ``path``: ``/x/config.json: backbone.config.n_head
+    must be int, ...``."""
+    try:
+        return GeneratorConfig.from_dict(data)
+    except AimkitError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def saved_dtype(directory: Path) -> Optional[torch.dtype]:
+    """The dtype a saved generator was written in (its ``config.json``), or None."""
+    saved = _read_saved_json(directory).get("dtype")
+    try:
+        return check_dtype(saved) if saved else None
+    except ConfigError as exc:
+        raise ConfigError(f"{directory / CONFIG_NAME}: {exc}") from None
+
+

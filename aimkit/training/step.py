@@ -1,0 +1,265 @@
+"""One training step for every caller: the trainer, the benchmarks and the tests run this code.
+
+A step is teacher-forced forward -> float32 cross-entropy -> backward (averaged over the
+micro-batches) -> global grad-norm clip -> optimizer update. It comes in two halves because a
+training loop looks between them: :meth:`TrainStep.forward_backward` returns the loss and the
+gradient norm (device tensors), the loop decides whether the update is applied (a non-finite
+loss or norm is skipped), :meth:`TrainStep.finish` applies it or not. ``step(inputs, labels)``
+runs both halves, for benchmarks.
+
+Two strategies, picked by the execution policy's ``train_step`` (:func:`make_train_step`):
+
+* :class:`EagerStep`: plain PyTorch (through HF accelerate when the trainer passes its
+  accelerator: DDP gradient sync, loss scaling, several micro-batches);
+* :class:`GraphedStep`: forward + backward + clip and the optimizer update, each replayed from
+  one CUDA graph (two graphs, one memory pool): the host launches a step with two calls instead
+  of thousands of small kernels. One CUDA process, one micro-batch of fixed shape, a capturable
+  optimizer (:func:`aimkit.training.optim.make_optimizer` with ``capturable=True``), no host
+  sync inside the model. The graphs are captured on the first call; the warm-up step capture
+  needs is undone (weights, optimizer state and RNG restored), so a graphed run starts, and
+  resumes, exactly where an eager one would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..generator import token_cross_entropy
+from ..policy import ExecutionPolicy
+
+__all__ = ["EagerStep", "GraphedStep", "TrainStep", "check_graph_step", "make_train_step"]
+
+Batch = tuple[Tensor, Tensor]  # (codes (B, N) int64, labels (B,) int64)
+
+
+class TrainStep:
+    """The interface of a training step (see the module docstring).
+
+    Args of every strategy: the model (``model(codes, labels) -> (B, N, V) logits``), its
+    optimizer, ``max_grad_norm`` (None or inf: measure the norm, never scale), ``amp_dtype``
+    (autocast dtype or None) and ``compile_loss`` (the policy's choice for the cross-entropy).
+    """
+
+    def forward_backward(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
+        """Gradients of the mean loss over ``batches`` (the micro-batches of one step), clipped.
+
+        Returns:
+            ``(loss, grad_norm)``: () float32 device tensors, the mean loss and the global
+            gradient norm before clipping.
+        """
+        raise NotImplementedError
+
+    def finish(self, update: bool = True) -> None:
+        """Apply the optimizer update to the gradients of the last :meth:`forward_backward`
+        (``update=False``: skip it) and get ready for the next step."""
+        raise NotImplementedError
+
+    def __call__(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        """One whole step on one batch (codes (B, N), labels (B,)); returns the () loss tensor."""
+        loss, _ = self.forward_backward([(inputs, labels)])
+        self.finish(update=True)
+        return loss
+
+
+def _limit(max_grad_norm: float | None) -> float:
+    return math.inf if max_grad_norm is None else float(max_grad_norm)  # inf: measure only
+
+
+def _batch_loss(model: nn.Module, inputs: Tensor, labels: Tensor, amp_dtype, compile_loss: bool) -> Tensor:
+    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(inputs, labels)  # (B, N, V)
+    return token_cross_entropy(logits, inputs, compiled=compile_loss)
+
+
+class _NoAccelerator:
+    """What :class:`EagerStep` needs of an HF accelerator, for callers without one."""
+
+    @staticmethod
+    def no_sync(model):
+        return nullcontext()
+
+    @staticmethod
+    def backward(loss: Tensor) -> None:
+        loss.backward()
+
+    @staticmethod
+    def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+class EagerStep(TrainStep):
+    """The step in plain PyTorch; any number of micro-batches.
+
+    Args:
+        accelerator: the trainer's ``accelerate.Accelerator`` (the model and optimizer prepared
+            by it: it syncs DDP gradients on the last micro-batch only, scales fp16 losses and
+            autocasts, so ``amp_dtype`` is then None); None for a plain model.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = 1.0,
+                 amp_dtype: torch.dtype | None = None, compile_loss: bool = True, accelerator=None):
+        self.model, self.optimizer = model, optimizer
+        self.max_norm, self.amp_dtype, self.compile_loss = _limit(max_grad_norm), amp_dtype, compile_loss
+        self.acc = accelerator if accelerator is not None else _NoAccelerator()
+
+    def forward_backward(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
+        n = len(batches)
+        loss_sum = torch.zeros((), device=batches[0][0].device)
+        for i, (inputs, labels) in enumerate(batches):
+            with self.acc.no_sync(self.model) if i < n - 1 else nullcontext():
+                loss = _batch_loss(self.model, inputs, labels, self.amp_dtype, self.compile_loss)
+                self.acc.backward(loss / n)
+            loss_sum += loss.detach()
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        return loss_sum / n, grad_norm
+
+    def finish(self, update: bool = True) -> None:
+        if update:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class GraphedStep(TrainStep):
+    """The step replayed from CUDA graphs (see the module docstring); one micro-batch per step.
+
+    Args:
+        warmup: eager steps run before capture (on a side stream: autotuning, the optimizer's
+            state allocated outside the graphs), then undone. At least 1.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = 1.0,
+                 amp_dtype: torch.dtype | None = torch.bfloat16, compile_loss: bool = True, warmup: int = 1):
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
+        if not all(group.get("capturable", False) for group in optimizer.param_groups):
+            raise ValueError("GraphedStep needs a capturable optimizer (make_optimizer(..., capturable=True))")
+        if warmup < 1:
+            raise ValueError(f"GraphedStep needs at least one warm-up step, got warmup={warmup}")
+        self.model, self.optimizer, self.warmup = model, optimizer, warmup
+        self.max_norm, self.amp_dtype, self.compile_loss = _limit(max_grad_norm), amp_dtype, compile_loss
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.inputs: list[Tensor] | None = None  # the static input buffers, set by the capture
+        self.loss = self.grad_norm = None  # the static outputs of the forward-backward graph
+
+    def forward_backward(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
+        if len(batches) != 1:
+            raise ValueError(f"a captured step takes one micro-batch per step, got {len(batches)} (no grad_accum)")
+        batch = batches[0]
+        if self.inputs is None:
+            self._capture(batch)
+        for buf, t in zip(self.inputs, batch):
+            if t.shape != buf.shape:
+                raise ValueError(f"a captured step has fixed input shapes: got {tuple(t.shape)}, "
+                                 f"captured {tuple(buf.shape)}")
+            buf.copy_(t, non_blocking=True)
+        self._fwd_bwd.replay()
+        return self.loss, self.grad_norm
+
+    def finish(self, update: bool = True) -> None:
+        if update:  # gradients stay where the graph writes them; the next replay overwrites them
+            self._opt.replay()
+
+    # ------------------------------------------------------------------------- capture
+
+    def _forward_backward(self) -> tuple[Tensor, Tensor]:
+        loss = _batch_loss(self.model, *self.inputs, self.amp_dtype, self.compile_loss)
+        loss.backward()
+        return loss.detach(), torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+
+    def _capture(self, batch: Batch) -> None:
+        if not all(isinstance(t, Tensor) and t.is_cuda for t in batch):
+            raise ValueError("GraphedStep needs CUDA tensors")
+        device = batch[0].device
+        for group in self.optimizer.param_groups:  # a captured update reads the lr from a device tensor
+            group["lr"] = torch.as_tensor(group["lr"], device=device)
+        saved = _Snapshot(self.optimizer, device)
+        self.inputs = [t.clone() for t in batch]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._forward_backward()
+                self.optimizer.step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
+        for p in self.params:  # also those outside the optimizer: no warm-up gradient may linger
+            p.grad = None
+        self._fwd_bwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._fwd_bwd):
+            self.loss, self.grad_norm = self._forward_backward()
+        self._opt = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._opt, pool=self._fwd_bwd.pool()):
+            self.optimizer.step()
+        torch.cuda.synchronize(device)
+        saved.restore()
+
+
+class _Snapshot:
+    """Weights, optimizer state and RNG before capture, put back in place afterwards (the
+    warm-up steps become as if they never ran; state that did not exist yet becomes zeros)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.optimizer, self.device = optimizer, device
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.values = [p.detach().clone() for p in self.params]
+        self.state: dict[Tensor, dict[str, Tensor]] = {
+            p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+            for p in self.params if p in optimizer.state}
+        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, value in zip(self.params, self.values):
+            p.copy_(value)
+        for p in self.params:
+            old = self.state.get(p, {})
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    v.copy_(old[k]) if k in old else v.zero_()
+        torch.set_rng_state(self.rng[0])
+        torch.cuda.set_rng_state(self.rng[1], self.device)
+
+
+def check_graph_step(device: torch.device, *, processes: int = 1, grad_accum: int = 1,
+                     mixed_precision: str = "no", compiled: bool = False) -> None:
+    """Raise a ConfigError naming everything that rules out ``policy.train_step: graph`` for a run."""
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"a CUDA device (this run is on {device.type})")
+    if processes > 1:
+        problems.append(f"a single process (this run has {processes})")
+    if grad_accum > 1:
+        problems.append(f"grad_accum 1 (this run accumulates {grad_accum} micro-batches)")
+    if mixed_precision == "fp16":
+        problems.append("mixed_precision bf16 or no (fp16's loss scaler decides on the host)")
+    if compiled:
+        problems.append("compile: false")
+    if problems:
+        raise ConfigError("policy train_step: graph needs " + ", ".join(problems))
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
+                    max_grad_norm: float | None = 1.0, amp_dtype: torch.dtype | None = torch.bfloat16,
+                    accelerator=None, graph_warmup: int = 1) -> TrainStep:
+    """The step ``policy.train_step`` names: :class:`EagerStep` or :class:`GraphedStep`.
+
+    Args:
+        model: the generator (prepared by ``accelerator`` when one is given).
+        optimizer: its optimizer; capturable for ``"graph"`` (:func:`~aimkit.training.optim.make_optimizer`).
+        policy: the execution policy (``train_step``, ``compile_loss``).
+        max_grad_norm: global grad-norm clip; None measures only.
+        amp_dtype: autocast dtype, or None. With an accelerator the eager step leaves autocast to it.
+        accelerator: the trainer's ``accelerate.Accelerator``, or None.
+        graph_warmup: warm-up steps before capture (undone), ``"graph"`` only.
+    """
+    common = dict(max_grad_norm=max_grad_norm, compile_loss=policy.compile_loss)
+    if policy.train_step == "graph":
+        return GraphedStep(model, optimizer, amp_dtype=amp_dtype, warmup=graph_warmup, **common)
+    eager_amp = None if accelerator is not None else amp_dtype
+    return EagerStep(model, optimizer, amp_dtype=eager_amp, accelerator=accelerator, **common)

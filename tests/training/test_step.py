@@ -1,0 +1,111 @@
+"""aimkit.training.step and .optim: the one training step (eager or CUDA graphs) and the one
+rule for weight decay, on CPU; on a GPU, replayed steps equal eager steps."""
+
+import pytest
+import torch
+from conftest import randomize_
+
+import aimkit
+from aimkit.generator import token_cross_entropy
+from aimkit.policy import ExecutionPolicy
+from aimkit.training import EagerStep, GraphedStep, make_optimizer, make_train_step, param_groups
+
+TINY = dict(d_model=64, n_layer=2, num_classes=10, vocab_size=64, num_tokens=16, tokenizer=None,
+            class_dropout=0.0, backbone__d_state=16, backbone__headdim=16)
+
+
+def _model(device, policy=None):
+    torch.manual_seed(0)
+    return randomize_(aimkit.build("aim-b", policy=policy, **TINY), seed=0).to(device).train()
+
+
+def _batch(device="cpu", rows=4, seed=1):
+    g = torch.Generator(device).manual_seed(seed)
+    return (torch.randint(0, 64, (rows, 16), device=device, generator=g),
+            torch.randint(0, 10, (rows,), device=device, generator=g))
+
+
+def test_param_groups_decay_matrices_only():
+    gen = _model("cpu")
+    decay, no_decay = param_groups(gen, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in gen.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert not decayed & kept and decayed | kept == set(names.values())  # every parameter once
+    assert all(p.dim() >= 2 for p in decay["params"])
+    for suffix in ("A_log", ".D", "dt_bias", ".bias", "norm.weight"):
+        assert any(n.endswith(suffix) for n in kept), suffix
+        assert not any(n.endswith(suffix) for n in decayed), suffix
+    assert "tok_embed.weight" in decayed
+
+
+def test_eager_step_is_forward_backward_clip_update():
+    policy = ExecutionPolicy.reference()
+    codes, labels = _batch()
+    manual, stepped = _model("cpu", policy), _model("cpu", policy)
+    opt_m = make_optimizer(manual, lr=1e-3)
+    loss = token_cross_entropy(manual(codes, labels), codes)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(manual.parameters(), 0.5)
+    opt_m.step()
+
+    step = make_train_step(stepped, make_optimizer(stepped, lr=1e-3), policy, max_grad_norm=0.5, amp_dtype=None)
+    assert isinstance(step, EagerStep)
+    got_loss, got_norm = step.forward_backward([(codes, labels)])
+    step.finish(update=True)
+    assert torch.equal(got_loss, loss.detach()) and torch.equal(got_norm, norm)
+    for (name, a), b in zip(manual.named_parameters(), stepped.parameters()):
+        assert torch.equal(a, b), name
+    assert all(p.grad is None for p in stepped.parameters())  # ready for the next step
+
+
+def test_micro_batches_average_and_skipped_updates_change_nothing():
+    policy = ExecutionPolicy.reference()
+    codes, labels = _batch(rows=4)
+    whole, split = _model("cpu", policy), _model("cpu", policy)
+    step_whole = EagerStep(whole, make_optimizer(whole, lr=1e-3), compile_loss=False)
+    step_split = EagerStep(split, make_optimizer(split, lr=1e-3), compile_loss=False)
+    loss_w, norm_w = step_whole.forward_backward([(codes, labels)])
+    loss_s, norm_s = step_split.forward_backward([(codes[:2], labels[:2]), (codes[2:], labels[2:])])
+    torch.testing.assert_close(loss_s, loss_w)
+    torch.testing.assert_close(norm_s, norm_w)
+    before = [p.detach().clone() for p in split.parameters()]
+    step_split.finish(update=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, split.parameters()))
+
+
+def test_graphed_step_rejects_cpu_inputs_and_non_capturable_optimizers():
+    gen = _model("cpu")
+    codes, labels = _batch()
+    with pytest.raises(ValueError, match="capturable"):
+        GraphedStep(gen, torch.optim.AdamW(gen.parameters()))
+    step = make_train_step(gen, make_optimizer(gen, lr=1e-3, capturable=True),
+                           ExecutionPolicy(train_step="graph"))
+    assert isinstance(step, GraphedStep)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        step(codes, labels)
+    with pytest.raises(ValueError, match="one micro-batch"):
+        step.forward_backward([(codes, labels), (codes, labels)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_steps_equal_eager_steps():
+    codes, labels = _batch("cuda")
+    batches = [(codes.roll(i, dims=1), labels.roll(i)) for i in range(4)]
+    policy = aimkit.default_policy()
+
+    eager = _model("cuda", policy)
+    eager_step = make_train_step(eager, make_optimizer(eager, lr=1e-3, weight_decay=0.0, capturable=True), policy)
+    eager_losses = [eager_step(c, y).item() for c, y in batches]
+
+    graph_policy = policy.replace(train_step="graph")
+    graphed = _model("cuda", graph_policy)
+    step = make_train_step(graphed, make_optimizer(graphed, lr=1e-3, weight_decay=0.0, capturable=True), graph_policy)
+    graph_losses = [step(c, y).item() for c, y in batches]  # capture on the first call, undone
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="fixed input shapes"):
+        step(codes[:2], labels[:2])
