@@ -13,23 +13,22 @@ explicit import list below is the whole set that ships with aimkit (plugins add 
 
 __version__ = "0.1.0"
 
+from . import presets as _presets  # noqa: F401  (aim-b/l/xl/1b, aim-tiny-shapes, aim-test-*)
 from . import registry
+from .backbones import mamba2 as _mamba2  # noqa: F401  (mamba2)
+from .backbones import transformer as _transformer  # noqa: F401  (transformer)
+from .build import build, resolve_config
+from .conditioning import adaln as _adaln  # noqa: F401  (adaln, adaln-group, adaln-single)
+from .config import ComponentSpec, GeneratorConfig, SamplingDefaults
 from .errors import AimkitError, CheckpointError, ConfigError, DuplicateNameError, UnknownNameError
+from .generator import Generator
+from .policy import ExecutionPolicy, default_policy
 from .registry import BACKBONES, CONDITIONING, GENERATORS, SAMPLERS, TOKENIZERS, list_models
+from .samplers import autoregressive as _autoregressive  # noqa: F401  (autoregressive)
 
 # components: importing a module registers what it defines
 from .tokenizers import vq as _vq  # noqa: F401  (vq-f16)
 from .tokenizers import vq_tiny as _vq_tiny  # noqa: F401  (vq-f4-tiny)
-from .backbones import mamba2 as _mamba2  # noqa: F401  (mamba2)
-from .backbones import transformer as _transformer  # noqa: F401  (transformer)
-from .conditioning import adaln as _adaln  # noqa: F401  (adaln, adaln-group, adaln-single)
-from .samplers import autoregressive as _autoregressive  # noqa: F401  (autoregressive)
-from . import presets as _presets  # noqa: F401  (aim-b/l/xl/1b, aim-tiny-shapes, aim-test-*)
-
-from .build import build, resolve_config
-from .config import ComponentSpec, GeneratorConfig, SamplingDefaults
-from .generator import Generator
-from .policy import ExecutionPolicy, default_policy
 
 __all__ = [
     "__version__",

@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any
 
 __all__ = [
     "atomic_path",
@@ -27,7 +28,7 @@ __all__ = [
     "check_writable_dir",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _new_file_mode() -> int:

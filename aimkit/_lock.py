@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 from .errors import AimkitError
 
@@ -38,11 +38,13 @@ class FolderBusyError(AimkitError):
     """Another process holds the lock of an output folder."""
 
 
-def _owner_text(info: Dict[str, Any]) -> str:
+def _owner_text(info: dict[str, Any]) -> str:
     if not info:
         return "another process"
     started = info.get("started")
-    since = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else ""
+    since = ""
+    if isinstance(started, (int, float)):
+        since = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started))
     command = f" ({info['command']})" if info.get("command") else ""
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{command}{since}"
 
@@ -59,11 +61,11 @@ class FolderLock:
             the message names its pid, host, command and start time.
     """
 
-    def __init__(self, folder: Union[str, os.PathLike], command: str = ""):
+    def __init__(self, folder: str | os.PathLike, command: str = ""):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.command = command or " ".join(Path(sys.argv[0]).name.split()[:1] + sys.argv[1:2])
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def __repr__(self) -> str:
         return f"FolderLock({str(self.folder)!r}, held={self.held})"
@@ -72,14 +74,14 @@ class FolderLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def owner(self) -> Dict[str, Any]:
+    def owner(self) -> dict[str, Any]:
         """The owner record in the lock file ({} when unreadable or empty)."""
         try:
             return json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
             return {}
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         if self._fd is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -120,14 +122,14 @@ class FolderLock:
         if fcntl is None:  # pragma: no cover
             os.unlink(self.path)
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-def _main_process_outcome(state, message: Optional[str]) -> Optional[str]:
+def _main_process_outcome(state, message: str | None) -> str | None:
     """Every process gets the main process's ``message`` (None: go on); one process: unchanged."""
     if state.num_processes == 1:
         return message
@@ -138,7 +140,7 @@ def _main_process_outcome(state, message: Optional[str]) -> Optional[str]:
     return box[0]
 
 
-def lock_on_main_process(state, folder: Union[str, os.PathLike], command: str) -> Optional[FolderLock]:
+def lock_on_main_process(state, folder: str | os.PathLike, command: str) -> FolderLock | None:
     """The main process of a (possibly multi-process) run takes ``folder``'s lock, and every
     process learns whether it got it, so a refused run stops everywhere instead of hanging.
 

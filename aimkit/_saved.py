@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ LEGACY_DEFAULTS = {"use_kernels": "auto", "state_dtype": "float32", "chunk_size"
 
 
 
-def check_dtype(dtype: Any) -> Optional[torch.dtype]:
+def check_dtype(dtype: Any) -> torch.dtype | None:
     """A floating-point ``torch.dtype`` from a dtype or its name (None stays None), or a ConfigError."""
     if dtype is None:
         return None
@@ -63,7 +63,7 @@ def _read_json_limited(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path}: its JSON is nested too deeply") from None
 
 
-def _read_saved_json(directory: Path) -> Dict[str, Any]:
+def _read_saved_json(directory: Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a saved directory, its top-level entries checked."""
     path = directory / CONFIG_NAME
     data = _read_json_limited(path)
@@ -100,7 +100,7 @@ def _drop_legacy_runtime(data: Any, path: Path) -> Any:
     return data
 
 
-def _read_generation(directory: Path) -> Dict[str, Any]:
+def _read_generation(directory: Path) -> dict[str, Any]:
     """The ``generation`` entry of a saved ``generation_config.json`` ({} when the file is absent:
     directories saved before the split keep those settings in ``config.json``)."""
     path = directory / GENERATION_CONFIG_NAME
@@ -131,7 +131,7 @@ def read_saved_config(directory: Path) -> GeneratorConfig:
                       directory / CONFIG_NAME)
 
 
-def _from_dict(data: Dict[str, Any], path: Path) -> GeneratorConfig:
+def _from_dict(data: dict[str, Any], path: Path) -> GeneratorConfig:
     """``GeneratorConfig.from_dict`` whose errors name ``path``: ``/x/config.json: backbone.config.n_head
     must be int, ...``."""
     try:
@@ -140,7 +140,7 @@ def _from_dict(data: Dict[str, Any], path: Path) -> GeneratorConfig:
         raise type(exc)(f"{path}: {exc}") from None
 
 
-def saved_dtype(directory: Path) -> Optional[torch.dtype]:
+def saved_dtype(directory: Path) -> torch.dtype | None:
     """The dtype a saved generator was written in (its ``config.json``), or None."""
     saved = _read_saved_json(directory).get("dtype")
     try:

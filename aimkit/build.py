@@ -8,14 +8,13 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._config import replace_checked
 from ._saved import CONFIG_NAME, LEGACY_RUNTIME, check_dtype, read_saved_config, saved_dtype
-from .config import _REGISTRIES, ComponentSpec, GeneratorConfig
+from .config import _REGISTRIES, ComponentSpec, GeneratorConfig, replace_checked
 from .errors import AimkitError, CheckpointError, ConfigError, did_you_mean
 from .generator import Generator
 from .policy import ExecutionPolicy
@@ -27,9 +26,9 @@ log = logging.getLogger(__name__)
 _COMPONENT_KINDS = ("backbone", "conditioning", "tokenizer", "sampler")
 _SCALARS = [f.name for f in dataclasses.fields(GeneratorConfig) if f.name not in _COMPONENT_KINDS]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 _POLICY_FIELDS = {f.name for f in dataclasses.fields(ExecutionPolicy)}
-def _swap_component(config: GeneratorConfig, kind: str, value: Any) -> Optional[ComponentSpec]:
+def _swap_component(config: GeneratorConfig, kind: str, value: Any) -> ComponentSpec | None:
     """The spec for ``kind=value``: None (tokens only), a spec, or a registry name (kept with its
     config when it names the current component, else that component's defaults)."""
     if value is None:
@@ -67,7 +66,7 @@ def _owner_of(config: GeneratorConfig, key: str, value: Any, where: str) -> str:
     raise ConfigError(f"unknown option {key!r} for {where}{did_you_mean(key, valid, cutoff=0.6)}")
 
 
-def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: str) -> GeneratorConfig:
+def _apply_overrides(config: GeneratorConfig, overrides: dict[str, Any], where: str) -> GeneratorConfig:
     """Route flat keyword overrides to the generator config or to the one component that owns them.
 
     ``backbone="transformer"`` swaps a component (its config resets to that component's defaults);
@@ -77,7 +76,7 @@ def _apply_overrides(config: GeneratorConfig, overrides: Dict[str, Any], where: 
     changes = {k: v for k, v in overrides.items() if k in _SCALARS}
     changes.update({k: _swap_component(config, k, v) for k, v in overrides.items() if k in _COMPONENT_KINDS})
     config = dataclasses.replace(config, **changes).resolved()
-    per_component: Dict[str, Dict[str, Any]] = {k: {} for k in _COMPONENT_KINDS}
+    per_component: dict[str, dict[str, Any]] = {k: {} for k in _COMPONENT_KINDS}
     for key, value in overrides.items():
         if key in changes:
             continue
@@ -101,7 +100,7 @@ def _same_weights_layout(a: GeneratorConfig, b: GeneratorConfig) -> bool:
     return a.resolved().weights_layout() == b.resolved().weights_layout()
 
 
-def _check_device(device: Any) -> Optional[torch.device]:
+def _check_device(device: Any) -> torch.device | None:
     if device is None:
         return None
     try:
@@ -130,7 +129,7 @@ def resolve_config(name_or_path: PathLike, **overrides: Any) -> GeneratorConfig:
     return _apply_overrides(config, overrides, where)
 
 
-def _resolve_pretrained(name: str, pretrained: Any) -> Optional[Path]:
+def _resolve_pretrained(name: str, pretrained: Any) -> Path | None:
     """Turn ``pretrained`` into a local file or directory (downloading through the hub cache)."""
     if pretrained is None or pretrained is False:
         return None
@@ -151,12 +150,12 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Optional[Path]:
     return path
 
 
-def _hub_download(repo_id: str, filename: Optional[str]) -> Path:
+def _hub_download(repo_id: str, filename: str | None) -> Path:
     """Fetch through huggingface_hub (its cache and HF_HUB_OFFLINE are respected)."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - a declared dependency
-        raise ConfigError("pretrained weights from the hub need huggingface_hub: pip install huggingface_hub")
+        raise ConfigError("pretrained weights from the hub need huggingface_hub: pip install huggingface_hub") from None
     errors = []
     for candidate in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
         try:
@@ -245,17 +244,17 @@ class _ShapesOnly(TorchFunctionMode):
         return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
 
 
-def _build_meta(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Generator:
+def _build_meta(config: GeneratorConfig, dtype: torch.dtype | None) -> Generator:
     with torch.device("meta"), _ShapesOnly():
         return Generator(config, device=torch.device("meta"), dtype=dtype)
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_generator_cached(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Generator:
+def _meta_generator_cached(config: GeneratorConfig, dtype: torch.dtype | None) -> Generator:
     return _build_meta(config, dtype)
 
 
-def _meta_generator(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Generator:
+def _meta_generator(config: GeneratorConfig, dtype: torch.dtype | None) -> Generator:
     """``config`` built on the meta device: every shape, no storage (cached per config and dtype)."""
     try:
         return _meta_generator_cached(config, dtype)
@@ -265,7 +264,7 @@ def _meta_generator(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Ge
         return _build_meta(config, dtype)
 
 
-def _tensor_bytes(module: torch.nn.Module) -> Tuple[int, str]:
+def _tensor_bytes(module: torch.nn.Module) -> tuple[int, str]:
     """Bytes of the parameters and buffers (shared ones once), and the largest tensor's name and shape."""
     seen, total, largest = set(), 0, (0, "")
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
@@ -279,7 +278,7 @@ def _tensor_bytes(module: torch.nn.Module) -> Tuple[int, str]:
     return total, largest[1]
 
 
-def _memory_limit(device: Optional[torch.device]) -> Optional[Tuple[int, str]]:
+def _memory_limit(device: torch.device | None) -> tuple[int, str] | None:
     """Total memory of the target device and its description: physical RAM for the CPU, the
     GPU's memory for CUDA; None where unknown (nothing is refused then)."""
     if device is None or device.type == "cpu":
@@ -302,7 +301,7 @@ def _size(nbytes: float) -> str:
     return ""  # pragma: no cover
 
 
-def _too_large(where: str, nbytes: float, largest: str, limit: Tuple[int, str], device, estimated: bool) -> ConfigError:
+def _too_large(where: str, nbytes: float, largest: str, limit: tuple[int, str], device, estimated: bool) -> ConfigError:
     about = "about " if estimated else ""
     biggest = f"; largest tensor {largest}" if largest else ""
     return ConfigError(
@@ -312,7 +311,7 @@ def _too_large(where: str, nbytes: float, largest: str, limit: Tuple[int, str], 
     )
 
 
-def _extrapolated_bytes(config: GeneratorConfig, dtype: Optional[torch.dtype]) -> Optional[int]:
+def _extrapolated_bytes(config: GeneratorConfig, dtype: torch.dtype | None) -> int | None:
     """Weight bytes of a very deep config from two small meta builds (the size is linear in depth)."""
     groups = getattr(config.conditioning.config, "num_groups", None)
     lo = max(16, groups if isinstance(groups, int) else 0)  # conditioning groups cannot exceed the depth
@@ -327,7 +326,7 @@ def _extrapolated_bytes(config: GeneratorConfig, dtype: Optional[torch.dtype]) -
     return b_lo + (b_hi - b_lo) * (config.n_layer - lo) // (hi - lo)
 
 
-def _meta_for_preflight(config: GeneratorConfig, dtype, device, where: str) -> Optional[Generator]:
+def _meta_for_preflight(config: GeneratorConfig, dtype, device, where: str) -> Generator | None:
     """The meta build used by the checks, refusing configs whose weights cannot fit in memory."""
     limit = _memory_limit(device)
     estimate = _extrapolated_bytes(config, dtype)
@@ -338,7 +337,9 @@ def _meta_for_preflight(config: GeneratorConfig, dtype, device, where: str) -> O
     except (RuntimeError, OverflowError, TypeError) as exc:
         text = str(exc).lower()
         if any(word in text for word in ("overflow", "negative dimension", "numel", "too large", "invalid shape")):
-            raise ConfigError(f"{where}: its sizes describe tensors that cannot be built ({_first_line(exc)})") from None
+            raise ConfigError(
+                f"{where}: its sizes describe tensors that cannot be built ({_first_line(exc)})"
+            ) from None
         log.debug("meta-device build of %s failed (%s); building without the preflight checks", where, exc)
         return None
     nbytes, largest = _tensor_bytes(meta)
@@ -365,7 +366,7 @@ def _check_weights_fit(meta: Generator, path: PathLike) -> None:
     meta.check_aimkit_state_dict(state, source=str(path))
 
 
-def _preflight(config: GeneratorConfig, dtype, device, weights: Optional[Path], where: str) -> None:
+def _preflight(config: GeneratorConfig, dtype, device, weights: Path | None, where: str) -> None:
     """Refuse, before allocating, a model too large for the device or weights that do not fit it."""
     if device is not None and device.type == "meta":
         return  # a meta build allocates nothing
@@ -375,7 +376,7 @@ def _preflight(config: GeneratorConfig, dtype, device, weights: Optional[Path], 
 
 
 def _weights_for(name_or_path: PathLike, config: GeneratorConfig, pretrained: Any,
-                 saved_dir: Optional[Path]) -> Optional[Path]:
+                 saved_dir: Path | None) -> Path | None:
     """The weights :func:`build` loads: ``pretrained``, a saved directory's own, or a preset's shipped ones."""
     weights = _resolve_pretrained(str(name_or_path), pretrained)
     if weights is None and saved_dir is not None and pretrained is not False:
@@ -399,9 +400,9 @@ def build(
     name_or_path: PathLike,
     *,
     pretrained: Any = None,
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[Union[str, torch.dtype]] = None,
-    tokenizer_weights: Optional[PathLike] = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    tokenizer_weights: PathLike | None = None,
     policy: Any = None,
     **overrides: Any,
 ) -> Generator:

@@ -1,34 +1,301 @@
-"""Configuration records of a generator: one small frozen dataclass per component, nested.
+"""Configs: the toolkit every component's config dataclass uses, and the generator's config.
 
-A :class:`GeneratorConfig` names every component by its registry name (:class:`ComponentSpec`)
-and carries that component's own config dataclass. It round-trips through JSON exactly
-(``to_dict`` / ``from_dict``), which is what ``Generator.save_pretrained`` writes to ``config.json``.
+**The toolkit.** Every config is a small frozen dataclass. Configs nest (the generator's config
+holds one per component) and round-trip through plain
+JSON dictionaries. Unknown keys are an error that names the closest valid keys, and every value
+is checked against its field's annotation before the dataclass is built, so a hand-edited or
+corrupt ``config.json`` gives one line naming the key (``backbone.config.n_head must be int,
+got '4' (str)``) instead of a traceback from deep inside a constructor:
+
+* ``int`` is an int, never a bool, a float or a string;
+* ``float`` is a finite int or float (never a bool, NaN or infinity);
+* ``bool`` is ``True`` / ``False``; ``str`` is a string;
+* ``Optional[X]`` allows ``None``, nothing else does;
+* ``Tuple[X, Y]`` is a list or tuple of exactly that length, ``Tuple[X, ...]`` of any length,
+  each element checked (JSON lists become tuples);
+* annotations it does not know (``Any``, plugin types) are not checked.
+
+Fields declared with :func:`option` carry their rules as metadata, checked by the same
+:func:`check_fields`: ``choices``, a range (``low`` / ``high``, each inclusive unless ``*_open``),
+whether the field is ``runtime`` (changes how a model runs, never its weights:
+:func:`runtime_fields`) and whether it is a ``generation`` (sampling) setting.
+
+**The generator's config.** A :class:`GeneratorConfig` names every component by its registry name
+(:class:`ComponentSpec`) and carries that component's own config dataclass. It round-trips
+through JSON exactly (``to_dict`` / ``from_dict``); ``Generator.save_pretrained`` writes its
+architecture to ``config.json`` and its sampling settings (fields declared ``generation=True``)
+to ``generation_config.json``.
 Inference sizes (batch, cache length) are not part of it: they belong to the inference cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, TypeVar
 
-from ._config import (
-    _type_hints,
-    check_fields,
-    check_option,
-    check_value,
-    config_from_dict,
-    config_to_dict,
-    describe,
-    option,
-    runtime_fields,
-)
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .registry import BACKBONES, CONDITIONING, SAMPLERS, TOKENIZERS, Registry
 
-__all__ = ["ComponentSpec", "SamplingDefaults", "GeneratorConfig"]
+__all__ = [
+    "ComponentSpec", "GeneratorConfig", "SamplingDefaults",
+    "check_fields", "check_option", "check_value", "config_from_dict", "config_to_dict", "describe", "option",
+    "replace_checked", "runtime_fields",
+]
 
-_REGISTRIES: Dict[str, Registry] = {
+C = TypeVar("C")
+_MAX_SHOWN = 60
+
+
+def _check_keys(cls: type, keys, where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in keys:
+        if key not in valid:
+            hint = did_you_mean(key, valid)
+            raise ConfigError(
+                f"unknown {where} option {key!r}{hint} Valid options: {', '.join(valid)}"
+            )
+
+
+def describe(value: Any) -> str:
+    """``'4' (str)``: a value and its type for a message, shortened to one short line."""
+    text = repr(value)
+    if len(text) > _MAX_SHOWN:
+        text = text[: _MAX_SHOWN - 3] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass (string annotations evaluated), cached per class."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001  (an annotation that cannot be resolved is simply not checked)
+        return {}
+
+
+def _expected(annotation: Any) -> str:
+    """How a message names what an annotation accepts."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is float:
+        return "a finite float"
+    if annotation in (int, bool, str):
+        return annotation.__name__
+    if origin in (typing.Union, types.UnionType):
+        names = [_expected(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(_expected(args[0]))}"
+        if len(set(args)) == 1:
+            return f"a list of {len(args)} {_plural(_expected(args[0]))}"
+        return f"a list of {len(args)} values ({', '.join(_expected(a) for a in args)})"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _plural(name: str) -> str:
+    return (name[2:] if name.startswith("a ") else name) + "s"
+
+
+def _check_scalar(value: Any, annotation: type, path: str) -> Any:
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            ok = ok and math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            ok = False
+    else:  # str
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{path} must be {_expected(annotation)}, got {describe(value)}")
+    return value
+
+
+def _check_union(value: Any, args: tuple, path: str) -> Any:
+    options = [a for a in args if a is not type(None)]
+    if value is None and len(options) < len(args):
+        return None
+    for option in options:
+        try:
+            return check_value(value, option, path)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{path} must be {_expected(functools.reduce(lambda a, b: a | b, args))}, got {describe(value)}")
+
+
+def _check_tuple(value: Any, args: tuple, path: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path} must be {_expected(tuple[args] if args else tuple)}, got {describe(value)}")
+    if not args:
+        return tuple(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(check_value(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{path} must be {_expected(tuple[args])}, got {describe(value)}")
+    return tuple(check_value(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def check_value(value: Any, annotation: Any, path: str) -> Any:
+    """``value`` checked against a type annotation; returns it (lists become tuples for tuple fields).
+
+    Raises:
+        ConfigError: ``"{path} must be int, got '4' (str)"``.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (bool, int, float, str):
+        return _check_scalar(value, annotation, path)
+    if origin in (typing.Union, types.UnionType):
+        return _check_union(value, args, path)
+    if annotation is tuple or origin is tuple:
+        return _check_tuple(value, args, path)
+    if origin is typing.Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise ConfigError(f"{path} must be {_expected(annotation)}, got {describe(value)}")
+        return value
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, Mapping):
+            return config_from_dict(annotation, value, where=path, path=path)
+        raise ConfigError(f"{path} must be a mapping of {annotation.__name__} options, got {describe(value)}")
+    return value  # Any, or an annotation this checker does not know
+
+
+def check_fields(cfg: Any, where: str) -> None:
+    """Check every field of a dataclass instance against its annotation (for ``__post_init__``).
+
+    Lists given for tuple fields are stored as tuples (also on frozen dataclasses); fields
+    declared with :func:`option` are checked against their choices and range too."""
+    hints = _type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if f.name not in hints:
+            continue
+        value = getattr(cfg, f.name)
+        checked = check_value(value, hints[f.name], f"{where} {f.name}")
+        if checked is not value:
+            object.__setattr__(cfg, f.name, checked)
+        if "aimkit" in f.metadata:
+            _check_rules(checked, f.metadata["aimkit"], f"{where} {f.name}")
+
+
+def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           choices: Sequence[Any] | None = None, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, runtime: bool = False, generation: bool = False) -> Any:
+    """A dataclass field with its rules as metadata (checked by :func:`check_fields`).
+
+    Args:
+        default, default_factory: as for :func:`dataclasses.field`.
+        choices: the allowed values.
+        low, high: the allowed range; ``low_open`` / ``high_open`` exclude the bound itself.
+        runtime: the field changes how a model runs, never the shapes or meaning of its weights.
+        generation: a sampling setting, saved apart from the architecture (implies ``runtime``).
+    """
+    meta = {"choices": None if choices is None else tuple(choices), "low": low, "high": high,
+            "low_open": low_open, "high_open": high_open, "runtime": runtime or generation,
+            "generation": generation}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"aimkit": meta})
+
+
+def _check_rules(value: Any, meta: Mapping[str, Any], path: str) -> None:
+    """Check ``value`` against an :func:`option`'s choices and range (None passes: Optional)."""
+    if value is None:
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{path} must be one of {list(meta['choices'])}, got {describe(value)}")
+    low, high = meta["low"], meta["high"]
+    below = low is not None and (value <= low if meta["low_open"] else value < low)
+    above = high is not None and (value >= high if meta["high_open"] else value > high)
+    if below or above:
+        raise ConfigError(f"{path} must be {_range_text(meta)}, got {describe(value)}")
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    """``"in [0, 1)"``, ``">= 1"`` or ``"< 2"``: how a message names an :func:`option`'s range."""
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+    if low is not None:
+        return f"{'>' if meta['low_open'] else '>='} {low:g}"
+    return f"{'<' if meta['high_open'] else '<='} {high:g}"
+
+
+def check_option(cfg: Any, name: str, path: str | None = None) -> Any:
+    """Check one field of a dataclass instance (its type, and its :func:`option` rules); returns the value."""
+    value = check_value(getattr(cfg, name), _type_hints(type(cfg))[name], path or name)
+    meta = next(f.metadata for f in dataclasses.fields(cfg) if f.name == name).get("aimkit")
+    if meta is not None:
+        _check_rules(value, meta, path or name)
+    return value
+
+
+def runtime_fields(cls: type, kind: str = "runtime") -> frozenset:
+    """Names of the fields of dataclass ``cls`` declared ``option(..., runtime=True)`` (or, with
+    ``kind="generation"``, ``option(..., generation=True)``)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("aimkit", {}).get(kind))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as a JSON-ready dict (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(
+    cls: type[C], data: Mapping[str, Any], where: str = "config", path: str | None = None
+) -> C:
+    """Build ``cls`` from a dict, rejecting unknown keys and values of the wrong type.
+
+    Args:
+        cls: the config dataclass.
+        data: its options by name (missing ones keep their defaults).
+        where: what the options belong to, for unknown-key messages (``"backbone 'mamba2'"``).
+        path: key path of ``data`` in its file, for value messages (``"backbone.config"``);
+            default ``where``.
+
+    Raises:
+        ConfigError: one line naming the key, e.g. ``backbone.config.n_head must be int, got '4' (str)``.
+    """
+    path = where if path is None else path
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must be a mapping, got {describe(data)}")
+    _check_keys(cls, data.keys(), where)
+    hints = _type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            if f.name in hints:
+                value = check_value(value, hints[f.name], f"{path}.{f.name}")
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def replace_checked(cfg: C, where: str = "config", **changes: Any) -> C:
+    """``dataclasses.replace`` that names unknown fields and checks the new values' types."""
+    _check_keys(type(cfg), changes.keys(), where)
+    hints = _type_hints(type(cfg))
+    checked = {k: check_value(v, hints[k], f"{where} option {k}") if k in hints else v for k, v in changes.items()}
+    return dataclasses.replace(cfg, **checked)
+
+
+# ---------------------------------------------------------------------- the generator's config
+
+_REGISTRIES: dict[str, Registry] = {
     "tokenizer": TOKENIZERS,
     "backbone": BACKBONES,
     "conditioning": CONDITIONING,
@@ -43,7 +310,7 @@ class ComponentSpec:
     name: str
     config: Any = None
 
-    def resolved(self, kind: str) -> "ComponentSpec":
+    def resolved(self, kind: str) -> ComponentSpec:
         """The same spec with ``config`` filled in with the component's default config."""
         cls = _REGISTRIES[kind].get(self.name)
         config_cls = getattr(cls, "config_cls", None)
@@ -55,11 +322,11 @@ class ComponentSpec:
             )
         return self
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "config": None if self.config is None else config_to_dict(self.config)}
 
     @classmethod
-    def from_dict(cls, kind: str, data: Mapping[str, Any], path: Optional[str] = None) -> "ComponentSpec":
+    def from_dict(cls, kind: str, data: Mapping[str, Any], path: str | None = None) -> ComponentSpec:
         """The spec of one ``config.json`` entry: ``{"name": ..., "config": {...} or null}``.
 
         ``path`` names the entry in messages (default ``kind``)."""
@@ -118,7 +385,7 @@ class GeneratorConfig:
     decode_position_offset: int = option(0, choices=(0, 1), generation=True)
     backbone: ComponentSpec = field(default_factory=lambda: ComponentSpec("mamba2"))
     conditioning: ComponentSpec = field(default_factory=lambda: ComponentSpec("adaln"))
-    tokenizer: Optional[ComponentSpec] = field(default_factory=lambda: ComponentSpec("vq-f16"))
+    tokenizer: ComponentSpec | None = field(default_factory=lambda: ComponentSpec("vq-f16"))
     sampler: ComponentSpec = option(default_factory=lambda: ComponentSpec("autoregressive"), generation=True)
     fid_sampling: SamplingDefaults = option(default_factory=SamplingDefaults, generation=True)  # for FID numbers
     pretty_sampling: SamplingDefaults = option(
@@ -146,20 +413,20 @@ class GeneratorConfig:
             elif not isinstance(value, SamplingDefaults):
                 raise ConfigError(f"{name} must be SamplingDefaults or a mapping, got {type(value).__name__}")
 
-    def generation_dict(self) -> Dict[str, Any]:
+    def generation_dict(self) -> dict[str, Any]:
         """The sampling settings (fields declared ``generation=True``): ``generation_config.json``."""
         generation = runtime_fields(type(self), "generation")
         return {k: v for k, v in self.to_dict().items() if k in generation}
 
-    def architecture_dict(self) -> Dict[str, Any]:
+    def architecture_dict(self) -> dict[str, Any]:
         """Everything but the sampling settings: ``config.json``."""
         generation = runtime_fields(type(self), "generation")
         return {k: v for k, v in self.to_dict().items() if k not in generation}
 
-    def weights_layout(self) -> Dict[str, Any]:
+    def weights_layout(self) -> dict[str, Any]:
         """:meth:`to_dict` without the run-time fields (declared ``option(..., runtime=True)``, here
         and in every component's config): two configs with equal layouts take the same weights."""
-        layout: Dict[str, Any] = {}
+        layout: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name in runtime_fields(type(self)):
                 continue
@@ -172,7 +439,7 @@ class GeneratorConfig:
             layout[f.name] = value
         return layout
 
-    def resolved(self) -> "GeneratorConfig":
+    def resolved(self) -> GeneratorConfig:
         """Fill every component's config with its defaults (looks the names up in the registries)."""
         return dataclasses.replace(
             self,
@@ -182,8 +449,8 @@ class GeneratorConfig:
             sampler=self.sampler.resolved("sampler"),
         )
 
-    def to_dict(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, ComponentSpec):
@@ -194,7 +461,7 @@ class GeneratorConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GeneratorConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> GeneratorConfig:
         """The config of a ``config.json``'s ``generator`` entry, every value type-checked.
 
         Raises:
@@ -208,7 +475,7 @@ class GeneratorConfig:
         if unknown:
             raise ConfigError(f"unknown generator config keys: {', '.join(sorted(unknown))}")
         hints = _type_hints(cls)
-        kwargs: Dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key == "tokenizer" and value is None:
                 pass  # a tokens-only generator

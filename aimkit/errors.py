@@ -6,7 +6,7 @@ and exits with status 2 instead of showing a traceback.
 
 import difflib
 import errno
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = [
     "AimkitError",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,7 @@ class Generator(nn.Module):
             and every sub-module that branches on it; change it with :meth:`set_policy`.
     """
 
-    def __init__(self, config: GeneratorConfig, device=None, dtype=None, policy: Optional[ExecutionPolicy] = None):
+    def __init__(self, config: GeneratorConfig, device=None, dtype=None, policy: ExecutionPolicy | None = None):
         super().__init__()
         config = config.resolved()
         self.config = config
@@ -148,7 +148,7 @@ class Generator(nn.Module):
         self.tokenizer = None if config.tokenizer is None else _build(TOKENIZERS, config.tokenizer).to(**kw)
         self._init_embeddings()
 
-    def set_policy(self, policy: ExecutionPolicy) -> "Generator":
+    def set_policy(self, policy: ExecutionPolicy) -> Generator:
         """Use ``policy`` from now on, here and in every sub-module that holds one (``.policy``).
 
         Captured CUDA graphs are keyed on the policy, so the next sampling call captures anew.
@@ -208,7 +208,7 @@ class Generator(nn.Module):
                 total += p.numel()
         return total
 
-    def generator_state_dict(self) -> Dict[str, Tensor]:
+    def generator_state_dict(self) -> dict[str, Tensor]:
         """State dict without the tokenizer's tensors and without the tied ``lm_head.weight``."""
         return {
             k: v
@@ -248,7 +248,7 @@ class Generator(nn.Module):
         return codes.long()
 
     # ------------------------------------------------------------------ teacher-forced forward
-    def forward(self, codes: Tensor, labels: Tensor, force_drop: Optional[Tensor] = None) -> Tensor:
+    def forward(self, codes: Tensor, labels: Tensor, force_drop: Tensor | None = None) -> Tensor:
         """Teacher-forced logits, exactly as the official training forward.
 
         Args:
@@ -286,7 +286,7 @@ class Generator(nn.Module):
         return DecodeCondition(c, mods, self.final_layer.shift_scale(c))
 
     def allocate_inference_cache(
-        self, batch_size: int, dtype: Optional[torch.dtype] = None, max_seqlen: Optional[int] = None
+        self, batch_size: int, dtype: torch.dtype | None = None, max_seqlen: int | None = None
     ) -> InferenceParams:
         """A fresh cache for ``batch_size`` sequences of the class token + ``num_tokens`` tokens."""
         max_seqlen = max_seqlen or self.num_tokens + 1
@@ -331,7 +331,7 @@ class Generator(nn.Module):
         return self._head(h, cond)
 
     # ------------------------------------------------------------------ conversions
-    def convert_conditioning(self, kind: str, approximate: bool = False, **kwargs: Any) -> "Generator":
+    def convert_conditioning(self, kind: str, approximate: bool = False, **kwargs: Any) -> Generator:
         """A copy of this generator with another conditioning kind (``"adaln"``, ``"adaln-group"``, ...).
 
         Conversions to a more expressive kind (single → group → per-layer adaLN) are exact (in
@@ -344,7 +344,7 @@ class Generator(nn.Module):
         import copy
         import warnings
 
-        from ._config import config_from_dict
+        from .config import config_from_dict
 
         target_cls = CONDITIONING.get(kind)
         target_config = config_from_dict(target_cls.config_cls, kwargs, where=f"conditioning {kind!r}")
@@ -382,9 +382,9 @@ class Generator(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(
         self,
-        directory: Union[str, os.PathLike],
+        directory: str | os.PathLike,
         include_tokenizer: bool = True,
-        storage_dtype: Optional[torch.dtype] = None,
+        storage_dtype: torch.dtype | None = None,
     ) -> Path:
         """Write ``model.safetensors``, ``generation_config.json`` (the sampling settings) and
         ``config.json`` (the architecture: registry names and configs of every component, dtype).
@@ -415,7 +415,7 @@ class Generator(nn.Module):
         write_text_atomic(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=False) + "\n")
         return directory
 
-    def _aimkit_expected(self, state: Dict[str, Tensor]) -> Tuple[Dict[str, Any], List[str]]:
+    def _aimkit_expected(self, state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
         """The ``name -> shape`` that aimkit-layout ``state`` must match, and the absent parts.
 
         A file may hold the generator, the tokenizer, or both; ``lm_head.weight`` is tied to
@@ -434,7 +434,7 @@ class Generator(nn.Module):
         return expected, not_found
 
     @staticmethod
-    def _untie(state: Dict[str, Tensor], source: str, compare: bool = True) -> Dict[str, Tensor]:
+    def _untie(state: dict[str, Tensor], source: str, compare: bool = True) -> dict[str, Tensor]:
         """``state`` with ``lm_head.weight`` folded into ``tok_embed.weight`` (they are tied)."""
         state = dict(state)
         if "lm_head.weight" in state:
@@ -445,7 +445,7 @@ class Generator(nn.Module):
                 raise CheckpointError(f"{source}: lm_head.weight differs from tok_embed.weight but they are tied")
         return state
 
-    def check_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:
+    def check_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> list[str]:
         """Check names and shapes of aimkit-layout tensors (values are not read: meta tensors do).
 
         Returns the parts the file lacks; raises :class:`CheckpointError` when it does not fit."""
@@ -456,7 +456,7 @@ class Generator(nn.Module):
         check_state_dict(expected, state, what=source)
         return not_found
 
-    def load_aimkit_state_dict(self, state: Dict[str, Tensor], source: str = "checkpoint") -> List[str]:
+    def load_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> list[str]:
         """Load aimkit-layout tensors strictly; a missing tokenizer part is allowed and reported.
 
         Returns the list of parts that were not in the file (e.g. ``["tokenizer"]``)."""

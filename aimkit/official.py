@@ -8,8 +8,6 @@ map knows is reported as unexpected, never dropped.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import torch
 from torch import Tensor
 
@@ -20,11 +18,12 @@ __all__ = ["official_key_map", "from_official", "to_official", "is_official"]
 _TIED_OFFICIAL = ("mamba.lm_head.weight", "mamba.backbone.embeddings.word_embeddings.weight")
 
 
-def official_key_map(gen) -> Dict[str, str]:
+def official_key_map(gen) -> dict[str, str]:
     """aimkit key -> official key for the generator part of ``gen`` (Mamba2 backbones only)."""
     if gen.config.backbone.name != "mamba2":
         raise CheckpointError(
-            f"official AiM checkpoints hold Mamba2 generators; this generator's backbone is {gen.config.backbone.name!r}"
+            "official AiM checkpoints hold Mamba2 generators; "
+            f"this generator's backbone is {gen.config.backbone.name!r}"
         )
     out = {
         "tok_embed.weight": "backbone.embeddings.word_embeddings.weight",
@@ -43,12 +42,12 @@ def official_key_map(gen) -> Dict[str, str]:
     return {k: f"mamba.{v}" for k, v in out.items()}
 
 
-def is_official(state: Dict[str, Tensor]) -> bool:
+def is_official(state: dict[str, Tensor]) -> bool:
     """True when the keys look like an official AiM checkpoint (``mamba.`` / ``vqvae.`` prefixes)."""
     return any(k.startswith(("mamba.", "vqvae.")) for k in state)
 
 
-def from_official(gen, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def from_official(gen, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename an official state dict to aimkit keys; unknown keys are kept (and later reported)."""
     state = dict(state)
     tied = [state[k] for k in _TIED_OFFICIAL if k in state]
@@ -58,7 +57,7 @@ def from_official(gen, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
         state.pop(_TIED_OFFICIAL[0], None)
         state[_TIED_OFFICIAL[1]] = tied[0]
     reverse = {v: k for k, v in official_key_map(gen).items()}
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for key, value in state.items():
         if key.startswith("vqvae."):
             out["tokenizer." + key[len("vqvae."):]] = value
@@ -67,7 +66,7 @@ def from_official(gen, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def to_official(gen) -> Dict[str, Tensor]:
+def to_official(gen) -> dict[str, Tensor]:
     """The generator (and tokenizer) as an official-layout state dict (both tied keys present)."""
     mapping = official_key_map(gen)
     own = gen.state_dict()
@@ -78,5 +77,5 @@ def to_official(gen) -> Dict[str, Tensor]:
     return out
 
 
-def split_expected(gen) -> Tuple[int, int]:  # pragma: no cover - helper for reports
+def split_expected(gen) -> tuple[int, int]:  # pragma: no cover - helper for reports
     return len(official_key_map(gen)), len(gen.tokenizer.state_dict()) if gen.tokenizer is not None else 0

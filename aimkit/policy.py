@@ -27,12 +27,13 @@ import dataclasses
 import functools
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any
 
 import torch
 
-from ._config import check_fields, config_from_dict, option
+from .config import check_fields, config_from_dict, option
 from .errors import ConfigError
 
 __all__ = ["CHOICES", "OPERATIONS", "ExecutionPolicy", "default_policy", "kernel_available"]
@@ -40,7 +41,7 @@ __all__ = ["CHOICES", "OPERATIONS", "ExecutionPolicy", "default_policy", "kernel
 CHOICES = ("auto", "kernel", "reference")
 
 # operation -> (what its kernel is, the package the kernel needs)
-OPERATIONS: Dict[str, tuple] = {
+OPERATIONS: dict[str, tuple] = {
     "scan": ("mamba-ssm's chunked scan, gated norm and causal-conv1d for whole sequences", "mamba_ssm"),
     "state_update": ("aimkit's one-pass Mamba2 state-update kernel (decode step)", "triton"),
     "conv_step": ("aimkit's ring-buffer convolution-step kernel (decode step)", "triton"),
@@ -103,7 +104,7 @@ class ExecutionPolicy:
     # ------------------------------------------------------------------------- construction
 
     @classmethod
-    def reference(cls, **changes: Any) -> "ExecutionPolicy":
+    def reference(cls, **changes: Any) -> ExecutionPolicy:
         """Every operation on its PyTorch reference, nothing compiled (``changes`` applied last)."""
         base = {op: "reference" for op in OPERATIONS}
         base.update(decode_graph=False, fold_gated_norm=False, split_scan=False, compile_glue=False, compile_loss=False)
@@ -111,22 +112,22 @@ class ExecutionPolicy:
         return cls.from_dict(base)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "policy") -> "ExecutionPolicy":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "policy") -> ExecutionPolicy:
         """A policy from a plain mapping (a recipe's ``policy:`` section, a benchmark record);
         unknown keys name the closest valid ones."""
         return config_from_dict(cls, dict(data), where)
 
-    def replace(self, **changes: Any) -> "ExecutionPolicy":
+    def replace(self, **changes: Any) -> ExecutionPolicy:
         """A copy with ``changes`` (checked like :meth:`from_dict`)."""
         return self.from_dict({**self.to_dict(), **changes})
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON values (benchmark records, ``aimkit info``)."""
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------------- decisions
 
-    def use_kernel(self, op: str, x: Union[torch.Tensor, torch.device]) -> bool:
+    def use_kernel(self, op: str, x: torch.Tensor | torch.device) -> bool:
         """Whether ``op`` runs its kernel for tensors like ``x`` (a tensor or a device).
 
         ``"auto"``: CUDA, not float64 (the kernels compute in float32 or lower), and the kernel's
@@ -145,7 +146,7 @@ class ExecutionPolicy:
                               f"got {why}; use {op}='auto' or 'reference'")
         return usable
 
-    def resolved(self, device: Union[str, torch.device]) -> Dict[str, str]:
+    def resolved(self, device: str | torch.device) -> dict[str, str]:
         """What each operation runs on ``device`` (``"kernel"`` / ``"reference"``), for reports."""
         device = torch.device(device)
         out = {}
@@ -170,7 +171,7 @@ def _unknown_op(op: str):
     raise ValueError(f"unknown operation {op!r}; known: {list(OPERATIONS)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _importable(package: str) -> bool:
     try:
         return importlib.util.find_spec(package) is not None
@@ -184,7 +185,7 @@ def kernel_available(op: str) -> bool:
     return _importable(OPERATIONS[op][1])
 
 
-def _decode_env(value: str) -> Dict[str, Any]:
+def _decode_env(value: str) -> dict[str, Any]:
     value = value.strip().lower()
     if value in ("", "all"):
         return {}
@@ -193,12 +194,12 @@ def _decode_env(value: str) -> Dict[str, Any]:
     if unknown:
         raise ConfigError(f"{_DECODE_ENV}={value!r}: unknown kernel kinds {sorted(unknown)}; use 'all', "
                           f"'none' or a comma list of {sorted(_DECODE_KINDS) + ['gnorm']}")
-    changes: Dict[str, Any] = {op: "auto" if kind in kinds else "reference" for kind, op in _DECODE_KINDS.items()}
+    changes: dict[str, Any] = {op: "auto" if kind in kinds else "reference" for kind, op in _DECODE_KINDS.items()}
     changes["fold_gated_norm"] = "gnorm" in kinds
     return changes
 
 
-def _compile_env(value: str) -> Dict[str, Any]:
+def _compile_env(value: str) -> dict[str, Any]:
     value = value.strip().lower()
     if value in ("", "auto"):
         return {}
@@ -210,7 +211,7 @@ def _compile_env(value: str) -> Dict[str, Any]:
     return {"compile_glue": "glue" in regions, "compile_loss": "loss" in regions}
 
 
-def default_policy(environ: Optional[Mapping[str, str]] = None) -> ExecutionPolicy:
+def default_policy(environ: Mapping[str, str] | None = None) -> ExecutionPolicy:
     """The policy an object gets when built without one: the defaults, changed only by
     ``AIMKIT_DECODE_KERNELS`` and ``AIMKIT_TRAIN_COMPILE`` in ``environ`` (default
     ``os.environ``), read now and never again by that object."""

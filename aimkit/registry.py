@@ -20,8 +20,9 @@ from __future__ import annotations
 import fnmatch
 import re
 import threading
+from collections.abc import Callable, Iterator
 from importlib import metadata
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, TypeVar
 
 from .errors import DuplicateNameError, UnknownNameError, did_you_mean
 
@@ -43,10 +44,10 @@ T = TypeVar("T")
 
 _plugins_lock = threading.RLock()  # re-entrant: a plugin may look names up while loading
 _plugins_loaded = False
-_plugin_errors: Dict[str, str] = {}
+_plugin_errors: dict[str, str] = {}
 
 
-def load_plugins(force: bool = False) -> Dict[str, str]:
+def load_plugins(force: bool = False) -> dict[str, str]:
     """Import every ``aimkit.plugins`` entry point once.
 
     Returns a mapping of entry-point names that failed to load to the error text; failures are
@@ -76,7 +77,7 @@ class Registry:
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._entries: Dict[str, Any] = {}
+        self._entries: dict[str, Any] = {}
 
     def register(self, name: str, obj: Any = None) -> Callable[[T], T]:
         """Register ``obj`` under ``name``; usable as ``@REG.register("name")`` or directly."""
@@ -114,7 +115,7 @@ class Registry:
         broken = f" (plugins that failed to load: {', '.join(_plugin_errors)})" if _plugin_errors else ""
         raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} Known {self.kind}s: {listing}{broken}")
 
-    def names(self, pattern: Optional[str] = None) -> List[str]:
+    def names(self, pattern: str | None = None) -> list[str]:
         """Sorted registered names, optionally filtered by an fnmatch ``pattern`` (``"aim-*"``)."""
         load_plugins()
         names = sorted(self._entries)
@@ -146,6 +147,6 @@ SAMPLERS = Registry("sampler")
 GENERATORS = Registry("generator")
 
 
-def list_models(pattern: Optional[str] = None) -> List[str]:
+def list_models(pattern: str | None = None) -> list[str]:
     """Names of the generator presets, e.g. ``list_models("aim-*")``."""
     return GENERATORS.names(pattern)

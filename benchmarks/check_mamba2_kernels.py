@@ -30,9 +30,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -89,7 +89,7 @@ def precision(mode: str):
     return torch.bfloat16, torch.bfloat16, nullcontext
 
 
-def fwd_bwd(mixer: Mamba2, x: torch.Tensor, gout: torch.Tensor, ctx) -> Dict[str, object]:
+def fwd_bwd(mixer: Mamba2, x: torch.Tensor, gout: torch.Tensor, ctx) -> dict[str, object]:
     x = x.detach().clone().requires_grad_()
     mixer.zero_grad(set_to_none=True)
     with ctx():
@@ -102,7 +102,7 @@ def fwd_bwd(mixer: Mamba2, x: torch.Tensor, gout: torch.Tensor, ctx) -> Dict[str
     }
 
 
-def compare(run: Dict[str, object], ref: Dict[str, object]) -> Dict[str, object]:
+def compare(run: dict[str, object], ref: dict[str, object]) -> dict[str, object]:
     dparams = {n: rel(g, ref["dparams"][n]) for n, g in run["dparams"].items()}
     return {
         "out": rel(run["out"], ref["out"]),
@@ -119,7 +119,7 @@ def cache_for(mixer: Mamba2, batch: int, seqlen: int, dtype=None) -> InferencePa
 
 
 @torch.no_grad()
-def decode(mixer: Mamba2, x: torch.Tensor, prefill: int, ctx) -> Dict[str, torch.Tensor]:
+def decode(mixer: Mamba2, x: torch.Tensor, prefill: int, ctx) -> dict[str, torch.Tensor]:
     """Prefill ``prefill`` positions through forward, step the rest; outputs and final cache."""
     params = cache_for(mixer, x.shape[0], x.shape[1])
     with ctx():
@@ -133,7 +133,7 @@ def decode(mixer: Mamba2, x: torch.Tensor, prefill: int, ctx) -> Dict[str, torch
 
 
 @torch.no_grad()
-def cuda_graph_check(mixer: Mamba2, x: torch.Tensor, ctx) -> Dict[str, object]:
+def cuda_graph_check(mixer: Mamba2, x: torch.Tensor, ctx) -> dict[str, object]:
     """Capture ``step`` in a CUDA graph after a prefill; replay and compare with eager."""
     batch, seqlen, _ = x.shape
     params = cache_for(mixer, batch, seqlen)
@@ -173,7 +173,7 @@ def cuda_graph_check(mixer: Mamba2, x: torch.Tensor, ctx) -> Dict[str, object]:
     return result
 
 
-def bench(fn: Callable[[], object], grad_to_none: Optional[List[torch.Tensor]] = None) -> float:
+def bench(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
     """Median time of ``fn`` in ms (triton.testing.do_bench)."""
     from triton.testing import do_bench
 
@@ -183,7 +183,7 @@ def bench(fn: Callable[[], object], grad_to_none: Optional[List[torch.Tensor]] =
         return float(do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5])[0])
 
 
-def time_paths(kernel: Mamba2, ref: Mamba2, x: torch.Tensor, gout: torch.Tensor, ctx) -> Dict[str, float]:
+def time_paths(kernel: Mamba2, ref: Mamba2, x: torch.Tensor, gout: torch.Tensor, ctx) -> dict[str, float]:
     timings = {}
     for name, mixer in (("kernel", kernel), ("reference", ref)):
         xg = x.detach().clone().requires_grad_()
@@ -210,7 +210,7 @@ def time_paths(kernel: Mamba2, ref: Mamba2, x: torch.Tensor, gout: torch.Tensor,
     return timings
 
 
-def check_width(d_model: int, args, failures: List[str]) -> Dict[str, object]:
+def check_width(d_model: int, args, failures: list[str]) -> dict[str, object]:
     batch, seqlen = args.batch, args.seqlen
     base = build(d_model, args.seed, "kernel", torch.float32)
     state = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -221,12 +221,12 @@ def check_width(d_model: int, args, failures: List[str]) -> Dict[str, object]:
     truth = fwd_bwd(ref64, x.double(), gout.double(), nullcontext)
     prefill = seqlen - args.decode_steps
     truth_decode = decode(ref64, x.double(), prefill, nullcontext)
-    report: Dict[str, object] = {"d_model": d_model, "nheads": base.nheads, "modes": {}}
+    report: dict[str, object] = {"d_model": d_model, "nheads": base.nheads, "modes": {}}
     report["ref64_decode_vs_forward"] = rel(truth_decode["out"][:, prefill:], truth["out"][:, prefill:])
 
     for mode in MODES:
         module_dtype, input_dtype, ctx = precision(mode)
-        entry: Dict[str, object] = {}
+        entry: dict[str, object] = {}
         report["modes"][mode] = entry
         try:
             kernel = build(d_model, args.seed, "kernel", module_dtype, state)
@@ -266,7 +266,7 @@ def check_width(d_model: int, args, failures: List[str]) -> Dict[str, object]:
     return report
 
 
-def print_entry(d_model: int, mode: str, entry: Dict[str, object]) -> None:
+def print_entry(d_model: int, mode: str, entry: dict[str, object]) -> None:
     print(f"\n== d_model {d_model}  {mode}")
     if "error" in entry:
         print(entry["error"])
@@ -297,8 +297,8 @@ def main() -> int:
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
 
-    record: Dict[str, object] = {"args": vars(args)}
-    failures: List[str] = []
+    record: dict[str, object] = {"args": vars(args)}
+    failures: list[str] = []
     if not torch.cuda.is_available():
         record["error"] = "no CUDA device"
         failures.append(record["error"])

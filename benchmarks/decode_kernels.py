@@ -106,65 +106,83 @@ def _selective_state_update():
     return selective_state_update
 
 
-def part_micro(args) -> None:
+def _ssm_micro_variants(rows: int, nheads: int, state_dtype: torch.dtype, blocks, warps_list,
+                        selective_state_update) -> tuple[dict, int]:
+    """The timed state-update variants on fresh inputs of one layer's shape, and the state bytes
+    each call moves (read + written)."""
     from aimkit.kernels.conv_step import conv_step_
     from aimkit.kernels.ssm_step import ssm_step_
 
+    P, N = 64, 128
+    state = torch.randn(rows, nheads, P, N, device="cuda", dtype=state_dtype)
+    xbc = torch.randn(rows, nheads * P + 2 * N, device="cuda", dtype=torch.bfloat16)
+    x = xbc[:, : nheads * P].unflatten(-1, (nheads, P))
+    B = xbc[:, nheads * P: nheads * P + N].unsqueeze(1)
+    C = xbc[:, nheads * P + N:].unsqueeze(1)
+    dt = torch.randn(rows, nheads, device="cuda", dtype=torch.bfloat16)
+    dt_bias = torch.randn(nheads, device="cuda")
+    A_log = torch.rand(nheads, device="cuda")
+    D = torch.randn(nheads, device="cuda")
+    nbytes = 2 * state.numel() * state.element_size()
+    variants = {}
+    # ceilings: the same bytes through PyTorch's in-place scale and a copy
+    other = torch.empty_like(state)
+    variants["ceiling: state.mul_(1.0) (in place)"] = lambda: state.mul_(1.0)
+    variants["ceiling: other.copy_(state)"] = lambda: other.copy_(state)
+    if selective_state_update is not None:
+        A = -torch.exp(A_log)
+        hp = (nheads, P)
+        variants["mamba-ssm selective_state_update"] = lambda: selective_state_update(
+            state, x, dt.unsqueeze(-1).expand(rows, nheads, P), A[:, None, None].expand(*hp, N), B, C,
+            D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
+    variants["aimkit ssm_step_ (default tiling)"] = lambda: ssm_step_(state, x, dt, dt_bias, A_log, B, C, D)
+    z = torch.randn(rows, nheads, P, device="cuda", dtype=torch.bfloat16)
+    norm_w = torch.randn(nheads * P, device="cuda", dtype=torch.bfloat16)
+    variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: ssm_step_(
+        state, x, dt, dt_bias, A_log, B, C, D, z=z, norm_weight=norm_w)
+    # the convolution too: its own kernel, then the state kernel
+    ring = torch.randn(rows, 4, xbc.shape[1], device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    conv_w = torch.randn(xbc.shape[1], 4, device="cuda", dtype=torch.bfloat16)
+    conv_b = torch.randn(xbc.shape[1], device="cuda", dtype=torch.bfloat16)
+    position = torch.full((), 130, dtype=torch.long, device="cuda")
+
+    def conv_then_ssm():
+        xc = conv_step_(xbc, ring, conv_w, conv_b, position)
+        ssm_step_(state, xc[:, :nheads * P].unflatten(-1, (nheads, P)), dt, dt_bias, A_log,
+                  xc[:, nheads * P:nheads * P + N].unsqueeze(1),
+                  xc[:, nheads * P + N:].unsqueeze(1), D, z=z, norm_weight=norm_w)
+
+    variants["aimkit conv_step_ + ssm_step_ + folded gated norm"] = conv_then_ssm
+    for bp in blocks:
+        for warps in warps_list:
+            variants[f"aimkit block_p={bp} warps={warps}"] = (
+                lambda bp=bp, warps=warps: ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=bp,
+                                                     num_warps=warps))
+    return variants, nbytes
+
+
+def _micro_ssm(args) -> list[dict]:
+    """Rows of the state-update micro-benchmark: every layer shape, row count and state dtype."""
     selective_state_update = _selective_state_update()
     out = []
     layers = [(f"{m} layer", {"aim-b": 24, "aim-xl": 48}[m]) for m in args.micro_models]
     for label, nheads in () if args.conv_micro_only else layers:
         for rows in args.micro_rows:
             for state_dtype in args.micro_dtypes:
-                P, N = 64, 128
-                state = torch.randn(rows, nheads, P, N, device="cuda", dtype=state_dtype)
-                xbc = torch.randn(rows, nheads * P + 2 * N, device="cuda", dtype=torch.bfloat16)
-                x = xbc[:, : nheads * P].unflatten(-1, (nheads, P))
-                B = xbc[:, nheads * P: nheads * P + N].unsqueeze(1)
-                C = xbc[:, nheads * P + N:].unsqueeze(1)
-                dt = torch.randn(rows, nheads, device="cuda", dtype=torch.bfloat16)
-                dt_bias = torch.randn(nheads, device="cuda")
-                A_log = torch.rand(nheads, device="cuda")
-                D = torch.randn(nheads, device="cuda")
-                nbytes = 2 * state.numel() * state.element_size()
-                variants = {}
-                # ceilings: the same bytes through PyTorch's in-place scale and a copy
-                other = torch.empty_like(state)
-                variants["ceiling: state.mul_(1.0) (in place)"] = lambda: state.mul_(1.0)
-                variants["ceiling: other.copy_(state)"] = lambda: other.copy_(state)
-                if selective_state_update is not None:
-                    A = -torch.exp(A_log)
-                    hp = (nheads, P)
-                    variants["mamba-ssm selective_state_update"] = lambda: selective_state_update(
-                        state, x, dt.unsqueeze(-1).expand(rows, nheads, P), A[:, None, None].expand(*hp, N), B, C,
-                        D=D[:, None].expand(hp), z=None, dt_bias=dt_bias[:, None].expand(hp), dt_softplus=True)
-                variants["aimkit ssm_step_ (default tiling)"] = lambda: ssm_step_(state, x, dt, dt_bias, A_log, B, C, D)
-                z = torch.randn(rows, nheads, P, device="cuda", dtype=torch.bfloat16)
-                norm_w = torch.randn(nheads * P, device="cuda", dtype=torch.bfloat16)
-                variants["aimkit ssm_step_ + folded gated norm (default tiling)"] = lambda: ssm_step_(
-                    state, x, dt, dt_bias, A_log, B, C, D, z=z, norm_weight=norm_w)
-                # the convolution too: its own kernel, then the state kernel
-                ring = torch.randn(rows, 4, xbc.shape[1], device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                conv_w = torch.randn(xbc.shape[1], 4, device="cuda", dtype=torch.bfloat16)
-                conv_b = torch.randn(xbc.shape[1], device="cuda", dtype=torch.bfloat16)
-                position = torch.full((), 130, dtype=torch.long, device="cuda")
-
-                def conv_then_ssm():
-                    xc = conv_step_(xbc, ring, conv_w, conv_b, position)
-                    ssm_step_(state, xc[:, :nheads * P].unflatten(-1, (nheads, P)), dt, dt_bias, A_log,
-                              xc[:, nheads * P:nheads * P + N].unsqueeze(1),
-                              xc[:, nheads * P + N:].unsqueeze(1), D, z=z, norm_weight=norm_w)
-
-                variants["aimkit conv_step_ + ssm_step_ + folded gated norm"] = conv_then_ssm
-                for bp in args.micro_blocks:
-                    for warps in args.micro_warps:
-                        variants[f"aimkit block_p={bp} warps={warps}"] = (
-                            lambda bp=bp, warps=warps: ssm_step_(state, x, dt, dt_bias, A_log, B, C, D, block_p=bp,
-                                                                 num_warps=warps))
+                variants, nbytes = _ssm_micro_variants(rows, nheads, state_dtype, args.micro_blocks,
+                                                       args.micro_warps, selective_state_update)
                 for name, fn in variants.items():
                     ms = _graphed_ms(fn)
                     out.append({"shape": label, "rows": rows, "state_dtype": str(state_dtype).split(".")[-1],
                                 "variant": name, "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6})
+    return out
+
+
+def _micro_conv(args) -> list[dict]:
+    """Rows of the convolution micro-benchmark (``--conv-micro``): block and warp sweeps."""
+    from aimkit.kernels.conv_step import conv_step_
+
+    out = []
     conv_shapes = (("aim-b conv", 1792), ("aim-xl conv", 3328))
     for label, conv_dim in (conv_shapes if args.conv_micro or args.conv_micro_only else ()):
         for rows in (32, 512):
@@ -182,11 +200,21 @@ def part_micro(args) -> None:
                     out.append({"shape": label, "rows": rows, "state_dtype": "bfloat16",
                                 "variant": f"conv_step_ block_c={block} warps={warps}", "us": ms * 1e3,
                                 "state_GBps": nbytes / ms / 1e6})
-    RESULTS["micro"] = out
+    return out
+
+
+def _print_micro(out: list[dict]) -> None:
     print("\n## micro: one layer's state update")
     print(f"{'shape':13s} {'rows':>5s} {'state':>8s} {'us':>8s} {'GB/s':>7s}  variant")
     for r in out:
-        print(f"{r['shape']:13s} {r['rows']:5d} {r['state_dtype']:>8s} {r['us']:8.1f} {r['state_GBps']:7.0f}  {r['variant']}")
+        print(f"{r['shape']:13s} {r['rows']:5d} {r['state_dtype']:>8s} {r['us']:8.1f} {r['state_GBps']:7.0f}  "
+              f"{r['variant']}")
+
+
+def part_micro(args) -> None:
+    out = _micro_ssm(args) + _micro_conv(args)
+    RESULTS["micro"] = out
+    _print_micro(out)
 
 
 def _step_ms(model, rows: int, replays: int = 30):

@@ -51,7 +51,8 @@ def main() -> None:
         events = prof.key_averages()
         total = sum(e.device_time_total for e in events) / args.steps
         for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
-            rows.append({"name": e.key[:90], "us_per_step": e.device_time_total / args.steps, "calls_per_step": e.count / args.steps})
+            rows.append({"name": e.key[:90], "us_per_step": e.device_time_total / args.steps,
+                         "calls_per_step": e.count / args.steps})
         # graph replay of the same step
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
@@ -62,20 +63,24 @@ def main() -> None:
         with torch.cuda.graph(g):
             gen.decode_step(tok, cond, ip)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        g.replay(); torch.cuda.synchronize()
+        g.replay()
+        torch.cuda.synchronize()
         start.record()
         for _ in range(50):
             g.replay()
-        end.record(); torch.cuda.synchronize()
+        end.record()
+        torch.cuda.synchronize()
         replay_ms = start.elapsed_time(end) / 50
-    print(f"{args.model} batch {args.batch} {args.dtype} state {args.state_dtype}: kernel time per eager step {total/1000:.3f} ms, graph replay {replay_ms:.3f} ms")
+    print(f"{args.model} batch {args.batch} {args.dtype} state {args.state_dtype}: "
+          f"kernel time per eager step {total/1000:.3f} ms, graph replay {replay_ms:.3f} ms")
     print(f"{'us/step':>9} {'calls':>6}  kernel")
     for r in rows:
         print(f"{r['us_per_step']:9.1f} {r['calls_per_step']:6.1f}  {r['name']}")
     out = os.environ.get("OUT")
     if out:
         Path(out, f"profile_{args.model}_{args.batch}_{args.state_dtype}.json").write_text(
-            json.dumps({"args": vars(args), "kernel_ms_per_step": total / 1000, "graph_replay_ms": replay_ms, "top": rows}, indent=1))
+            json.dumps({"args": vars(args), "kernel_ms_per_step": total / 1000, "graph_replay_ms": replay_ms,
+                        "top": rows}, indent=1))
 
 
 if __name__ == "__main__":

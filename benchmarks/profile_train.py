@@ -7,9 +7,9 @@ Times the step of ``train_throughput.py`` (:class:`aimkit.training.TrainStep`: b
 fused AdamW with the recipe's parameter groups, grad clip) for the default build and policy and
 for each ``--variants`` entry (``;``-separated sets of ``KEY=VALUE``: a field of
 :class:`aimkit.ExecutionPolicy` such as ``chunk_size=256``, ``split_scan=false`` or
-``train_step=graph`` changes the policy; a key starting with ``AIMKIT_`` is set as an environment
-variable for that variant, e.g. ``AIMKIT_TRAIN_COMPILE=never``, or ``AIMKIT_TRAIN_COMPILE=glue+loss``
-for the list ``glue,loss``; any other key is an ``aimkit.build`` override), then profiles a few
+``train_step=graph`` or ``compile_glue=false`` changes the policy; a key starting with ``AIMKIT_``
+is set as an environment variable for that variant, read by ``default_policy`` when the variant's
+model is built; any other key is an ``aimkit.build`` override), then profiles a few
 default steps and prints the top CUDA kernels. Writes ``$OUT/profile_train_MODEL.json``.
 """
 

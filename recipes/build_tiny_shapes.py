@@ -227,7 +227,7 @@ def last_metrics(path: Path) -> dict[str, Any]:
 
 
 def device_record(device: str) -> dict[str, Any]:
-    from aimkit.backbones._mamba_kernels import kernel_info
+    from aimkit.kernels.mamba_ssm import kernel_info
 
     rec = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
            "host_cpus": os.cpu_count()}

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import aimkit
-from aimkit._config import config_from_dict, config_to_dict, replace_checked
+from aimkit.config import config_from_dict, config_to_dict, replace_checked
 from aimkit.data.shapes import ShapesDataset, make_batch
 from aimkit.errors import AimkitError, ConfigError
 from aimkit.eval.classifier import HELDOUT_SEED
@@ -235,21 +235,26 @@ def evaluate_reconstruction(
 # ============================================================================================
 
 
-def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> dict[str, Any]:
-    """Train, evaluate, save; returns the record written to ``OUT/tokenizer.json``."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+@dataclass
+class _Progress:
+    """The training loop's running state between optimizer steps, log lines and restart checks."""
 
-    start_time = time.perf_counter()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.mixed_precision)
-    device, main = accelerator.device, accelerator.is_main_process
-    say = accelerator.print
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cudnn.benchmark = True
+    window_counts: Tensor  # per-code counts since the last restart check
+    log_counts: Tensor  # per-code counts since the last log line
+    restart_rng: torch.Generator  # identical on every process, so replicas restart the same codes
+    metrics_path: Path
+    sums: dict[str, Any] = field(default_factory=dict)  # loss terms summed since the last log line
+    total_restarted: int = 0
+    restarted_since_log: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    last_logged: int = 0
+    t_log: float = field(default_factory=time.perf_counter)
+    last_record: dict[str, Any] = field(default_factory=dict)
 
-    # ---- model and optimizer
-    set_seed(recipe.seed)
+
+def _build_training_model(recipe: TokenizerRecipe, device: torch.device):
+    """(tokenizer, training wrapper, optimizer, scheduler), channels-last on CUDA."""
     tok = build_tokenizer(recipe)
     if tok.config.image_size != recipe.image_size:
         raise ConfigError(f"image_size {recipe.image_size} != the tokenizer's {tok.config.image_size}")
@@ -262,126 +267,184 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> dict[str, An
     )
     scheduler = make_scheduler(optimizer, total=recipe.steps, warmup=recipe.warmup_steps, schedule="cosine",
                                min_ratio=recipe.min_lr_ratio)
+    return tok, model, optimizer, scheduler
 
-    # ---- data: an endless-looking stream of freshly rendered images, one pass
-    world = accelerator.num_processes
+
+def _make_loader(recipe: TokenizerRecipe, world: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """An endless-looking stream of freshly rendered images, one pass of ``recipe.steps`` batches."""
     dataset = ShapesDataset(recipe.steps * recipe.batch_size * world, seed=recipe.data_seed,
                             image_size=recipe.image_size)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset, batch_size=recipe.batch_size, shuffle=False, drop_last=True,
         num_workers=recipe.num_workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if recipe.num_workers else None,
     )
+
+
+def _optimizer_step(accelerator, model, optimizer, scheduler, recipe: TokenizerRecipe, images: Tensor):
+    """One forward/backward/update; returns (model outputs, loss terms, gradient norm)."""
+    with accelerator.autocast():
+        result = model(images)
+    rec = reconstruction_losses(result["recon"], images)
+    loss = (recipe.l1_weight * rec["l1"] + recipe.l2_weight * rec["l2"] + recipe.edge_weight * rec["edge"]
+            + recipe.codebook_weight * result["codebook"] + recipe.commit_weight * result["commit"])
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    terms = {"loss": loss, **rec, "codebook": result["codebook"], "commit": result["commit"]}
+    return result, terms, grad_norm
+
+
+def _accumulate(progress: _Progress, result: dict[str, Tensor], terms: dict[str, Tensor]) -> None:
+    """Add one step's code counts and loss terms (no host sync)."""
+    codes_count = torch.bincount(result["codes"].flatten(), minlength=progress.window_counts.numel())
+    progress.window_counts += codes_count
+    progress.log_counts += codes_count
+    for k, v in terms.items():
+        progress.sums[k] = progress.sums.get(k, 0.0) + v.detach()
+
+
+def _restart_check(accelerator, model, recipe: TokenizerRecipe, progress: _Progress, result: dict[str, Tensor]):
+    """Move the codes unused since the last check onto current latents (until ``restart_until``)."""
+    counts = accelerator.reduce(progress.window_counts, reduction="sum")
+    if progress.step <= recipe.restart_until * recipe.steps:
+        latents = result["latents"]  # (B*h*w, d)
+        sample = latents[torch.randperm(latents.shape[0], device=latents.device)[:1024]]
+        pool = accelerator.gather(sample).cpu()
+        moved = restart_dead_codes(accelerator.unwrap_model(model).tok, counts, pool, progress.restart_rng)
+        progress.total_restarted += moved
+        progress.restarted_since_log += moved
+    progress.window_counts.zero_()
+
+
+def _log_progress(accelerator, recipe: TokenizerRecipe, scheduler, grad_norm, progress: _Progress) -> None:
+    """Reduce the sums since the last log line, append them to metrics.jsonl and print them."""
+    step = progress.step
+    n_steps = step - progress.last_logged
+    means = {k: accelerator.reduce(v, reduction="mean").item() / n_steps for k, v in progress.sums.items()}
+    used, perplexity = usage_stats(accelerator.reduce(progress.log_counts, reduction="sum").cpu())
+    elapsed = time.perf_counter() - progress.t_log
+    record = {
+        "step": step, **{k: round(v, 6) for k, v in means.items()},
+        "codebook_used": round(used, 4), "perplexity": round(perplexity, 1),
+        "restarted": progress.restarted_since_log, "lr": scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "images_per_s": n_steps * recipe.batch_size * accelerator.num_processes / elapsed,
+    }
+    progress.last_record = record
+    progress.history.append(record)
+    if accelerator.is_main_process:
+        with open(progress.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    accelerator.print(
+        f"step {step:>6d} | loss {means['loss']:.4f} (l1 {means['l1']:.4f} l2 {means['l2']:.4f} "
+        f"edge {means['edge']:.4f} cb {means['codebook']:.4f} commit {means['commit']:.4f}) | "
+        f"codes used {used:6.1%} ppl {perplexity:6.1f} restarted {progress.restarted_since_log:4d} | "
+        f"{record['images_per_s']:,.0f} img/s", flush=True)
+    progress.sums, progress.restarted_since_log, progress.last_logged = {}, 0, step
+    progress.t_log = time.perf_counter()
+    progress.log_counts.zero_()
+
+
+def _train_loop(accelerator, model, optimizer, scheduler, loader, recipe: TokenizerRecipe, codebook_size: int,
+                out: Path) -> _Progress:
+    """Run every batch of ``loader``; returns the final loop state (``step`` = steps taken)."""
+    device = accelerator.device
+    progress = _Progress(
+        window_counts=torch.zeros(codebook_size, dtype=torch.long, device=device),
+        log_counts=torch.zeros(codebook_size, dtype=torch.long, device=device),
+        restart_rng=torch.Generator().manual_seed(recipe.seed + 1),
+        metrics_path=out / "metrics.jsonl",
+    )
+    if accelerator.is_main_process:
+        progress.metrics_path.write_text("")
+    for images, _labels in loader:
+        result, terms, grad_norm = _optimizer_step(accelerator, model, optimizer, scheduler, recipe, images)
+        progress.step += 1
+        _accumulate(progress, result, terms)
+        if recipe.restart_every and progress.step % recipe.restart_every == 0:
+            _restart_check(accelerator, model, recipe, progress, result)
+        if progress.step % recipe.log_every == 0 or progress.step == 1 or progress.step == recipe.steps:
+            _log_progress(accelerator, recipe, scheduler, grad_norm, progress)
+    return progress
+
+
+def _save_and_evaluate(accelerator, model, recipe: TokenizerRecipe, out: Path, progress: _Progress,
+                       n_params: int, train_seconds: float) -> dict[str, Any]:
+    """Save the weights, read them back strictly, evaluate the reloaded tokenizer and write the
+    record (main process; the others return ``{}``)."""
+    device, world = accelerator.device, accelerator.num_processes
+    trained = accelerator.unwrap_model(model).tok
+    state = {KEY_PREFIX + k: v.detach().float().cpu() for k, v in trained.state_dict().items()}
+    path = save_safetensors_atomic(
+        state, out / WEIGHTS_NAME,
+        metadata={"format": "aimkit", "tokenizer": recipe.tokenizer,
+                  "config": json.dumps(config_to_dict(trained.config))},
+    )
+    reloaded = type(trained)(trained.config).load_weights(path).to(device)
+    quality = evaluate_reconstruction(reloaded, recipe.eval_images, device)
+    accelerator.print(
+        f"held-out: PSNR {quality['psnr_db']:.2f} dB | codes used {quality['codebook_used']:.1%} "
+        f"(ppl {quality['codebook_perplexity']:.1f}) | classifier accuracy on reconstructions "
+        f"{quality['classifier_accuracy_reconstructed']:.4f} (originals "
+        f"{quality['classifier_accuracy_original']:.4f})", flush=True)
+    record = {
+        "file": WEIGHTS_NAME,
+        "tokenizer": recipe.tokenizer,
+        "tokenizer_config": config_to_dict(trained.config),
+        "num_parameters": n_params,
+        "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(recipe).items()},
+        "steps": progress.step,
+        "images_seen": progress.step * recipe.batch_size * world,
+        "codes_restarted": progress.total_restarted,
+        "final_log": progress.last_record,
+        "heldout": quality,
+        "train_wall_time_s": round(train_seconds, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "num_processes": world,
+        "torch_version": torch.__version__,
+        "aimkit_version": aimkit.__version__,
+    }
+    tmp = out / (RECORD_NAME + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / RECORD_NAME)
+    accelerator.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {out / RECORD_NAME}", flush=True)
+    return record
+
+
+def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> dict[str, Any]:
+    """Train, evaluate, save; returns the record written to ``OUT/tokenizer.json``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    start_time = time.perf_counter()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.mixed_precision)
+    device, main = accelerator.device, accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = True
+
+    set_seed(recipe.seed)
+    tok, model, optimizer, scheduler = _build_training_model(recipe, device)
+    world = accelerator.num_processes
+    loader = _make_loader(recipe, world, device)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     n_params = sum(p.numel() for p in tok.parameters())
-    say(f"{recipe.tokenizer}: {n_params:,} params | {world} process(es) x batch {recipe.batch_size} | "
+    accelerator.print(
+        f"{recipe.tokenizer}: {n_params:,} params | {world} process(es) x batch {recipe.batch_size} | "
         f"{recipe.steps} steps | lr {recipe.lr:.2e} | {recipe.mixed_precision} | {device}", flush=True)
 
-    # ---- the loop
-    K = tok.codebook_size
-    window_counts = torch.zeros(K, dtype=torch.long, device=device)  # since the last restart check
-    log_counts = torch.zeros(K, dtype=torch.long, device=device)  # since the last log line
-    restart_rng = torch.Generator().manual_seed(recipe.seed + 1)
-    sums: dict[str, float] = {}
-    total_restarted, restarted_since_log, history = 0, 0, []
-    step, last_logged, t_log = 0, 0, time.perf_counter()
-    last_record: dict[str, Any] = {}
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        metrics_path.write_text("")
-    for images, _labels in loader:
-        with accelerator.autocast():
-            result = model(images)
-        rec = reconstruction_losses(result["recon"], images)
-        loss = (recipe.l1_weight * rec["l1"] + recipe.l2_weight * rec["l2"] + recipe.edge_weight * rec["edge"]
-                + recipe.codebook_weight * result["codebook"] + recipe.commit_weight * result["commit"])
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-
-        # -- bookkeeping (no host sync except at log / restart steps)
-        codes_count = torch.bincount(result["codes"].flatten(), minlength=K)
-        window_counts += codes_count
-        log_counts += codes_count
-        terms = {"loss": loss, **rec, "codebook": result["codebook"], "commit": result["commit"]}
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
-        if recipe.restart_every and step % recipe.restart_every == 0:
-            counts = accelerator.reduce(window_counts, reduction="sum")
-            if step <= recipe.restart_until * recipe.steps:
-                latents = result["latents"]  # (B*h*w, d)
-                sample = latents[torch.randperm(latents.shape[0], device=latents.device)[:1024]]
-                pool = accelerator.gather(sample).cpu()
-                moved = restart_dead_codes(accelerator.unwrap_model(model).tok, counts, pool, restart_rng)
-                total_restarted += moved
-                restarted_since_log += moved
-            window_counts.zero_()
-        if step % recipe.log_every == 0 or step == 1 or step == recipe.steps:
-            n_steps = step - last_logged
-            means = {k: accelerator.reduce(v, reduction="mean").item() / n_steps for k, v in sums.items()}
-            used, perplexity = usage_stats(accelerator.reduce(log_counts, reduction="sum").cpu())
-            elapsed = time.perf_counter() - t_log
-            last_record = {
-                "step": step, **{k: round(v, 6) for k, v in means.items()},
-                "codebook_used": round(used, 4), "perplexity": round(perplexity, 1),
-                "restarted": restarted_since_log, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm), "images_per_s": n_steps * recipe.batch_size * world / elapsed,
-            }
-            history.append(last_record)
-            if main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last_record) + "\n")
-            say(f"step {step:>6d} | loss {means['loss']:.4f} (l1 {means['l1']:.4f} l2 {means['l2']:.4f} "
-                f"edge {means['edge']:.4f} cb {means['codebook']:.4f} commit {means['commit']:.4f}) | "
-                f"codes used {used:6.1%} ppl {perplexity:6.1f} restarted {restarted_since_log:4d} | "
-                f"{last_record['images_per_s']:,.0f} img/s", flush=True)
-            sums, restarted_since_log, last_logged, t_log = {}, 0, step, time.perf_counter()
-            log_counts.zero_()
+    progress = _train_loop(accelerator, model, optimizer, scheduler, loader, recipe, tok.codebook_size, out)
     train_seconds = time.perf_counter() - start_time
-    if step != recipe.steps:
-        raise RuntimeError(f"the data ran out after {step} of {recipe.steps} steps")
+    if progress.step != recipe.steps:
+        raise RuntimeError(f"the data ran out after {progress.step} of {recipe.steps} steps")
 
-    # ---- save, read back strictly, evaluate the reloaded weights
     accelerator.wait_for_everyone()
     record: dict[str, Any] = {}
     if main:
-        trained = accelerator.unwrap_model(model).tok
-        state = {KEY_PREFIX + k: v.detach().float().cpu() for k, v in trained.state_dict().items()}
-        path = save_safetensors_atomic(
-            state, out / WEIGHTS_NAME,
-            metadata={"format": "aimkit", "tokenizer": recipe.tokenizer,
-                      "config": json.dumps(config_to_dict(trained.config))},
-        )
-        reloaded = type(trained)(trained.config).load_weights(path).to(device)
-        quality = evaluate_reconstruction(reloaded, recipe.eval_images, device)
-        say(f"held-out: PSNR {quality['psnr_db']:.2f} dB | codes used {quality['codebook_used']:.1%} "
-            f"(ppl {quality['codebook_perplexity']:.1f}) | classifier accuracy on reconstructions "
-            f"{quality['classifier_accuracy_reconstructed']:.4f} (originals "
-            f"{quality['classifier_accuracy_original']:.4f})", flush=True)
-        record = {
-            "file": WEIGHTS_NAME,
-            "tokenizer": recipe.tokenizer,
-            "tokenizer_config": config_to_dict(trained.config),
-            "num_parameters": n_params,
-            "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(recipe).items()},
-            "steps": step,
-            "images_seen": step * recipe.batch_size * world,
-            "codes_restarted": total_restarted,
-            "final_log": last_record,
-            "heldout": quality,
-            "train_wall_time_s": round(train_seconds, 1),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "num_processes": world,
-            "torch_version": torch.__version__,
-            "aimkit_version": aimkit.__version__,
-        }
-        tmp = out / (RECORD_NAME + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out / RECORD_NAME)
-        say(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {out / RECORD_NAME}", flush=True)
+        record = _save_and_evaluate(accelerator, model, recipe, out, progress, n_params, train_seconds)
     accelerator.wait_for_everyone()
     return record
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_
 
 import aimkit
 from aimkit.cli import COMMANDS, main
 from aimkit.official import to_official
 from aimkit.weights import save_safetensors_atomic
-
-from conftest import randomize_
 
 
 def test_every_command_has_help(capsys):

@@ -227,7 +227,7 @@ def test_cuda_graph_step_matches_teacher_forcing_on_reuse(backbone):
         assert seconds > 0 and get_decode_graph(model, cond, 3, model.policy) == (graph, 0.0)
         other, seconds = get_decode_graph(model, cond, 3, model.policy.replace(decode_glue="reference"))
         assert other is not graph and seconds > 0  # another policy: another graph
-        for run in range(2):  # the second run reuses the cache the first one filled
+        for _run in range(2):  # the second run reuses the cache the first one filled
             codes = torch.randint(0, model.vocab_size, (3, model.num_tokens), device="cuda", generator=gen)
             graph.start(cond)
             params = graph.inference_params

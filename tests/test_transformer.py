@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_float_close
 
 from aimkit.backbones.base import InferenceParams
 from aimkit.backbones.transformer import (
@@ -14,8 +15,6 @@ from aimkit.backbones.transformer import (
 )
 from aimkit.errors import ConfigError
 from aimkit.registry import BACKBONES
-
-from conftest import assert_float_close
 
 D, N_LAYER, B, L = 32, 2, 2, 9
 

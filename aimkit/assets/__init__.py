@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 __all__ = ["embedded_weights", "asset_path"]
 
@@ -17,7 +16,7 @@ def asset_path(name: str) -> Path:
     return Path(str(resources.files(__name__).joinpath(name)))
 
 
-def embedded_weights(preset: str) -> Optional[Path]:
+def embedded_weights(preset: str) -> Path | None:
     """The shipped weights of ``preset`` (a save_pretrained directory), or None."""
     folder = _EMBEDDED.get(preset)
     if folder is None:

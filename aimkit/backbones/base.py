@@ -29,8 +29,8 @@ Every mixer implements the same four members::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -58,8 +58,8 @@ class InferenceParams:
     max_seqlen: int
     max_batch_size: int
     seqlen_offset: int = 0
-    key_value_memory_dict: Dict[int, Tuple[Tensor, ...]] = field(default_factory=dict)
-    position: Optional[Tensor] = None
+    key_value_memory_dict: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
+    position: Tensor | None = None
 
     def advance(self, n: int = 1) -> None:
         """Move the offset forward by ``n`` positions (host int and device tensor alike)."""
@@ -73,13 +73,26 @@ class InferenceParams:
         if self.position is not None:
             self.position.zero_()
 
+    def layer_cache(self, layer_idx: int, batch: int) -> tuple[Tensor, ...]:
+        """Layer ``layer_idx``'s cache tensors, each viewed at its first ``batch`` rows."""
+        try:
+            cache = self.key_value_memory_dict[layer_idx]
+        except KeyError:
+            raise ValueError(
+                f"no inference cache for layer {layer_idx}: fill "
+                "inference_params.key_value_memory_dict with backbone.allocate_inference_cache(...)"
+            ) from None
+        if batch > cache[0].shape[0]:
+            raise ValueError(f"batch {batch} exceeds the cache's batch size {cache[0].shape[0]}")
+        return tuple(t[:batch] for t in cache)
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation ``x * (1 + scale) + shift``; x (B, L, D), shift/scale (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def resolve_policy(policy: Optional[ExecutionPolicy]) -> ExecutionPolicy:
+def resolve_policy(policy: ExecutionPolicy | None) -> ExecutionPolicy:
     """``policy``, or :func:`~aimkit.policy.default_policy` (the environment, read now) when None."""
     return default_policy() if policy is None else policy
 
@@ -104,7 +117,7 @@ class Block(nn.Module):
         dim: int,
         mixer_cls: Callable[[int], nn.Module],
         norm_cls: Callable[[int], nn.Module],
-        mlp_cls: Optional[Callable[[int], nn.Module]] = None,
+        mlp_cls: Callable[[int], nn.Module] | None = None,
         residual_in_fp32: bool = True,
     ):
         super().__init__()
@@ -125,7 +138,7 @@ class Block(nn.Module):
 
     def sublayers(
         self,
-    ) -> List[Tuple[nn.Module, Callable[[Tensor, InferenceParams], Tuple[Tensor, Optional[DeferredRowNorm]]]]]:
+    ) -> list[tuple[nn.Module, Callable[[Tensor, InferenceParams], tuple[Tensor, DeferredRowNorm | None]]]]:
         """``(norm, decode-step function)`` of each modulated sublayer, in order (for fused decoding).
 
         A step function maps h (B, 1, D) to ``(out (B, 1, D), deferred)``: ``deferred`` is None,
@@ -137,14 +150,14 @@ class Block(nn.Module):
             subs.append((self.norm2, lambda h, _params: (self.mlp(h), None)))
         return subs
 
-    def sequence_sublayers(self) -> List[Tuple[nn.Module, Callable[[Tensor, Optional[InferenceParams]], Tensor]]]:
+    def sequence_sublayers(self) -> list[tuple[nn.Module, Callable[[Tensor, InferenceParams | None], Tensor]]]:
         """``(norm, whole-sequence function)`` of each modulated sublayer, in order."""
         subs = [(self.norm, lambda h, params: self.mixer(h, inference_params=params))]
         if self.mlp is not None:
             subs.append((self.norm2, lambda h, _params: self.mlp(h)))
         return subs
 
-    def _pre(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module) -> Tuple[Tensor, Tensor]:
+    def _pre(self, hidden: Tensor, residual: Tensor | None, norm: nn.Module) -> tuple[Tensor, Tensor]:
         residual = hidden if residual is None else hidden + residual
         if self.residual_in_fp32:
             residual = residual.float()
@@ -153,11 +166,11 @@ class Block(nn.Module):
     def forward(
         self,
         hidden: Tensor,
-        residual: Optional[Tensor],
+        residual: Tensor | None,
         mod: Tensor,
-        inference_params: Optional[InferenceParams] = None,
+        inference_params: InferenceParams | None = None,
         step: bool = False,
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """hidden (B, L, D), residual (B, L, D) or None, mod (B, mod_chunks, D) -> (hidden, residual).
 
         :class:`Backbone` runs blocks through here except for whole-sequence forwards on CUDA
@@ -201,10 +214,10 @@ class Backbone(nn.Module):
         n_layer: int,
         mixer_cls: Callable[..., nn.Module],
         norm_cls: Callable[[int], nn.Module],
-        mlp_cls: Optional[Callable[[int], nn.Module]] = None,
+        mlp_cls: Callable[[int], nn.Module] | None = None,
         residual_in_fp32: bool = True,
         *,
-        policy: Optional[ExecutionPolicy] = None,
+        policy: ExecutionPolicy | None = None,
     ):
         super().__init__()
         self.policy = resolve_policy(policy)
@@ -227,8 +240,8 @@ class Backbone(nn.Module):
         return self.layers[0].mod_chunks
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
-    ) -> Dict[int, Tuple[Tensor, ...]]:
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+    ) -> dict[int, tuple[Tensor, ...]]:
         """Per-layer cache tensors for ``batch_size`` sequences of up to ``max_seqlen`` positions."""
         return {
             i: layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
@@ -279,7 +292,7 @@ class Backbone(nn.Module):
             hidden, gate = sublayer(h, None), next_gate  # (B, L, D)
 
     def forward(
-        self, x: Tensor, mods: Sequence[Tensor], inference_params: Optional[InferenceParams] = None
+        self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams | None = None
     ) -> Tensor:
         """x (B, L, D), mods: n_layer tensors (B, mod_chunks, D) -> normed hidden (B, L, D).
 

@@ -45,13 +45,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._config import check_fields
+from ..config import check_fields
 from ..errors import ConfigError
 from ..kernels import mamba_ssm
 from ..kernels.glue import DeferredRowNorm
@@ -90,7 +89,7 @@ class Mamba2Config:
     expand: int = 2  # d_inner = 2 * d_model
     headdim: int = 64  # P; d_model 768 -> 24 heads
     ngroups: int = 1  # one B/C shared by all heads
-    A_init_range: Tuple[float, float] = (1, 16)  # A in -[1, 16] at init
+    A_init_range: tuple[float, float] = (1, 16)  # A in -[1, 16] at init
     dt_min: float = 0.001  # smallest initial dt
     dt_max: float = 0.1  # largest initial dt
     dt_init_floor: float = 1e-4  # clamp of the initial dt
@@ -135,7 +134,7 @@ class GatedRMSNorm(nn.Module):
         eps: added to the mean square.
     """
 
-    def __init__(self, dim: int, group_size: Optional[int] = None, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(self, dim: int, group_size: int | None = None, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.group_size = dim if group_size is None else group_size
         if dim % self.group_size:
@@ -183,7 +182,7 @@ class Mamba2(nn.Module):
         config: Mamba2Config = Mamba2Config(),
         device=None,
         dtype=None,
-        policy: Optional[ExecutionPolicy] = None,
+        policy: ExecutionPolicy | None = None,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -257,7 +256,7 @@ class Mamba2(nn.Module):
 
     # ----------------------------------------------------------------------------- helpers
 
-    def _scan_kernels(self, x: Tensor) -> Optional[MambaKernels]:
+    def _scan_kernels(self, x: Tensor) -> MambaKernels | None:
         """mamba-ssm's kernels when the policy's ``scan`` picks them for ``x``, else None (the
         PyTorch reference; also under ``"auto"`` when the installed package cannot be imported)."""
         if not self.policy.use_kernel("scan", x):
@@ -271,20 +270,11 @@ class Mamba2(nn.Module):
             )
         return kernels
 
-    def _cache(self, inference_params: InferenceParams, batch: int) -> Tuple[Tensor, Tensor]:
+    def _cache(self, inference_params: InferenceParams, batch: int) -> tuple[Tensor, Tensor]:
         """This layer's ``(conv_state, ssm_state)`` views for the first ``batch`` rows."""
-        try:
-            conv_state, ssm_state = inference_params.key_value_memory_dict[self.layer_idx]
-        except KeyError:
-            raise ValueError(
-                f"no inference cache for layer {self.layer_idx}: fill "
-                "inference_params.key_value_memory_dict with backbone.allocate_inference_cache(...)"
-            ) from None
-        if batch > conv_state.shape[0]:
-            raise ValueError(f"batch {batch} exceeds the cache's batch size {conv_state.shape[0]}")
-        return conv_state[:batch], ssm_state[:batch]
+        return inference_params.layer_cache(self.layer_idx, batch)
 
-    def _conv(self, xBC: Tensor, context: Optional[Tensor], kernels: Optional[MambaKernels]) -> Tensor:
+    def _conv(self, xBC: Tensor, context: Tensor | None, kernels: MambaKernels | None) -> Tensor:
         """silu(causal depthwise conv): xBC (B, L, conv_dim) -> (B, L, conv_dim).
 
         ``context`` (B, conv_dim, d_conv) holds the inputs before this chunk in order, oldest first
@@ -335,7 +325,7 @@ class Mamba2(nn.Module):
             out = out + self.conv1d.bias
         return F.silu(out).to(xBC.dtype)
 
-    def _gated_norm(self, y: Tensor, z: Tensor, kernels: Optional[MambaKernels]) -> Tensor:
+    def _gated_norm(self, y: Tensor, z: Tensor, kernels: MambaKernels | None) -> Tensor:
         """rmsnorm(y * silu(z)) * weight; y, z (..., d_inner)."""
         if kernels is None:
             return self.norm(y, z)
@@ -344,7 +334,7 @@ class Mamba2(nn.Module):
             group_size=self.norm.group_size, norm_before_gate=False,
         )
 
-    def _split_scan_usable(self, kernels: Optional[MambaKernels]) -> bool:
+    def _split_scan_usable(self, kernels: MambaKernels | None) -> bool:
         """Whether :meth:`_split_scan` may run: policy ``split_scan``, its kernels present, and the
         channel-last convolution input causal-conv1d accepts there (channels and the in_proj row
         stride multiples of 8; other widths take the split path, which copies when needed)."""
@@ -362,7 +352,7 @@ class Mamba2(nn.Module):
             headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False,
         )
 
-    def _split_xbc(self, xBC: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(..., conv_dim) -> x (..., H, P), B (..., G, N), C (..., G, N) (views)."""
         gn = self.ngroups * self.d_state
         x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
@@ -372,7 +362,7 @@ class Mamba2(nn.Module):
 
     # ----------------------------------------------------------------------------- contract
 
-    def forward(self, x: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
+    def forward(self, x: Tensor, inference_params: InferenceParams | None = None) -> Tensor:
         """Mix a whole sequence: x (B, L, D) -> (B, L, D).
 
         With ``inference_params`` this is a prefill of positions ``[seqlen_offset,
@@ -442,7 +432,7 @@ class Mamba2(nn.Module):
 
     def step_with_deferred_norm(
         self, x: Tensor, inference_params: InferenceParams
-    ) -> Tuple[Tensor, Optional[DeferredRowNorm]]:
+    ) -> tuple[Tensor, DeferredRowNorm | None]:
         """Decode one position, leaving the gated norm's per-row factor to the caller where it folds.
 
         With the state-update kernel and a folded gated norm (:meth:`_folds_gated_norm`), the
@@ -506,8 +496,8 @@ class Mamba2(nn.Module):
             state.zero_()
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
-    ) -> Tuple[Tensor, Tensor]:
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Zeroed ``(conv_state, ssm_state)`` on the module's device.
 
         Args:
@@ -568,7 +558,7 @@ class Mamba2Backbone(Backbone):
         device=None,
         dtype=None,
         *,
-        policy: Optional[ExecutionPolicy] = None,
+        policy: ExecutionPolicy | None = None,
     ):
         factory = {"device": device, "dtype": dtype}
         policy = resolve_policy(policy)

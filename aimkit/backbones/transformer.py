@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._config import check_fields
+from ..config import check_fields
 from ..errors import ConfigError
 from ..policy import ExecutionPolicy
 from ..registry import BACKBONES
@@ -56,9 +55,9 @@ class TransformerConfig:
         qkv_bias: bias on the fused q/k/v projection.
     """
 
-    n_head: Optional[int] = 12  # query heads (LlamaGen-B/AiM-B width 768 -> 12 heads of 64)
-    n_kv_head: Optional[int] = None  # None -> n_head (plain multi-head attention)
-    mlp_hidden: Optional[int] = None  # None -> 4 * d * 2 / 3 rounded up to multiple_of
+    n_head: int | None = 12  # query heads (LlamaGen-B/AiM-B width 768 -> 12 heads of 64)
+    n_kv_head: int | None = None  # None -> n_head (plain multi-head attention)
+    mlp_hidden: int | None = None  # None -> 4 * d * 2 / 3 rounded up to multiple_of
     multiple_of: int = 256  # SwiGLU width granularity, as in LlamaGen
     rope_base: float = 10000.0  # rotary theta
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -77,7 +76,7 @@ class TransformerConfig:
         if self.norm_eps <= 0:
             raise ConfigError(f"transformer norm_eps must be positive, got {self.norm_eps}")
 
-    def head_counts(self, d_model: int) -> Tuple[int, int]:
+    def head_counts(self, d_model: int) -> tuple[int, int]:
         """``(n_head, n_kv_head)`` resolved for width ``d_model``, checked for consistency."""
         n_head = self.n_head if self.n_head is not None else d_model // 64
         n_kv_head = self.n_kv_head if self.n_kv_head is not None else n_head
@@ -100,7 +99,7 @@ class TransformerConfig:
         return -(-hidden // self.multiple_of) * self.multiple_of
 
 
-def rotary_angles(positions: Tensor, head_dim: int, base: float) -> Tuple[Tensor, Tensor]:
+def rotary_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
     """Rotary cos/sin tables for the given absolute positions.
 
     Args:
@@ -186,7 +185,7 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"
 
-    def _project(self, x: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D), positions (L,) -> q (B, H, L, hd), k and v (B, Hkv, L, hd), rotated."""
         batch, seqlen, _ = x.shape
         kv_dim = self.n_kv_head * self.head_dim
@@ -199,24 +198,15 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _cache(self, inference_params: InferenceParams, batch: int) -> Tuple[Tensor, Tensor]:
+    def _cache(self, inference_params: InferenceParams, batch: int) -> tuple[Tensor, Tensor]:
         """This layer's ``(k_cache, v_cache)`` views for the first ``batch`` rows."""
-        try:
-            k_cache, v_cache = inference_params.key_value_memory_dict[self.layer_idx]
-        except KeyError:
-            raise ValueError(
-                f"no inference cache for layer {self.layer_idx}: fill "
-                "inference_params.key_value_memory_dict with backbone.allocate_inference_cache(...)"
-            ) from None
-        if batch > k_cache.shape[0]:
-            raise ValueError(f"batch {batch} exceeds the cache's batch size {k_cache.shape[0]}")
-        return k_cache[:batch], v_cache[:batch]
+        return inference_params.layer_cache(self.layer_idx, batch)
 
     def _expand_kv(self, t: Tensor) -> Tensor:
         """(B, Hkv, S, hd) -> (B, H, S, hd), each key/value head serving n_rep query heads."""
         return t if self.n_rep == 1 else t.repeat_interleave(self.n_rep, dim=1)
 
-    def forward(self, x: Tensor, inference_params: Optional[InferenceParams] = None) -> Tensor:
+    def forward(self, x: Tensor, inference_params: InferenceParams | None = None) -> Tensor:
         """Attend over a whole chunk; with a cache, also store its K and V (prefill).
 
         Args:
@@ -281,8 +271,8 @@ class Attention(nn.Module):
         return self.wo(out.reshape(batch, 1, self.d_model))
 
     def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: Optional[torch.dtype] = None
-    ) -> Tuple[Tensor, Tensor]:
+        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Zeroed ``(k_cache, v_cache)``, each (B, n_kv_head, max_seqlen, head_dim).
 
         Args:
@@ -350,11 +340,11 @@ class TransformerBackbone(Backbone):
         d_model: int,
         n_layer: int,
         config: TransformerConfig = TransformerConfig(),
-        norm_eps: Optional[float] = None,
+        norm_eps: float | None = None,
         device=None,
         dtype=None,
         *,
-        policy: Optional[ExecutionPolicy] = None,
+        policy: ExecutionPolicy | None = None,
     ):
         factory = {"device": device, "dtype": dtype}
         eps = config.norm_eps if norm_eps is None else norm_eps

@@ -22,12 +22,11 @@ import os
 import time
 from pathlib import Path
 
-
 from .._io import check_writable_dir
 from ..errors import ConfigError
 from ._args import positive_int as _positive_int
-from ._args import seed as _seed
 from ._args import resolve_device as _device
+from ._args import seed as _seed
 
 HELP = "sample images of chosen classes into a PNG grid"
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -39,7 +38,7 @@ def _labels(text: str):
     try:
         labels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 207,360,387, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 207,360,387, got {text!r}") from None
     if not labels:
         raise argparse.ArgumentTypeError("--labels needs at least one class id")
     return labels
@@ -88,7 +87,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter dtype (default float32)")
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="grid image to write (default samples.png)")
-    parser.add_argument("--out-dir", metavar="DIR", help="also write every image as DIR/NNNNN_class<id>.png (files of those names are replaced, each atomically once sampling has succeeded)")
+    parser.add_argument("--out-dir", metavar="DIR",
+                        help="also write every image as DIR/NNNNN_class<id>.png (files of those names are "
+                        "replaced, each atomically once sampling has succeeded)")
     parser.add_argument("--captions", action="store_true", help="write each image's class id under it in the grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

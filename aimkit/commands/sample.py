@@ -131,6 +131,9 @@ def lock_shard_dir(state, shard_dir: Path):
     return lock_on_main_process(state, shard_dir, "aimkit sample")
 
 
+_SAMPLING_OPTIONS = ("cfg_scale", "temperature", "top_k", "top_p", "schedule")  # passed through as given
+
+
 def run(args) -> int:
     from accelerate import PartialState
 
@@ -178,11 +181,7 @@ def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> i
         metadata={"model": args.model, "pretrained": args.pretrained, "dtype": args.dtype,
                   "decode_position_offset": getattr(model, "position_offset", None)},
         lock=lock,
-        cfg_scale=args.cfg_scale,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        schedule=args.schedule,
+        **{name: getattr(args, name) for name in _SAMPLING_OPTIONS},
     )
     seconds = time.perf_counter() - start
     state.wait_for_everyone()

@@ -137,19 +137,9 @@ def run(args) -> int:
     if image_size is None:
         image_size = model_image_size(args.model, tok) if args.model else 256
     report = tokenize_folder(
-        args.data,
-        args.out,
-        tok,
-        tokenizer_name=name,
-        tokenizer_record=record,
-        image_size=image_size,
-        crops=args.crops,
-        hflip=args.hflip,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        num_workers=args.workers,
-        device=args.device,
-        progress=not args.no_progress,
+        args.data, args.out, tok, tokenizer_name=name, tokenizer_record=record, image_size=image_size,
+        crops=args.crops, hflip=args.hflip, batch_size=args.batch_size, shard_size=args.shard_size,
+        num_workers=args.workers, device=args.device, progress=not args.no_progress,
     )
     from accelerate import PartialState
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._config import check_fields
+from ..config import check_fields
 from ..errors import ConfigError
 from ..registry import CONDITIONING
 
@@ -75,23 +74,23 @@ class AdaLNBase(nn.Module):
         super().__init__()
         self.d_model, self.n_layer, self.chunks = d_model, n_layer, chunks
 
-    def forward(self, c: Tensor) -> List[Tensor]:  # pragma: no cover - abstract
+    def forward(self, c: Tensor) -> list[Tensor]:  # pragma: no cover - abstract
         """c (B, D) -> n_layer tensors (B, chunks, D)."""
         raise NotImplementedError
 
-    def per_layer_affine(self) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+    def per_layer_affine(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """Weights (n_layer, chunks·D, D) and biases (n_layer, chunks·D) of each layer's map of SiLU(c), in float32."""
         raise NotImplementedError
 
     @classmethod
     def from_per_layer_affine(
         cls, weight: Tensor, bias: Tensor, chunks: int, config, approximate: bool = False
-    ) -> Tuple["AdaLNBase", float]:  # pragma: no cover - abstract
+    ) -> tuple[AdaLNBase, float]:  # pragma: no cover - abstract
         """Build this kind from per-layer maps; returns (module, max abs weight error introduced)."""
         raise NotImplementedError
 
     # official-checkpoint key maps: aimkit name -> official name (under "mamba.")
-    def official_key_map(self) -> Dict[str, str]:  # pragma: no cover - abstract
+    def official_key_map(self) -> dict[str, str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -116,11 +115,11 @@ class AdaLN(AdaLNBase):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, c: Tensor) -> List[Tensor]:
+    def forward(self, c: Tensor) -> list[Tensor]:
         s = F.silu(c)  # (B, D)
         return [lin(s).view(c.shape[0], self.chunks, self.d_model) for lin in self.layers]
 
-    def per_layer_affine(self) -> Tuple[Tensor, Tensor]:
+    def per_layer_affine(self) -> tuple[Tensor, Tensor]:
         return (torch.stack([lin.weight.float() for lin in self.layers]),
                 torch.stack([lin.bias.float() for lin in self.layers]))
 
@@ -134,7 +133,7 @@ class AdaLN(AdaLNBase):
                 lin.bias.copy_(bias[i])
         return mod, 0.0
 
-    def official_key_map(self) -> Dict[str, str]:
+    def official_key_map(self) -> dict[str, str]:
         out = {}
         for i in range(self.n_layer):
             for p in ("weight", "bias"):
@@ -174,11 +173,11 @@ class AdaLNGroup(AdaLNBase):
         for t in self.tables:
             nn.init.normal_(t, std=1 / math.sqrt(self.d_model))
 
-    def forward(self, c: Tensor) -> List[Tensor]:
+    def forward(self, c: Tensor) -> list[Tensor]:
         groups = self.proj(F.silu(c)).view(c.shape[0], self.num_groups, self.chunks, self.d_model)
         return [groups[:, i % self.num_groups] + self.tables[i] for i in range(self.n_layer)]
 
-    def per_layer_affine(self) -> Tuple[Tensor, Tensor]:
+    def per_layer_affine(self) -> tuple[Tensor, Tensor]:
         w = self.proj.weight.float().view(self.num_groups, self.chunks * self.d_model, self.d_model)
         b = self.proj.bias.float().view(self.num_groups, self.chunks * self.d_model)
         idx = [i % self.num_groups for i in range(self.n_layer)]
@@ -217,7 +216,7 @@ class AdaLNGroup(AdaLNBase):
     def _kind_name(config) -> str:
         return f"adaln-group with num_groups={config.num_groups}"
 
-    def official_key_map(self) -> Dict[str, str]:
+    def official_key_map(self) -> dict[str, str]:
         out = {"proj.weight": "backbone.adaln_group.1.weight", "proj.bias": "backbone.adaln_group.1.bias"}
         for i in range(self.n_layer):
             out[f"tables.{i}"] = f"backbone.layers.{i}.scale_shift_table"

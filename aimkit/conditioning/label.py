@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -34,7 +32,7 @@ class ClassEmbedder(nn.Module):
         """Index of the unconditional class."""
         return self.num_classes
 
-    def forward(self, labels: Tensor, force_drop: Optional[Tensor] = None) -> Tensor:
+    def forward(self, labels: Tensor, force_drop: Tensor | None = None) -> Tensor:
         """labels (B,) int64 -> (B, D). ``force_drop`` (B,) bool replaces chosen labels by the null class."""
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob

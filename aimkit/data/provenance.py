@@ -136,8 +136,7 @@ def build_tokenizer(source: Mapping[str, Any]):
     Raises:
         ConfigError / CheckpointError: unknown names or options, no weights, unreadable files.
     """
-    from .._config import replace_checked
-    from ..config import ComponentSpec
+    from ..config import ComponentSpec, replace_checked
     from ..registry import TOKENIZERS
 
     spec, tok = _spec_of(source)
@@ -166,7 +165,7 @@ def build_tokenizer(source: Mapping[str, Any]):
 
 def make_tokenizer_record(tokenizer: torch.nn.Module, spec, source: Mapping[str, Any]) -> dict[str, Any]:
     """The ``tokenizer_record`` entry of a token folder's index (see the module docstring)."""
-    from .._config import config_to_dict
+    from ..config import config_to_dict
 
     return {
         "name": spec.name,
@@ -193,7 +192,7 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
 
 def _config_difference(recorded: dict[str, Any] | None, spec) -> str:
     """``"codebook_size 1024 there, 512 in the model"`` for the fields that differ ('' if none)."""
-    from .._config import config_to_dict
+    from ..config import config_to_dict
 
     mine = None if spec.config is None else _json_ready(config_to_dict(spec.config))
     if recorded == mine:

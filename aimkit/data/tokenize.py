@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._distributed import distributed_cpu
 from ..errors import ConfigError
 from .images import RESIZE_RATIO, ImageSkipped, crop_variants, load_image, scan_image_folder, variant_names
 from .tokens import TokenShardWriter
@@ -120,12 +121,6 @@ def check_sizes(**values: int) -> None:
             raise ConfigError(f"{flag} must be an integer in [{low}, {high}], got {value!r}")
 
 
-def _distributed_cpu() -> bool:
-    """True for a multi-process launch on a machine without CUDA: accelerate then needs
-    ``cpu=True`` to pick gloo (``accelerate launch --cpu`` alone starts only one process)."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def tokenize_folder(
     data: os.PathLike,
     out: os.PathLike,
@@ -178,7 +173,7 @@ def tokenize_folder(
     grid = tokenizer.grid_size(image_size)
     scan = scan_image_folder(data)
     check_writable_dir(out, "--out", ConfigError)
-    state = PartialState(cpu=_distributed_cpu())
+    state = PartialState(cpu=distributed_cpu())
     lock = lock_on_main_process(state, out, "aimkit tokenize")
     try:
         plan = dict(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._config import config_from_dict, config_to_dict
+from ..config import config_from_dict, config_to_dict
 from ..data.shapes import NUM_CLASSES, make_batch
 from ..errors import CheckpointError, ConfigError
 

@@ -4,15 +4,8 @@ The ``num`` images are cut into global shards of ``shard_size`` images. Everythi
 shard is fixed by its index ``s`` alone: its label slice, and the seed of each of its batches
 (derived from ``(seed, s, batch)``). Process ``p`` of ``P`` generates the shards
 ``s ≡ p (mod P)``, so the packed result is the same whatever the number of processes, and a
-shard that is already on disk (and verified) is never generated again::
-
-    out_dir/
-        .aimkit.lock         # FolderLock: one run at a time (held by process 0)
-        manifest.json        # the settings; a rerun with other settings is refused
-        labels.npy           # (num,) int64, every image's class
-        shard-00000.npz      # images (n, H, W, 3) uint8, labels (n,) int64
-        shard-00000.json     # its record: run, index, count, size, sha256, image shape, labels hash
-        ...
+shard that is already on disk (and verified) is never generated again (the shard folder:
+:mod:`aimkit.eval._fid_shards`).
 
 Every file is written atomically (temporary file, fsync, rename), so an interrupted run loses
 only the shards in flight. Each shard's record is written by the process that wrote the shard,

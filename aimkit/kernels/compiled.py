@@ -18,7 +18,8 @@ warning, if the first compiled call fails (no working Inductor toolchain).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -41,12 +42,12 @@ class TrainCompiled:
     ``backward()``, and an error there is raised from that call.
     """
 
-    def __init__(self, fn: Callable[..., Any], name: Optional[str] = None,
-                 backend: Union[str, Callable[..., Any]] = "inductor"):
+    def __init__(self, fn: Callable[..., Any], name: str | None = None,
+                 backend: str | Callable[..., Any] = "inductor"):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", repr(fn))
         self.backend = backend
-        self._compiled: Optional[Callable[..., Any]] = None
+        self._compiled: Callable[..., Any] | None = None
         self._proven = False  # a compiled call has succeeded: errors from now on are the caller's
         self._failed = False
 
@@ -73,7 +74,7 @@ class TrainCompiled:
             self._failed = True
             warnings.warn(f"torch.compile of {self.name} failed ({type(exc).__name__}: {str(exc)[:300]}); "
                           "using the uncompiled function. Build with a policy that has compile_glue / "
-                          "compile_loss false to skip the attempt.")
+                          "compile_loss false to skip the attempt.", stacklevel=2)
             return self.fn(*args, **kwargs)
         self._proven = True
         return out

@@ -17,8 +17,6 @@ docstring. Importing this module imports Triton.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -68,7 +66,7 @@ def _conv_step_kernel(
     tl.store(out_ptr + row * s_out_b + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_args(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor], position: Tensor) -> None:
+def _check_args(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, position: Tensor) -> None:
     name = "conv_step_"
     rows, channels = x.shape
     width = state.shape[-1]
@@ -84,8 +82,8 @@ def _check_args(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor]
                          f"{tuple(position.shape)} {position.dtype} on {position.device}")
 
 
-def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor], position: Tensor,
-               block_c: int = 256, num_warps: Optional[int] = None) -> Tensor:
+def conv_step_(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, position: Tensor,
+               block_c: int = 256, num_warps: int | None = None) -> Tensor:
     """One causal depthwise-convolution position with SiLU, writing ``x`` into the ring buffer
     ``state`` in place (module docstring).
 

@@ -13,8 +13,6 @@ stacked modulation tensor); CUDA-graph capturable. Importing this module imports
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -58,10 +56,10 @@ def _add_norm_modulate_kernel(
 
 
 def add_norm_modulate(
-    hidden: Tensor, gate: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float,
-    shift: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-    hidden_sq_partials: Optional[Tensor] = None, hidden_norm_dim: int = 0, hidden_norm_eps: float = 0.0,
-) -> Tuple[Tensor, Tensor]:
+    hidden: Tensor, gate: Tensor | None, residual: Tensor | None, weight: Tensor, eps: float,
+    shift: Tensor | None = None, scale: Tensor | None = None,
+    hidden_sq_partials: Tensor | None = None, hidden_norm_dim: int = 0, hidden_norm_eps: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """The residual update and the modulated pre-norm between two sublayers, fused.
 
     Reference (what :class:`aimkit.backbones.base.Block` does unfused; over whole sequences

@@ -16,7 +16,7 @@ Torch only: importing this module never imports Triton.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,9 @@ class DeferredRowNorm(NamedTuple):
 
 
 def add_norm_modulate(
-    hidden: Tensor, gate: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float,
-    shift: Optional[Tensor], scale: Optional[Tensor], out_dtype: torch.dtype,
-) -> Tuple[Tensor, Tensor]:
+    hidden: Tensor, gate: Tensor | None, residual: Tensor | None, weight: Tensor, eps: float,
+    shift: Tensor | None, scale: Tensor | None, out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
     """The glue between two sublayers of a whole sequence, as one function.
 
     ``residual = gate * hidden + residual`` (float32), then ``rmsnorm(residual) * weight`` and the

@@ -40,10 +40,11 @@ import importlib.util
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional
+from typing import Any
 
 __all__ = ["MambaKernels", "kernel_info", "kernels_available", "load_kernels"]
 
@@ -58,18 +59,18 @@ class MambaKernels:
 
     mamba_chunk_scan_combined: Callable[..., Any]
     rmsnorm_fn: Callable[..., Any]
-    causal_conv1d_fn: Optional[Callable[..., Any]] = None
-    causal_conv1d_update: Optional[Callable[..., Any]] = None
-    mamba_split_conv1d_scan_combined: Optional[Callable[..., Any]] = None  # needs causal-conv1d
+    causal_conv1d_fn: Callable[..., Any] | None = None
+    causal_conv1d_update: Callable[..., Any] | None = None
+    mamba_split_conv1d_scan_combined: Callable[..., Any] | None = None  # needs causal-conv1d
 
 
 _lock = threading.Lock()
 _loaded = False
-_kernels: Optional[MambaKernels] = None
-_status: Dict[str, Any] = {}
+_kernels: MambaKernels | None = None
+_status: dict[str, Any] = {}
 
 
-def _missing_module(exc: BaseException) -> Optional[str]:
+def _missing_module(exc: BaseException) -> str | None:
     """The module name an ImportError is about (None when it names none)."""
     return getattr(exc, "name", None) if isinstance(exc, ImportError) else None
 
@@ -98,7 +99,7 @@ def _link_loaded_submodules(root: str = "mamba_ssm") -> None:
             setattr(parent, child, module)
 
 
-def _import_triton_ops() -> Dict[str, ModuleType]:
+def _import_triton_ops() -> dict[str, ModuleType]:
     """Import the two Triton submodules, falling back to a bare package (see module docs)."""
     names = (_SSD_MODULE, _NORM_MODULE)
     try:
@@ -113,7 +114,7 @@ def _import_triton_ops() -> Dict[str, ModuleType]:
     return modules
 
 
-def _load() -> Optional[MambaKernels]:
+def _load() -> MambaKernels | None:
     _status.update(bare_package=False, error=None)
     try:
         mods = _import_triton_ops()
@@ -126,7 +127,8 @@ def _load() -> Optional[MambaKernels]:
     except Exception as exc:  # noqa: BLE001  (not installed, or broken: fall back to PyTorch)
         _status["error"] = f"{type(exc).__name__}: {exc}"
         if _missing_module(exc) != "mamba_ssm":  # installed but unusable: say so once
-            warnings.warn(f"mamba-ssm kernels unavailable, using the PyTorch path ({_status['error']})")
+            # stacklevel 3: past _load and load_kernels, at the code that asked for the kernels
+            warnings.warn(f"mamba-ssm kernels unavailable, using the PyTorch path ({_status['error']})", stacklevel=3)
         return None
     try:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
@@ -137,7 +139,7 @@ def _load() -> Optional[MambaKernels]:
     return MambaKernels(**found)
 
 
-def load_kernels() -> Optional[MambaKernels]:
+def load_kernels() -> MambaKernels | None:
     """The kernels, imported on the first call and cached; None when mamba-ssm is unusable."""
     global _loaded, _kernels
     if not _loaded:
@@ -153,14 +155,14 @@ def kernels_available() -> bool:
     return load_kernels() is not None
 
 
-def _version(dist: str) -> Optional[str]:
+def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
 
 
-def kernel_info() -> Dict[str, Any]:
+def kernel_info() -> dict[str, Any]:
     """What was found, for benchmark records.
 
     Returns:

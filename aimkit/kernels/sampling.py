@@ -19,8 +19,6 @@ Importing this module imports Triton.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -70,7 +68,7 @@ def _sample_pick_kernel(
         tl.store(next_ptr + rows + half, token, mask=rows < half)
 
 
-def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
     """A (1,) int64 run seed on ``device``, drawn from ``generator`` (or the default one), no sync."""
     source = generator.device if generator is not None else device
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=source, dtype=torch.long)
@@ -78,8 +76,8 @@ def draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Ten
 
 
 def sample_guided_(
-    logits: Tensor, scale: Optional[float], temperature: float, seed: Tensor, step: int,
-    next_tokens: Tensor, codes: Tensor, block_v: Optional[int] = None,
+    logits: Tensor, scale: float | None, temperature: float, seed: Tensor, step: int,
+    next_tokens: Tensor, codes: Tensor, block_v: int | None = None,
 ) -> None:
     """Sample one token per image into ``codes[:, step]`` and the next step's input.
 

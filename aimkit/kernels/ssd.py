@@ -24,8 +24,6 @@ positive (softplus'ed, bias added) and ``A`` is negative. Work is done in float3
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,7 +31,7 @@ from torch import Tensor
 __all__ = ["ssd_chunked", "ssd_naive", "ssd_recurrent_step", "ssd_recurrent_step_"]
 
 
-def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32."""
     dtype = torch.float32
     for t in tensors:
@@ -42,7 +40,7 @@ def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return dtype
 
 
-def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[int, int]:
+def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[int, int]:
     """Validate the SSD argument shapes; returns (groups G, heads per group R)."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, L, H, P), got shape {tuple(x.shape)}")
@@ -77,7 +75,7 @@ def _segsum(a: Tensor) -> Tensor:
 
 
 def _chunked_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, groups: int,
-                    ct: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    ct: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Pad to whole chunks (``dt = 0``: no decay, no input) and split into chunks in ``ct``.
 
     Returns:
@@ -104,7 +102,7 @@ def _chunked_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
     return xs * dts.unsqueeze(-1), dA, dA.cumsum(dim=-1), Bs, Cs
 
 
-def _carry_states(chunk_states: Tensor, dA_cum: Tensor, initial: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _carry_states(chunk_states: Tensor, dA_cum: Tensor, initial: Tensor | None) -> tuple[Tensor, Tensor]:
     """The linear recurrence over chunk boundaries.
 
     Args:
@@ -131,10 +129,10 @@ def ssd_chunked(
     B: Tensor,
     C: Tensor,
     chunk_size: int,
-    D: Optional[Tensor] = None,
-    initial_state: Optional[Tensor] = None,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
     return_final_state: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Chunked SSD scan (the Mamba2 training algorithm) in plain PyTorch.
 
     Inside each chunk of ``chunk_size`` positions the output is a masked quadratic form
@@ -196,8 +194,8 @@ def ssd_chunked(
 
 
 def ssd_recurrent_step(
-    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One exact step of the SSM recurrence (decoding).
 
     ``state <- exp(dt A) state + dt x ⊗ B``; ``y = state C + D x``. Pure: the caller copies the
@@ -235,7 +233,7 @@ def ssd_recurrent_step(
 
 
 def ssd_recurrent_step_(
-    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
 ) -> Tensor:
     """:func:`ssd_recurrent_step` that updates ``state`` in place and returns only y (B, H, P).
 
@@ -271,9 +269,9 @@ def ssd_naive(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor] = None,
-    initial_state: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Ground truth for tests: the recurrence evaluated one position at a time.
 
     Heads are expanded to their groups explicitly and nothing is chunked, so this shares no

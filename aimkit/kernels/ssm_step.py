@@ -18,8 +18,6 @@ decode step built from it can be captured in a CUDA graph. Importing this module
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
-
 import torch
 import triton
 import triton.language as tl
@@ -124,7 +122,7 @@ def _block_p(headdim: int, rows: int, nheads: int, heads_per_group: int) -> int:
 
 
 def _check_args(state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
-                D: Optional[Tensor], z: Optional[Tensor], norm_weight: Optional[Tensor]) -> None:
+                D: Tensor | None, z: Tensor | None, norm_weight: Tensor | None) -> None:
     name = "ssm_step_"
     rows, nheads, headdim, dstate = state.shape
     groups = B.shape[1]
@@ -144,9 +142,9 @@ def _check_args(state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Te
 
 def ssm_step_(
     state: Tensor, x: Tensor, dt: Tensor, dt_bias: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
-    D: Optional[Tensor] = None, block_p: Optional[int] = None, num_warps: Optional[int] = None,
-    z: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    D: Tensor | None = None, block_p: int | None = None, num_warps: int | None = None,
+    z: Tensor | None = None, norm_weight: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """One Mamba2 decoding step, updating ``state`` in place; returns y (or, with ``z``, the
     gated-norm numerator and its partial sums of squares).
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import Any, Dict, Hashable, Optional, Tuple
+from collections.abc import Hashable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ __all__ = ["DecodeGraph", "get_decode_graph", "clear_decode_graphs"]
 logger = logging.getLogger(__name__)
 
 # model -> (fingerprint, {(rows, cache dtype, policy): DecodeGraph})
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, Tuple[Hashable, Dict[Hashable, DecodeGraph]]]"
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, dict[Hashable, DecodeGraph]]]
 _GRAPHS = weakref.WeakKeyDictionary()
 
 
@@ -84,7 +85,7 @@ class DecodeGraph:
         capture_seconds: wall time of warm-up plus capture.
     """
 
-    def __init__(self, model, cond: Any, rows: int, cache_dtype: Optional[torch.dtype] = None,
+    def __init__(self, model, cond: Any, rows: int, cache_dtype: torch.dtype | None = None,
                  num_warmup: int = 2):
         start = time.perf_counter()
         self.inference_params = model.allocate_inference_cache(rows, dtype=cache_dtype)
@@ -130,8 +131,8 @@ def _fingerprint(model: nn.Module) -> Hashable:
 
 
 def get_decode_graph(
-    model: nn.Module, cond: Any, rows: int, policy: ExecutionPolicy, cache_dtype: Optional[torch.dtype] = None
-) -> Tuple[DecodeGraph, float]:
+    model: nn.Module, cond: Any, rows: int, policy: ExecutionPolicy, cache_dtype: torch.dtype | None = None
+) -> tuple[DecodeGraph, float]:
     """The cached graph for ``(model, rows, policy, cache_dtype)``, capturing it on first use.
 
     Args:
@@ -161,7 +162,7 @@ def get_decode_graph(
     return graph, graph.capture_seconds
 
 
-def clear_decode_graphs(model: Optional[nn.Module] = None) -> None:
+def clear_decode_graphs(model: nn.Module | None = None) -> None:
     """Free the captured graphs (and their caches) of ``model``, or of every model."""
     if model is None:
         _GRAPHS.clear()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numbers
 import sys
-from collections.abc import Mapping, Set
-from typing import Any, Callable, List, Optional, Union
+from collections.abc import Callable, Mapping, Set
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ __all__ = ["OUTPUTS", "MAX_IMAGES", "generate", "resolve_labels", "to_uint8", "t
 
 OUTPUTS = ("tokens", "tensor", "uint8", "pil")
 # generate() returns every image in memory; more than this many images in one call is refused up
-# front (before any allocation). Larger runs belong to aimkit.eval.sample.sample_to_shards /
+# front (before any allocation). Larger runs belong to aimkit.eval.fid_sampling.sample_to_shards /
 # `aimkit sample`, which write shards to disk.
 MAX_IMAGES = 10_000_000
 _DECODE_CHUNK = 16  # images decoded by the tokenizer at once (bounds activation memory)
@@ -77,12 +77,12 @@ def _check_count(count: int) -> None:
     if count > MAX_IMAGES:
         raise ConfigError(
             f"{count} images in one generate call is more than the {MAX_IMAGES} it holds in memory; "
-            "use `aimkit sample` (aimkit.eval.sample.sample_to_shards), which writes shards to disk"
+            "use `aimkit sample` (aimkit.eval.fid_sampling.sample_to_shards), which writes shards to disk"
         )
 
 
 def resolve_labels(
-    model, labels: Any = None, num_images: Optional[int] = None, seed: Optional[int] = None
+    model, labels: Any = None, num_images: int | None = None, seed: int | None = None
 ) -> Tensor:
     """The (n,) int64 CPU label tensor :func:`generate` samples for.
 
@@ -141,7 +141,7 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def to_pil(images: Tensor) -> List[Any]:
+def to_pil(images: Tensor) -> list[Any]:
     """(B, 3, H, W) float images in [-1, 1] -> list of RGB ``PIL.Image``."""
     from PIL import Image
 
@@ -189,7 +189,7 @@ def _resolve_sampler(model, sampler):
     return sampler
 
 
-def _device_generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
+def _device_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(seed)
@@ -199,16 +199,16 @@ def generate(
     model,
     labels: Any = None,
     *,
-    num_images: Optional[int] = None,
-    cfg_scale: Optional[float] = None,
-    temperature: Optional[float] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    seed: Optional[int] = None,
+    num_images: int | None = None,
+    cfg_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
     output: str = "tensor",
     batch_size: int = 64,
-    schedule: Union[str, Callable[[int, int, float], float]] = "constant",
-    progress: Optional[bool] = None,
+    schedule: str | Callable[[int, int, float], float] = "constant",
+    progress: bool | None = None,
     defaults: str = "fid",
     sampler: Any = None,
 ):
@@ -276,7 +276,7 @@ def _check_call(model, output: str, defaults: str, batch_size: Any, seed: Any) -
         )
 
 
-def _sample_batches(model, sampler, labels: Tensor, batch_size: int, output: str, progress: Optional[bool],
+def _sample_batches(model, sampler, labels: Tensor, batch_size: int, output: str, progress: bool | None,
                     settings: dict):
     """Sample ``labels`` in batches of ``batch_size`` with a progress bar; the joined output."""
     from tqdm.auto import tqdm

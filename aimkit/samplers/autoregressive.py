@@ -32,8 +32,9 @@ the PyTorch and the fused path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,7 +85,7 @@ class _FiniteCheck:
 
     def __init__(self, device: torch.device):
         self._eager = device.type != "cuda"
-        self._all_finite: Optional[Tensor] = None
+        self._all_finite: Tensor | None = None
 
     def update(self, logits: Tensor, step: int) -> None:
         finite = torch.isfinite(logits).all()
@@ -134,9 +135,9 @@ class AutoregressiveSampler:
 
     config_cls = AutoregressiveConfig
 
-    def __init__(self, config: Optional[AutoregressiveConfig] = None):
+    def __init__(self, config: AutoregressiveConfig | None = None):
         self.config = AutoregressiveConfig() if config is None else config
-        self.last_capture_seconds: Optional[float] = None
+        self.last_capture_seconds: float | None = None
         self.total_capture_seconds = 0.0
 
     def __repr__(self) -> str:
@@ -161,8 +162,8 @@ class AutoregressiveSampler:
         temperature: float,
         top_k: int,
         top_p: float,
-        generator: Optional[torch.Generator] = None,
-        schedule: Union[str, Callable[[int, int, float], float]] = "constant",
+        generator: torch.Generator | None = None,
+        schedule: str | Callable[[int, int, float], float] = "constant",
     ) -> Tensor:
         """Sample ``model.num_tokens`` image tokens per label.
 

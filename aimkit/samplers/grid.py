@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ def _as_uint8_array(images: Any) -> np.ndarray:
     return images
 
 
-def _caption(label: int, class_names: Optional[Union[Sequence[str], Mapping[int, str]]]) -> str:
+def _caption(label: int, class_names: Sequence[str] | Mapping[int, str] | None) -> str:
     if class_names is None:
         return str(label)
     try:
@@ -40,9 +41,9 @@ def _caption(label: int, class_names: Optional[Union[Sequence[str], Mapping[int,
 
 def make_grid(
     images: Any,
-    nrow: Optional[int] = None,
-    labels: Optional[Sequence[int]] = None,
-    class_names: Optional[Union[Sequence[str], Mapping[int, str]]] = None,
+    nrow: int | None = None,
+    labels: Sequence[int] | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
     padding: int = 2,
 ) -> np.ndarray:
     """Tile images into one picture.
@@ -95,10 +96,10 @@ def make_grid(
 
 def save_grid(
     images_uint8: Any,
-    path: Union[str, os.PathLike],
-    nrow: Optional[int] = None,
-    labels: Optional[Sequence[int]] = None,
-    class_names: Optional[Union[Sequence[str], Mapping[int, str]]] = None,
+    path: str | os.PathLike,
+    nrow: int | None = None,
+    labels: Sequence[int] | None = None,
+    class_names: Sequence[str] | Mapping[int, str] | None = None,
 ) -> Path:
     """Write a PNG grid of images (see :func:`make_grid` for the arguments).
 
@@ -119,7 +120,7 @@ def save_grid(
     return path
 
 
-def save_png(image: np.ndarray, path: Union[str, os.PathLike]) -> None:
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Write one (H, W, 3) uint8 image as a PNG, atomically (see :func:`aimkit._io.atomic_path`)."""
     from PIL import Image
 

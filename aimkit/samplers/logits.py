@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +46,7 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_sampling_args(cfg_scale, temperature, top_k, top_p) -> Tuple[float, float, int, float]:
+def check_sampling_args(cfg_scale, temperature, top_k, top_p) -> tuple[float, float, int, float]:
     """Validate sampling settings; each bad value raises one :class:`ConfigError` naming it.
 
     Args:
@@ -162,7 +161,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Draw one token per row.
 

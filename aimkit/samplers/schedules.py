@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Protocol, Union
+from collections.abc import Callable
+from typing import Protocol
 
 from ..errors import ConfigError
 from .logits import MAX_CFG_SCALE
@@ -46,10 +47,10 @@ def linear(step: int, num_steps: int, base_scale: float) -> float:
     return 1.0 + (float(base_scale) - 1.0) * step / (num_steps - 1)
 
 
-SCHEDULES: Dict[str, GuidanceSchedule] = {"constant": constant, "linear": linear}
+SCHEDULES: dict[str, GuidanceSchedule] = {"constant": constant, "linear": linear}
 
 
-def get_schedule(schedule: Union[str, Callable[[int, int, float], float]]) -> GuidanceSchedule:
+def get_schedule(schedule: str | Callable[[int, int, float], float]) -> GuidanceSchedule:
     """Resolve a schedule name (``"constant"``, ``"linear"``) or return a callable unchanged.
 
     Raises:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._config import check_fields
+from ..config import check_fields
 from ..errors import ConfigError
 from ..registry import TOKENIZERS
 from .base import Tokenizer

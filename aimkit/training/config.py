@@ -4,7 +4,7 @@ A recipe (``recipes/configs/*.yaml``, or any YAML file) holds the fields of :cla
 ``key=value`` arguments override it (``model_args.d_model=64`` sets one entry of a mapping,
 ``policy.train_step=graph`` one field of the execution policy). Values are parsed as YAML
 (``lr=3e-4``, ``betas=[0.9,0.95]``). Every value is checked before anything is built: types
-by :func:`aimkit._config.check_value`, numbers against :data:`RANGES`, unknown keys name the
+by :func:`aimkit.config.check_value`, numbers against :data:`RANGES`, unknown keys name the
 closest valid ones.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from .._config import check_value, describe
+from ..config import check_value, describe
 from ..errors import ConfigError, did_you_mean
 from ..policy import ExecutionPolicy, default_policy
 

@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
+from .._distributed import distributed_cpu, launched_as_main
 from .._io import check_writable_dir, write_text_atomic
 from .._lock import FolderLock
 from ..errors import ConfigError, did_you_mean
 from ._guards import StopSignal, TrainingStopped, check_finite, check_replicas, signal_on_any_process
-from ._launch import distributed_cpu, launched_as_main
 from ._metrics import MetricsFile, StepWindow
 from .checkpoint import Checkpointer, ResumeSearch, disk_errors, resume_search
 from .config import INT_LIMIT, SEED_LIMIT, TrainConfig, config_to_yaml, execution_policy

@@ -101,7 +101,6 @@ class ConvBackbone(Backbone):
                  norm_eps: float = 1e-5, policy: ExecutionPolicy | None = None, device=None, dtype=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__(d_model, n_layer, mixer_cls=partial(GatedConvMixer, config=config, **factory),
-                         norm_cls=rms_norm_factory(norm_eps, **factory))
+                         norm_cls=rms_norm_factory(norm_eps, **factory), policy=policy)
         self.config = config
-        self.policy = ExecutionPolicy() if policy is None else policy  # kept current by Generator.set_policy
 

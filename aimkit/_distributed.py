@@ -1,4 +1,4 @@
-"""Facts about how this process was launched (a single process, torchrun, accelerate launch)."""
+"""Facts about how this process was launched (one process, torchrun, accelerate launch)."""
 
 from __future__ import annotations
 
