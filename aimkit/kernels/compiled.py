@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrainCompiled"]
+__all__ = ["RECOMPILE_LIMIT", "TrainCompiled"]
+
+RECOMPILE_LIMIT = 64  # specialisations (shapes x dtypes x grad modes) one wrapped function may compile
 
 
 class TrainCompiled:
@@ -50,6 +52,7 @@ class TrainCompiled:
         self._compiled: Callable[..., Any] | None = None
         self._proven = False  # a compiled call has succeeded: errors from now on are the caller's
         self._failed = False
+        self._warned_limit = False
 
     def __repr__(self) -> str:
         return f"TrainCompiled({self.name}, backend={self.backend!r})"
@@ -65,9 +68,9 @@ class TrainCompiled:
         if self._compiled is None:  # torch.compile only wraps: compiling happens at the first call
             self._compiled = torch.compile(self.fn, backend=self.backend, dynamic=False, fullgraph=True)
         if self._proven:
-            return self._compiled(*args, **kwargs)
+            return self._call_proven(*args, **kwargs)
         try:
-            out = self._compiled(*args, **kwargs)
+            out = self._call_compiled(*args, **kwargs)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001  (Inductor unusable here: the plain function is complete)
@@ -78,3 +81,25 @@ class TrainCompiled:
             return self.fn(*args, **kwargs)
         self._proven = True
         return out
+
+    def _call_compiled(self, *args: Any, **kwargs: Any) -> Any:
+        """The compiled function, allowed :data:`RECOMPILE_LIMIT` specialisations (shapes, dtypes,
+        grad mode: one process that trains, evaluates and samples several models meets many)."""
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        with config.patch(**{name: max(getattr(config, name), RECOMPILE_LIMIT)}):
+            return self._compiled(*args, **kwargs)
+
+    def _call_proven(self, *args: Any, **kwargs: Any) -> Any:
+        """A call after a compiled call succeeded: errors are the caller's, except running out of
+        specialisations, where this call (and the rest beyond the limit) runs the plain function."""
+        try:
+            return self._call_compiled(*args, **kwargs)
+        except Exception as exc:
+            if "recompile" not in f"{type(exc).__name__} {exc}".lower():
+                raise
+            if not self._warned_limit:
+                self._warned_limit = True
+                warnings.warn(f"torch.compile of {self.name}: more than {RECOMPILE_LIMIT} specialisations in "
+                              "this process; calls beyond them run uncompiled", stacklevel=3)
+            return self.fn(*args, **kwargs)
