@@ -126,7 +126,9 @@ def read_saved_config(directory: Path) -> GeneratorConfig:
     if both:
         raise ConfigError(f"{directory}: {', '.join(both)} set in both {CONFIG_NAME} and {GENERATION_CONFIG_NAME}; "
                           f"keep one")
-    _from_dict(generation, directory / GENERATION_CONFIG_NAME)  # its own errors name its own file
+    # its own errors name its own file; sizes it depends on (class names per class) come from config.json
+    sizes = {k: architecture[k] for k in ("num_classes",) if type(architecture.get(k)) is int}
+    _from_dict({**generation, **sizes}, directory / GENERATION_CONFIG_NAME)
     return _from_dict({**_drop_legacy_runtime(architecture, directory / CONFIG_NAME), **generation},
                       directory / CONFIG_NAME)
 

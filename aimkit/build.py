@@ -17,6 +17,7 @@ from ._saved import CONFIG_NAME, LEGACY_RUNTIME, check_dtype, read_saved_config,
 from .config import _REGISTRIES, ComponentSpec, GeneratorConfig, replace_checked
 from .errors import AimkitError, CheckpointError, ConfigError, did_you_mean
 from .generator import Generator
+from .hub import HUB_PREFIX
 from .policy import ExecutionPolicy
 from .registry import GENERATORS
 
@@ -74,6 +75,8 @@ def _apply_overrides(config: GeneratorConfig, overrides: dict[str, Any], where: 
     config has a ``d_state`` field; ``backbone__d_state=64`` names the component explicitly.
     """
     changes = {k: v for k, v in overrides.items() if k in _SCALARS}
+    if changes.get("num_classes", config.num_classes) != config.num_classes and "class_names" not in changes:
+        changes["class_names"] = None  # the preset's names belong to the classes being replaced
     changes.update({k: _swap_component(config, k, v) for k, v in overrides.items() if k in _COMPONENT_KINDS})
     config = dataclasses.replace(config, **changes).resolved()
     per_component: dict[str, dict[str, Any]] = {k: {} for k in _COMPONENT_KINDS}
@@ -113,7 +116,11 @@ def _check_device(device: Any) -> torch.device | None:
 
 
 def resolve_config(name_or_path: PathLike, **overrides: Any) -> GeneratorConfig:
-    """The :class:`GeneratorConfig` that :func:`build` would use (nothing is allocated)."""
+    """The :class:`GeneratorConfig` that :func:`build` would use (nothing is allocated).
+
+    ``"hf-hub:org/name"`` reads the ``config.json`` + ``generation_config.json`` of a generator
+    saved on the Hub (through the hub cache; the weights are not fetched)."""
+    name_or_path = _hub_model_dir(name_or_path, config_only=True) or name_or_path
     path = Path(name_or_path)
     if isinstance(name_or_path, (str, os.PathLike)) and (path / CONFIG_NAME).is_file():
         config, where = read_saved_config(path), str(path)
@@ -129,6 +136,33 @@ def resolve_config(name_or_path: PathLike, **overrides: Any) -> GeneratorConfig:
     return _apply_overrides(config, overrides, where)
 
 
+def _hub_model_dir(name_or_path: Any, config_only: bool = False) -> Path | None:
+    """The local snapshot of ``"hf-hub:org/name"`` (a generator saved on the Hub), else None."""
+    if not (isinstance(name_or_path, str) and name_or_path.startswith(HUB_PREFIX)):
+        return None
+    from .hub import download_model
+
+    return download_model(name_or_path[len(HUB_PREFIX):], config_only=config_only)
+
+
+def _check_hub_architecture(pretrained: Any, config: GeneratorConfig, where: str) -> None:
+    """With ``pretrained="hf-hub:org/name"``, an aimkit ``config.json`` in that repository must
+    describe the architecture being built (a config.json of another library is not compared)."""
+    text = pretrained if isinstance(pretrained, str) else ""
+    repo, _, filename = text[len(HUB_PREFIX):].partition("@")
+    if not text.startswith(HUB_PREFIX) or filename:
+        return
+    from .hub import architecture_differences, hub_saved_config
+
+    saved = hub_saved_config(repo)
+    differences = [] if saved is None else architecture_differences(config, saved)
+    if differences:
+        raise ConfigError(
+            f"the weights in {text} are for another architecture than {where} ({'; '.join(differences)}; "
+            f"this build vs {CONFIG_NAME} there); build that model as saved with aimkit.build({text!r})"
+        )
+
+
 def _resolve_pretrained(name: str, pretrained: Any) -> Path | None:
     """Turn ``pretrained`` into a local file or directory (downloading through the hub cache)."""
     if pretrained is None or pretrained is False:
@@ -141,8 +175,8 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path | None:
         record = PUBLISHED_WEIGHTS[name]
         return _hub_download(record.repo_id, record.filename)
     text = os.fspath(pretrained)
-    if text.startswith("hf-hub:"):
-        repo, _, filename = text[len("hf-hub:"):].partition("@")
+    if text.startswith(HUB_PREFIX):
+        repo, _, filename = text[len(HUB_PREFIX):].partition("@")
         return _hub_download(repo, filename or None)
     path = Path(text).expanduser()
     if not path.exists():
@@ -378,6 +412,7 @@ def _preflight(config: GeneratorConfig, dtype, device, weights: Path | None, whe
 def _weights_for(name_or_path: PathLike, config: GeneratorConfig, pretrained: Any,
                  saved_dir: Path | None) -> Path | None:
     """The weights :func:`build` loads: ``pretrained``, a saved directory's own, or a preset's shipped ones."""
+    _check_hub_architecture(pretrained, config, os.fspath(name_or_path))  # before fetching the weights
     weights = _resolve_pretrained(str(name_or_path), pretrained)
     if weights is None and saved_dir is not None and pretrained is not False:
         weights = saved_dir
@@ -409,11 +444,13 @@ def build(
     """Build a generator from a preset name or a ``save_pretrained`` directory.
 
     Args:
-        name_or_path: a registered preset (``"aim-xl"``, see :func:`aimkit.list_models`) or a directory
-            holding ``config.json`` + ``model.safetensors`` written by ``Generator.save_pretrained``.
+        name_or_path: a registered preset (``"aim-xl"``, see :func:`aimkit.list_models`), a directory
+            holding ``config.json`` + ``model.safetensors`` written by ``Generator.save_pretrained``,
+            or ``"hf-hub:org/name"``: such a directory on the Hugging Face Hub (through the hub cache).
         pretrained: None (random weights, or a preset's embedded weights where it ships some), False
             (always random), True (the preset's published weights through the hub cache),
-            ``"hf-hub:ORG/NAME"``, or a local file/directory (official AiM or aimkit layout).
+            ``"hf-hub:ORG/NAME"`` (an aimkit ``config.json`` there must match the architecture built),
+            ``"hf-hub:ORG/NAME@FILE"``, or a local file/directory (official AiM or aimkit layout).
         device: where to build (``"cuda"``, ``"cpu"``); default CPU.
         dtype: parameter dtype (``torch.bfloat16`` or ``"bfloat16"``); default float32.
         tokenizer_weights: LlamaGen's ``vq_ds16_c2i.pt`` (or any tokenizer-only file) loaded separately.
@@ -429,6 +466,8 @@ def build(
     device = _check_device(device)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ConfigError(f"expected a preset name or a saved directory, got {name_or_path!r}")
+    where = os.fspath(name_or_path)
+    name_or_path = _hub_model_dir(name_or_path) or name_or_path  # "hf-hub:org/name": its snapshot folder
     config = resolve_config(name_or_path, **overrides)
     saved_dir = Path(os.fspath(name_or_path))
     saved_dir = saved_dir if (saved_dir / CONFIG_NAME).is_file() else None
@@ -437,7 +476,7 @@ def build(
     if tokenizer_weights is not None and config.tokenizer is None:
         raise ConfigError("tokenizer_weights given, but this generator has no tokenizer")
     weights = _weights_for(name_or_path, config, pretrained, saved_dir)
-    _preflight(config, dtype, device, weights, where=os.fspath(name_or_path))
+    _preflight(config, dtype, device, weights, where=where)
     gen = Generator(config, device=device, dtype=dtype, policy=policy)
     if weights is not None:
         load_weights_into(gen, weights)

@@ -22,11 +22,13 @@ COMMANDS = {
     "fid": "aimkit.commands.fid",
     "eval": "aimkit.commands.eval",
     "train": "aimkit.commands.train",
+    "plot": "aimkit.commands.plot",
     "tokenize": "aimkit.commands.tokenize",
     "bench": "aimkit.commands.bench",
     "convert": "aimkit.commands.convert",
     "list": "aimkit.commands.list_components",
     "info": "aimkit.commands.info",
+    "serve": "aimkit.commands.serve",
 }
 
 

@@ -391,6 +391,8 @@ class GeneratorConfig:
     pretty_sampling: SamplingDefaults = option(
         default_factory=lambda: SamplingDefaults(cfg_scale=5.0, top_k=600, top_p=0.98), generation=True
     )  # for pictures people look at
+    # names of the classes, index = class id (None: unnamed); labels may be given by name
+    class_names: tuple[str, ...] | None = option(None, generation=True)
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "num_classes", "num_tokens"):
@@ -412,6 +414,25 @@ class GeneratorConfig:
                 object.__setattr__(self, name, config_from_dict(SamplingDefaults, value, where=name))
             elif not isinstance(value, SamplingDefaults):
                 raise ConfigError(f"{name} must be SamplingDefaults or a mapping, got {type(value).__name__}")
+        self._check_class_names()
+
+    def _check_class_names(self) -> None:
+        """``class_names``: None, or ``num_classes`` distinct non-empty strings (distinct ignoring case,
+        since labels are looked up by name case-insensitively)."""
+        names = check_option(self, "class_names")
+        if names is None:
+            return
+        object.__setattr__(self, "class_names", names)  # a list given becomes a tuple
+        if len(names) != self.num_classes:
+            raise ConfigError(f"class_names has {len(names)} names but num_classes is {self.num_classes}")
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if not name.strip():
+                raise ConfigError(f"class_names[{i}] is empty; every class needs a name")
+            first = seen.setdefault(name.strip().lower(), i)
+            if first != i:
+                raise ConfigError(f"class_names[{i}] {name!r} repeats class_names[{first}] {names[first]!r} "
+                                  "(names must differ, ignoring case)")
 
     def generation_dict(self) -> dict[str, Any]:
         """The sampling settings (fields declared ``generation=True``): ``generation_config.json``."""

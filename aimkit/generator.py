@@ -380,25 +380,57 @@ class Generator(nn.Module):
         return generate(self, labels, **kwargs)
 
     # ------------------------------------------------------------------ persistence
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        **build_kwargs: Any) -> Generator:
+        """Build a generator saved by :meth:`save_pretrained` or :meth:`push_to_hub`, exactly.
+
+        Args:
+            name_or_path: a local folder, a Hub repository id ``"org/name"`` or ``"hf-hub:org/name"``
+                (fetched through the hub cache; ``HF_HUB_OFFLINE=1`` reads only the cache).
+            revision: a Hub branch, tag or commit. token: a Hub token (None: the stored login).
+            cache_dir: the hub cache (default ``HF_HUB_CACHE``).
+            **build_kwargs: passed to :func:`aimkit.build` (``device``, ``dtype``, ``policy``, ...).
+        """
+        from .hub import from_pretrained
+
+        return from_pretrained(name_or_path, revision=revision, token=token, cache_dir=cache_dir, **build_kwargs)
+
     def save_pretrained(
         self,
         directory: str | os.PathLike,
         include_tokenizer: bool = True,
         storage_dtype: torch.dtype | None = None,
+        *,
+        model_card: bool = True,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs: Any,
     ) -> Path:
         """Write ``model.safetensors``, ``generation_config.json`` (the sampling settings) and
-        ``config.json`` (the architecture: registry names and configs of every component, dtype).
-        The execution policy is not saved: it belongs to whoever runs the model.
+        ``config.json`` (the architecture: registry names and configs of every component, dtype),
+        then the model card ``README.md``. The execution policy is not saved: it belongs to
+        whoever runs the model.
 
         Args:
             directory: created if missing.
             include_tokenizer: also store the tokenizer's tensors.
             storage_dtype: cast floating tensors to this dtype in the file only (e.g. float16 to
                 halve a shipped file); ``aimkit.build`` still builds in the model's dtype.
+            model_card: write ``README.md`` (:func:`aimkit.hub.model_card`; it summarises a
+                ``training_record.json`` found in ``directory``); a README.md that aimkit did not
+                generate is kept.
+            push_to_hub: then push the folder to ``repo_id`` (default: the folder's name) as one commit.
+            repo_id: the Hub repository (``"org/name"``), also named in the card's loading example.
+            **push_kwargs: ``token``, ``private``, ``commit_message``, ``revision``, ``create_pr``
+                (:func:`aimkit.hub.upload_saved`).
         """
+        from . import hub
         from ._io import write_text_atomic
         from .weights import save_safetensors_atomic
 
+        hub.check_push_options(push_kwargs, push_to_hub)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.generator_state_dict()
@@ -413,7 +445,22 @@ class Generator(nn.Module):
         save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "aimkit"})
         write_text_atomic(directory / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
         write_text_atomic(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+        if model_card:
+            hub.write_model_card(self, directory, repo_id=repo_id)
+        if push_to_hub:
+            hub.upload_saved(directory, repo_id or directory.resolve().name, **push_kwargs)
         return directory
+
+    def push_to_hub(self, repo_id: str, *, include_tokenizer: bool = True, storage_dtype: torch.dtype | None = None,
+                    **push_kwargs: Any):
+        """Push weights, configs and model card to the Hub repository ``repo_id`` as one commit
+        (created if missing). ``push_kwargs``: ``token``, ``private``, ``commit_message``,
+        ``revision``, ``create_pr``. Returns huggingface_hub's ``CommitInfo``."""
+        from .hub import check_push_options, push_to_hub
+
+        check_push_options(push_kwargs, push=True)
+        return push_to_hub(self, repo_id, include_tokenizer=include_tokenizer, storage_dtype=storage_dtype,
+                           **push_kwargs)
 
     def _aimkit_expected(self, state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
         """The ``name -> shape`` that aimkit-layout ``state`` must match, and the absent parts.

@@ -330,7 +330,7 @@ def build(args: argparse.Namespace, root: Path, assets_dir: Path, grid_path: Pat
 
     # ---- 1. tokenizer
     tok_dir = root / "tokenizer"
-    tok_cmd = [py, "recipes/train_tokenizer.py", "--config", "recipes/configs/vq_f4_tiny.yaml",
+    tok_cmd = [py, "recipes/train_tokenizer.py", "--config", "recipes/configs/tokenizers/vq_f4_tiny.yaml",
                "--out", str(tok_dir), *plan["tokenizer_args"]]
     if args.tokenizer_steps:
         tok_cmd += ["--steps", str(args.tokenizer_steps)]

@@ -1,9 +1,9 @@
 """Train a VQ tokenizer (``vq-f4-tiny``) on aimkit's procedural shapes, with HF accelerate.
 
-Launch (the header of ``recipes/configs/vq_f4_tiny.yaml`` has the exact command of the shipped
+Launch (the header of ``recipes/configs/tokenizers/vq_f4_tiny.yaml`` has the exact command of the shipped
 tokenizer)::
 
-    python recipes/train_tokenizer.py --config recipes/configs/vq_f4_tiny.yaml --out runs/vq_f4_tiny
+    python recipes/train_tokenizer.py --config recipes/configs/tokenizers/vq_f4_tiny.yaml --out runs/vq_f4_tiny
     python recipes/train_tokenizer.py --config vq_f4_tiny --out /tmp/vq --steps 20 --batch-size 8 --cpu
 
 The loop, top to bottom. Step ``s`` reads items ``[s * B, (s + 1) * B)`` of
@@ -65,7 +65,7 @@ KEY_PREFIX = "tokenizer."
 
 @dataclass
 class TokenizerRecipe:
-    """The keys of a tokenizer config (``recipes/configs/vq_f4_tiny.yaml``)."""
+    """The keys of a tokenizer config (``recipes/configs/tokenizers/vq_f4_tiny.yaml``)."""
 
     tokenizer: str = "vq-f4-tiny"  # registered tokenizer name
     tokenizer_config: dict[str, Any] = field(default_factory=dict)  # overrides of its config dataclass
@@ -99,10 +99,10 @@ class TokenizerRecipe:
 
 
 def load_recipe(name_or_path: str, overrides: dict[str, Any]) -> TokenizerRecipe:
-    """Read a YAML recipe (a path or a name in ``recipes/configs``) and apply ``overrides``."""
+    """Read a YAML recipe (a path or a name in ``recipes/configs/tokenizers``) and apply ``overrides``."""
     import yaml
 
-    path = find_config(name_or_path)
+    path = find_config(name_or_path, kind="tokenizer")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of keys to values")
@@ -451,7 +451,8 @@ def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> dict[str, An
 
 def parse_args(argv: list | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="vq_f4_tiny", help="YAML recipe: a path or a name in recipes/configs")
+    parser.add_argument("--config", default="vq_f4_tiny",
+                        help="YAML recipe: a path or a name in recipes/configs/tokenizers")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--steps", type=int, help="optimizer steps (overrides the config)")
     parser.add_argument("--batch-size", type=int, help="images per step and process (overrides the config)")

@@ -132,6 +132,8 @@ HOSTILE = [
     ("max_nonfinite", "max_nonfinite=0"),
     ("checkpoint_every", "checkpoint_every=0"), ("keep_last", "keep_last=-1"), ("log_every", "log_every=0"),
     ("check_replicas_every", "check_replicas_every=-1"),
+    ("ema_decay", "ema_decay=1.0"), ("ema_decay", "ema_decay=-0.5"), ("ema_decay", "ema_decay=.nan"),
+    ("sample_every", "sample_every=-1"), ("sample_num", "sample_num=0"), ("sample_num", "sample_num=100000"),
 ]
 
 

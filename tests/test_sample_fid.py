@@ -26,6 +26,7 @@ from aimkit.eval.frechet import frechet_distance
 from aimkit.eval.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILE,
+    KNOWN_WEIGHT_FILES,
     FIDInceptionV3,
     _avg_pool_same,
     load_inception,
@@ -290,7 +291,7 @@ def test_inception_names_shapes_and_forward():
 
 
 def test_inception_strict_round_trip(inception_file, tmp_path):
-    net = load_inception(inception_file)
+    net = load_inception(inception_file, check_hash=False)  # random weights: another SHA-256 (tests/test_fid.py)
     saved = torch.load(inception_file, weights_only=True)
     for name, value in net.state_dict().items():
         assert torch.equal(value, saved[name]), name
@@ -300,18 +301,20 @@ def test_inception_strict_round_trip(inception_file, tmp_path):
     del missing["Mixed_6c.branch7x7_1.conv.weight"]
     torch.save(missing, tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="1 missing \\(Mixed_6c.branch7x7_1.conv.weight\\)"):
-        load_inception(tmp_path / "missing.pth")
+        load_inception(tmp_path / "missing.pth", check_hash=False)
     extra = dict(saved, **{"AuxLogits.fc.weight": torch.zeros(1008, 768)})
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(CheckpointError, match="unexpected \\(AuxLogits.fc.weight\\)"):
-        load_inception(tmp_path / "extra.pth")
+        load_inception(tmp_path / "extra.pth", check_hash=False)
 
 
 def test_missing_inception_weights_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("aimkit.eval.inception.fid_helper_weights_path", lambda: None)
     with pytest.raises(AimkitError) as info:
-        load_inception()
+        load_inception(download=False)
     message = str(info.value)
     for part in (INCEPTION_WEIGHTS_FILE, str(tmp_path / ".cache" / "aimkit"), INCEPTION_WEIGHTS_ENV,
                  "github.com/mseitzer/pytorch-fid/releases"):
@@ -321,7 +324,8 @@ def test_missing_inception_weights_error(tmp_path, monkeypatch, capsys):
         load_inception()
 
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    assert main(["fid", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--device", "cpu"]) == 2
+    assert main(["fid", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--device", "cpu",
+                 "--offline"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("aimkit fid: error: FID Inception weights not found") and "\n" not in err
 
@@ -338,7 +342,16 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def test_cli_sample_then_fid(tmp_path, monkeypatch, capsys, inception_file, fresh_accelerate_state):
+@pytest.fixture
+def trusted_inception_file(inception_file, monkeypatch):
+    """The random-weight file, accepted as if it had the SHA-256 of pytorch-fid's (the CLI checks it)."""
+    from aimkit._io import sha256_file
+
+    monkeypatch.setitem(KNOWN_WEIGHT_FILES, sha256_file(inception_file), "pytorch-fid")
+    return inception_file
+
+
+def test_cli_sample_then_fid(tmp_path, monkeypatch, capsys, trusted_inception_file, fresh_accelerate_state):
     built = []
 
     def fake_build(name, pretrained=None, device=None, dtype=None, **overrides):
@@ -370,7 +383,7 @@ def test_cli_sample_then_fid(tmp_path, monkeypatch, capsys, inception_file, fres
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
     capsys.readouterr()
-    assert main(["fid", str(out), "--ref", str(ref), "--inception-weights", str(inception_file),
+    assert main(["fid", str(out), "--ref", str(ref), "--inception-weights", str(trusted_inception_file),
                  "--dims", "64", "--device", "cpu", "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fid"] >= 0 and np.isfinite(report["fid"]) and report["num_samples"] == 10
@@ -378,8 +391,9 @@ def test_cli_sample_then_fid(tmp_path, monkeypatch, capsys, inception_file, fres
 
 
 @pytest.mark.slow
-def test_fid_2048_with_reference_statistics_and_inception_score(tmp_path, capsys, inception_file):
+def test_fid_2048_with_reference_statistics_and_inception_score(tmp_path, capsys, trusted_inception_file):
     """The default FID path (2048-d features, stored mu/sigma, IS); sqrtm of 2048 x 2048 is slow on CPU."""
+    inception_file = trusted_inception_file
     net = load_inception(inception_file)
     rng = np.random.default_rng(0)
     samples, ref_images = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (12, 8))

@@ -60,8 +60,8 @@ def _cfg(tokens, out, *extra):
                                      "progress_bar=false", "log_every=1", *extra])
 
 
-def _final_state(out):
-    return read_state_dict(Path(out) / "final" / "model.safetensors")
+def _final_state(out, part="."):
+    return read_state_dict(Path(out) / "final" / part / "model.safetensors")
 
 
 def _metrics(out):
@@ -96,7 +96,8 @@ def test_loss_goes_down_and_export_loads(tokens, tmp_path):
 
 
 def test_kill_and_resume_is_exact(tokens, tmp_path):
-    common = ["max_steps=14", "checkpoint_every=5"]  # 6 steps per epoch: the runs cross two epochs
+    """Also the moving average of the weights: kept in every checkpoint, resumed bit for bit, exported."""
+    common = ["max_steps=14", "checkpoint_every=5", "ema_decay=0.9"]  # 6 steps per epoch: two epochs
     full = tmp_path / "full"
     train(_cfg(tokens, full, *common))
 
@@ -114,10 +115,22 @@ def test_kill_and_resume_is_exact(tokens, tmp_path):
 
     second = train(_cfg(tokens, split, *common), resume="auto")
     assert second.step == 14 and second.final_dir is not None
-    a, b = _final_state(full), _final_state(split)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for part in (".", "raw"):  # final/: the moving average; final/raw: the trained weights
+        a, b = _final_state(full, part), _final_state(split, part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+    averaged, trained = _final_state(split), _final_state(split, "raw")
+    assert not torch.equal(averaged["tok_embed.weight"], trained["tok_embed.weight"])
+    last = find_checkpoint(split)
+    ema = read_state_dict(last / "ema.safetensors")
+    assert all(torch.equal(trained[k], v) for k, v in read_state_dict(last / "model.safetensors").items())
+    gen = aimkit.build(str(split / "final"))  # what generation loads: the average
+    for name, p in gen.named_parameters():
+        if name in ema:
+            assert torch.equal(p, ema[name]), name
+    record = json.loads((split / "final" / "ema.json").read_text())
+    assert record["weights"] == "ema" and record["ema_decay"] == 0.9 and record["raw"] == "raw"
     assert [r["loss"] for r in _metrics(full)] == [r["loss"] for r in _metrics(split)]
     assert not (ckpts / ".tmp-step-00000010").exists()  # cleaned up
     kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-") and (p / "trainer_state.json").exists())
@@ -199,13 +212,21 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     assert ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] >= 2
 
 
+def _documented_launch_line() -> list[str]:
+    """The two-process line of tiny_test.yaml's header, as written there."""
+    text = (REPO / "recipes" / "configs" / "tiny_test.yaml").read_text()
+    line = next(line.lstrip("# ") for line in text.splitlines() if "accelerate launch" in line)
+    return line.split()
+
+
 def test_two_processes_keep_replicas_equal(tmp_path):
+    """The launch line documented in tiny_test.yaml starts two processes (`--cpu` started one)."""
     out = tmp_path / "ddp"
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "aimkit.training", "--config", "tiny_test", f"output_dir={out}", "max_steps=3",
-           "log_every=1", "check_replicas_every=1", "progress_bar=false"]
+    documented = _documented_launch_line()
+    assert documented[:2] == ["accelerate", "launch"] and documented[-1].startswith("output_dir=")
+    cmd = [str(launcher), "launch", "--main_process_port", "29517", *documented[2:-1], f"output_dir={out}",
+           "max_steps=3", "log_every=1", "check_replicas_every=1", "progress_bar=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -233,3 +254,78 @@ def test_cuda_graph_recipe_resumes_and_tracks_eager(tokens, tmp_path):
     a, b = _final_state(tmp_path / "graphed"), _final_state(tmp_path / "split")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def _vq_recipe(tmp_path, *lines):
+    """aim-test-vq (a tokenizer: pixels to draw) on random codes."""
+    path = tmp_path / "vq.yaml"
+    path.write_text("model: aim-test-vq\ndata: random\ndata_size: 64\nnum_workers: 0\nglobal_batch_size: 8\n"
+                    "lr: 1.0e-3\nlr_per_256: null\nmax_steps: 4\nmixed_precision: no\ncheckpoint_every: 100\n"
+                    "log_every: 1\nprogress_bar: false\noutput_dir: null\n" + "".join(f"{x}\n" for x in lines))
+    return str(path)
+
+
+def test_sample_grids_and_tensorboard(tmp_path):
+    """Grids every N steps, to OUT/samples and tensorboard; `log_with=tensorboard` used to crash on the
+    nested config; drawing samples changes nothing of the training itself."""
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = train(load_config(_vq_recipe(tmp_path), [f"output_dir={out}", "sample_every=2", "sample_num=4",
+                                                      "log_with=tensorboard", "ema_decay=0.5"]))
+    assert result.step == 4
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["step-00000002.png", "step-00000004.png"]  # nothing else: written atomically
+    with Image.open(out / "samples" / grids[-1]) as grid:
+        assert grid.format == "PNG" and grid.width >= 2 * 16 and grid.height >= 2 * 16
+
+    events = [p for p in (out / "aimkit").rglob("events.out.tfevents.*")]
+    tags = {"images": set(), "scalars": set()}
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0}).Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert "samples" in tags["images"] and {"loss", "lr", "grad_norm"} <= tags["scalars"]
+    hparams = next((out / "aimkit").rglob("hparams.yml")).read_text()
+    assert "model_args.d_model" not in hparams and "sample_every: 2" in hparams  # flat keys, scalars
+
+    plain = train(load_config(_vq_recipe(tmp_path), [f"output_dir={tmp_path / 'plain'}", "ema_decay=0.5"]))
+    assert plain.losses == result.losses
+    assert all(torch.equal(v, _final_state(tmp_path / "plain")[k]) for k, v in _final_state(out).items())
+
+
+def test_sample_grids_need_a_tokenizer(tmp_path, capsys):
+    code = cli_main(["train", "--config", "tiny_test", f"output_dir={tmp_path / 'o'}", "sample_every=5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "sample_every needs a model with a tokenizer" in err
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    result = train(load_config(_vq_recipe(tmp_path), [f"output_dir={out}", "sample_every=4", "sample_num=2",
+                                                      "log_with=wandb", "max_steps=4"]))
+    assert result.step == 4
+    run = next(tmp_path.rglob("offline-run-*"))
+    record = next(run.glob("run-*.wandb")).read_bytes()  # the offline record: the config's flat keys
+    assert b"betas.0" in record and b"sample_every" in record and b"aim-test-vq" in record
+    assert list((run / "files" / "media" / "images").glob("samples_4_*.png"))  # the grid, logged at step 4
+    assert (out / "samples" / "step-00000004.png").is_file()
+
+
+def test_launch_flag_for_mixed_precision_wins_over_the_recipe(tmp_path):
+    """`accelerate launch --mixed_precision bf16` was silently overridden by the recipe's `no`."""
+    out = tmp_path / "run"
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
+           "--mixed_precision", "bf16", "-m", "aimkit.training", "--config", "tiny_test", f"output_dir={out}",
+           "max_steps=1", "progress_bar=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mixed precision bf16 (accelerate launch; the recipe says no)" in proc.stdout
+    assert "mixed_precision: bf16" in (out / "config.yaml").read_text()  # what ran is what is recorded

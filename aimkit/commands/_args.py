@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
-__all__ = ["policy", "positive_int", "seed", "resolve_device"]
+__all__ = ["policy", "positive_int", "seed", "resolve_device", "add_weight_arguments", "weights_for",
+           "class_labels"]
+
+PUBLISHED = "published"  # --pretrained published: the weights a preset ships or publishes
 
 
 def positive_int(text: str) -> int:
@@ -65,3 +70,86 @@ def policy(text: str):
         return default_policy().replace(**changes)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def class_labels(text: str) -> list:
+    """``--labels 207,golden retriever,tabby cat`` to a list of class ids (ints) and class names
+    (strings, looked up in the model's ``class_names`` once it is known), or an argparse error."""
+    labels: list[int | str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        labels.append(int(part) if part.lstrip("-").isdigit() else part)
+    if not labels:
+        raise argparse.ArgumentTypeError("--labels needs at least one class id or name")
+    return labels
+
+
+def add_weight_arguments(parser, default: str = "the weights the model ships with") -> None:
+    """``--pretrained`` and ``--random-weights``, read by :func:`weights_for`."""
+    parser.add_argument(
+        "--pretrained", metavar="PATH|published|hf-hub:ORG/NAME",
+        help="weights: a file or directory (official AiM or aimkit layout), hf-hub:ORG/NAME, or 'published' "
+        f"for the weights the preset ships or publishes (see `aimkit list`); default: {default}",
+    )
+    parser.add_argument(
+        "--random-weights", action="store_true",
+        help="run a model that has no weights with random ones (it draws noise); without this flag such a "
+        "model is refused",
+    )
+
+
+def weights_for(model: str, pretrained: Any, random_weights: bool = False) -> Any:
+    """What ``aimkit.build(model, pretrained=...)`` gets from ``--pretrained`` / ``--random-weights``.
+
+    ``published`` is the shipped weights of a preset that ships some (``aim-tiny-shapes``), else
+    its published ones (``True``); nothing given keeps the weights a saved directory or a preset
+    ships. A model left with no weights at all is refused unless ``--random-weights`` says so.
+
+    Raises:
+        ConfigError: one line saying the model has no weights and how to get them.
+    """
+    from ..assets import embedded_weights
+    from ..build import resolve_config
+    from ..errors import ConfigError
+
+    resolve_config(model)  # an unknown preset name: its suggestions come first
+    saved = (Path(model) / "config.json").is_file() or model.startswith("hf-hub:")
+    if random_weights and pretrained is not None:
+        raise ConfigError("--random-weights and --pretrained exclude each other; give one of them")
+    if random_weights:
+        return False
+    if pretrained == PUBLISHED:
+        return _published(model, saved)
+    if pretrained is not None or saved or embedded_weights(model) is not None:
+        return pretrained
+    raise ConfigError(f"{model} has no weights loaded and would draw noise: {_how_to_get_weights(model)}, "
+                      "or --random-weights to run it with random weights anyway")
+
+
+def _published(model: str, saved: bool) -> Any:
+    """``--pretrained published``: the preset's shipped weights (a folder), else True (the Hub)."""
+    from ..assets import embedded_weights
+    from ..errors import ConfigError
+    from ..presets import PUBLISHED_WEIGHTS
+
+    if saved:
+        raise ConfigError(f"--pretrained published names a preset's weights, but {model} is a saved model "
+                          "folder: leave --pretrained out to load the weights saved in it")
+    shipped = embedded_weights(model)
+    if shipped is not None:
+        return str(shipped)
+    if model in PUBLISHED_WEIGHTS:
+        return True
+    raise ConfigError(f"{model} ships no weights and none are published for it: pass --pretrained PATH "
+                      "or hf-hub:ORG/NAME, or --random-weights")
+
+
+def _how_to_get_weights(model: str) -> str:
+    from ..presets import PUBLISHED_WEIGHTS
+
+    record = PUBLISHED_WEIGHTS.get(model)
+    if record is not None:
+        return (f"pass --pretrained published (hf-hub:{record.repo_id}, downloaded once into the Hugging Face "
+                "cache), --pretrained PATH or hf-hub:ORG/NAME")
+    return "pass --pretrained PATH (a checkpoint file or save_pretrained folder) or hf-hub:ORG/NAME"

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from ._args import add_weight_arguments, weights_for
 from ._args import positive_int as _positive_int
 
 HELP = "conditional accuracy and Fréchet distance of a shapes generator (writes a sample grid)"
@@ -23,7 +24,7 @@ DESCRIPTION = (
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="aim-tiny-shapes", help="preset name or save_pretrained directory")
-    parser.add_argument("--pretrained", default=None, help="weights file or directory (default: the preset's own)")
+    add_weight_arguments(parser, "the weights the model ships with")
     parser.add_argument("--num", type=_positive_int, default=1008,
                         help="generated images, balanced over classes (default 1008)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the preset's)")
@@ -59,9 +60,11 @@ def run(args) -> int:
         if target:
             check_writable_dir(Path(target).parent, f"the folder of {option}", ConfigError)
     device = resolve_device(args.device)
-    gen = aimkit.build(args.model, pretrained=args.pretrained, device=device)
-    if gen.num_classes != len(class_names()):
-        raise ConfigError(f"{args.model} has {gen.num_classes} classes; the shapes dataset has {len(class_names())}")
+    num_classes = aimkit.resolve_config(args.model).num_classes
+    if num_classes != len(class_names()):
+        raise ConfigError(f"{args.model} has {num_classes} classes; the shapes dataset has {len(class_names())}")
+    pretrained = weights_for(args.model, args.pretrained, args.random_weights)
+    gen = aimkit.build(args.model, pretrained=pretrained, device=device)
     labels = torch.arange(args.num) % gen.num_classes
     start = time.perf_counter()
     images = gen.generate(labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
@@ -74,6 +77,8 @@ def run(args) -> int:
     print(f"Fréchet distance (classifier features, {report.num_real} real images): {report.frechet_distance:.3f}")
     n_show = min(72, args.num)
     grid_images = ((images[:n_show].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if grid_images.shape[1] < 128:  # small images: nearest-neighbour 2x so the captions have room
+        grid_images = grid_images.repeat(2, axis=1).repeat(2, axis=2)
     path = save_grid(grid_images, args.grid, nrow=12, labels=labels[:n_show].tolist(), class_names=class_names())
     print(f"wrote {path}")
     if args.json:

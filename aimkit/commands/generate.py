@@ -2,11 +2,15 @@
 
 ::
 
-    aimkit generate --model aim-b --pretrained published --labels 207,360,387 --num 6 --out grid.png
-    aimkit generate --model aim-tiny-shapes --num 16 --out-dir samples/ --captions
+    aimkit generate --model aim-b --pretrained published --labels "golden retriever,360,tabby cat" --num 6
+    aimkit generate --model aim-tiny-shapes --labels "red circle,blue star" --num 16 --out-dir samples/ --captions
 
-Labels repeat cyclically up to ``--num`` images; without ``--labels`` the classes are drawn at
-random from the seed. Sampling settings left out come from the model's ``pretty`` preset (or
+Labels are class ids or the model's class names (``aimkit list MODEL --classes``; ImageNet-1k for the AiM
+presets, matched ignoring case) and repeat cyclically up to ``--num`` images; without ``--labels``
+the classes are drawn at random from the seed. A model without weights (a preset that neither
+ships weights nor is given ``--pretrained``) is refused unless ``--random-weights`` is given.
+
+Sampling settings left out come from the model's ``pretty`` preset (or
 ``fid`` with ``--defaults fid``).
 
 The labels and the output locations are checked before the model is built and anything is
@@ -17,13 +21,13 @@ an earlier grid with a truncated file.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
 
 from .._io import check_writable_dir
 from ..errors import ConfigError
+from ._args import add_weight_arguments, class_labels, weights_for
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
 from ._args import seed as _seed
@@ -34,30 +38,16 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 __all__ = ["HELP", "add_arguments", "run", "check_outputs"]
 
 
-def _labels(text: str):
-    try:
-        labels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 207,360,387, got {text!r}") from None
-    if not labels:
-        raise argparse.ArgumentTypeError("--labels needs at least one class id")
-    return labels
-
-
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--model", required=True, help="preset name (see `aimkit list`) or a save_pretrained directory"
     )
+    add_weight_arguments(parser, "the weights the model ships with (a save_pretrained directory or a "
+                         "preset's shipped weights)")
     parser.add_argument(
-        "--pretrained",
-        metavar="PATH",
-        help="weights: a file or directory (official AiM or aimkit layout), hf-hub:ORG/NAME, or "
-        "'published' for the preset's published weights; default: the weights the model ships "
-        "with (a save_pretrained directory or embedded tiny weights), else random",
-    )
-    parser.add_argument(
-        "--labels", type=_labels, metavar="IDS",
-        help="comma-separated class ids, e.g. 207,360,387 (default: random classes from the seed)",
+        "--labels", type=class_labels, metavar="IDS|NAMES",
+        help="comma-separated class ids or class names, e.g. 207,360 or 'golden retriever,tabby cat' "
+        "(default: random classes from the seed)",
     )
     parser.add_argument(
         "--num", type=_positive_int, metavar="N",
@@ -90,18 +80,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out-dir", metavar="DIR",
                         help="also write every image as DIR/NNNNN_class<id>.png (files of those names are "
                         "replaced, each atomically once sampling has succeeded)")
-    parser.add_argument("--captions", action="store_true", help="write each image's class id under it in the grid")
+    parser.add_argument("--captions", action="store_true",
+                        help="write each image's class (id and name, where the model has names) under it in the grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _class_names(gen):
-    """Readable class names where aimkit knows them (generators of the procedural shapes data)."""
-    from ..data import shapes
-
-    tok = gen.config.tokenizer
-    if gen.num_classes == shapes.NUM_CLASSES and tok is not None and tok.name == "vq-f4-tiny":
-        return shapes.class_names()
-    return None
 
 
 def check_outputs(out, out_dir) -> None:
@@ -135,7 +116,7 @@ def _write(images, labels, args, model) -> list:
 
     written = []
     if args.out:
-        names = _class_names(model) if args.captions else None
+        names = model.config.class_names if args.captions else None
         shown = images
         if images.shape[1] < 128:  # small images: nearest-neighbour 2x so the grid and captions are readable
             shown = images.repeat(2, axis=1).repeat(2, axis=2)
@@ -149,17 +130,20 @@ def _write(images, labels, args, model) -> list:
     return written
 
 
-def _check_before_build(args, num: int) -> None:
-    """Labels and sampling settings against the preset's config, before the (slow) model build."""
+def _check_before_build(args, num: int):
+    """Weights, labels and sampling settings against the preset's config, before the (slow) model
+    build; returns what ``build(pretrained=...)`` gets."""
     from ..build import resolve_config
     from ..samplers import resolve_labels
     from ..samplers.logits import check_sampling_args
 
     config = resolve_config(args.model)
+    pretrained = weights_for(args.model, args.pretrained, args.random_weights)
     resolve_labels(config, args.labels, num, args.seed)
     preset = config.fid_sampling if args.defaults == "fid" else config.pretty_sampling
     check_sampling_args(*(getattr(preset, key) if getattr(args, key) is None else getattr(args, key)
                           for key in ("cfg_scale", "temperature", "top_k", "top_p")))
+    return pretrained
 
 
 def run(args) -> int:
@@ -169,10 +153,9 @@ def run(args) -> int:
 
     if args.out_dir is None and not args.out:
         raise ConfigError("nothing to write: give --out or --out-dir")
-    check_outputs(args.out, args.out_dir)
     num = args.num if args.num is not None or args.labels is not None else 8
-    _check_before_build(args, num)
-    pretrained = True if args.pretrained == "published" else args.pretrained
+    pretrained = _check_before_build(args, num)
+    check_outputs(args.out, args.out_dir)
     model = build(args.model, pretrained=pretrained, device=_device(args.device), dtype=args.dtype)
     labels = resolve_labels(model, args.labels, num, args.seed)  # fixed here to name the files
     spec = model.config.sampler

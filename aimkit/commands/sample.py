@@ -6,6 +6,8 @@
     accelerate launch --num_processes 8 -m aimkit.cli sample --model aim-xl --pretrained published \\
         --num 50000 --out samples.npz --dtype bfloat16
 
+A model without weights (a preset that neither ships weights nor is given ``--pretrained``) is
+refused before anything runs, unless ``--random-weights`` asks for random ones (timing runs, tests).
 Sampling settings left out are the preset's FID settings (``config.fid_sampling``). Images go to
 ``<out>.shards/shard-NNNNN.npz`` first; the main process packs them into ``--out`` (the ADM
 evaluator's ``arr_0`` / ``arr_1`` layout) once every process is done. Rerunning the same command
@@ -27,7 +29,6 @@ model is built.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from .._io import check_writable_dir
 from .._lock import lock_on_main_process
 from ..build import build, resolve_config
 from ..errors import ConfigError
+from ._args import add_weight_arguments, weights_for
 from ._args import positive_int as _positive_int
 from ._args import seed as _seed
 
@@ -48,11 +50,7 @@ __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model", "lock_s
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="preset name (see `aimkit list`) or a save_pretrained directory")
-    parser.add_argument(
-        "--pretrained", metavar="PATH",
-        help="weights: a file or directory (official AiM or aimkit layout), hf-hub:ORG/NAME, or 'published' "
-        "for the preset's published weights; default: the weights the model ships with, else random",
-    )
+    add_weight_arguments(parser)
     parser.add_argument("--num", type=_positive_int, default=50_000, metavar="N",
                         help="number of images (default 50000, the FID protocol)")
     parser.add_argument("--out", required=True, metavar="NPZ",
@@ -103,7 +101,7 @@ def _overrides(args) -> dict:
 
 def build_model(args, device: torch.device):
     """Build the generator named on the command line on ``device``."""
-    pretrained = True if args.pretrained == "published" else args.pretrained
+    pretrained = weights_for(args.model, args.pretrained, getattr(args, "random_weights", False))
     # seeded so that parameters left random (no weights given) are the same in every process and on
     # every rerun: resuming checks a fingerprint of the weights
     torch.manual_seed(args.seed)
@@ -139,6 +137,7 @@ def run(args) -> int:
 
     from ..eval.fid_sampling import resolve_sample_labels
 
+    weights_for(args.model, args.pretrained, args.random_weights)  # a model without weights: refused first
     out, shard_dir = _paths(args)
     labels = args.labels if args.labels in ("balanced", "random") else Path(args.labels)
     # check the labels against the config before the (slow) model build
@@ -159,12 +158,6 @@ def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> i
 
     device = _process_device(args.device, state)
     model = build_model(args, device)
-    if args.pretrained is None and not Path(args.model).is_dir():
-        from ..assets import embedded_weights
-
-        if embedded_weights(args.model) is None and state.is_main_process:
-            print(f"aimkit sample: warning: no --pretrained weights; {args.model} samples with random weights",
-                  file=sys.stderr)
 
     start = time.perf_counter()
     summary = sample_to_shards(

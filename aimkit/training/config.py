@@ -31,6 +31,7 @@ __all__ = [
     "find_config",
     "load_config",
     "parse_overrides",
+    "resolve_mixed_precision",
     "train_config_from_dict",
 ]
 
@@ -72,6 +73,7 @@ class TrainConfig:
     max_steps: int | None = None
     stop_after: int | None = None  # stop (with a checkpoint) after this step, e.g. for job slices
     # --- numerics
+    # an `accelerate launch --mixed_precision bf16|fp16` flag (or accelerate's config file) wins over this
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     compile: bool = False  # torch.compile the model (inductor)
     # ExecutionPolicy fields over default_policy(): {train_step: graph} replays the step from CUDA
@@ -79,6 +81,9 @@ class TrainConfig:
     policy: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     max_nonfinite: int = 20  # consecutive skipped steps before the run stops
+    # exponential moving average of the weights, updated after every applied step (null: off);
+    # OUT/final then holds the averaged weights and OUT/final/raw the trained ones
+    ema_decay: float | None = None
     # --- output
     output_dir: str = field(default=None, metadata=_REQUIRED_KEY)  # where checkpoints, metrics and final/ go
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end and on SIGTERM
@@ -86,6 +91,8 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines
     log_with: Literal["tensorboard", "wandb"] | None = None  # metrics.jsonl is always written
     project_name: str = "aimkit"  # tracker project name
+    sample_every: int = 0  # write a grid of sample_num images to OUT/samples every N steps (0: off)
+    sample_num: int = 16  # images per sample grid (labels 0, 1, 2, ... cycling through the classes)
     check_replicas_every: int = 0  # compare parameter fingerprints across processes every N steps (0: off)
     progress_bar: bool = True
 
@@ -138,7 +145,8 @@ RANGES: dict[str, Range] = {
     "warmup_steps": _NON_NEGATIVE, "min_lr_ratio": Range(0, True, 1, True), "epochs": _POSITIVE,
     "max_steps": _POSITIVE, "stop_after": _POSITIVE, "seed": Range(0, True, SEED_LIMIT, False),
     "max_nonfinite": _POSITIVE, "checkpoint_every": _POSITIVE, "keep_last": _NON_NEGATIVE,
-    "log_every": _POSITIVE, "check_replicas_every": _NON_NEGATIVE,
+    "log_every": _POSITIVE, "check_replicas_every": _NON_NEGATIVE, "ema_decay": Range(0, True, 1, False),
+    "sample_every": _NON_NEGATIVE, "sample_num": Range(0, False, 1024, True),
 }
 
 
@@ -224,6 +232,25 @@ def execution_policy(cfg: TrainConfig) -> ExecutionPolicy:
     return default_policy().replace(**cfg.policy) if cfg.policy else default_policy()
 
 
+def resolve_mixed_precision(recipe: str, environ: typing.Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The mixed precision a run uses and where it comes from, ``(precision, source)``.
+
+    ``accelerate launch --mixed_precision bf16|fp16`` (or the ``mixed_precision`` of accelerate's
+    config file) reaches the process as ``ACCELERATE_MIXED_PRECISION``; it wins over the recipe.
+    The launcher also sets ``no`` when nothing was asked for, which cannot be told from an
+    explicit ``--mixed_precision no``, so ``no`` leaves the recipe's value: turn a bf16 recipe off
+    with the override ``mixed_precision=no``.
+    """
+    environ = os.environ if environ is None else environ
+    launched = str(environ.get("ACCELERATE_MIXED_PRECISION", "no")).strip().lower()
+    if launched in ("", "no") or launched == recipe:
+        return recipe, "recipe"
+    if launched not in ("bf16", "fp16"):
+        raise ConfigError(f"accelerate launch asked for mixed precision {launched!r}; aimkit trains in no, bf16 "
+                          "or fp16 (drop --mixed_precision from the launch line or change accelerate's config)")
+    return launched, f"accelerate launch; the recipe says {recipe}"
+
+
 def train_config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
     """Validate a plain mapping (from YAML) into a :class:`TrainConfig`.
 
@@ -263,16 +290,31 @@ def _config_folders() -> list[Path]:
     return folders
 
 
-def find_config(name_or_path: str) -> Path:
-    """A config file: a path, or a name shipped in ``aimkit/recipes/configs`` (``aim_b``)."""
+TOKENIZER_CONFIGS = "tokenizers"  # recipes/configs/tokenizers: read by recipes/train_tokenizer.py
+
+
+def _tokenizer_recipe_error(name: str) -> ConfigError:
+    return ConfigError(
+        f"{name!r} is a tokenizer recipe (recipes/configs/{TOKENIZER_CONFIGS}/), not an `aimkit train` config; "
+        f"run it with: python recipes/train_tokenizer.py --config {Path(name).stem} --out DIR"
+    )
+
+
+def find_config(name_or_path: str, kind: Literal["generator", "tokenizer"] = "generator") -> Path:
+    """A config file: a path, or a name shipped in ``aimkit/recipes/configs`` (``aim_b``);
+    ``kind="tokenizer"``: a name shipped in ``aimkit/recipes/configs/tokenizers`` (``vq_f4_tiny``).
+    Asking for a config of the other kind by name says where it belongs."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
     available: list[str] = []
-    for folder in _config_folders():
+    for base in _config_folders():
+        folder = base / TOKENIZER_CONFIGS if kind == "tokenizer" else base
         if (folder / f"{stem}.yaml").is_file() and os.sep not in name_or_path:
             return folder / f"{stem}.yaml"
+        if kind == "generator" and (base / TOKENIZER_CONFIGS / f"{stem}.yaml").is_file():
+            raise _tokenizer_recipe_error(stem)
         if folder.is_dir():
             available += [p.stem for p in folder.glob("*.yaml")]
     available = sorted(set(available))
@@ -331,6 +373,8 @@ def load_config(name_or_path: str | None, overrides: Sequence[str] = ()) -> Trai
     where = "the overrides"
     if name_or_path:
         path = find_config(name_or_path)
+        if path.parent.name == TOKENIZER_CONFIGS:
+            raise _tokenizer_recipe_error(path.stem)
         where, data = str(path), _read_yaml(path)
     extra = parse_overrides(overrides)
     _check_keys(extra, "the command-line overrides")

@@ -18,6 +18,10 @@ Two strategies, picked by the execution policy's ``train_step`` (:func:`make_tra
   sync inside the model. The graphs are captured on the first call; the warm-up step capture
   needs is undone (weights, optimizer state and RNG restored), so a graphed run starts, and
   resumes, exactly where an eager one would.
+
+Either strategy takes an optional :class:`~aimkit.training.ema.EMA`: its fused update runs right
+after every applied optimizer update (eagerly, or captured in the optimizer graph and replayed
+with it), never after a skipped one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..generator import token_cross_entropy
 from ..policy import ExecutionPolicy
+from .ema import EMA
 
 __all__ = ["EagerStep", "GraphedStep", "TrainStep", "check_graph_step", "make_train_step"]
 
@@ -43,7 +48,8 @@ class TrainStep:
 
     Args of every strategy: the model (``model(codes, labels) -> (B, N, V) logits``), its
     optimizer, ``max_grad_norm`` (None or inf: measure the norm, never scale), ``amp_dtype``
-    (autocast dtype or None) and ``compile_loss`` (the policy's choice for the cross-entropy).
+    (autocast dtype or None), ``compile_loss`` (the policy's choice for the cross-entropy) and
+    ``ema`` (an :class:`~aimkit.training.ema.EMA` updated after every applied update, or None).
     """
 
     def forward_backward(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
@@ -103,8 +109,9 @@ class EagerStep(TrainStep):
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = 1.0,
-                 amp_dtype: torch.dtype | None = None, compile_loss: bool = True, accelerator=None):
-        self.model, self.optimizer = model, optimizer
+                 amp_dtype: torch.dtype | None = None, compile_loss: bool = True, accelerator=None,
+                 ema: EMA | None = None):
+        self.model, self.optimizer, self.ema = model, optimizer, ema
         self.max_norm, self.amp_dtype, self.compile_loss = _limit(max_grad_norm), amp_dtype, compile_loss
         self.acc = accelerator if accelerator is not None else _NoAccelerator()
 
@@ -122,6 +129,8 @@ class EagerStep(TrainStep):
     def finish(self, update: bool = True) -> None:
         if update:
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -134,13 +143,14 @@ class GraphedStep(TrainStep):
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = 1.0,
-                 amp_dtype: torch.dtype | None = torch.bfloat16, compile_loss: bool = True, warmup: int = 1):
+                 amp_dtype: torch.dtype | None = torch.bfloat16, compile_loss: bool = True, warmup: int = 1,
+                 ema: EMA | None = None):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
         if not all(group.get("capturable", False) for group in optimizer.param_groups):
             raise ValueError("GraphedStep needs a capturable optimizer (make_optimizer(..., capturable=True))")
         if warmup < 1:
             raise ValueError(f"GraphedStep needs at least one warm-up step, got warmup={warmup}")
-        self.model, self.optimizer, self.warmup = model, optimizer, warmup
+        self.model, self.optimizer, self.warmup, self.ema = model, optimizer, warmup, ema
         self.max_norm, self.amp_dtype, self.compile_loss = _limit(max_grad_norm), amp_dtype, compile_loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inputs: list[Tensor] | None = None  # the static input buffers, set by the capture
@@ -162,7 +172,7 @@ class GraphedStep(TrainStep):
 
     def finish(self, update: bool = True) -> None:
         if update:  # gradients stay where the graph writes them; the next replay overwrites them
-            self._opt.replay()
+            self._opt.replay()  # the optimizer update, then the EMA's (captured with it)
 
     # ------------------------------------------------------------------------- capture
 
@@ -196,6 +206,8 @@ class GraphedStep(TrainStep):
         self._opt = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._opt, pool=self._fwd_bwd.pool()):
             self.optimizer.step()
+            if self.ema is not None:  # the warm-up never touched the average: nothing to undo
+                self.ema.update()
         torch.cuda.synchronize(device)
         saved.restore()
 
@@ -246,7 +258,7 @@ def check_graph_step(device: torch.device, *, processes: int = 1, grad_accum: in
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
                     max_grad_norm: float | None = 1.0, amp_dtype: torch.dtype | None = torch.bfloat16,
-                    accelerator=None, graph_warmup: int = 1) -> TrainStep:
+                    accelerator=None, graph_warmup: int = 1, ema: EMA | None = None) -> TrainStep:
     """The step ``policy.train_step`` names: :class:`EagerStep` or :class:`GraphedStep`.
 
     Args:
@@ -257,8 +269,9 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
         amp_dtype: autocast dtype, or None. With an accelerator the eager step leaves autocast to it.
         accelerator: the trainer's ``accelerate.Accelerator``, or None.
         graph_warmup: warm-up steps before capture (undone), ``"graph"`` only.
+        ema: a moving average of the weights updated after every applied update, or None.
     """
-    common = dict(max_grad_norm=max_grad_norm, compile_loss=policy.compile_loss)
+    common = dict(max_grad_norm=max_grad_norm, compile_loss=policy.compile_loss, ema=ema)
     if policy.train_step == "graph":
         return GraphedStep(model, optimizer, amp_dtype=amp_dtype, warmup=graph_warmup, **common)
     eager_amp = None if accelerator is not None else amp_dtype

@@ -18,9 +18,12 @@ stops on SIGTERM / SIGINT (after a checkpoint; a second SIGINT stops at once).
 Output directory::
 
     OUT/config.yaml          the resolved config
-    OUT/metrics.jsonl        one JSON line per log step
+    OUT/metrics.jsonl        one JSON line per log step (``aimkit plot OUT`` draws it)
     OUT/checkpoints/         see aimkit.training.checkpoint
-    OUT/final/               Generator.save_pretrained -> aimkit.build("OUT/final")
+    OUT/samples/             step-XXXXXXXX.png every sample_every steps (aimkit.training.samples)
+    OUT/final/               Generator.save_pretrained -> aimkit.build("OUT/final"); with ema_decay
+                             the moving average of the weights, the trained ones in OUT/final/raw
+                             and the record in OUT/final/ema.json (aimkit.training.ema)
 
 One run at a time writes OUT (a lock file, ``OUT/.aimkit.lock``, held by the main process).
 Multi-node runs need ``output_dir`` on a file system every node sees. FSDP is untested.
@@ -46,10 +49,13 @@ from .._lock import FolderLock
 from ..errors import ConfigError, did_you_mean
 from ._guards import StopSignal, TrainingStopped, check_finite, check_replicas, signal_on_any_process
 from ._metrics import MetricsFile, StepWindow
+from ._trackers import flat_config
 from .checkpoint import Checkpointer, ResumeSearch, disk_errors, resume_search
-from .config import INT_LIMIT, SEED_LIMIT, TrainConfig, config_to_yaml, execution_policy
+from .config import INT_LIMIT, SEED_LIMIT, TrainConfig, config_to_yaml, execution_policy, resolve_mixed_precision
 from .data import ShapesImages, StepBatches, batch_layout, make_dataset
+from .ema import EMA
 from .optim import make_optimizer, make_scheduler
+from .samples import SampleGrids
 from .step import Batch, check_graph_step, make_train_step
 
 __all__ = ["TrainResult", "Trainer", "train"]
@@ -177,8 +183,9 @@ class Trainer:
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
 
-        cfg = self.cfg
-        _check_tracker(cfg.log_with)
+        _check_tracker(self.cfg.log_with)
+        precision, self.precision_source = resolve_mixed_precision(self.cfg.mixed_precision)
+        self.cfg = cfg = dataclasses.replace(self.cfg, mixed_precision=precision)  # what runs is what is recorded
         self.policy = execution_policy(cfg)
         self.acc = Accelerator(cpu=distributed_cpu(), mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
                                project_dir=str(self.out), dynamo_backend="inductor" if cfg.compile else None)
@@ -191,12 +198,18 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from ..build import build
+        from ..class_names import class_names_for_training
 
         set_seed(self.cfg.seed)
+        names = class_names_for_training(self.cfg.data, self.cfg.model, self.cfg.model_args)  # the folder's
         self.gen = build(self.cfg.model, pretrained=self.pretrained, device=self.acc.device, policy=self.policy,
-                         **self.cfg.model_args).train()
+                         **self.cfg.model_args, **names).train()
         if self.gen.tokenizer is not None:
             self.gen.tokenizer.requires_grad_(False).eval()  # frozen: it only encodes shapes images
+        SampleGrids.check(self.gen, self.cfg.sample_every)
+        self.samples = SampleGrids(self.out, self.cfg.sample_every, self.cfg.sample_num, self.cfg.seed)
+        # the average starts from the initial weights; a resume replaces it with the checkpoint's
+        self.ema = EMA(self.gen, self.cfg.ema_decay) if self.cfg.ema_decay is not None else None
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -231,7 +244,7 @@ class Trainer:
         self.train_step = make_train_step(
             self.model, self.optimizer, self.policy, accelerator=self.acc,
             max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None,
-            amp_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None)
+            amp_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None, ema=self.ema)
 
     # ------------------------------------------------------------------------- resume
 
@@ -244,7 +257,8 @@ class Trainer:
         if checkpoint is None:
             set_seed((self.cfg.seed + self.rank) % SEED_LIMIT)  # label dropout differs per process; init is done
         else:
-            checkpoint, self.run_state = search.load(checkpoint, self.acc, self.gen, self.optimizer, self.scheduler)
+            checkpoint, self.run_state = search.load(checkpoint, self.acc, self.gen, self.optimizer, self.scheduler,
+                                                     self.ema)
             self.step = self.run_state["step"]
             old_batch = self.run_state.get("global_batch_size")
             if old_batch != self.cfg.global_batch_size:
@@ -252,7 +266,7 @@ class Trainer:
                          "the data order differs from an uninterrupted run")
             self.say(f"resumed from {checkpoint} at step {self.step}")
         self.acc.wait_for_everyone()
-        self.checkpointer = Checkpointer(self.acc, self.out / "checkpoints", self.cfg.keep_last)
+        self.checkpointer = Checkpointer(self.acc, self.out / "checkpoints", self.cfg.keep_last, self.ema)
         self.checkpointer.last = checkpoint
         self._start_output()
 
@@ -264,11 +278,12 @@ class Trainer:
             write_text_atomic(self.out / "config.yaml", config_to_yaml(cfg))
             self.metrics.truncate(self.step)  # rows logged after the checkpoint we resume from
         if cfg.log_with:
-            self.acc.init_trackers(cfg.project_name, config=_plain(cfg))
+            self.acc.init_trackers(cfg.project_name, config=flat_config(_plain(cfg)))  # scalars and strings only
         self.say(
             f"{cfg.model}: {self.gen.num_params():,} params | {self.world} process(es) x batch {self.micro} x "
             f"accum {self.accum} = {cfg.global_batch_size} | peak lr {self.peak_lr:.3g} | {self.total_steps} steps "
-            f"({self.steps_per_epoch}/epoch) | {cfg.mixed_precision} | {self.acc.device} | "
+            f"({self.steps_per_epoch}/epoch) | mixed precision {cfg.mixed_precision} ({self.precision_source}) | "
+            f"{'ema ' + str(cfg.ema_decay) + ' | ' if self.ema is not None else ''}{self.acc.device} | "
             f"{self.policy.train_step} step | policy: {self.policy.describe()}"
         )
 
@@ -290,6 +305,8 @@ class Trainer:
                 for _ in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
                     lr, grad_norm = self._one_step(batches)
                     self._log(lr, grad_norm)
+                    if self.main and self.samples.due(self.step):
+                        self.samples.write(self.gen, self.step, self.ema, self.acc.trackers)
                     signalled = signal_on_any_process(self.acc, stop.received)
                     if signalled or self._checkpoint_due():
                         self.result.last_checkpoint = self.save()
@@ -429,10 +446,24 @@ class Trainer:
         check_finite(self.gen, self.step, self.checkpointer.last, str(final))  # never export a diverged model
         if self.main:
             with disk_errors(final):
-                self.gen.save_pretrained(final)
+                self._export(final)
         self.result.final_dir = final
         self.say(f"done: {self.step} steps; model saved to {final} (load with aimkit.build({str(final)!r}))")
         return self._end()
+
+    def _export(self, final: Path) -> None:
+        """``final``: the model (with a moving average: the averaged weights, the trained ones in
+        ``final/raw`` and ``final/ema.json`` saying so)."""
+        if self.ema is None:
+            self.gen.save_pretrained(final)
+            return
+        self.gen.save_pretrained(final / "raw")
+        with self.ema.swapped_in():
+            check_finite(self.gen, self.step, self.checkpointer.last, f"{final} (the moving average)")
+            self.gen.save_pretrained(final)
+        record = {"weights": "ema", "ema_decay": self.cfg.ema_decay, "step": self.step, "raw": "raw",
+                  "note": "model.safetensors holds the moving average of the weights; raw/ the trained weights"}
+        write_text_atomic(final / "ema.json", json.dumps(record, indent=1) + "\n")
 
     def _end(self) -> TrainResult:
         self.acc.wait_for_everyone()

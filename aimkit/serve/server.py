@@ -1,0 +1,127 @@
+"""HTTP for the demo, on the standard library's :class:`http.server.ThreadingHTTPServer`.
+
+Routes (GET only):
+
+* ``/``: the page (:mod:`aimkit.serve._page`).
+* ``/generate?class=...&cfg_scale=...&temperature=...&top_k=...&top_p=...&seed=...&count=...``:
+  ``image/png``, the grid, with headers ``X-Aimkit-Seed``, ``X-Aimkit-Labels`` and
+  ``X-Aimkit-Seconds``; ``400`` with the one-line message for a bad value; ``429`` (with
+  ``Retry-After``) when the queue is full; ``500`` for anything else (logged with its traceback).
+
+Each connection gets a thread, but the model runs one grid at a time (:class:`~aimkit.serve.app.DemoApp`).
+Requests are logged through :mod:`logging` (logger ``aimkit.serve``), not printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import AimkitError
+from ._page import render_page
+from .app import BusyError, DemoApp
+
+__all__ = ["DemoServer", "make_server", "RETRY_AFTER_S"]
+
+logger = logging.getLogger("aimkit.serve")
+
+RETRY_AFTER_S = 5  # what a 429 tells the client to wait
+_MAX_FIELDS = 32  # form fields parsed at most (there are 7)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DemoServer
+    server_version = "aimkit-serve"
+    protocol_version = "HTTP/1.1"  # keep-alive; every answer carries its Content-Length
+
+    def do_GET(self) -> None:  # the name http.server calls
+        url = urlsplit(self.path)
+        if url.path in ("/", "/index.html"):
+            self._send(HTTPStatus.OK, render_page(self.server.app).encode(), "text/html; charset=utf-8")
+        elif url.path == "/generate":
+            self._generate(url.query)
+        else:
+            self._text(HTTPStatus.NOT_FOUND, f"no page {url.path!r}; the demo is at /")
+
+    def _generate(self, query: str) -> None:
+        try:
+            fields = parse_qs(query, keep_blank_values=True, max_num_fields=_MAX_FIELDS)
+            result = self.server.app.handle(fields)
+        except BusyError as exc:
+            self._text(HTTPStatus.TOO_MANY_REQUESTS, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
+            return
+        except AimkitError as exc:
+            self._text(HTTPStatus.BAD_REQUEST, str(exc))
+            return
+        except ValueError as exc:  # parse_qs: too many fields, bad encoding
+            self._text(HTTPStatus.BAD_REQUEST, f"bad query: {exc}")
+            return
+        except Exception:  # a bug: the client gets a line, the log the traceback
+            logger.exception("generating %s failed", query)
+            self._text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error while generating; see the server's log")
+            return
+        request = result.request
+        headers = {
+            "X-Aimkit-Seed": str(request.seed),
+            "X-Aimkit-Labels": ",".join(map(str, request.labels)),
+            "X-Aimkit-Seconds": f"{result.seconds:.2f}",
+        }
+        self._send(HTTPStatus.OK, result.png, "image/png", headers)
+
+    def _text(self, status: HTTPStatus, message: str, headers: dict | None = None) -> None:
+        line = " ".join(message.split())  # one line, whatever the message held
+        self._send(status, f"{line}\n".encode(), "text/plain; charset=utf-8", headers)
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, headers: dict | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client left before the answer
+            logger.info("client %s left before the answer", self.client_address[0])
+
+    def log_message(self, format: str, *args) -> None:  # http.server's signature
+        logger.info("%s %s", self.address_string(), format % args)
+
+
+class DemoServer(ThreadingHTTPServer):
+    """A threading HTTP server holding the :class:`~aimkit.serve.app.DemoApp` it serves.
+
+    ``app`` may be set after binding (the command binds the port before the slow model build),
+    but before :meth:`serve_forever`.
+    """
+
+    daemon_threads = True  # connection threads never keep the process alive after shutdown
+
+    def __init__(self, address: tuple[str, int], app: DemoApp | None = None) -> None:
+        super().__init__(address, _Handler)
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/`` as bound (the real port when 0 was asked for)."""
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/"
+
+
+def make_server(app: DemoApp | None, host: str = "127.0.0.1", port: int = 7860) -> DemoServer:
+    """Bind the demo's server (``port=0``: a free port, see :attr:`DemoServer.url`); call
+    ``serve_forever()`` on it, and ``shutdown()`` + ``server_close()`` from another thread to stop.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    cls = DemoServer
+    if ":" in host:  # an IPv6 address
+        cls = type("DemoServer6", (DemoServer,), {"address_family": socket.AF_INET6})
+    return cls((host, port), app)
