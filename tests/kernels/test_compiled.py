@@ -67,14 +67,13 @@ def test_beyond_the_recompile_limit_calls_run_uncompiled(monkeypatch):
     import aimkit.kernels.compiled as compiled
 
     monkeypatch.setattr(compiled, "RECOMPILE_LIMIT", 2)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
 
     def double_plus_one(x):
         return x * 2 + 1
 
     wrapped = compiled.TrainCompiled(double_plus_one, backend="aot_eager")
     torch._dynamo.reset()
-    with pytest.warns(UserWarning, match="more than 2 specialisations"):
+    with torch._dynamo.config.patch(recompile_limit=2), pytest.warns(UserWarning, match="more than 2 specialisations"):
         for n in range(1, 7):  # six shapes, each a specialisation (dynamic=False)
             x = torch.arange(float(n))
             torch.testing.assert_close(wrapped(x.device, x), x * 2 + 1)
