@@ -203,6 +203,7 @@ def test_generate_labels_by_name(tmp_path, capsys, captions):
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [
         "00000_class9.png", "00001_class2.png", "00002_class3.png"]
     assert captions == [["9 yak", "2 Golden Retriever", "3 tabby cat"]]
+    assert "generated 3 images" in capsys.readouterr().err  # the status line (logged on stderr)
     argv[4] = "golden retreiver"
     _one_line(capsys, main(argv), "unknown class name 'golden retreiver'", "did you mean 'golden retriever'")
 

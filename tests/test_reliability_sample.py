@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -106,6 +107,15 @@ def _one_line(capsys, prefix):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(prefix), err
     return err[0]
+
+
+def _one_warning(caplog, prefix):
+    """The one warning logged since the last call (library calls log; the CLI shows them on stderr)."""
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    lines = [r.getMessage() for r in records]
+    assert len(lines) == 1 and lines[0].startswith(prefix) and records[0].name.startswith("aimkit."), lines
+    return lines[0]
 
 
 def _shards(tmp_path, num=6, **kw):
@@ -247,7 +257,7 @@ def _tamper_cases(shards, tmp_path):
             ("typed record", record_wrong_types, "malformed"), ("no record", record_missing, "no record")]
 
 
-def test_damaged_or_swapped_shards_are_refused_then_regenerated(tmp_path, capsys):
+def test_damaged_or_swapped_shards_are_refused_then_regenerated(tmp_path, caplog):
     shards = _shards(tmp_path)
     good = _npz(pack_npz(shards, tmp_path / "good.npz"))
     good_bytes = (tmp_path / "good.npz").read_bytes()
@@ -257,17 +267,17 @@ def test_damaged_or_swapped_shards_are_refused_then_regenerated(tmp_path, capsys
             pack_npz(shards, tmp_path / "good.npz")
         assert "\n" not in str(info.value), name
         assert (tmp_path / "good.npz").read_bytes() == good_bytes  # the old result is untouched
-        capsys.readouterr()
+        caplog.clear()
         run = sample_to_shards(StubGen(), shards, 6, **RUN)
         assert run.written == (1,) and run.skipped == (0, 2), name  # never counted as done
-        line = _one_line(capsys, "aimkit sample: shard-00001.npz")
+        line = _one_warning(caplog, "aimkit sample: shard-00001.npz")
         assert "generating it again" in line, name
         again = _npz(pack_npz(shards, tmp_path / "again.npz"))
         np.testing.assert_array_equal(again["arr_0"], good["arr_0"])
         np.testing.assert_array_equal(again["arr_1"], good["arr_1"])
 
 
-def test_pickled_shard_is_refused_without_running_it(tmp_path, capsys):
+def test_pickled_shard_is_refused_without_running_it(tmp_path, caplog):
     shards = _shards(tmp_path)
     marker = tmp_path / "pwned"
     labels = np.load(shards / LABELS_NAME)[2:4]
@@ -282,7 +292,7 @@ def test_pickled_shard_is_refused_without_running_it(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "x.npz").exists()
     run = sample_to_shards(StubGen(), shards, 6, **RUN)
     assert run.written == (1,) and not marker.exists()
-    assert "cannot be read" in _one_line(capsys, "aimkit sample: shard-00001.npz")
+    assert "cannot be read" in _one_warning(caplog, "aimkit sample: shard-00001.npz")
     pack_npz(shards, tmp_path / "x.npz")
 
 
@@ -301,8 +311,9 @@ def test_damaged_manifest_is_one_error(tmp_path, content):
     assert not (tmp_path / "x.npz").exists()
 
 
-def test_damaged_labels_file_is_refused_then_rewritten(tmp_path, capsys):
+def test_damaged_labels_file_is_refused_then_rewritten(tmp_path, caplog):
     shards = _shards(tmp_path)
+    caplog.clear()
     expected = np.load(shards / LABELS_NAME)
     for bad in (b"garbage", None):
         if bad is None:
@@ -312,7 +323,7 @@ def test_damaged_labels_file_is_refused_then_rewritten(tmp_path, capsys):
         with pytest.raises(ConfigError, match="labels.npy is missing or damaged"):
             pack_npz(shards, tmp_path / "x.npz")
         sample_to_shards(StubGen(), shards, 6, **RUN)
-        assert "labels.npy" in _one_line(capsys, "aimkit sample: ")
+        assert "labels.npy" in _one_warning(caplog, "aimkit sample: ")
         np.testing.assert_array_equal(np.load(shards / LABELS_NAME), expected)
     pack_npz(shards, tmp_path / "x.npz")
 
@@ -611,6 +622,7 @@ def test_eval_json_is_written_atomically(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     assert main(argv) == 0
     assert json.loads(report.read_text())["frechet_distance"] == 3.0
+    assert f"wrote {report}" in capsys.readouterr().err  # the status lines (logged on stderr)
     assert main([*argv[:-1], str(tmp_path)]) == 2  # --json naming a folder
     assert "existing directory" in _one_line(capsys, "aimkit eval: error: ")
 

@@ -372,13 +372,13 @@ def test_cli_sample_then_fid(tmp_path, monkeypatch, capsys, trusted_inception_fi
     shard_dir = tmp_path / "samples.npz.shards"
     manifest = json.loads((shard_dir / MANIFEST_NAME).read_text())
     assert manifest["sampling"]["cfg_scale"] == 1.5 and manifest["sampling"]["top_k"] == 0  # override + preset
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in capsys.readouterr().err  # the status line (logged on stderr)
 
     (shard_dir / shard_name(1)).unlink()  # an interrupted run: rerunning fills the gap, same result
     out.unlink()
     assert main(argv) == 0
     np.testing.assert_array_equal(_load_npz(out)["arr_0"], samples["arr_0"])
-    assert "skipped 2 finished shards" in capsys.readouterr().out
+    assert "skipped 2 finished shards" in capsys.readouterr().err
 
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))

@@ -7,6 +7,7 @@ before anything is sampled.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ DESCRIPTION = (
     "as their label; chance is 1/36) and the Fréchet distance between classifier features of the "
     "generated images and of as many real images with the same labels."
 )
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
@@ -37,6 +40,9 @@ def add_arguments(parser) -> None:
                         help="auto, cpu or cuda (default auto)")
     parser.add_argument("--grid", default="eval_grid.png", help="PNG grid of the first images (default eval_grid.png)")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: a bar in images, advanced at every token step, with rate "
+                        "and ETA, on a terminal or once sampling has run 5 s)")
 
 
 def run(args) -> int:
@@ -64,12 +70,15 @@ def run(args) -> int:
     if num_classes != len(class_names()):
         raise ConfigError(f"{args.model} has {num_classes} classes; the shapes dataset has {len(class_names())}")
     pretrained = weights_for(args.model, args.pretrained, args.random_weights)
+    log.debug("building %s (weights: %s) on %s", args.model, pretrained, device)
     gen = aimkit.build(args.model, pretrained=pretrained, device=device)
     labels = torch.arange(args.num) % gen.num_classes
     start = time.perf_counter()
     images = gen.generate(labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, output="tensor")
+                          top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, output="tensor",
+                          progress=False if args.no_progress else None)
     seconds = time.perf_counter() - start
+    log.info("classifying %d generated and %d real images", args.num, args.num)
     report = evaluate_generated(images, labels)
     print(f"images: {report.num_images} in {seconds:.1f} s ({report.num_images / seconds:.1f} img/s on {device})")
     print(f"conditional accuracy: {report.conditional_accuracy:.4f} (chance {1 / gen.num_classes:.4f})")
@@ -80,8 +89,9 @@ def run(args) -> int:
     if grid_images.shape[1] < 128:  # small images: nearest-neighbour 2x so the captions have room
         grid_images = grid_images.repeat(2, axis=1).repeat(2, axis=2)
     path = save_grid(grid_images, args.grid, nrow=12, labels=labels[:n_show].tolist(), class_names=class_names())
-    print(f"wrote {path}")
+    log.info("wrote %s", path)
     if args.json:
         record = {**report.__dict__, "seconds": seconds, "device": device, "model": args.model, "seed": args.seed}
         write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
+        log.info("wrote %s", args.json)
     return 0

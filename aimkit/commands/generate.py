@@ -21,6 +21,7 @@ an earlier grid with a truncated file.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ HELP = "sample images of chosen classes into a PNG grid"
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 __all__ = ["HELP", "add_arguments", "run", "check_outputs"]
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
@@ -82,7 +85,9 @@ def add_arguments(parser) -> None:
                         "replaced, each atomically once sampling has succeeded)")
     parser.add_argument("--captions", action="store_true",
                         help="write each image's class (id and name, where the model has names) under it in the grid")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: a bar in images, advanced at every token step, with rate "
+                        "and ETA, on a terminal or once sampling has run 5 s)")
 
 
 def check_outputs(out, out_dir) -> None:
@@ -156,8 +161,10 @@ def run(args) -> int:
     num = args.num if args.num is not None or args.labels is not None else 8
     pretrained = _check_before_build(args, num)
     check_outputs(args.out, args.out_dir)
+    log.debug("building %s (weights: %s) on %s in %s", args.model, pretrained, _device(args.device), args.dtype)
     model = build(args.model, pretrained=pretrained, device=_device(args.device), dtype=args.dtype)
     labels = resolve_labels(model, args.labels, num, args.seed)  # fixed here to name the files
+    log.debug("model %r; labels %s", model, labels.tolist()[:32])
     spec = model.config.sampler
     sampler_cls = SAMPLERS.get(spec.name)
     sampler = sampler_cls() if spec.config is None else sampler_cls(config=spec.config)
@@ -183,8 +190,6 @@ def run(args) -> int:
     written = _write(images, labels, args, model)
     capture = getattr(sampler, "total_capture_seconds", None)
     extra = f", including {capture:.2f} s of CUDA graph capture" if capture else ""
-    print(
-        f"generated {len(images)} images in {seconds:.2f} s ({len(images) / seconds:.2f} images/s{extra}) "
-        f"on {model.device}; wrote {', '.join(written)}"
-    )
+    log.info("generated %d images in %.2f s (%.2f images/s%s) on %s; wrote %s", len(images), seconds,
+             len(images) / seconds, extra, model.device, ", ".join(written))
     return 0

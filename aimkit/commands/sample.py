@@ -28,6 +28,7 @@ model is built.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ HELP = "sample images for FID into an ADM-layout .npz (sharded, resumable, accel
 DESCRIPTION = __doc__.split("\n\n")[0]
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model", "lock_shard_dir"]
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
@@ -81,7 +84,9 @@ def add_arguments(parser) -> None:
                         help="1: feed token k at position k + 1 as the official AiM sampler does (its published "
                         "FIDs); 0: as in training (default: the model's config)")
     parser.add_argument("--delete-shards", action="store_true", help="remove the shard directory after packing")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: one bar in images, advanced at every token step, with rate "
+                        "and ETA; off a terminal redrawn every 10 s)")
 
 
 def _process_device(name: str, state) -> torch.device:
@@ -157,6 +162,7 @@ def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> i
     from ..eval.fid_sampling import pack_npz, sample_to_shards
 
     device = _process_device(args.device, state)
+    log.debug("process %d of %d builds %s on %s", state.process_index, state.num_processes, args.model, device)
     model = build_model(args, device)
 
     start = time.perf_counter()
@@ -185,8 +191,6 @@ def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> i
         shutil.rmtree(shard_dir)
     rate = f" ({summary.images / seconds:.2f} images/s)" if summary.images and seconds > 0 else ""
     where = f"{state.num_processes} processes" if state.num_processes > 1 else str(device)
-    print(
-        f"wrote {out}: {args.num} images ({args.labels} labels); the main process generated "
-        f"{summary.images} now{rate} on {where} and skipped {len(summary.skipped)} finished shards"
-    )
+    log.info("wrote %s: %d images (%s labels); the main process generated %d now%s on %s and skipped %d "
+             "finished shards", out, args.num, args.labels, summary.images, rate, where, len(summary.skipped))
     return 0

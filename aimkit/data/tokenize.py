@@ -24,8 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,8 @@ from .images import RESIZE_RATIO, ImageSkipped, crop_variants, load_image, scan_
 from .tokens import TokenShardWriter
 
 __all__ = ["MAX_BATCH", "MAX_WORKERS", "TokenizeReport", "check_sizes", "tokenize_folder"]
+
+log = logging.getLogger(__name__)
 
 MAX_WORKERS = 256  # decoding processes per process; far above any useful count
 MAX_BATCH = 2**20  # images encoded together / per shard
@@ -157,7 +159,9 @@ def tokenize_folder(
         shard_size: images per shard.
         num_workers: image-decoding worker processes per process.
         device: where to encode; default: this process's accelerator device.
-        progress: show a progress bar on the main process.
+        progress: show a progress bar on the main process (images, with rate and ETA; off a
+            terminal redrawn every 10 s). Skipped images and repaired shards are logged as warnings
+            (logger ``aimkit.data.tokenize``).
 
     Raises:
         ConfigError: bad arguments, a missing or empty ``data`` tree, ``out`` not writable or
@@ -207,8 +211,9 @@ class _Job:
         self.bad_files: list[str] = []
 
     def say(self, line: str) -> None:
+        """A warning about the run (a damaged shard redone, empty class folders), from the main process."""
         if self.state.is_main_process:
-            print(line, file=sys.stderr, flush=True)
+            log.warning("%s", line)
 
     def _writer(self, plan: dict[str, Any]):
         # the main process writes the index first; the others read it; all agree on `pending`
@@ -264,18 +269,18 @@ class _Job:
             shards_redone=redone,
         )
 
-    def _skipped(self, path: str, why: str, bar) -> None:
+    def _skipped(self, path: str, why: str) -> None:
         if len(self.bad_files) < _SHOWN_BAD:
             self.bad_files.append(path)
-            bar.write(f"skipping image {path}: {why}", file=sys.stderr)
+            log.warning("skipping image %s: %s", path, why)
             if len(self.bad_files) == _SHOWN_BAD:
-                bar.write(f"(more than {_SHOWN_BAD} images skipped: the rest are only counted)", file=sys.stderr)
+                log.warning("(more than %d images skipped: the rest are only counted)", _SHOWN_BAD)
 
     def _encode(self, writer, loader, batch_shard: list[int], mine: list[int], todo: int) -> None:
-        from tqdm.auto import tqdm
+        from ..samplers.api import progress_bar
 
         files, tok, device = self.scan.files, self.tokenizer, self.device
-        bar = tqdm(total=todo, unit="img", desc="tokenize", disable=not (self.progress and self.state.is_main_process))
+        bar = progress_bar(todo, "tokenize", bool(self.progress and self.state.is_main_process))
         parts: dict[int, list[Any]] = {}
         remaining = {s: sum(1 for t in batch_shard if t == s) for s in mine}
         with torch.inference_mode():
@@ -288,7 +293,7 @@ class _Job:
                     entry[1].append(labels)
                 for i, why in bad:
                     entry[2] += 1
-                    self._skipped(files[i][0], why, bar)
+                    self._skipped(files[i][0], why)
                 bar.update(len(idx) + len(bad))
                 remaining[shard] -= 1
                 if remaining[shard] == 0:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ._fid_plan import MAX_NUM, READ_ERRORS, is_int
 
 PathLike = str | os.PathLike
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.npy"
@@ -222,10 +223,10 @@ def prepare_dir(out_dir: Path, manifest: dict[str, Any], labels: np.ndarray) -> 
 
 
 def say(line: str) -> None:
-    """One line on stderr (without breaking a tqdm bar)."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"aimkit sample: {line}", file=sys.stderr)
+    """A warning about the shard folder (a file redone), logged as ``aimkit sample: LINE``; the
+    command line shows it on stderr without breaking the bar, a script through its logging setup
+    (or Python's fallback to stderr)."""
+    log.warning("aimkit sample: %s", line)
 
 
 def _manifest_field(manifest: dict[str, Any], path: Path, key: str, low: int = 1) -> int:

@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ import torch
 
 from .._lock import FolderLock
 from ..errors import ConfigError
+from ..samplers.api import progress_bar
 from ._fid_packing import pack_npz
 from ._fid_plan import (
     MAX_NUM,
@@ -92,6 +94,8 @@ __all__ = [
     "sample_to_shards",
     "pack_npz",
 ]
+
+log = logging.getLogger(__name__)
 
 _SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p")
 _JSON_SCALARS = (bool, int, float, str, type(None))
@@ -186,19 +190,24 @@ def _pending_shards(out_dir: Path, mine: list[int], run: str, labels: np.ndarray
 
 
 def _generate_shard(model, labels: np.ndarray, seed: int, shard: int, batch_size: int, settings, bar) -> np.ndarray:
+    """The images of one shard; ``bar`` (images) advances by token steps inside each batch where the
+    model's ``generate`` drives it, else by whole batches."""
     parts = []
     for j, b0 in enumerate(range(0, len(labels), batch_size)):
         chunk = labels[b0:b0 + batch_size]
+        done = bar.n + len(chunk)
         images = model.generate(
             torch.from_numpy(chunk.copy()),
             seed=shard_seed(seed, shard, j),
             output="uint8",
             batch_size=len(chunk),
-            progress=False,
+            progress=False if bar.disable else bar,
             **settings,
         )
         parts.append(_as_uint8_nhwc(images, len(chunk)))
-        bar.update(len(chunk))
+        if bar.n < done:  # a generate that does not drive the bar
+            bar.update(done - bar.n)
+        bar.n = done
     return np.concatenate(parts)
 
 
@@ -250,7 +259,8 @@ def sample_to_shards(
         shard_size: images per shard file (the resume granularity).
         process_index: this process, in ``[0, num_processes)``.
         num_processes: processes sharing the run (``accelerate launch``).
-        progress: show a tqdm bar (images/s) on process 0.
+        progress: show a tqdm bar on process 0: images, advanced at every token step of a batch,
+            with rate and ETA (off a terminal redrawn every 10 s).
         metadata: JSON-serialisable facts stored in the manifest and checked on resume
             (the command line stores the model name, weights and dtype).
         lock: a :class:`~aimkit._lock.FolderLock` on ``out_dir`` that the caller holds for longer
@@ -280,12 +290,10 @@ def sample_to_shards(
         skipped = tuple(sorted(set(mine) - set(pending)))
         todo = sum(min(shard_size, num - s * shard_size) for s in pending)
 
-        from tqdm.auto import tqdm
-
         desc = "sampling" if num_processes == 1 else f"sampling (process 0 of {num_processes})"
-        bar = tqdm(total=todo, unit="img", desc=desc, disable=not progress or process_index != 0, dynamic_ncols=True)
-        if skipped and progress and process_index == 0:
-            bar.write(f"{len(skipped)} of this process's {len(mine)} shards are already done; skipping them")
+        bar = progress_bar(todo, desc, bool(progress) and process_index == 0)
+        if skipped and process_index == 0:
+            log.info("%d of this process's %d shards are already done; skipping them", len(skipped), len(mine))
         with bar, torch.no_grad():
             for s in pending:
                 shard_labels = label_array[s * shard_size:min((s + 1) * shard_size, num)]

@@ -1,4 +1,4 @@
-"""``generate``: class labels in, images (or tokens) out, in batches with a progress bar.
+"""``generate``: class labels in, images (or tokens) out, in batches with a progress bar by token step.
 
 Example::
 
@@ -12,7 +12,9 @@ Unspecified sampling settings come from the model's preset: ``model.config.fid_s
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import numbers
 import sys
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -27,7 +29,8 @@ from ..registry import SAMPLERS
 from .logits import check_sampling_args
 from .schedules import get_schedule
 
-__all__ = ["OUTPUTS", "MAX_IMAGES", "class_id", "class_names_of", "generate", "resolve_labels", "to_uint8", "to_pil"]
+__all__ = ["OUTPUTS", "MAX_IMAGES", "class_id", "class_names_of", "generate", "progress_bar", "resolve_labels",
+           "to_uint8", "to_pil"]
 
 OUTPUTS = ("tokens", "tensor", "uint8", "pil")
 # generate() returns every image in memory; more than this many images in one call is refused up
@@ -247,7 +250,7 @@ def generate(
     output: str = "tensor",
     batch_size: int = 64,
     schedule: str | Callable[[int, int, float], float] = "constant",
-    progress: bool | None = None,
+    progress: Any = None,
     defaults: str = "fid",
     sampler: Any = None,
 ):
@@ -272,8 +275,9 @@ def generate(
         batch_size: images sampled together (the decoding batch is twice this under guidance).
         schedule: guidance schedule, ``"constant"``, ``"linear"`` or a callable, see
             :mod:`aimkit.samplers.schedules`.
-        progress: show a tqdm bar; None shows it when there is more than one batch or stderr
-            is a terminal.
+        progress: a tqdm bar on stderr in images, advanced at every token step (rate and ETA):
+            True / False, or None to show it when stderr is a terminal, else once the work has run
+            5 s; or an open bar counting images (:func:`progress_bar`), advanced and left open.
         defaults: ``"fid"`` or ``"pretty"``: which preset sampling settings fill the arguments
             left as None.
         sampler: a sampler object or registered sampler name; None uses ``model.config.sampler``.
@@ -316,17 +320,119 @@ def _check_call(model, output: str, defaults: str, batch_size: Any, seed: Any) -
         )
 
 
-def _sample_batches(model, sampler, labels: Tensor, batch_size: int, output: str, progress: bool | None,
+def _sample_batches(model, sampler, labels: Tensor, batch_size: int, output: str, progress: Any,
                     settings: dict):
-    """Sample ``labels`` in batches of ``batch_size`` with a progress bar; the joined output."""
+    """Sample ``labels`` in batches of ``batch_size``, advancing one image bar by token steps; the
+    joined output."""
+    extra_args = {}
+    parts = []
+    with _bar_for(progress, labels.numel(), "generating") as bar:
+        steps = _TokenSteps(bar)
+        if _accepts_on_step(sampler):
+            extra_args["on_step"] = steps
+        for batch in labels.split(batch_size):
+            steps.start(batch.numel())
+            codes = sampler.sample_tokens(model, batch, **settings, **extra_args)
+            steps.finish()
+            parts.append(_convert(model, codes, output))
+    return _join(parts, output)
+
+
+# ---------------------------------------------------------------------------------------- progress
+_LONG_WORK_SECONDS = 5.0  # stderr not a terminal, progress=None: a bar appears once the work runs this long
+_LOG_REFRESH_SECONDS = 10.0  # stderr not a terminal (a log file): the bar is redrawn at most this often
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_img}/{total_fmt} img [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+def _count_text(n: float | None) -> str:
+    """An image count with fractional progress: ``12.5``, or ``64`` when whole."""
+    if n is None:
+        return ""
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.1f}"
+
+
+@functools.lru_cache(maxsize=1)
+def _image_bar_class():
     from tqdm.auto import tqdm
 
-    batches = labels.split(batch_size)
-    show = (len(batches) > 1 or sys.stderr.isatty()) if progress is None else bool(progress)
-    parts = []
-    with tqdm(total=labels.numel(), unit="img", desc="generating", disable=not show) as bar:
-        for batch in batches:
-            codes = sampler.sample_tokens(model, batch, **settings)
-            parts.append(_convert(model, codes, output))
-            bar.update(batch.numel())
-    return _join(parts, output)
+    class ImageBar(tqdm):
+        """A tqdm bar over images that advances by fractions of a batch (one token step at a time)."""
+
+        @property
+        def format_dict(self):
+            values = super().format_dict
+            values["n_img"] = _count_text(values.get("n"))
+            return values
+
+    return ImageBar
+
+
+def _stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def progress_bar(total: int, desc: str, show: bool | None = None, **kwargs: Any):
+    """A tqdm bar on stderr counting ``total`` images, with rate and ETA.
+
+    Args:
+        total: images the work makes.
+        desc: the bar's label.
+        show: True / False; None shows it when stderr is a terminal, else only once the work has run
+            for 5 s. Off a terminal (a log file) it is redrawn at most every 10 s.
+        **kwargs: further tqdm arguments (``disable`` wins over ``show``).
+    """
+    terminal = _stderr_is_terminal()
+    options: dict[str, Any] = {} if terminal else {"mininterval": _LOG_REFRESH_SECONDS}
+    if show is None and not terminal:
+        options["delay"] = _LONG_WORK_SECONDS
+    options.update(kwargs)
+    options.setdefault("disable", show is False or total <= 0)
+    return _image_bar_class()(total=total, desc=desc, unit="img", bar_format=_BAR_FORMAT, file=sys.stderr,
+                              dynamic_ncols=True, **options)
+
+
+@contextlib.contextmanager
+def _bar_for(progress: Any, total: int, desc: str):
+    """``progress`` itself when it is a bar (advanced, not closed), else a new :func:`progress_bar`."""
+    if callable(getattr(progress, "update", None)):
+        yield progress
+        return
+    with progress_bar(total, desc, None if progress is None else bool(progress)) as bar:
+        yield bar
+
+
+def _accepts_on_step(sampler) -> bool:
+    try:
+        params = inspect.signature(sampler.sample_tokens).parameters
+    except (TypeError, ValueError):
+        return False
+    return "on_step" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class _TokenSteps:
+    """The sampler's ``on_step`` callback: moves an image bar by ``batch / num_tokens`` per token step.
+
+    Reads nothing from the device (the sampler passes Python ints), so it costs no synchronisation.
+    """
+
+    def __init__(self, bar):
+        self._bar, self._base, self._size = bar, 0.0, 0
+
+    def start(self, size: int) -> None:
+        self._base, self._size = float(self._bar.n or 0), size
+
+    def __call__(self, step: int, num_steps: int) -> None:
+        self._to(self._base + self._size * (step + 1) / num_steps)
+
+    def finish(self) -> None:
+        self._to(self._base + self._size)
+
+    def _to(self, target: float) -> None:
+        if self._bar.disable or target <= self._bar.n:
+            return
+        self._bar.update(target - self._bar.n)
+        self._bar.n = target  # exact: whole batches end on whole image counts

@@ -164,6 +164,7 @@ class AutoregressiveSampler:
         top_p: float,
         generator: torch.Generator | None = None,
         schedule: str | Callable[[int, int, float], float] = "constant",
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Sample ``model.num_tokens`` image tokens per label.
 
@@ -177,6 +178,10 @@ class AutoregressiveSampler:
             top_p: nucleus mass in (0, 1] (1 = all).
             generator: random source on the model's device; seed it for reproducible tokens.
             schedule: guidance schedule name or callable ``(step, num_steps, base_scale)``.
+            on_step: called as ``on_step(k, N)`` on the host once token ``k`` of ``N`` has been
+                issued (k = 0 .. N-1, in order); for progress bars. It gets Python ints only, so it
+                adds no device synchronisation; on CUDA the host runs ahead of the device by the
+                launch queue, so the last calls come slightly before the tokens are computed.
 
         Returns:
             (B, N) int64 codes on the model's device, N = ``model.num_tokens``.
@@ -221,6 +226,8 @@ class AutoregressiveSampler:
                 if k + 1 < num_tokens:
                     logits = decoder.step(next_tokens)
                     params.advance(1)
+                if on_step is not None:
+                    on_step(k, num_tokens)
             check.finish()
         return codes.clone()  # a normal tensor, usable outside inference mode
 
