@@ -35,7 +35,7 @@ test-all: setup
 
 # the rule set is pinned in pyproject.toml ([tool.ruff.lint]); CI (.ci/run) runs this and `make test`
 lint: setup
-	$(BIN)/ruff check aimkit tests recipes benchmarks
+	$(BIN)/ruff check aimkit tests recipes benchmarks scripts
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
