@@ -618,7 +618,8 @@ def test_convert_into_a_new_or_empty_directory_leaves_no_temporaries(official_fi
         out.mkdir()
     code, _ = _cli(capsys, ["convert", str(official_file), str(out), "--model", "aim-tiny-shapes"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    written = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden temporary folder left
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's 0700
 
