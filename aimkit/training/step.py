@@ -78,9 +78,11 @@ def _limit(max_grad_norm: float | None) -> float:
 
 
 def _batch_loss(model: nn.Module, inputs: Tensor, labels: Tensor, amp_dtype, compile_loss: bool) -> Tensor:
+    """The () float32 loss of one micro-batch. The cross-entropy runs inside the autocast region
+    too (it computes in float32 either way), as the step measured fastest did (docs/benchmarks.md)."""
     with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(inputs, labels)  # (B, N, V)
-    return token_cross_entropy(logits, inputs, compiled=compile_loss)
+        return token_cross_entropy(logits, inputs, compiled=compile_loss)
 
 
 class _NoAccelerator:
