@@ -153,3 +153,16 @@ def _how_to_get_weights(model: str) -> str:
         return (f"pass --pretrained published (hf-hub:{record.repo_id}, downloaded once into the Hugging Face "
                 "cache), --pretrained PATH or hf-hub:ORG/NAME")
     return "pass --pretrained PATH (a checkpoint file or save_pretrained folder) or hf-hub:ORG/NAME"
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def add_device_arguments(parser, dtype: bool = True,
+                         device_help: str = "auto (default) uses CUDA when available") -> None:
+    """``--device auto|cpu|cuda`` and (with ``dtype``) ``--dtype float32|bfloat16``, as every
+    sampling command spells them."""
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=device_help)
+    if dtype:
+        parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                            help="parameter dtype (default float32)")

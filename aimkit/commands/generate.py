@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .._io import check_writable_dir
 from ..errors import ConfigError
-from ._args import add_weight_arguments, class_labels, weights_for
+from ._args import add_device_arguments, add_weight_arguments, class_labels, weights_for
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
 from ._args import seed as _seed
@@ -75,10 +75,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                         help="images sampled together (default 32; the decode batch is 2N with guidance)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto (default) uses CUDA when available")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="parameter dtype (default float32)")
+    add_device_arguments(parser)
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="grid image to write (default samples.png)")
     parser.add_argument("--out-dir", metavar="DIR",
                         help="also write every image as DIR/NNNNN_class<id>.png (files of those names are "

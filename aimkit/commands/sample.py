@@ -39,7 +39,7 @@ from .._io import check_writable_dir
 from .._lock import lock_on_main_process
 from ..build import build, resolve_config
 from ..errors import ConfigError
-from ._args import add_weight_arguments, weights_for
+from ._args import add_device_arguments, add_weight_arguments, weights_for
 from ._args import positive_int as _positive_int
 from ._args import seed as _seed
 
@@ -76,10 +76,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, metavar="F", help="nucleus mass, 1 = all (default: preset FID setting)")
     parser.add_argument("--schedule", choices=("constant", "linear"), default="constant",
                         help="guidance scale over the tokens (default constant)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto (default): the device accelerate assigns to this process (CUDA when available)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="parameter dtype (default float32)")
+    add_device_arguments(
+        parser, device_help="auto (default): the device accelerate assigns to this process (CUDA when available)")
     parser.add_argument("--decode-position-offset", type=int, choices=(0, 1),
                         help="1: feed token k at position k + 1 as the official AiM sampler does (its published "
                         "FIDs); 0: as in training (default: the model's config)")

@@ -18,7 +18,7 @@ import ipaddress
 import sys
 
 from ..errors import ConfigError
-from ._args import add_weight_arguments, weights_for
+from ._args import add_device_arguments, add_weight_arguments, weights_for
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
 
@@ -60,10 +60,7 @@ def add_arguments(parser) -> None:
                         help="requests that may wait while one grid generates; more get HTTP 429 (default 4)")
     parser.add_argument("--max-count", type=_positive_int, default=16, metavar="N",
                         help="the most images one request may ask for (default 16)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto (default) uses CUDA when available")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="parameter dtype (default float32)")
+    add_device_arguments(parser)
 
 
 def _is_loopback(host: str) -> bool:
