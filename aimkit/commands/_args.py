@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["policy", "positive_int", "seed", "resolve_device", "add_weight_arguments", "weights_for",
+__all__ = ["bounded_int", "policy", "positive_int", "seed", "resolve_device", "add_weight_arguments", "weights_for",
            "class_labels"]
 
 PUBLISHED = "published"  # --pretrained published: the weights a preset ships or publishes
@@ -25,15 +25,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def seed(text: str) -> int:
-    """A seed in [0, 2**63) (what ``torch.Generator.manual_seed`` takes), or an argparse error."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text!r}")
-    return value
+def bounded_int(low: int, high: int, expected: str):
+    """An argparse ``type=``: an integer in ``[low, high]``, else one line ``expected <expected>, got '...'``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+# a seed in [0, 2**63) (what ``torch.Generator.manual_seed`` takes)
+seed = bounded_int(0, 2**63 - 1, "an integer seed in [0, 2**63)")
 
 
 def resolve_device(name: str) -> str:

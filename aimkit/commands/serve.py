@@ -13,12 +13,11 @@ default ``--host 127.0.0.1`` unless the network is yours.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import sys
 
 from ..errors import ConfigError
-from ._args import add_device_arguments, add_weight_arguments, weights_for
+from ._args import add_device_arguments, add_weight_arguments, bounded_int, weights_for
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
 
@@ -28,24 +27,8 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 __all__ = ["HELP", "add_arguments", "run"]
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535] (0 = any free port), got {text!r}")
-    return value
-
-
-def _queue(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"expected a queue length in [0, 1000], got {text!r}")
-    return value
+_port = bounded_int(0, 65535, "a port in [0, 65535] (0 = any free port)")
+_queue = bounded_int(0, 1000, "a queue length in [0, 1000]")
 
 
 def add_arguments(parser) -> None:

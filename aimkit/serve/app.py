@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AimkitError, ConfigError, did_you_mean
+from ..samplers.api import class_names_of
 
 __all__ = ["FIELDS", "RANDOM_CLASS", "BusyError", "GridRequest", "GridResult", "DemoApp", "model_class_names"]
 
@@ -64,7 +65,7 @@ class GridResult:
 
 def model_class_names(model) -> list[str] | None:
     """The model's class names (``config.class_names``) when it carries them, else None."""
-    names = getattr(getattr(model, "config", None), "class_names", None)
+    names = class_names_of(model)
     if not names or len(names) != model.num_classes:
         return None
     return [str(name) for name in names]
