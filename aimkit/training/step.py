@@ -221,9 +221,11 @@ class _Snapshot:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
         self.optimizer, self.device = optimizer, device
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.values = [p.detach().clone() for p in self.params]
+        # Held in host memory: a device copy would add the weights' size to the capture's peak
+        # (0.6 GB for AiM-B, measured against the step before the snapshot existed).
+        self.values = [p.detach().to("cpu", copy=True) for p in self.params]
         self.state: dict[Tensor, dict[str, Tensor]] = {
-            p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+            p: {k: v.to("cpu", copy=True) for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
             for p in self.params if p in optimizer.state}
         self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device))
 
