@@ -199,14 +199,26 @@ def _hub_download(repo_id: str, filename: str | None) -> Path:
     raise CheckpointError(f"could not get weights from hub repo {repo_id!r} ({'; '.join(errors)})")
 
 
-def load_weights_into(gen: Generator, path: PathLike) -> None:
-    """Load official-layout or aimkit-layout weights into ``gen`` strictly, reporting absent parts."""
+def _to_aimkit_layout(gen: Generator, state: dict, headers_only: bool = False) -> dict:
+    """``state`` renamed to aimkit's keys when it is an official AiM or a LlamaGen checkpoint.
+    ``headers_only``: the values are meta tensors (a tied pair is not compared)."""
+    from .llamagen import from_llamagen, is_llamagen
     from .official import from_official, is_official
+
+    if is_official(state):
+        if headers_only and "mamba.backbone.embeddings.word_embeddings.weight" in state:
+            state.pop("mamba.lm_head.weight", None)  # tied; from_official would compare the values
+        return from_official(gen, state)
+    if is_llamagen(state):
+        return from_llamagen(gen, state)
+    return state
+
+
+def load_weights_into(gen: Generator, path: PathLike) -> None:
+    """Load official AiM, LlamaGen or aimkit-layout weights into ``gen`` strictly, reporting absent parts."""
     from .weights import read_state_dict
 
-    state = read_state_dict(path)
-    if is_official(state):
-        state = from_official(gen, state)
+    state = _to_aimkit_layout(gen, read_state_dict(path))
     missing_parts = gen.load_aimkit_state_dict(state, source=str(path))
     for part in missing_parts:
         warnings.warn(f"{path} holds no {part} weights; the {part} keeps its random initialisation", stacklevel=3)
@@ -389,15 +401,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_weights_fit(meta: Generator, path: PathLike) -> None:
     """Compare a weight file's names and shapes (its header only) with the meta-device model."""
-    from .official import from_official, is_official
     from .weights import read_tensor_shapes
 
     state = {k: torch.empty(shape, device="meta") for k, shape in read_tensor_shapes(path).items()}
-    if is_official(state):
-        if "mamba.backbone.embeddings.word_embeddings.weight" in state:
-            state.pop("mamba.lm_head.weight", None)  # tied; from_official would compare the values
-        state = from_official(meta, state)
-    meta.check_aimkit_state_dict(state, source=str(path))
+    meta.check_aimkit_state_dict(_to_aimkit_layout(meta, state, headers_only=True), source=str(path))
 
 
 def _preflight(config: GeneratorConfig, dtype, device, weights: Path | None, where: str) -> None:
@@ -450,7 +457,7 @@ def build(
         pretrained: None (random weights, or a preset's embedded weights where it ships some), False
             (always random), True (the preset's published weights through the hub cache),
             ``"hf-hub:ORG/NAME"`` (an aimkit ``config.json`` there must match the architecture built),
-            ``"hf-hub:ORG/NAME@FILE"``, or a local file/directory (official AiM or aimkit layout).
+            ``"hf-hub:ORG/NAME@FILE"``, or a local file/directory (official AiM, LlamaGen or aimkit layout).
         device: where to build (``"cuda"``, ``"cpu"``); default CPU.
         dtype: parameter dtype (``torch.bfloat16`` or ``"bfloat16"``); default float32.
         tokenizer_weights: LlamaGen's ``vq_ds16_c2i.pt`` (or any tokenizer-only file) loaded separately.

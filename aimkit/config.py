@@ -381,6 +381,10 @@ class GeneratorConfig:
     # label dropout probability during training (classifier-free guidance)
     class_dropout: float = option(0.1, low=0.0, high=1.0, high_open=True, runtime=True)
     norm_eps: float = 1e-5  # RMSNorm epsilon of blocks and head
+    # a learned absolute position table (AiM); False: positions come from the backbone alone (LlamaGen's rotary)
+    pos_embed: bool = True
+    # the LM head shares the token embedding's weight (AiM); False: its own ``lm_head.weight`` (LlamaGen)
+    tie_head: bool = True
     # 0: decode token k at position k as in training; 1: the official sampler (k + 1)
     decode_position_offset: int = option(0, choices=(0, 1), generation=True)
     backbone: ComponentSpec = field(default_factory=lambda: ComponentSpec("mamba2"))
@@ -402,6 +406,8 @@ class GeneratorConfig:
         for name in ("decode_position_offset", "class_dropout"):
             check_option(self, name)
         check_value(self.norm_eps, float, "norm_eps")
+        check_value(self.pos_embed, bool, "pos_embed")
+        check_value(self.tie_head, bool, "tie_head")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
         for kind in _REGISTRIES:

@@ -3,12 +3,19 @@
 Data flow (B images, N = 256 tokens, D = d_model, V = vocab)::
 
     labels (B,) ──class_embed──► c (B, D) ──conditioning──► per-layer (shift, scale, gate)
-    codes (B, N) ─tok_embed + pos_embed─► x (B, N-1, D)
-    [c ; x] (B, N, D) ──backbone (modulated blocks, norm_f)──► final adaLN ──lm_head──► logits (B, N, V)
+    codes (B, N) ─tok_embed (+ pos_embed)─► x (B, N-1, D)
+    [c ; x] (B, N, D) ──backbone (modulated blocks, norm_f)──► (final adaLN) ──lm_head──► logits (B, N, V)
     logits ──sampler──► codes ──tokenizer.decode──► images (B, 3, H, W)
 
+Two architecture switches separate the AiM layout from LlamaGen's: ``config.pos_embed`` (a learned
+absolute position table, AiM; without it positions come from the backbone's rotary embedding) and
+``config.tie_head`` (the head shares the token embedding, AiM; else its own weight). The final
+adaLN layer exists when the conditioning kind modulates (``conditioning.final_modulation``: the
+adaLN kinds), not for ``class-token``.
+
 The state-dict layout is aimkit's own (``tok_embed``, ``backbone.layers.i.mixer``, ``conditioning``,
-...); :mod:`aimkit.official` maps it to and from the official AiM checkpoint names.
+...); :mod:`aimkit.official` maps it to and from the official AiM checkpoint names,
+:mod:`aimkit.llamagen` to and from LlamaGen's.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class DecodeCondition(NamedTuple):
         class_emb: (B, D) class embeddings (the first sequence position).
         mods: (B, n_layer, chunks, D) modulation rows of every block (batch first, like every
             field, so that a decoder can split a condition by rows).
-        final: (B, 2, D) shift and scale of the final adaLN.
+        final: (B, 2, D) shift and scale of the final adaLN; (B, 0, D) without a final adaLN layer.
     """
 
     class_emb: Tensor
@@ -131,20 +138,26 @@ class Generator(nn.Module):
     def __init__(self, config: GeneratorConfig, device=None, dtype=None, policy: ExecutionPolicy | None = None):
         super().__init__()
         config = config.resolved()
+        check_tokens = getattr(config.backbone.config, "check_num_tokens", None)  # e.g. a 2-D rotary grid
+        if check_tokens is not None:
+            check_tokens(config.num_tokens)
         self.config = config
         self.policy = _check_policy(policy)
         d, kw = config.d_model, {"device": device, "dtype": dtype}
         self.class_embed = ClassEmbedder(config.num_classes, d, config.class_dropout, **kw)
         self.tok_embed = nn.Embedding(config.vocab_size, d, **kw)
-        self.pos_embed = nn.Embedding(config.num_tokens + 1, d, **kw)
+        self.pos_embed = nn.Embedding(config.num_tokens + 1, d, **kw) if config.pos_embed else None
         self.backbone = _build(BACKBONES, config.backbone, d, config.n_layer, norm_eps=config.norm_eps,
                                policy=self.policy, **kw)
         self.conditioning = _build(
             CONDITIONING, config.conditioning, d, config.n_layer, self.backbone.mod_chunks, **kw
         )
-        self.final_layer = FinalLayer(d, config.norm_eps, **kw)
+        self.final_layer = FinalLayer(d, config.norm_eps, **kw) if self.conditioning.final_modulation else None
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False, **kw)
-        self.lm_head.weight = self.tok_embed.weight  # tied, as in AiM
+        if config.tie_head:
+            self.lm_head.weight = self.tok_embed.weight  # tied, as in AiM
+        else:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
         self.tokenizer = None if config.tokenizer is None else _build(TOKENIZERS, config.tokenizer).to(**kw)
         self._init_embeddings()
 
@@ -164,7 +177,8 @@ class Generator(nn.Module):
 
     def _init_embeddings(self) -> None:
         for emb in (self.class_embed.embedding_table, self.tok_embed, self.pos_embed):
-            nn.init.normal_(emb.weight, std=0.02)
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -208,12 +222,17 @@ class Generator(nn.Module):
                 total += p.numel()
         return total
 
+    @property
+    def tied_keys(self) -> tuple[str, ...]:
+        """State-dict keys that repeat another tensor and are never stored (``lm_head.weight`` when tied)."""
+        return ("lm_head.weight",) if self.config.tie_head else ()
+
     def generator_state_dict(self) -> dict[str, Tensor]:
         """State dict without the tokenizer's tensors and without the tied ``lm_head.weight``."""
         return {
             k: v
             for k, v in self.state_dict().items()
-            if not k.startswith("tokenizer.") and k != "lm_head.weight"
+            if not k.startswith("tokenizer.") and k not in self.tied_keys
         }
 
     # ------------------------------------------------------------------ validation
@@ -265,12 +284,13 @@ class Generator(nn.Module):
         if force_drop is not None and (force_drop.dtype != torch.bool or force_drop.shape != labels.shape):
             raise ConfigError("force_drop must be a bool tensor of shape (B,)")
         c = self.class_embed(labels, force_drop)  # (B, D)
-        n_in = codes.shape[1] - 1
-        positions = torch.arange(n_in, device=codes.device)
-        x = self.tok_embed(codes[:, :-1]) + self.pos_embed(positions)  # (B, N-1, D)
+        x = self.tok_embed(codes[:, :-1])  # (B, N-1, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(codes.shape[1] - 1, device=codes.device))
         x = torch.cat([c.unsqueeze(1).to(x.dtype), x], dim=1)  # (B, N, D)
         h = self.backbone(x, self.conditioning(c))  # (B, N, D)
-        h = self.final_layer(h, self.final_layer.shift_scale(c))
+        if self.final_layer is not None:
+            h = self.final_layer(h, self.final_layer.shift_scale(c))
         return self.lm_head(h.to(self.lm_head.weight.dtype))
 
     def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
@@ -283,7 +303,8 @@ class Generator(nn.Module):
         labels = self._check_labels(labels, allow_null=True)
         c = self.class_embed.embedding_table(labels)  # never dropped at inference
         mods = torch.stack(self.conditioning(c), dim=1)  # (B, n_layer, chunks, D)
-        return DecodeCondition(c, mods, self.final_layer.shift_scale(c))
+        final = c.new_zeros(c.shape[0], 0, c.shape[1]) if self.final_layer is None else self.final_layer.shift_scale(c)
+        return DecodeCondition(c, mods, final)
 
     def allocate_inference_cache(
         self, batch_size: int, dtype: torch.dtype | None = None, max_seqlen: int | None = None
@@ -304,7 +325,7 @@ class Generator(nn.Module):
         The product runs in the model dtype (as the official code does; an fp32 head cost 6% of an
         AiM-B decode step on an H200) and is returned as computed: the samplers upcast where they
         read it, which is exact, instead of a separate float32 copy per step (benchmarks/notes.md)."""
-        h = self.final_layer(h[:, -1:], cond.final)[:, -1]
+        h = h[:, -1] if self.final_layer is None else self.final_layer(h[:, -1:], cond.final)[:, -1]
         return self.lm_head(h.to(self.lm_head.weight.dtype))
 
     def prefill(self, cond: DecodeCondition, inference_params: InferenceParams) -> Tensor:
@@ -325,8 +346,10 @@ class Generator(nn.Module):
 
         Reads the position from the device tensor ``inference_params.position`` only, so the step
         can be captured in a CUDA graph. The caller advances ``inference_params`` afterwards."""
-        pos = inference_params.position - 1 + self.position_offset  # () long
-        x = self.tok_embed(tokens.view(-1, 1)) + self.pos_embed.weight.index_select(0, pos.view(1))  # (B, 1, D)
+        x = self.tok_embed(tokens.view(-1, 1))  # (B, 1, D)
+        if self.pos_embed is not None:
+            pos = inference_params.position - 1 + self.position_offset  # () long
+            x = x + self.pos_embed.weight.index_select(0, pos.view(1))
         h = self.backbone.step(x, cond.mods.unbind(1), inference_params)
         return self._head(h, cond)
 
@@ -339,21 +362,27 @@ class Generator(nn.Module):
         with a warning). The reverse is exact only when the layers that would share a projection have equal weights;
         otherwise a :class:`~aimkit.conditioning.adaln.InexactConversionError` is raised, unless
         ``approximate=True``, which averages the weights and records the largest weight change in
-        ``result.conversion_error`` (and warns).
+        ``result.conversion_error`` (and warns). Between ``class-token`` and the adaLN kinds no
+        exact conversion exists (the adaLN kinds modulate a final norm the other lacks): refused.
         """
         import copy
         import warnings
 
+        from .conditioning.adaln import InexactConversionError
         from .config import config_from_dict
 
         target_cls = CONDITIONING.get(kind)
         target_config = config_from_dict(target_cls.config_cls, kwargs, where=f"conditioning {kind!r}")
+        if target_cls.final_modulation != self.conditioning.final_modulation:
+            raise InexactConversionError(
+                f"cannot convert {self.config.conditioning.name} conditioning to {kind}: one modulates a final "
+                "adaLN layer and the other has none, so no conversion reproduces the model exactly")
         with torch.no_grad():
             weight, bias = (t.detach() for t in self.conditioning.per_layer_affine())  # float32
             new_cond, err = target_cls.from_per_layer_affine(
                 weight, bias, self.conditioning.chunks, target_config, approximate=approximate
             )
-            model_dtype = next(self.conditioning.parameters()).dtype
+            model_dtype = self.dtype
             new_cond = new_cond.to(model_dtype)
             # a low-precision model rounds the merged maps (e.g. bias + table in bfloat16)
             w2, b2 = new_cond.per_layer_affine()
@@ -465,9 +494,9 @@ class Generator(nn.Module):
     def _aimkit_expected(self, state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
         """The ``name -> shape`` that aimkit-layout ``state`` must match, and the absent parts.
 
-        A file may hold the generator, the tokenizer, or both; ``lm_head.weight`` is tied to
-        ``tok_embed.weight`` and never expected."""
-        expected = {k: v.shape for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        A file may hold the generator, the tokenizer, or both; a tied ``lm_head.weight`` (the
+        token embedding's) is never expected."""
+        expected = {k: v.shape for k, v in self.state_dict().items() if k not in self.tied_keys}
         has_tok = any(k.startswith("tokenizer.") for k in state)
         has_gen = any(not k.startswith("tokenizer.") for k in state)
         not_found = []
@@ -480,11 +509,10 @@ class Generator(nn.Module):
             not_found.append("generator")
         return expected, not_found
 
-    @staticmethod
-    def _untie(state: dict[str, Tensor], source: str, compare: bool = True) -> dict[str, Tensor]:
-        """``state`` with ``lm_head.weight`` folded into ``tok_embed.weight`` (they are tied)."""
+    def _untie(self, state: dict[str, Tensor], source: str, compare: bool = True) -> dict[str, Tensor]:
+        """``state`` with a tied ``lm_head.weight`` folded into ``tok_embed.weight``."""
         state = dict(state)
-        if "lm_head.weight" in state:
+        if self.config.tie_head and "lm_head.weight" in state:
             tied = state.pop("lm_head.weight")
             if "tok_embed.weight" not in state:
                 state["tok_embed.weight"] = tied

@@ -13,7 +13,14 @@ values, so a decode step can be captured in a CUDA graph.
 
 Rotary angles are computed from the positions on every call (a few hundred flops) instead of being
 stored as a buffer, so they stay float32 when the module is cast to bf16 and need no resizing.
-Channel pairs ``(2i, 2i + 1)`` are rotated, as in LlamaGen's complex-number formulation.
+Channel pairs ``(2i, 2i + 1)`` are rotated, as in LlamaGen's complex-number formulation. Two
+position schemes (``TransformerConfig.rope``):
+
+* ``"1d"``: position p (the class token at 0, image token k at k + 1) rotated by p;
+* ``"2d"``: LlamaGen's 2-D rotary: image token k sits at grid cell ``(k // G, k % G)`` of a
+  ``G = grid_size`` square; the first half of the channel pairs turns with the row, the second
+  half with the column, each at frequencies ``base ** (-4j / head_dim)``; the class token's tables
+  are zero (cos = sin = 0), as LlamaGen stores them, so its query and key are zero vectors.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_fields
+from ..config import check_fields, option
 from ..errors import ConfigError
 from ..policy import ExecutionPolicy
 from ..registry import BACKBONES
@@ -37,6 +44,7 @@ __all__ = [
     "SwiGLU",
     "TransformerBackbone",
     "rotary_angles",
+    "rotary_angles_2d",
     "apply_rotary",
 ]
 
@@ -53,6 +61,8 @@ class TransformerConfig:
         rope_base: base of the rotary frequencies.
         norm_eps: RMSNorm epsilon, used when the backbone is given no ``norm_eps``.
         qkv_bias: bias on the fused q/k/v projection.
+        rope: ``"1d"`` or ``"2d"`` rotary positions (module docstring).
+        grid_size: side G of the token grid, for ``rope="2d"`` (G * G = the generator's num_tokens).
     """
 
     n_head: int | None = 12  # query heads (LlamaGen-B/AiM-B width 768 -> 12 heads of 64)
@@ -62,9 +72,13 @@ class TransformerConfig:
     rope_base: float = 10000.0  # rotary theta
     norm_eps: float = 1e-5  # RMSNorm epsilon
     qkv_bias: bool = False  # LlamaGen uses no bias anywhere
+    rope: str = option("1d", choices=("1d", "2d"))  # "2d": LlamaGen's row/column rotary
+    grid_size: int | None = None  # token grid side for rope "2d" (16 for 256 tokens)
 
     def __post_init__(self):
         check_fields(self, "transformer")  # types: ints are ints (or None where allowed), floats finite
+        if self.rope == "2d" and (self.grid_size is None or self.grid_size <= 0):
+            raise ConfigError(f"transformer rope '2d' needs a positive grid_size, got {self.grid_size!r}")
         for name in ("n_head", "n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -76,14 +90,22 @@ class TransformerConfig:
         if self.norm_eps <= 0:
             raise ConfigError(f"transformer norm_eps must be positive, got {self.norm_eps}")
 
+    def check_num_tokens(self, num_tokens: int) -> None:
+        """Raise a ConfigError unless a generator of ``num_tokens`` image tokens fits the position scheme."""
+        if self.rope == "2d" and self.grid_size * self.grid_size != num_tokens:
+            raise ConfigError(f"transformer rope '2d' with grid_size {self.grid_size} covers "
+                              f"{self.grid_size ** 2} tokens, but num_tokens is {num_tokens}; "
+                              f"set grid_size to its square root")
+
     def head_counts(self, d_model: int) -> tuple[int, int]:
         """``(n_head, n_kv_head)`` resolved for width ``d_model``, checked for consistency."""
         n_head = self.n_head if self.n_head is not None else d_model // 64
         n_kv_head = self.n_kv_head if self.n_kv_head is not None else n_head
         if n_head <= 0 or d_model % n_head:
             raise ConfigError(f"d_model {d_model} is not divisible into {n_head} heads")
-        if (d_model // n_head) % 2:
-            raise ConfigError(f"head_dim {d_model // n_head} must be even for rotary embeddings")
+        if (d_model // n_head) % (4 if self.rope == "2d" else 2):
+            raise ConfigError(f"head_dim {d_model // n_head} must be a multiple of "
+                              f"{4 if self.rope == '2d' else 2} for {self.rope} rotary embeddings")
         if n_head % n_kv_head:
             raise ConfigError(f"n_head {n_head} is not a multiple of n_kv_head {n_kv_head}")
         return n_head, n_kv_head
@@ -115,6 +137,29 @@ def rotary_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor
     inv_freq = 1.0 / torch.pow(base, exponents)  # (head_dim / 2,)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, head_dim / 2)
     return angles.cos(), angles.sin()
+
+
+def rotary_angles_2d(positions: Tensor, head_dim: int, base: float, grid_size: int) -> tuple[Tensor, Tensor]:
+    """LlamaGen's 2-D rotary cos/sin tables for sequence positions (module docstring).
+
+    Args:
+        positions: (L,) integer sequence positions: 0 is the class token, p >= 1 the image token
+            at grid cell ``p - 1`` (device tensor; never read on the host).
+        head_dim: per-head channels, a multiple of 4.
+        base: frequency base theta.
+        grid_size: side G of the square token grid.
+
+    Returns:
+        ``(cos, sin)``, each (L, head_dim // 2) float32; zeros at position 0.
+    """
+    quarter = head_dim // 4
+    channels = torch.arange(0, 2 * quarter, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / torch.pow(base, channels / (head_dim // 2))  # (head_dim / 4,)
+    cell = (positions - 1).clamp(min=0)  # (L,)
+    rows, cols = (cell // grid_size).to(torch.float32), (cell % grid_size).to(torch.float32)
+    angles = torch.cat((rows[:, None] * inv_freq, cols[:, None] * inv_freq), dim=-1)  # (L, head_dim / 2)
+    image = (positions >= 1)[:, None]  # the class token's tables are zero
+    return angles.cos() * image, angles.sin() * image
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -166,7 +211,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.head_counts(d_model)
         self.head_dim = d_model // self.n_head
-        self.rope_base = config.rope_base
+        self.rope_base, self.rope, self.grid_size = config.rope_base, config.rope, config.grid_size
         kv_dim = self.n_kv_head * self.head_dim
         self.wqkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=config.qkv_bias, **factory)
         self.wo = nn.Linear(d_model, d_model, bias=False, **factory)
@@ -183,7 +228,7 @@ class Attention(nn.Module):
         _init_linear(self.wo, std)
 
     def extra_repr(self) -> str:
-        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"
+        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, rope={self.rope}"
 
     def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D), positions (L,) -> q (B, H, L, hd), k and v (B, Hkv, L, hd), rotated."""
@@ -193,7 +238,10 @@ class Attention(nn.Module):
         q = q.view(batch, seqlen, self.n_head, self.head_dim)  # (B, L, H, hd)
         k = k.view(batch, seqlen, self.n_kv_head, self.head_dim)  # (B, L, Hkv, hd)
         v = v.view(batch, seqlen, self.n_kv_head, self.head_dim)
-        cos, sin = rotary_angles(positions, self.head_dim, self.rope_base)
+        if self.rope == "2d":
+            cos, sin = rotary_angles_2d(positions, self.head_dim, self.rope_base, self.grid_size)
+        else:
+            cos, sin = rotary_angles(positions, self.head_dim, self.rope_base)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -70,6 +70,8 @@ class AdaLNBase(nn.Module):
         chunks: modulation rows per layer (3 for Mamba2 blocks, 6 with an MLP sublayer).
     """
 
+    final_modulation = True  # the generator adds a final adaLN layer (FinalLayer) modulated by c
+
     def __init__(self, d_model: int, n_layer: int, chunks: int):
         super().__init__()
         self.d_model, self.n_layer, self.chunks = d_model, n_layer, chunks

@@ -1,19 +1,25 @@
 """Every named generator preset that ships with aimkit, registered when this package is imported.
 
 * :mod:`.aim`: the official AiM models ``aim-b``, ``aim-l``, ``aim-xl``, ``aim-1b`` and
-  :data:`PUBLISHED_WEIGHTS`, where their weights are published;
+  :data:`AIM_WEIGHTS`, where their weights are published;
+* :mod:`.llamagen`: LlamaGen's class-conditional GPTs ``llamagen-b/-l/-xl/-xxl/-3b`` and
+  :data:`LLAMAGEN_WEIGHTS`, where LlamaGen publishes their weights;
 * :mod:`.tiny_shapes`: ``aim-tiny-shapes``, whose trained weights ship inside aimkit;
-* :mod:`.testing`: ``aim-test-mamba2``, ``aim-test-transformer``, ``aim-test-vq``, tiny random
-  generators for tests.
+* :mod:`.testing`: ``aim-test-mamba2``, ``aim-test-transformer``, ``aim-test-vq``,
+  ``llamagen-test``, tiny random generators for tests.
 
 A preset is a short function of literals returning a :class:`~aimkit.config.GeneratorConfig`;
 ``aimkit.build(name, **overrides)`` merges the caller's overrides last. :func:`weights_source`
 says where a preset's weights come from (``aimkit list`` shows it).
 """
 
-from .aim import PUBLISHED_WEIGHTS, PublishedWeights, aim_1b, aim_b, aim_l, aim_xl
-from .testing import aim_test_mamba2, aim_test_transformer, aim_test_vq
+from .aim import AIM_WEIGHTS, PublishedWeights, aim_1b, aim_b, aim_l, aim_xl
+from .llamagen import LLAMAGEN_WEIGHTS, llamagen_3b, llamagen_b, llamagen_l, llamagen_xl, llamagen_xxl
+from .testing import aim_test_mamba2, aim_test_transformer, aim_test_vq, llamagen_test
 from .tiny_shapes import aim_tiny_shapes
+
+# every preset whose weights are published somewhere (``pretrained=True`` / ``--pretrained published``)
+PUBLISHED_WEIGHTS: dict[str, PublishedWeights] = {**AIM_WEIGHTS, **LLAMAGEN_WEIGHTS}
 
 
 def weights_source(name: str) -> str:
@@ -31,10 +37,18 @@ def weights_source(name: str) -> str:
 __all__ = [
     "PublishedWeights",
     "PUBLISHED_WEIGHTS",
+    "AIM_WEIGHTS",
+    "LLAMAGEN_WEIGHTS",
     "aim_b",
     "aim_l",
     "aim_xl",
     "aim_1b",
+    "llamagen_b",
+    "llamagen_l",
+    "llamagen_xl",
+    "llamagen_xxl",
+    "llamagen_3b",
+    "llamagen_test",
     "aim_tiny_shapes",
     "aim_test_mamba2",
     "aim_test_transformer",

@@ -1,4 +1,4 @@
-"""The official AiM presets (``aim-b``, ``aim-l``, ``aim-xl``, ``aim-1b``) and where their weights live.
+"""The official AiM presets (``aim-b``, ``aim-l``, ``aim-xl``, ``aim-1b``) and where their weights live (:data:`AIM_WEIGHTS`).
 
 Each preset is a short function of literals returning a :class:`~aimkit.config.GeneratorConfig`;
 its parameter count (generator only, tied embedding counted once) is in the docstring and
@@ -15,7 +15,7 @@ from ..conditioning.adaln import AdaLNGroupConfig
 from ..config import ComponentSpec, GeneratorConfig, SamplingDefaults
 from ..registry import GENERATORS
 
-__all__ = ["PublishedWeights", "PUBLISHED_WEIGHTS", "aim_b", "aim_l", "aim_xl", "aim_1b"]
+__all__ = ["PublishedWeights", "AIM_WEIGHTS", "aim_b", "aim_l", "aim_xl", "aim_1b"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class PublishedWeights:
     licence: str
 
 
-PUBLISHED_WEIGHTS: dict[str, PublishedWeights] = {
+AIM_WEIGHTS: dict[str, PublishedWeights] = {
     "aim-b": PublishedWeights("hp-l33/aim-base", "model.safetensors", "AiM authors (hp-l33/AiM)", "MIT"),
     "aim-l": PublishedWeights("hp-l33/aim-large", "model.safetensors", "AiM authors (hp-l33/AiM)", "MIT"),
     "aim-xl": PublishedWeights("hp-l33/aim-xlarge", "model.safetensors", "AiM authors (hp-l33/AiM)", "MIT"),

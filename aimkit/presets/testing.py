@@ -8,8 +8,9 @@ copying size overrides around::
     gen = aimkit.build("aim-test-transformer", n_layer=4)           # overrides merge last
     gen = aimkit.build("aim-test-mamba2", conditioning="adaln-group", num_groups=2)
 
-Every one has 10 classes, 16 tokens (a 4 x 4 grid) and per-layer adaLN; ``aim-test-mamba2`` is
+Every ``aim-test-*`` has 10 classes, 16 tokens (a 4 x 4 grid) and per-layer adaLN; ``aim-test-mamba2`` is
 ``aim-b`` at these sizes (``aimkit.resolve_config("aim-b", d_model=32, ...)`` gives the same config).
+``llamagen-test`` is a LlamaGen GPT (:mod:`aimkit.presets.llamagen`) of the same small sizes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from ..backbones.mamba2 import Mamba2Config
 from ..backbones.transformer import TransformerConfig
 from ..config import ComponentSpec, GeneratorConfig
 from ..registry import GENERATORS
+from .llamagen import llamagen
 
-__all__ = ["aim_test_mamba2", "aim_test_transformer", "aim_test_vq"]
+__all__ = ["aim_test_mamba2", "aim_test_transformer", "aim_test_vq", "llamagen_test"]
 
 
 def _tiny(backbone: ComponentSpec, tokenizer=None, vocab_size: int = 64) -> GeneratorConfig:
@@ -57,3 +59,11 @@ def aim_test_vq() -> GeneratorConfig:
     """``aim-test-mamba2`` with the ``vq-f4-tiny`` tokenizer: 41,840 parameters (vocab 512; +1,076,843 in the
     tokenizer); its 16 tokens decode to 16 x 16 images."""
     return _tiny(_tiny_mamba2(), tokenizer=ComponentSpec("vq-f4-tiny"), vocab_size=512)
+
+
+@GENERATORS.register("llamagen-test")
+def llamagen_test() -> GeneratorConfig:
+    """Tiny LlamaGen GPT for tests: 140,288 parameters; d_model 64, 2 layers, 4 heads of 16, SwiGLU width 256,
+    2-D rotary on a 4 x 4 grid, class-token conditioning, untied head, vocab 64, no tokenizer."""
+    return llamagen(64, 2, 4, cfg_scale=2.0, num_tokens=16, grid_size=4, vocab_size=64, num_classes=10,
+                    tokenizer=None)
