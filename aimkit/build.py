@@ -199,27 +199,28 @@ def _hub_download(repo_id: str, filename: str | None) -> Path:
     raise CheckpointError(f"could not get weights from hub repo {repo_id!r} ({'; '.join(errors)})")
 
 
-def _to_aimkit_layout(gen: Generator, state: dict, headers_only: bool = False) -> dict:
-    """``state`` renamed to aimkit's keys when it is an official AiM or a LlamaGen checkpoint.
+def _to_aimkit_layout(gen: Generator, state: dict, headers_only: bool = False) -> tuple[dict, dict | None]:
+    """``state`` renamed to aimkit's keys when it is an official AiM or a LlamaGen checkpoint, and
+    the names (aimkit -> file) for messages; None when the file already has aimkit's names.
     ``headers_only``: the values are meta tensors (a tied pair is not compared)."""
-    from .llamagen import from_llamagen, is_llamagen
-    from .official import from_official, is_official
+    from .llamagen import from_llamagen, is_llamagen, llamagen_key_map
+    from .official import from_official, is_official, official_key_map
 
     if is_official(state):
         if headers_only and "mamba.backbone.embeddings.word_embeddings.weight" in state:
             state.pop("mamba.lm_head.weight", None)  # tied; from_official would compare the values
-        return from_official(gen, state)
+        return from_official(gen, state), official_key_map(gen)
     if is_llamagen(state):
-        return from_llamagen(gen, state)
-    return state
+        return from_llamagen(gen, state), llamagen_key_map(gen)
+    return state, None
 
 
 def load_weights_into(gen: Generator, path: PathLike) -> None:
     """Load official AiM, LlamaGen or aimkit-layout weights into ``gen`` strictly, reporting absent parts."""
     from .weights import read_state_dict
 
-    state = _to_aimkit_layout(gen, read_state_dict(path))
-    missing_parts = gen.load_aimkit_state_dict(state, source=str(path))
+    state, file_names = _to_aimkit_layout(gen, read_state_dict(path))
+    missing_parts = gen.load_aimkit_state_dict(state, source=str(path), file_names=file_names)
     for part in missing_parts:
         warnings.warn(f"{path} holds no {part} weights; the {part} keeps its random initialisation", stacklevel=3)
 
@@ -404,7 +405,8 @@ def _check_weights_fit(meta: Generator, path: PathLike) -> None:
     from .weights import read_tensor_shapes
 
     state = {k: torch.empty(shape, device="meta") for k, shape in read_tensor_shapes(path).items()}
-    meta.check_aimkit_state_dict(_to_aimkit_layout(meta, state, headers_only=True), source=str(path))
+    state, file_names = _to_aimkit_layout(meta, state, headers_only=True)
+    meta.check_aimkit_state_dict(state, source=str(path), file_names=file_names)
 
 
 def _preflight(config: GeneratorConfig, dtype, device, weights: Path | None, where: str) -> None:

@@ -520,26 +520,30 @@ class Generator(nn.Module):
                 raise CheckpointError(f"{source}: lm_head.weight differs from tok_embed.weight but they are tied")
         return state
 
-    def check_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> list[str]:
+    def check_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint",
+                                file_names: dict[str, str] | None = None) -> list[str]:
         """Check names and shapes of aimkit-layout tensors (values are not read: meta tensors do).
 
+        ``file_names``: aimkit name -> the file's name, for messages about renamed files.
         Returns the parts the file lacks; raises :class:`CheckpointError` when it does not fit."""
         from .weights import check_state_dict
 
         state = self._untie(state, source, compare=False)
         expected, not_found = self._aimkit_expected(state)
-        check_state_dict(expected, state, what=source)
+        check_state_dict(expected, state, what=source, file_names=file_names)
         return not_found
 
-    def load_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> list[str]:
+    def load_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint",
+                               file_names: dict[str, str] | None = None) -> list[str]:
         """Load aimkit-layout tensors strictly; a missing tokenizer part is allowed and reported.
 
+        ``file_names``: aimkit name -> the file's name, for messages about renamed files.
         Returns the list of parts that were not in the file (e.g. ``["tokenizer"]``)."""
         from .weights import check_state_dict
 
         state = self._untie(state, source)
         expected, not_found = self._aimkit_expected(state)
-        check_state_dict(expected, state, what=source)
+        check_state_dict(expected, state, what=source, file_names=file_names)
         own = self.state_dict()
         with torch.no_grad():
             for k, v in state.items():

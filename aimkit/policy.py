@@ -17,7 +17,7 @@ Per-operation choices take three values:
 
 Environment variables only give the default (:func:`default_policy`, read when an object is
 built without an explicit policy, never per call): ``AIMKIT_DECODE_KERNELS`` (``all``, ``none``
-or a comma list of ``ssm``, ``conv``, ``norm``, ``gnorm``) and ``AIMKIT_TRAIN_COMPILE``
+or a comma list of ``ssm``, ``conv``, ``norm``, ``gnorm``, ``attn``) and ``AIMKIT_TRAIN_COMPILE``
 (``auto``, ``never`` or a comma list of ``glue``, ``loss``).
 """
 
@@ -47,13 +47,14 @@ OPERATIONS: dict[str, tuple] = {
     "conv_step": ("aimkit's ring-buffer convolution-step kernel (decode step)", "triton"),
     "decode_glue": ("aimkit's fused residual-add + RMSNorm + modulation kernel (decode step)", "triton"),
     "sampling": ("aimkit's fused guidance + temperature + Gumbel-max sampling kernels", "triton"),
+    "decode_attention": ("aimkit's split-key attention over the valid KV-cache prefix (decode step)", "triton"),
 }
 TRAIN_STEPS = ("eager", "graph")
 STATE_DTYPES = ("float32", "model")
 
 _DECODE_ENV = "AIMKIT_DECODE_KERNELS"
 _COMPILE_ENV = "AIMKIT_TRAIN_COMPILE"
-_DECODE_KINDS = {"ssm": "state_update", "conv": "conv_step", "norm": "decode_glue"}
+_DECODE_KINDS = {"ssm": "state_update", "conv": "conv_step", "norm": "decode_glue", "attn": "decode_attention"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class ExecutionPolicy:
         decode_glue: the decode step's glue between sublayers (gated residual add, RMSNorm,
             modulation) as one Triton kernel per sublayer.
         sampling: plain temperature sampling (no top-k / top-p) as two Triton kernels per step.
+        decode_attention: the transformer's decode-step attention over the cache's valid prefix
+            only (aimkit's Triton kernel); reference: SDPA over the whole cache under a mask.
         decode_graph: on CUDA, replay each decode step from a captured CUDA graph (one launch
             per step instead of one per kernel).
         fold_gated_norm: fold Mamba2's gated RMSNorm into the state-update and glue kernels
@@ -89,6 +92,7 @@ class ExecutionPolicy:
     conv_step: str = option("auto", choices=CHOICES)
     decode_glue: str = option("auto", choices=CHOICES)
     sampling: str = option("auto", choices=CHOICES)
+    decode_attention: str = option("auto", choices=CHOICES)
     decode_graph: bool = True
     fold_gated_norm: bool = True
     split_scan: bool = True

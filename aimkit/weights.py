@@ -332,6 +332,7 @@ def check_state_dict(
     sd: Mapping[str, Tensor],
     what: str,
     source: PathLike | None = None,
+    file_names: Mapping[str, str] | None = None,
 ) -> None:
     """Raise unless ``sd`` has exactly the expected tensor names and shapes.
 
@@ -341,6 +342,9 @@ def check_state_dict(
         sd: the tensors to check.
         what: the component, for the message (``"vq-f16"``).
         source: where ``sd`` came from (a path), for the message.
+        file_names: expected name -> the name it has in the file, where ``sd`` was renamed from
+            another layout (official AiM, LlamaGen): missing and mis-shaped tensors are then named
+            as the file names them.
 
     Raises:
         CheckpointError: listing the counts and the first names of missing, unexpected and
@@ -348,10 +352,11 @@ def check_state_dict(
             a.c), 1 mis-shaped (d: file (3, 4) vs model (4, 4))``.
     """
     expected = _expected_shapes(module_or_expected)
-    missing = [k for k in expected if k not in sd]
+    names = file_names or {}
+    missing = [names.get(k, k) for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     misshaped = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
+        f"{names.get(k, k)}: file {tuple(sd[k].shape)} vs model {expected[k]}"
         for k in expected
         if k in sd and tuple(sd[k].shape) != expected[k]
     ]

@@ -124,7 +124,11 @@ def test_save_pretrained_then_build_is_bit_exact(tmp_path, backbone, conditionin
 @pytest.mark.parametrize("source,target", [pytest.param(s, t, id=f"{s}-to-{t}")
                                            for s, t in itertools.product(CONVERTIBLE, CONVERTIBLE)])
 def test_conditioning_conversion_is_exact_or_refused(source, target):
-    """Exact (same logits; converting back is exact too), or InexactConversionError; never silent."""
+    """Exact (same logits; converting back is exact too), or InexactConversionError; never silent.
+
+    A refused conversion within one family (both kinds with or both without a final adaLN layer)
+    has an approximate version that warns; across the families none exists, and ``approximate``
+    is refused too."""
     gen = _generator(conditioning=source)
     codes, labels = _batch(gen)
     with torch.no_grad():
@@ -133,6 +137,10 @@ def test_conditioning_conversion_is_exact_or_refused(source, target):
             converted = gen.convert_conditioning(target, **_kwargs("conditioning", target))
         except InexactConversionError:
             assert source != target, "converting to the same kind must be exact"
+            if CONDITIONING.get(source).final_modulation != CONDITIONING.get(target).final_modulation:
+                with pytest.raises(InexactConversionError, match="final adaLN"):
+                    gen.convert_conditioning(target, approximate=True, **_kwargs("conditioning", target))
+                return
             with pytest.warns(UserWarning, match="approximate"):
                 approx = gen.convert_conditioning(target, approximate=True, **_kwargs("conditioning", target))
             assert approx.conversion_error > 0

@@ -36,7 +36,7 @@ def ffn_hidden(dim: int) -> int:
     return find_multiple(int(2 * 4 * dim / 3), 256)
 
 
-def random_llamagen_sd(seed: int, std: float = 0.1) -> dict[str, torch.Tensor]:
+def random_llamagen_sd(seed: int, std: float = 0.1, dim: int = DIM) -> dict[str, torch.Tensor]:
     """A seeded random state dict in LlamaGen's c2i key layout (no buffers: LlamaGen keeps
     ``freqs_cis`` and ``causal_mask`` as plain attributes, so neither is in its state_dict).
 
@@ -44,29 +44,29 @@ def random_llamagen_sd(seed: int, std: float = 0.1) -> dict[str, torch.Tensor]:
     softmax is almost uniform and a wrong rotary moves the logits by less than 1e-2, so neither
     the parity nor the sensitivity tests would see attention. Norm weights are 1 + 0.1 * noise."""
     g = torch.Generator().manual_seed(seed)
-    hid = ffn_hidden(DIM)
+    hid = ffn_hidden(dim)
 
     def w(*shape):
         return torch.randn(*shape, generator=g) * std
 
     def norm():
-        return 1.0 + 0.1 * torch.randn(DIM, generator=g)
+        return 1.0 + 0.1 * torch.randn(dim, generator=g)
 
     sd = {
-        "cls_embedding.embedding_table.weight": w(N_CLASS + 1, DIM),
-        "tok_embeddings.weight": w(VOCAB, DIM),
+        "cls_embedding.embedding_table.weight": w(N_CLASS + 1, dim),
+        "tok_embeddings.weight": w(VOCAB, dim),
     }
     for i in range(N_LAYER):
         p = f"layers.{i}."
-        sd[p + "attention.wqkv.weight"] = w(3 * DIM, DIM)
-        sd[p + "attention.wo.weight"] = w(DIM, DIM)
-        sd[p + "feed_forward.w1.weight"] = w(hid, DIM)
-        sd[p + "feed_forward.w3.weight"] = w(hid, DIM)
-        sd[p + "feed_forward.w2.weight"] = w(DIM, hid)
+        sd[p + "attention.wqkv.weight"] = w(3 * dim, dim)
+        sd[p + "attention.wo.weight"] = w(dim, dim)
+        sd[p + "feed_forward.w1.weight"] = w(hid, dim)
+        sd[p + "feed_forward.w3.weight"] = w(hid, dim)
+        sd[p + "feed_forward.w2.weight"] = w(dim, hid)
         sd[p + "attention_norm.weight"] = norm()
         sd[p + "ffn_norm.weight"] = norm()
     sd["norm.weight"] = norm()
-    sd["output.weight"] = w(VOCAB, DIM)
+    sd["output.weight"] = w(VOCAB, dim)
     return sd
 
 
@@ -98,24 +98,25 @@ def rotate(x, cos, sin, half_split=False):
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
 
 
-def reference_logits(sd, codes, labels, *, swap_axes=False, rotate_cls=False, half_split=False, n_kv_head=N_HEAD):
+def reference_logits(sd, codes, labels, *, n_head=N_HEAD, n_kv_head=None, swap_axes=False, rotate_cls=False,
+                     half_split=False):
     """LlamaGen's c2i teacher-forced forward in float64 (eval mode: no dropout, labels as given)."""
     p = {k: v.double() for k, v in sd.items()}
     rms = lambda x, wt: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * wt  # noqa: E731
     x = torch.cat([p["cls_embedding.embedding_table.weight"][labels][:, None],
                    p["tok_embeddings.weight"][codes[:, :-1]]], dim=1)
     B, T, D = x.shape
-    hd = D // N_HEAD
+    hd, n_kv_head = D // n_head, n_kv_head or n_head
     cos, sin = rotary_table(T, hd, swap_axes=swap_axes, rotate_cls=rotate_cls)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    for i in range(N_LAYER):
+    for i in range(sum(k.endswith("attention.wo.weight") for k in sd)):
         L = f"layers.{i}."
         n = rms(x, p[L + "attention_norm.weight"])
         q, k, v = (n @ p[L + "attention.wqkv.weight"].T).split([D, n_kv_head * hd, n_kv_head * hd], dim=-1)
-        q = rotate(q.view(B, T, N_HEAD, hd), cos, sin, half_split).transpose(1, 2)
+        q = rotate(q.view(B, T, n_head, hd), cos, sin, half_split).transpose(1, 2)
         k = rotate(k.view(B, T, n_kv_head, hd), cos, sin, half_split).transpose(1, 2)
         v = v.view(B, T, n_kv_head, hd).transpose(1, 2)
-        k, v = (t.repeat_interleave(N_HEAD // n_kv_head, dim=1) for t in (k, v))
+        k, v = (t.repeat_interleave(n_head // n_kv_head, dim=1) for t in (k, v))
         scores = (q @ k.transpose(-1, -2)) / hd ** 0.5
         att = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
         h = x + att.transpose(1, 2).reshape(B, T, D) @ p[L + "attention.wo.weight"].T
@@ -137,23 +138,24 @@ def inputs(seed: int, batch: int):
     return codes, labels
 
 
-def load(tmp_path, obj, name="w.pt"):
+def load(tmp_path, obj, name="w.pt", **overrides):
     path = tmp_path / name
     torch.save(obj, path)
-    return aimkit.build("llamagen-test", pretrained=str(path), dtype=torch.float32)
+    return aimkit.build("llamagen-test", pretrained=str(path), dtype=torch.float32, **overrides)
 
 
-@pytest.mark.parametrize("seed,batch", [(0, 1), (1, 3), (2, 5)])
-def test_logits_match_float64_reference(tmp_path, seed, batch):
+@pytest.mark.parametrize("seed,batch,dim,n_head", [(0, 1, DIM, N_HEAD), (1, 3, DIM, N_HEAD), (2, 5, DIM, N_HEAD),
+                                                  (3, 2, 200, 2)])  # head_dim 100: GPT-3B's odd 25-pair quarters
+def test_logits_match_float64_reference(tmp_path, seed, batch, dim, n_head):
     """Random LlamaGen-layout weights in ``{"model": sd}`` load into ``llamagen-test`` and its float32
     teacher-forced logits match the float64 re-derivation of LlamaGen's forward (null class included)."""
-    sd = random_llamagen_sd(seed)
-    gen = load(tmp_path, {"model": sd}).eval()
+    sd = random_llamagen_sd(seed, dim=dim)
+    gen = load(tmp_path, {"model": sd}, d_model=dim, n_head=n_head).eval()
     codes, labels = inputs(seed, batch)
     with torch.no_grad():
         out = gen(codes, labels)
     assert out.shape == (batch, N_TOK, VOCAB) and out.dtype == torch.float32
-    assert rel_err(out, reference_logits(sd, codes, labels)) <= 1e-5
+    assert rel_err(out, reference_logits(sd, codes, labels, n_head=n_head)) <= 1e-5
 
 
 @pytest.mark.parametrize("wrong", ["swap_axes", "rotate_cls", "half_split"])

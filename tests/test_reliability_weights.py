@@ -292,7 +292,7 @@ def test_official_file_that_does_not_fit_is_refused_from_the_header(no_real_buil
     save_safetensors_atomic(sd, tmp_path / "official.safetensors")
     with pytest.raises(CheckpointError) as info:
         aimkit.build("aim-tiny-shapes", pretrained=tmp_path / "official.safetensors")
-    assert "mis-shaped (backbone.norm_f.weight: file (7,)" in _one_line(info)
+    assert "mis-shaped (mamba.backbone.norm_f.weight: file (7,)" in _one_line(info)  # as the file names it
 
 
 def _shapes(module):

@@ -36,7 +36,7 @@ from ..config import check_fields, option
 from ..errors import ConfigError
 from ..policy import ExecutionPolicy
 from ..registry import BACKBONES
-from .base import Backbone, InferenceParams, rms_norm_factory
+from .base import Backbone, InferenceParams, resolve_policy, rms_norm_factory
 
 __all__ = [
     "TransformerConfig",
@@ -194,6 +194,8 @@ class Attention(nn.Module):
         config: head counts, rotary base and bias flag.
         device: parameter device.
         dtype: parameter dtype.
+        policy: its ``decode_attention`` picks the decode step's attention (None:
+            :func:`~aimkit.policy.default_policy`, read once); stored as ``self.policy``.
     """
 
     def __init__(
@@ -204,8 +206,10 @@ class Attention(nn.Module):
         config: TransformerConfig = TransformerConfig(),
         device=None,
         dtype=None,
+        policy: ExecutionPolicy | None = None,
     ):
         super().__init__()
+        self.policy = resolve_policy(policy)
         factory = {"device": device, "dtype": dtype}
         self.d_model = d_model
         self.layer_idx = layer_idx
@@ -309,13 +313,18 @@ class Attention(nn.Module):
         k_cache, v_cache = self._cache(inference_params, batch)  # (B, Hkv, S, hd)
         k_cache.index_copy_(2, position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, position, v.to(v_cache.dtype))
-        visible = (torch.arange(k_cache.shape[2], device=x.device) <= position)[None, :]  # (1, S)
         # All query heads of a group share one key/value head and the same mask, so the group's
         # heads stand in for the query length: no repeated copy of the cache.
         q = q.reshape(batch, self.n_kv_head, self.n_rep, self.head_dim)  # (B, Hkv, n_rep, hd)
-        out = F.scaled_dot_product_attention(
-            q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=visible
-        )  # (B, Hkv, n_rep, hd)
+        if self.policy.use_kernel("decode_attention", q):  # keys 0..position only
+            from ..kernels.attention_decode import decode_attention
+
+            out = decode_attention(q, k_cache, v_cache, position)  # (B, Hkv, n_rep, hd)
+        else:
+            visible = (torch.arange(k_cache.shape[2], device=x.device) <= position)[None, :]  # (1, S)
+            out = F.scaled_dot_product_attention(
+                q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=visible
+            )  # (B, Hkv, n_rep, hd)
         return self.wo(out.reshape(batch, 1, self.d_model))
 
     def allocate_inference_cache(
@@ -377,8 +386,8 @@ class TransformerBackbone(Backbone):
         device: parameter device.
         dtype: parameter dtype.
         policy: which implementation each operation runs (None:
-            :func:`~aimkit.policy.default_policy`, read once): the decode glue and the compiled
-            training glue (attention and the MLP have no policy-dependent path).
+            :func:`~aimkit.policy.default_policy`, read once): the decode glue, the decode step's
+            attention and the compiled training glue.
     """
 
     config_cls = TransformerConfig
@@ -396,10 +405,11 @@ class TransformerBackbone(Backbone):
     ):
         factory = {"device": device, "dtype": dtype}
         eps = config.norm_eps if norm_eps is None else norm_eps
+        policy = resolve_policy(policy)  # one object, shared with every attention layer
         super().__init__(
             d_model,
             n_layer,
-            mixer_cls=partial(Attention, config=config, **factory),
+            mixer_cls=partial(Attention, config=config, policy=policy, **factory),
             norm_cls=rms_norm_factory(eps, **factory),
             mlp_cls=partial(SwiGLU, hidden_features=config.mlp_width(d_model), **factory),
             residual_in_fp32=True,

@@ -116,12 +116,14 @@ def step_params(model: nn.Module) -> tuple[int, int]:
     """``(bytes, matmul_params)`` of the weights a decode step applies to every token.
 
     Excludes what runs once per image (class embedding, conditioning, final modulation), the
-    position table (one row per step) and the tokenizer; tied weights count once. ``matmul_params``
+    position table (one row per step), an untied token embedding (one row per token) and the
+    tokenizer; tied weights count once (a tied embedding is the head, read whole). ``matmul_params``
     counts the elements of 2-D weights (linear layers, the LM head), the FLOP-carrying part.
     """
     seen, nbytes, matmul = set(), 0, 0
     for name, p in model.named_parameters():
-        if name.startswith(_PER_STEP_EXCLUDE) or id(p) in seen:
+        gathered = name == "tok_embed.weight" and not getattr(getattr(model, "config", None), "tie_head", True)
+        if name.startswith(_PER_STEP_EXCLUDE) or gathered or id(p) in seen:
             continue
         seen.add(id(p))
         nbytes += p.numel() * p.element_size()

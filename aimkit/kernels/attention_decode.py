@@ -210,6 +210,14 @@ def _split_plan(rows: int, blocks: int, num_splits: int | None, device: torch.de
     return -(-blocks // per_split), per_split
 
 
+def _f32_dot(q: Tensor, k_cache: Tensor) -> bool:
+    """Whether the tiles multiply in float32 (exact products) rather than in the caches' 16-bit dtype:
+    for float32 caches, for a query of another dtype, and for bfloat16 on CPU tensors, which only
+    Triton's interpreter runs: its ``tl.dot`` multiplies bfloat16 bit patterns (triton-lang/triton#11584)."""
+    return (k_cache.dtype == torch.float32 or q.dtype != k_cache.dtype
+            or (k_cache.dtype == torch.bfloat16 and not k_cache.is_cuda))
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor, scale: float | None = None,
                      *, block_n: int = 64, num_splits: int | None = None, num_warps: int = 4) -> Tensor:
     """Attention of the current token to the cache's keys ``0 .. position`` (module docstring).
@@ -261,7 +269,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tens
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-            F32_DOT=k_cache.dtype == torch.float32 or q.dtype != k_cache.dtype, STORE_LSE=splits > 1,
+            F32_DOT=_f32_dot(q, k_cache), STORE_LSE=splits > 1,
             num_warps=num_warps,
         )
         if splits > 1:
