@@ -96,7 +96,8 @@ def test_class_token_model_has_no_modulation_and_the_adaln_one_has():
     modulated = aimkit.build("llamagen-test", conditioning="adaln")
     assert modulated.final_layer is not None
     extra = modulated.num_params() - plain.num_params()
-    assert extra == 2 * (64 * 6 * 64 + 6 * 64) + (64 * 2 * 64 + 2 * 64) + 64  # per-layer adaLN + final adaLN and its norm
+    # per-layer adaLN, then the final adaLN's modulation and its norm
+    assert extra == 2 * (64 * 6 * 64 + 6 * 64) + (64 * 2 * 64 + 2 * 64) + 64
 
 
 def test_conversion_across_the_final_layer_is_refused_and_within_class_token_is_exact():

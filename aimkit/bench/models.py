@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..backbones.mamba2 import Mamba2Config
 from ..backbones.transformer import TransformerConfig
+from ..errors import ConfigError
 from ..policy import ExecutionPolicy
 
 __all__ = ["MAMBA2_ONLY_FIELDS", "build_bench_model", "matched_transformer_layers", "transformer_overrides"]
@@ -87,10 +89,15 @@ def build_bench_model(
         with_tokenizer: keep the preset's tokenizer (random weights) for VQ-decode timing.
         seed: weights seed; all-zero parameters are filled with noise (:func:`randomize_zero_init`).
     """
-    from ..build import build
+    from ..build import build, resolve_config
 
     kw = dict(overrides or {})
     kw["num_tokens"] = num_tokens
+    if getattr(resolve_config(name).backbone.config, "grid_size", None) is not None:  # a 2-D rotary grid
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ConfigError(f"{name} places tokens on a square grid; {num_tokens} tokens are not a square")
+        kw.setdefault("grid_size", side)
     if not with_tokenizer:
         kw["tokenizer"] = None
     if backbone == "transformer":

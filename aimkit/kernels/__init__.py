@@ -16,7 +16,8 @@ calls them; nothing here reads global state. Operation (policy field) -> referen
 
 Importing this package, :mod:`.ssd`, :mod:`.glue`, :mod:`.mamba_ssm` or :mod:`.compiled` never
 imports Triton, mamba-ssm or causal-conv1d. The Triton modules (:mod:`.ssm_step`,
-:mod:`.conv_step`, :mod:`.decode_glue`, :mod:`.sampling`, :mod:`.attention_decode`) import Triton and are imported by their
+:mod:`.conv_step`, :mod:`.decode_glue`, :mod:`.sampling`, :mod:`.attention_decode`) import
+Triton and are imported by their
 callers only when the policy picks the kernel for CUDA tensors.
 """
 

@@ -1,4 +1,5 @@
-"""The official AiM presets (``aim-b``, ``aim-l``, ``aim-xl``, ``aim-1b``) and where their weights live (:data:`AIM_WEIGHTS`).
+"""The official AiM presets (``aim-b``, ``aim-l``, ``aim-xl``, ``aim-1b``) and where their weights
+live (:data:`AIM_WEIGHTS`).
 
 Each preset is a short function of literals returning a :class:`~aimkit.config.GeneratorConfig`;
 its parameter count (generator only, tied embedding counted once) is in the docstring and

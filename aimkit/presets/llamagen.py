@@ -41,7 +41,7 @@ LLAMAGEN_WEIGHTS: dict[str, PublishedWeights] = {
 
 def llamagen(d_model: int, n_layer: int, n_head: int, cfg_scale: float, *, num_tokens: int = 256,
              grid_size: int = 16, vocab_size: int = 16384, num_classes: int = 1000,
-             tokenizer: ComponentSpec | None = ComponentSpec("vq-f16")) -> GeneratorConfig:
+             tokenizer: str | None = "vq-f16") -> GeneratorConfig:
     """A LlamaGen class-conditional GPT of the given size (the component builder of the presets).
 
     Args:
@@ -64,7 +64,7 @@ def llamagen(d_model: int, n_layer: int, n_head: int, cfg_scale: float, *, num_t
             n_head=n_head, n_kv_head=None, mlp_hidden=None, multiple_of=256, rope_base=10000.0, norm_eps=1e-5,
             qkv_bias=False, rope="2d", grid_size=grid_size)),
         conditioning=ComponentSpec("class-token"),
-        tokenizer=tokenizer,
+        tokenizer=None if tokenizer is None else ComponentSpec(tokenizer),
         fid_sampling=SamplingDefaults(cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0),
         pretty_sampling=SamplingDefaults(cfg_scale=4.0, temperature=1.0, top_k=2000, top_p=1.0),
         class_names=imagenet_class_names() if num_classes == 1000 else None,
