@@ -219,7 +219,7 @@ def _f32_dot(q: Tensor, k_cache: Tensor) -> bool:
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor, scale: float | None = None,
-                     *, block_n: int = 64, num_splits: int | None = None, num_warps: int = 4) -> Tensor:
+                     *, block_n: int = 64, num_splits: int | None = None, num_warps: int | None = None) -> Tensor:
     """Attention of the current token to the cache's keys ``0 .. position`` (module docstring).
 
     Reference (p = ``position``, float32 inside)::
@@ -242,7 +242,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tens
         block_n: keys per tile (a power of two >= 16; at most S rounded up to a power of two).
         num_splits: ranges the key axis is cut into; default: enough for about two programs per
             SM, at most one per key block. Fixed by shapes alone, so CUDA-graph safe.
-        num_warps: warps per split-kernel program.
+        num_warps: warps per split-kernel program; default 1 for head_dim <= 64 (measured fastest
+            or equal at LlamaGen-B/XL shapes on an H200, docs/benchmarks.md), else 4.
 
     Returns:
         (B, Hkv, G, D) in ``q.dtype``. With float32 operands the products are exact float32 (no
@@ -262,6 +263,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tens
         partial = torch.empty(rows, splits, group, head_dim, device=q.device, dtype=torch.float32)
         lse = torch.empty(rows, splits, group, device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    num_warps = (1 if block_d <= 64 else 4) if num_warps is None else num_warps
     with on_device(q):
         _split_kernel[(rows, splits)](
             q, k_cache, v_cache, position, partial, lse,
