@@ -13,12 +13,13 @@ explicit import list below is the whole set that ships with aimkit (plugins add 
 
 __version__ = "0.1.0"
 
-from . import presets as _presets  # noqa: F401  (aim-b/l/xl/1b, aim-tiny-shapes, aim-test-*)
-from . import registry
+from . import llamagen, official, registry  # checkpoint key maps: AiM's official layout and LlamaGen's
+from . import presets as _presets  # noqa: F401  (aim-b/l/xl/1b, llamagen-*, aim-tiny-shapes, aim-test-*)
 from .backbones import mamba2 as _mamba2  # noqa: F401  (mamba2)
 from .backbones import transformer as _transformer  # noqa: F401  (transformer)
 from .build import build, resolve_config
 from .conditioning import adaln as _adaln  # noqa: F401  (adaln, adaln-group, adaln-single)
+from .conditioning import class_token as _class_token  # noqa: F401  (class-token)
 from .config import ComponentSpec, GeneratorConfig, SamplingDefaults
 from .errors import AimkitError, CheckpointError, ConfigError, DuplicateNameError, UnknownNameError
 from .generator import Generator
@@ -42,6 +43,8 @@ __all__ = [
     "ComponentSpec",
     "SamplingDefaults",
     "registry",
+    "official",
+    "llamagen",
     "TOKENIZERS",
     "BACKBONES",
     "CONDITIONING",

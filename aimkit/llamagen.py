@@ -1,8 +1,9 @@
 """Key maps between aimkit's state-dict layout and LlamaGen's class-conditional GPT checkpoints.
 
 LlamaGen (FoundationVision/LlamaGen, ``autoregressive/models/gpt.py``) saves ``{"model": state_dict}``
-(training checkpoints also wrap it as ``"module"`` / ``"state_dict"``; DDP and ``torch.compile``
-add ``module.`` / ``_orig_mod.`` prefixes, which are removed here). Its names::
+from DDP training and a bare state dict from FSDP (``consolidated.pth``); its loaders also accept
+``"module"`` (DeepSpeed) and ``"state_dict"`` wrappers. A DDP-wrapped model's ``module.`` and
+``torch.compile``'s ``_orig_mod.`` key prefixes are removed here. Its names::
 
     tok_embeddings.weight                       -> tok_embed.weight
     cls_embedding.embedding_table.weight        -> class_embed.embedding_table.weight  (C + 1 rows)
