@@ -47,7 +47,8 @@ OPERATIONS: dict[str, tuple] = {
     "conv_step": ("aimkit's ring-buffer convolution-step kernel (decode step)", "triton"),
     "decode_glue": ("aimkit's fused residual-add + RMSNorm + modulation kernel (decode step)", "triton"),
     "sampling": ("aimkit's fused guidance + temperature + Gumbel-max sampling kernels", "triton"),
-    "decode_attention": ("aimkit's split-key attention over the valid KV-cache prefix (decode step)", "triton"),
+    "decode_attention": ("aimkit's rotary + KV-cache write kernel and split-key attention over the valid prefix "
+                         "(transformer decode step)", "triton"),
 }
 TRAIN_STEPS = ("eager", "graph")
 STATE_DTYPES = ("float32", "model")
@@ -69,8 +70,9 @@ class ExecutionPolicy:
         decode_glue: the decode step's glue between sublayers (gated residual add, RMSNorm,
             modulation) as one Triton kernel per sublayer.
         sampling: plain temperature sampling (no top-k / top-p) as two Triton kernels per step.
-        decode_attention: the transformer's decode-step attention over the cache's valid prefix
-            only (aimkit's Triton kernel); reference: SDPA over the whole cache under a mask.
+        decode_attention: the transformer's decode step around attention as two Triton kernels
+            (rotary of q and k with the cache write; attention over the cache's valid prefix only);
+            reference: PyTorch rotary, ``index_copy_`` and SDPA over the whole cache under a mask.
         decode_graph: on CUDA, replay each decode step from a captured CUDA graph (one launch
             per step instead of one per kernel).
         fold_gated_norm: fold Mamba2's gated RMSNorm into the state-update and glue kernels

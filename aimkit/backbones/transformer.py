@@ -309,23 +309,33 @@ class Attention(nn.Module):
         if inference_params.position is None:
             raise ValueError("Attention.step needs inference_params.position (a () int64 tensor)")
         position = inference_params.position.reshape(1)  # (1,)
-        q, k, v = self._project(x, position)  # (B, H, 1, hd), (B, Hkv, 1, hd) x2
         k_cache, v_cache = self._cache(inference_params, batch)  # (B, Hkv, S, hd)
+        if self.policy.use_kernel("decode_attention", x):
+            return self.wo(self._step_kernels(x, k_cache, v_cache, position).reshape(batch, 1, self.d_model))
+        q, k, v = self._project(x, position)  # (B, H, 1, hd), (B, Hkv, 1, hd) x2
         k_cache.index_copy_(2, position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, position, v.to(v_cache.dtype))
         # All query heads of a group share one key/value head and the same mask, so the group's
         # heads stand in for the query length: no repeated copy of the cache.
         q = q.reshape(batch, self.n_kv_head, self.n_rep, self.head_dim)  # (B, Hkv, n_rep, hd)
-        if self.policy.use_kernel("decode_attention", q):  # keys 0..position only
-            from ..kernels.attention_decode import decode_attention
-
-            out = decode_attention(q, k_cache, v_cache, position)  # (B, Hkv, n_rep, hd)
-        else:
-            visible = (torch.arange(k_cache.shape[2], device=x.device) <= position)[None, :]  # (1, S)
-            out = F.scaled_dot_product_attention(
-                q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=visible
-            )  # (B, Hkv, n_rep, hd)
+        visible = (torch.arange(k_cache.shape[2], device=x.device) <= position)[None, :]  # (1, S)
+        out = F.scaled_dot_product_attention(
+            q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=visible
+        )  # (B, Hkv, n_rep, hd)
         return self.wo(out.reshape(batch, 1, self.d_model))
+
+    def _step_kernels(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor) -> Tensor:
+        """The decode step's attention as two kernels (policy ``decode_attention``): rotary of q and
+        k with the cache write in one, attention over keys ``0..position`` in the other.
+
+        x (B, 1, D) -> (B, Hkv, n_rep, hd)."""
+        from ..kernels.attention_decode import decode_attention
+        from ..kernels.rope_cache import rope_cache_write_
+
+        q = rope_cache_write_(self.wqkv(x[:, 0]), k_cache, v_cache, position, n_head=self.n_head,
+                              n_kv_head=self.n_kv_head, head_dim=self.head_dim, rope=self.rope,
+                              base=self.rope_base, grid_size=self.grid_size)  # (B, Hkv, n_rep, hd)
+        return decode_attention(q, k_cache, v_cache, position)
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None
