@@ -50,7 +50,7 @@ OPERATIONS: dict[str, tuple] = {
     "decode_attention": ("aimkit's rotary + KV-cache write kernel and split-key attention over the valid prefix "
                          "(transformer decode step)", "triton"),
 }
-TRAIN_STEPS = ("eager", "graph")
+TRAIN_STEPS = ("auto", "eager", "graph")
 STATE_DTYPES = ("float32", "model")
 
 _DECODE_ENV = "AIMKIT_DECODE_KERNELS"
@@ -85,8 +85,11 @@ class ExecutionPolicy:
         compile_glue: ``torch.compile`` the glue between sublayers in whole-sequence forwards
             without a cache on CUDA (training); falls back to eager with one warning.
         compile_loss: ``torch.compile`` the float32 cross-entropy on CUDA.
-        train_step: the trainer's step: ``"eager"`` or ``"graph"`` (forward, backward, clipping
-            and the optimizer step replayed from CUDA graphs).
+        train_step: the trainer's step: ``"graph"`` (forward, backward, clipping and the optimizer
+            step replayed from CUDA graphs), ``"eager"``, or ``"auto"`` (default): graph wherever a
+            run allows it (one CUDA process, ``grad_accum`` 1, bf16 or no mixed precision, no
+            ``compile``), else eager; the trainer resolves it once at setup and logs and records
+            the step it runs (:func:`aimkit.training.step.resolve_train_step`).
     """
 
     scan: str = option("auto", choices=CHOICES)
@@ -102,7 +105,7 @@ class ExecutionPolicy:
     state_dtype: str = option("float32", choices=STATE_DTYPES)
     compile_glue: bool = True
     compile_loss: bool = True
-    train_step: str = option("eager", choices=TRAIN_STEPS)
+    train_step: str = option("auto", choices=TRAIN_STEPS)
 
     def __post_init__(self):
         check_fields(self, "policy")  # types, choices and ranges of every field

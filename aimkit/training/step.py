@@ -38,7 +38,7 @@ from ..generator import token_cross_entropy
 from ..policy import ExecutionPolicy
 from .ema import EMA
 
-__all__ = ["EagerStep", "GraphedStep", "TrainStep", "check_graph_step", "make_train_step"]
+__all__ = ["EagerStep", "GraphedStep", "TrainStep", "check_graph_step", "make_train_step", "resolve_train_step"]
 
 Batch = tuple[Tensor, Tensor]  # (codes (B, N) int64, labels (B,) int64)
 
@@ -260,10 +260,28 @@ def check_graph_step(device: torch.device, *, processes: int = 1, grad_accum: in
         raise ConfigError("policy train_step: graph needs " + ", ".join(problems))
 
 
+def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: object) -> tuple[str, str]:
+    """The step a run with ``policy`` takes: ``("graph" | "eager", why)``.
+
+    ``train_step: auto`` is ``graph`` wherever :func:`check_graph_step` allows it (``run``: its
+    ``processes``, ``grad_accum``, ``mixed_precision``, ``compiled``), else ``eager`` with the reason;
+    an explicit ``graph`` that the run rules out raises its ConfigError."""
+    if policy.train_step == "eager":
+        return "eager", "policy train_step: eager"
+    try:
+        check_graph_step(device, **run)
+    except ConfigError as exc:
+        if policy.train_step == "graph":
+            raise
+        return "eager", f"train_step auto: eager, since the captured step needs {str(exc).split(' needs ', 1)[1]}"
+    return "graph", f"policy train_step: {policy.train_step} (one CUDA process, no accumulation: captured step)"
+
+
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
                     max_grad_norm: float | None = 1.0, amp_dtype: torch.dtype | None = torch.bfloat16,
                     accelerator=None, graph_warmup: int = 1, ema: EMA | None = None) -> TrainStep:
-    """The step ``policy.train_step`` names: :class:`EagerStep` or :class:`GraphedStep`.
+    """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, else
+    :class:`EagerStep` (a trainer resolves ``"auto"`` first: :func:`resolve_train_step`).
 
     Args:
         model: the generator (prepared by ``accelerator`` when one is given).

@@ -56,7 +56,7 @@ from .data import ShapesImages, StepBatches, batch_layout, make_dataset
 from .ema import EMA
 from .optim import make_optimizer, make_scheduler
 from .samples import SampleGrids
-from .step import Batch, check_graph_step, make_train_step
+from .step import Batch, make_train_step, resolve_train_step
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -232,10 +232,12 @@ class Trainer:
         if not math.isfinite(self.peak_lr):
             raise ConfigError(f"lr_per_256 {cfg.lr_per_256} x global_batch_size {cfg.global_batch_size} / 256 "
                               "is not a finite learning rate")
-        graph = self.policy.train_step == "graph"
-        if graph:
-            check_graph_step(self.acc.device, processes=self.world, grad_accum=self.accum,
-                             mixed_precision=cfg.mixed_precision, compiled=cfg.compile)
+        step_kind, self.step_reason = resolve_train_step(
+            self.policy, self.acc.device, processes=self.world, grad_accum=self.accum,
+            mixed_precision=cfg.mixed_precision, compiled=cfg.compile)
+        self.policy = self.policy.replace(train_step=step_kind)  # what runs, in the log and the records
+        self.gen.set_policy(self.policy)
+        graph = step_kind == "graph"
         optimizer = make_optimizer(self.gen, lr=self.peak_lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                    eps=cfg.adam_eps, fused=cfg.fused_adamw, capturable=graph)
         self.scheduler = make_scheduler(optimizer, total=self.total_steps, warmup=cfg.warmup_steps,
@@ -284,7 +286,7 @@ class Trainer:
             f"accum {self.accum} = {cfg.global_batch_size} | peak lr {self.peak_lr:.3g} | {self.total_steps} steps "
             f"({self.steps_per_epoch}/epoch) | mixed precision {cfg.mixed_precision} ({self.precision_source}) | "
             f"{'ema ' + str(cfg.ema_decay) + ' | ' if self.ema is not None else ''}{self.acc.device} | "
-            f"{self.policy.train_step} step | policy: {self.policy.describe()}"
+            f"{self.policy.train_step} step ({self.step_reason}) | policy: {self.policy.describe()}"
         )
 
     # ------------------------------------------------------------------------- the loop

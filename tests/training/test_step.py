@@ -6,6 +6,7 @@ import torch
 from conftest import randomize_
 
 import aimkit
+from aimkit.errors import ConfigError
 from aimkit.generator import token_cross_entropy
 from aimkit.policy import ExecutionPolicy
 from aimkit.training import EagerStep, GraphedStep, make_optimizer, make_train_step, param_groups
@@ -109,3 +110,24 @@ def test_graphed_steps_equal_eager_steps():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="fixed input shapes"):
         step(codes[:2], labels[:2])
+
+
+@pytest.mark.parametrize("run, want", [
+    (dict(device="cpu"), ("eager", "a CUDA device (this run is on cpu)")),
+    (dict(device="cuda", processes=2), ("eager", "a single process (this run has 2)")),
+    (dict(device="cuda", grad_accum=4), ("eager", "grad_accum 1 (this run accumulates 4 micro-batches)")),
+    (dict(device="cuda", mixed_precision="fp16"), ("eager", "mixed_precision bf16 or no")),
+    (dict(device="cuda", mixed_precision="bf16"), ("graph", "captured step")),
+])
+def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
+    """The default policy resolves once per run to the captured step or, naming why, to eager."""
+    from aimkit.training.step import resolve_train_step
+
+    device = torch.device(run.pop("device"))
+    kind, why = resolve_train_step(ExecutionPolicy(), device, **run)
+    assert ExecutionPolicy().train_step == "auto"
+    assert kind == want[0] and want[1] in why
+    assert resolve_train_step(ExecutionPolicy(train_step="eager"), device, **run)[0] == "eager"
+    if kind == "eager":
+        with pytest.raises(ConfigError, match="policy train_step: graph needs"):
+            resolve_train_step(ExecutionPolicy(train_step="graph"), device, **run)
