@@ -181,7 +181,7 @@ def test_config_and_resume_messages(tokens, tmp_path, capsys):
 
     err = run("--config", "tiny_test", f"output_dir={tmp_path / 'g'}", f"data={tokens.dir}", "policy.train_step=graph",
               "global_batch_size=12", "grad_accum=2")
-    assert "policy train_step: graph needs a CUDA device (this run is on cpu), grad_accum 1" in err
+    assert "policy train_step: graph needs a CUDA device (this run is on cpu)" in err  # accumulation is fine
     err = run("--config", "tiny_test", f"output_dir={tmp_path / 'g'}", "cuda_graph=true")
     assert "'cuda_graph' is gone" in err and "policy: {train_step: graph}" in err
 

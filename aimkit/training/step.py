@@ -13,11 +13,13 @@ Two strategies, picked by the execution policy's ``train_step`` (:func:`make_tra
   accelerator: DDP gradient sync, loss scaling, several micro-batches);
 * :class:`GraphedStep`: forward + backward + clip and the optimizer update, each replayed from
   one CUDA graph (two graphs, one memory pool): the host launches a step with two calls instead
-  of thousands of small kernels. One CUDA process, one micro-batch of fixed shape, a capturable
+  of thousands of small kernels. One CUDA process, micro-batches of fixed shape, a capturable
   optimizer (:func:`aimkit.training.optim.make_optimizer` with ``capturable=True``), no host
-  sync inside the model. The graphs are captured on the first call; the warm-up step capture
-  needs is undone (weights, optimizer state and RNG restored), so a graphed run starts, and
-  resumes, exactly where an eager one would.
+  sync inside the model. With ``grad_accum`` N > 1 the forward + backward graph of one
+  micro-batch adds its gradients into static buffers and is replayed N times, then one graph
+  clips (and averages the loss) before the optimizer graph. The graphs are captured on the first
+  call; the warm-up step capture needs is undone (weights, optimizer state and RNG restored), so
+  a graphed run starts, and resumes, exactly where an eager one would.
 
 Either strategy takes an optional :class:`~aimkit.training.ema.EMA`: its fused update runs right
 after every applied optimizer update (eagerly, or captured in the optimizer graph and replayed
@@ -137,51 +139,84 @@ class EagerStep(TrainStep):
 
 
 class GraphedStep(TrainStep):
-    """The step replayed from CUDA graphs (see the module docstring); one micro-batch per step.
+    """The step replayed from CUDA graphs (see the module docstring); ``grad_accum`` micro-batches per step.
 
     Args:
         warmup: eager steps run before capture (on a side stream: autotuning, the optimizer's
             state allocated outside the graphs), then undone. At least 1.
+        grad_accum: micro-batches per step (each of the captured shape).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float | None = 1.0,
                  amp_dtype: torch.dtype | None = torch.bfloat16, compile_loss: bool = True, warmup: int = 1,
-                 ema: EMA | None = None):
+                 ema: EMA | None = None, grad_accum: int = 1):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
         if not all(group.get("capturable", False) for group in optimizer.param_groups):
             raise ValueError("GraphedStep needs a capturable optimizer (make_optimizer(..., capturable=True))")
         if warmup < 1:
             raise ValueError(f"GraphedStep needs at least one warm-up step, got warmup={warmup}")
+        if grad_accum < 1:
+            raise ValueError(f"GraphedStep needs grad_accum >= 1, got {grad_accum}")
         self.model, self.optimizer, self.warmup, self.ema = model, optimizer, warmup, ema
+        self.accum = grad_accum
         self.max_norm, self.amp_dtype, self.compile_loss = _limit(max_grad_norm), amp_dtype, compile_loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inputs: list[Tensor] | None = None  # the static input buffers, set by the capture
         self.loss = self.grad_norm = None  # the static outputs of the forward-backward graph
 
     def forward_backward(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
-        if len(batches) != 1:
-            raise ValueError(f"a captured step takes one micro-batch per step, got {len(batches)} (no grad_accum)")
-        batch = batches[0]
+        if len(batches) != self.accum:
+            raise ValueError(f"this captured step takes {self.accum} micro-batch(es) per step (grad_accum), "
+                             f"got {len(batches)}")
         if self.inputs is None:
-            self._capture(batch)
-        for buf, t in zip(self.inputs, batch):
-            if t.shape != buf.shape:
-                raise ValueError(f"a captured step has fixed input shapes: got {tuple(t.shape)}, "
-                                 f"captured {tuple(buf.shape)}")
-            buf.copy_(t, non_blocking=True)
-        self._fwd_bwd.replay()
+            self._capture(batches[0])
+        for batch in batches:
+            for buf, t in zip(self.inputs, batch):
+                if t.shape != buf.shape:
+                    raise ValueError(f"a captured step has fixed input shapes: got {tuple(t.shape)}, "
+                                     f"captured {tuple(buf.shape)}")
+                buf.copy_(t, non_blocking=True)
+            self._fwd_bwd.replay()  # with grad_accum > 1: adds into the gradient buffers
+        if self.accum > 1:
+            self._reduce.replay()  # the global norm, the clip and the mean loss
         return self.loss, self.grad_norm
 
     def finish(self, update: bool = True) -> None:
-        if update:  # gradients stay where the graph writes them; the next replay overwrites them
+        if update:  # with one micro-batch the next replay overwrites the gradients the graph wrote
             self._opt.replay()  # the optimizer update, then the EMA's (captured with it)
+        if self.accum > 1:  # the accumulators start the next step at zero
+            torch._foreach_zero_([p.grad for p in self.params])
+            self._loss_sum.zero_()
 
     # ------------------------------------------------------------------------- capture
 
     def _forward_backward(self) -> tuple[Tensor, Tensor]:
         loss = _batch_loss(self.model, *self.inputs, self.amp_dtype, self.compile_loss)
         loss.backward()
-        return loss.detach(), torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        return loss.detach(), self._clip()
+
+    def _clip(self) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+
+    def _accumulate(self) -> None:
+        """One micro-batch's share: gradients of ``loss / grad_accum`` added into the existing
+        ``.grad`` buffers (autograd accumulates in place into a gradient nothing else references)."""
+        loss = _batch_loss(self.model, *self.inputs, self.amp_dtype, self.compile_loss)
+        (loss / self.accum).backward()
+        self._loss_sum.add_(loss.detach())
+
+    def _capture_accumulating(self, device: torch.device) -> None:
+        """The graphs of ``grad_accum > 1``: accumulate (per micro-batch), reduce, update."""
+        for p in self.params:  # static accumulators, allocated outside the graphs' pool
+            p.grad = torch.zeros_like(p)
+        self._loss_sum = torch.zeros((), device=device)
+        self._fwd_bwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._fwd_bwd):
+            self._accumulate()
+        self._reduce = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._reduce, pool=self._fwd_bwd.pool()):
+            self.grad_norm = self._clip()
+            self.loss = self._loss_sum / self.accum
 
     def _capture(self, batch: Batch) -> None:
         if not all(isinstance(t, Tensor) and t.is_cuda for t in batch):
@@ -202,9 +237,12 @@ class GraphedStep(TrainStep):
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
         for p in self.params:  # also those outside the optimizer: no warm-up gradient may linger
             p.grad = None
-        self._fwd_bwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._fwd_bwd):
-            self.loss, self.grad_norm = self._forward_backward()
+        if self.accum > 1:
+            self._capture_accumulating(device)
+        else:
+            self._fwd_bwd = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._fwd_bwd):
+                self.loss, self.grad_norm = self._forward_backward()
         self._opt = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._opt, pool=self._fwd_bwd.pool()):
             self.optimizer.step()
@@ -212,6 +250,9 @@ class GraphedStep(TrainStep):
                 self.ema.update()
         torch.cuda.synchronize(device)
         saved.restore()
+        if self.accum > 1:  # capture ran no kernel, but be explicit: every step starts from zero
+            torch._foreach_zero_([p.grad for p in self.params])
+            self._loss_sum.zero_()
 
 
 class _Snapshot:
@@ -242,16 +283,15 @@ class _Snapshot:
         torch.cuda.set_rng_state(self.rng[1], self.device)
 
 
-def check_graph_step(device: torch.device, *, processes: int = 1, grad_accum: int = 1,
-                     mixed_precision: str = "no", compiled: bool = False) -> None:
-    """Raise a ConfigError naming everything that rules out ``policy.train_step: graph`` for a run."""
+def check_graph_step(device: torch.device, *, processes: int = 1, mixed_precision: str = "no",
+                     compiled: bool = False) -> None:
+    """Raise a ConfigError naming everything that rules out ``policy.train_step: graph`` for a run
+    (gradient accumulation does not: the captured step replays one micro-batch's graph N times)."""
     problems = []
     if device.type != "cuda":
         problems.append(f"a CUDA device (this run is on {device.type})")
     if processes > 1:
         problems.append(f"a single process (this run has {processes})")
-    if grad_accum > 1:
-        problems.append(f"grad_accum 1 (this run accumulates {grad_accum} micro-batches)")
     if mixed_precision == "fp16":
         problems.append("mixed_precision bf16 or no (fp16's loss scaler decides on the host)")
     if compiled:
@@ -264,7 +304,7 @@ def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: obj
     """The step a run with ``policy`` takes: ``("graph" | "eager", why)``.
 
     ``train_step: auto`` is ``graph`` wherever :func:`check_graph_step` allows it (``run``: its
-    ``processes``, ``grad_accum``, ``mixed_precision``, ``compiled``), else ``eager`` with the reason;
+    ``processes``, ``mixed_precision``, ``compiled``), else ``eager`` with the reason;
     an explicit ``graph`` that the run rules out raises its ConfigError."""
     if policy.train_step == "eager":
         return "eager", "policy train_step: eager"
@@ -274,12 +314,13 @@ def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: obj
         if policy.train_step == "graph":
             raise
         return "eager", f"train_step auto: eager, since the captured step needs {str(exc).split(' needs ', 1)[1]}"
-    return "graph", f"policy train_step: {policy.train_step} (one CUDA process, no accumulation: captured step)"
+    return "graph", f"policy train_step: {policy.train_step} (one CUDA process: captured step)"
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
                     max_grad_norm: float | None = 1.0, amp_dtype: torch.dtype | None = torch.bfloat16,
-                    accelerator=None, graph_warmup: int = 1, ema: EMA | None = None) -> TrainStep:
+                    accelerator=None, graph_warmup: int = 1, ema: EMA | None = None,
+                    grad_accum: int = 1) -> TrainStep:
     """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, else
     :class:`EagerStep` (a trainer resolves ``"auto"`` first: :func:`resolve_train_step`).
 
@@ -292,9 +333,11 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
         accelerator: the trainer's ``accelerate.Accelerator``, or None.
         graph_warmup: warm-up steps before capture (undone), ``"graph"`` only.
         ema: a moving average of the weights updated after every applied update, or None.
+        grad_accum: micro-batches per step, for ``"graph"`` (the eager step takes any number).
     """
     common = dict(max_grad_norm=max_grad_norm, compile_loss=policy.compile_loss, ema=ema)
     if policy.train_step == "graph":
-        return GraphedStep(model, optimizer, amp_dtype=amp_dtype, warmup=graph_warmup, **common)
+        return GraphedStep(model, optimizer, amp_dtype=amp_dtype, warmup=graph_warmup, grad_accum=grad_accum,
+                           **common)
     eager_amp = None if accelerator is not None else amp_dtype
     return EagerStep(model, optimizer, amp_dtype=eager_amp, accelerator=accelerator, **common)

@@ -233,8 +233,8 @@ class Trainer:
             raise ConfigError(f"lr_per_256 {cfg.lr_per_256} x global_batch_size {cfg.global_batch_size} / 256 "
                               "is not a finite learning rate")
         step_kind, self.step_reason = resolve_train_step(
-            self.policy, self.acc.device, processes=self.world, grad_accum=self.accum,
-            mixed_precision=cfg.mixed_precision, compiled=cfg.compile)
+            self.policy, self.acc.device, processes=self.world, mixed_precision=cfg.mixed_precision,
+            compiled=cfg.compile)
         self.policy = self.policy.replace(train_step=step_kind)  # what runs, in the log and the records
         self.gen.set_policy(self.policy)
         graph = step_kind == "graph"
@@ -246,7 +246,7 @@ class Trainer:
         self.train_step = make_train_step(
             self.model, self.optimizer, self.policy, accelerator=self.acc,
             max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None,
-            amp_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None, ema=self.ema)
+            amp_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None, ema=self.ema, grad_accum=self.accum)
 
     # ------------------------------------------------------------------------- resume
 
