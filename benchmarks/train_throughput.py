@@ -12,6 +12,7 @@ own FLOPs) and peak GPU memory. Run from the repository root, no install needed:
     python benchmarks/train_throughput.py --models aim-b,aim-l --batch 64 --steps 20
     python benchmarks/train_throughput.py --models aim-b --compile          # torch.compile too
     python benchmarks/train_throughput.py --models aim-b,aim-l --policy train_step=graph  # CUDA graphs
+    python benchmarks/train_throughput.py --models aim-b --policy train_step=graph --grad-accum 4
     python benchmarks/train_throughput.py --device cpu --models aim-b --batch 2 --steps 2 \\
         --set d_model=64 --set n_layer=2                                     # smoke test on CPU
 
@@ -69,13 +70,20 @@ def build_step(name: str, args, overrides):
     gen = aimkit.build(name, tokenizer=None, device=device, policy=policy, **overrides).train()
     optimizer = make_optimizer(gen, lr=8e-4, weight_decay=0.05, betas=(0.9, 0.95), capturable=graphed)
     model = torch.compile(gen) if args.compile else gen
+    accum = getattr(args, "grad_accum", 1)
     train_step = make_train_step(model, optimizer, policy, max_grad_norm=1.0, amp_dtype=AMP[args.precision],
-                                 graph_warmup=max(1, args.warmup))
+                                 graph_warmup=max(1, args.warmup), grad_accum=accum)
 
     g = torch.Generator(device=device).manual_seed(0)
-    codes = torch.randint(0, gen.vocab_size, (args.batch, gen.num_tokens), device=device, generator=g)
-    labels = torch.randint(0, gen.num_classes, (args.batch,), device=device, generator=g)
-    return gen, (lambda: train_step(codes, labels)), policy
+    micro = [(torch.randint(0, gen.vocab_size, (args.batch, gen.num_tokens), device=device, generator=g),
+              torch.randint(0, gen.num_classes, (args.batch,), device=device, generator=g)) for _ in range(accum)]
+
+    def step():
+        loss, _ = train_step.forward_backward(micro)
+        train_step.finish(update=True)
+        return loss
+
+    return gen, step, policy
 
 
 def measure(name: str, args, overrides) -> dict:
@@ -98,13 +106,14 @@ def measure(name: str, args, overrides) -> dict:
         loss = step()
         sync()
         times.append(time.perf_counter() - t)
-    tokens = args.batch * gen.num_tokens
+    tokens = args.batch * gen.num_tokens * getattr(args, "grad_accum", 1)
     median = statistics.median(times)
     result = {
         "model": name,
         "overrides": overrides,
         "params": n_params,
         "batch": args.batch,
+        "grad_accum": getattr(args, "grad_accum", 1),
         "tokens_per_step": tokens,
         "precision": args.precision,
         "compile": args.compile,
@@ -127,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="aim-b,aim-l", help="comma-separated presets")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch per step")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator")
