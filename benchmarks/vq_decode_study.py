@@ -1,28 +1,21 @@
-"""VQ decode speed study: codes (B, N) -> images under dtype, layout, compile and CUDA-graph variants.
+"""VQ decode speed study: codes (B, 256) -> images under dtype, layout, compile and CUDA-graph variants.
 
 Issue #17 goal 2: 256 VQ-f16 images in <= 0.15 s on an H200, pixels within bf16 precision of float32.
-On the GPU machine (10-minute limit; no new row starts after --budget-s seconds)::
+GPU machine (10-minute limit; no row starts after --budget-s, the outputs are rewritten after each row)::
 
     source benchmarks/device_env.sh; python3 benchmarks/vq_decode_study.py --out $OUT/vq
 
-CPU smoke test (< 1 minute)::
+CPU smoke test (< 1 minute): ``python3 benchmarks/vq_decode_study.py --device cpu --tokenizer vq-f4-tiny --batch 8``
 
-    python3 benchmarks/vq_decode_study.py --device cpu --tokenizer vq-f4-tiny --batch 8
-
-What each variant changes is ``post_quant_conv`` + ``decoder`` (aimkit/tokenizers/vq.py); the codebook
-lookup (``quantize.lookup``) stays eager, as in ``VQModel.decode``, except inside a CUDA graph, which
-captures the whole decode (lookup included) per chunk shape. Chunks go into a preallocated output.
-generate() (aimkit/samplers/api.py) decodes in the tokenizer's dtype (the generator's: bf16 in
-``aimkit bench``), contiguous layout, chunks of 16; so ``bf16`` at ``--chunks 16`` is the bench row.
-Variants (--variants): fp32 (the reference: TF32 off), bf16, bf16_cl (channels_last), bf16_cl_bench
-(and cudnn.benchmark), bf16_cl_graph, bf16_cl_compile (torch.compile, --compile-mode), bf16_cl_compile_graph,
-fp16_cl_compile_graph. Weights: the tokenizer's seeded random init, or --weights; codes: uniform random.
-Per variant and chunk: first call s (compile/capture included), median of --repeats, images/s, max abs
-error vs fp32 after clamp to [-1, 1] (decode itself returns unclamped [-1, 1]-scale pixels), PSNR (dB)
-of generate's uint8 pixels vs fp32's, peak GB. Part ``ops``: one profiled eager bf16_cl chunk by op
-family; parts ``gn_swish`` / ``attention``: GroupNorm + swish eager vs compiled (what a fused kernel
-could save) at each decoder shape, and the 16x16 attention blocks eager vs F.scaled_dot_product_attention.
-Writes vq_decode_study.json and vq_decode_study.md (rewritten after every row) to --out.
+Variants change ``post_quant_conv`` + ``decoder`` (aimkit/tokenizers/vq.py); the codebook lookup stays as in
+``VQModel.decode``, but a CUDA graph captures the whole decode per chunk shape. Names: fp32/bf16/fp16 with
+_cl (channels_last), _bench (cudnn.benchmark), _compile (--compile-mode), _graph. fp32 (TF32 off) is the
+reference. generate() decodes in the generator's dtype (bf16 in ``aimkit bench``), contiguous, chunks of 16.
+Seeded random weights (or --weights), uniform random codes. Per row: first call s (compile, capture), median
+of --repeats, images/s, max abs error vs fp32 after the clamp to [-1, 1] (decode's raw scale), PSNR (dB) of
+generate's uint8 pixels, peak GB. Then, on one eager bf16_cl chunk of 64: ms per top-level op family, GroupNorm
++ swish eager vs compiled (a fused kernel's saving), the attention blocks eager vs scaled_dot_product_attention.
+Writes vq_decode_study.json and vq_decode_study.md to --out.
 """
 
 from __future__ import annotations
@@ -43,74 +36,40 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aimkit.bench.timing import peak_gb, reset_peak, time_call, time_calls  # noqa: E402
 from aimkit.registry import TOKENIZERS  # noqa: E402
 from aimkit.tokenizers.vq import _swish  # noqa: E402
 
-BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-VARIANTS = {  # dtype, channels_last, cudnn.benchmark, torch.compile, CUDA graph
-    "fp32": (FP32, False, False, False, False),
-    "bf16": (BF16, False, False, False, False),
-    "bf16_cl": (BF16, True, False, False, False),
-    "bf16_cl_bench": (BF16, True, True, False, False),
-    "bf16_cl_graph": (BF16, True, False, False, True),
-    "bf16_cl_compile": (BF16, True, False, True, False),
-    "bf16_cl_compile_graph": (BF16, True, False, True, True),
-    "fp16_cl_compile_graph": (FP16, True, False, True, True),
-}
+BF16, CL, TOKENS, GRID = torch.bfloat16, torch.channels_last, 256, (16, 16)  # 16x16 codes (vq-f4-tiny: 64 px)
+VARIANTS = ("fp32", "bf16", "bf16_cl", "bf16_cl_bench", "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph",
+            "fp16_cl_compile_graph")
+VARIANT_FLAGS = ("cl", "bench", "compile", "graph")  # channels_last, cudnn.benchmark, torch.compile, CUDA graph
+FAMILIES = (("conv", "conv (+ bias)"), ("group_norm", "group_norm"), ("sigmoid", "swish: sigmoid"),
+            ("aten::mul", "swish: mul (+ attn scale)"), ("bmm", "attention: bmm"), ("softmax", "attention: softmax"),
+            ("upsample", "upsample"), ("aten::add", "residual add"))
 
 
-class Body(nn.Module):
-    """``post_quant_conv`` then ``decoder``: the part of ``VQModel.decode`` after the lookup."""
-
-    def __init__(self, tok):
-        super().__init__()
-        self.post_quant_conv, self.decoder = tok.post_quant_conv, tok.decoder
-
-    def forward(self, z):
-        return self.decoder(self.post_quant_conv(z))
+def spec_of(name):  # (dtype, channels_last, cudnn.benchmark, torch.compile, CUDA graph) from the name's parts
+    p = name.split("_")
+    return {"fp32": torch.float32, "bf16": BF16, "fp16": torch.float16}[p[0]], *(k in p for k in VARIANT_FLAGS)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device) -> float:
-    """Seconds of one call: CUDA events on the GPU, a host clock after a sync elsewhere."""
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def make_decoder(tok, spec, args, grid, bodies):
-    """codes (c, N) -> images (c, 3, H, W) for one variant; cast/compiled bodies are shared by key."""
+def make_decoder(tok, spec, args, bodies):
+    """codes (c, 256) -> images (c, 3, H, W) for one variant; cast/compiled bodies are shared."""
     dtype, cl, _, comp, graph = spec
     if (dtype, cl, comp) not in bodies:
-        t = copy.deepcopy(tok).to(dtype)
-        if cl:
-            t.channels_last()
-        body = Body(t)
-        bodies[(dtype, cl, comp)] = (t, torch.compile(body, mode=args.compile_mode, dynamic=False) if comp else body)
+        t = copy.deepcopy(tok).to(dtype).channels_last(cl)
+        body = nn.Sequential(t.post_quant_conv, t.decoder)  # VQModel.decode after the lookup
+        body = torch.compile(body, mode=args.compile_mode, dynamic=False) if comp else body
+        bodies[(dtype, cl, comp)] = (t, body)
     t, body = bodies[(dtype, cl, comp)]
-    fmt = torch.channels_last if cl else torch.contiguous_format
-
-    def eager(codes):
-        return body(t.quantize.lookup(codes, grid, dtype).contiguous(memory_format=fmt))
-
-    if not graph:
-        return eager
     graphs = {}
 
+    def eager(codes):  # as VQModel.decode, without its checks
+        return body(t.quantize.lookup(codes, GRID, dtype).contiguous(memory_format=t._memory_format))
+
     def replay(codes):
-        if codes.shape[0] not in graphs:  # warm up on a side stream, then capture once per shape
+        if codes.shape[0] not in graphs:  # warm up on a side stream, then capture once per chunk shape
             static, side = codes.clone(), torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -126,151 +85,117 @@ def make_decoder(tok, spec, args, grid, bodies):
         g.replay()
         return out
 
-    return replay
+    return replay if graph else eager
 
 
-def to_u8(img):
-    """generate's uint8 pixels from [-1, 1]-clamped float images."""
-    return ((img + 1) * 127.5).round().to(torch.uint8)
-
-
-def run_row(name, spec, chunk, tok, codes, args, device, bodies, ref):
-    row = {"variant": name, "chunk": chunk, "dtype": str(spec[0]).replace("torch.", ""), "channels_last": spec[1],
-           "cudnn_benchmark": spec[2], "compile": spec[3], "cuda_graph": spec[4]}
-    if spec[4] and device.type != "cuda":
-        return {**row, "status": "skipped: CUDA graphs need CUDA"}
-    if spec[3] and device.type != "cuda" and not args.compile:
-        return {**row, "status": "skipped: compile on CPU needs --compile"}
-    torch.backends.cudnn.benchmark = spec[2]
-    n = codes.shape[1]
-    grid = (math.isqrt(n), n // math.isqrt(n))
-    dec = make_decoder(tok, spec, args, grid, bodies)
-    h, w = grid[0] * tok.downsample, grid[1] * tok.downsample
-    out = torch.empty(codes.shape[0], tok.in_channels, h, w, dtype=spec[0], device=device)
+def run_row(name, chunk, tok, codes, args, device, bodies, ref, left_s) -> dict:
+    spec, cuda = spec_of(name), device.type == "cuda"
+    row = dict(zip(("variant", "chunk", "dtype", "channels_last", "cudnn_benchmark", "compile", "cuda_graph"),
+                   (name, chunk, str(spec[0])[6:], *spec[1:])))
+    shape_key = ("compiled", spec[0], spec[1], chunk)  # a compiled body compiles again for each chunk shape
+    if spec[4] and not cuda or spec[3] and not (cuda or args.compile):
+        return {**row, "status": "skipped: CUDA graphs need CUDA" if spec[4] else "skipped: CPU compile: --compile"}
+    if spec[3] and shape_key not in bodies and left_s < args.compile_reserve_s:
+        return {**row, "status": "skipped: budget (a new compile)"}
+    bodies[shape_key], torch.backends.cudnn.benchmark = spec[3], spec[2]
+    dec, f = make_decoder(tok, spec, args, bodies), tok.downsample
+    out = torch.empty(codes.shape[0], tok.in_channels, GRID[0] * f, GRID[1] * f, dtype=spec[0], device=device)
 
     def call():
         for s in range(0, codes.shape[0], chunk):
             out[s:s + chunk].copy_(dec(codes[s:s + chunk]))
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     with torch.inference_mode():
-        first = timed(call, device)
-        for _ in range(args.warmup):
-            call()
-        times = [timed(call, device) for _ in range(args.repeats)]
+        first = time_call(call, device)[0]
+        [call() for _ in range(args.warmup)]
+        times = [time_call(call, device)[0] for _ in range(args.repeats)]
         img = out.float().clamp(-1, 1)
     med = statistics.median(times)
-    row.update(first_s=first, median_s=med, min_s=min(times), images_per_s=codes.shape[0] / med,
-               peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
-    if name == "fp32" and "img" not in ref:
-        ref["img"] = img.clone()
+    row.update(first_s=first, median_s=med, min_s=min(times), images_per_s=len(codes) / med, peak_gb=peak_gb(device))
+    ref.setdefault("img", img.clone()) if name == "fp32" else None  # the first fp32 row's pixels
     if "img" in ref:
-        diff = (img - ref["img"]).abs()
-        mse = (to_u8(img).float() - to_u8(ref["img"]).float()).pow(2).mean().item()
-        row.update(max_abs_err=diff.max().item(), mean_abs_err=diff.mean().item(),
-                   psnr_db=10 * math.log10(255**2 / mse) if mse > 0 else "inf")
+        u8 = lambda x: ((x + 1) * 127.5).round()  # noqa: E731  (generate's to_uint8 of [-1, 1]-clamped pixels)
+        mse = (u8(img) - u8(ref["img"])).pow(2).mean().item()
+        row["max_abs_err"] = (img - ref["img"]).abs().max().item()
+        row["psnr_db"] = 10 * math.log10(255**2 / mse) if mse else "inf"
     return {**row, "status": "ok"}
 
 
-def op_family(name: str) -> str:
-    for key, fam in (("conv", "conv"), ("group_norm", "group_norm"), ("sigmoid", "swish sigmoid"),
-                     ("aten::mul", "mul (swish, attn scale)"), ("bmm", "attention bmm"), ("softmax", "attention softmax"),
-                     ("upsample", "upsample"), ("aten::add", "residual add"), ("copy", "copy / layout"),
-                     ("embedding", "lookup")):
-        if key in name:
-            return fam
-    return "other"
+def parts(tok, args, device, bodies, res):
+    """One eager bf16_cl chunk: time per op family; GroupNorm + swish and attention timed alone."""
+    c, key, cuda = min(64, args.batch), (BF16, True, False), device.type == "cuda"
+    make_decoder(tok, spec_of("bf16_cl"), args, bodies)  # builds the bf16 channels_last copy if not there yet
+    t, codes = bodies[key][0], torch.randint(0, tok.codebook_size, (c, TOKENS), device=device)
+    with torch.inference_mode():
+        z = t.post_quant_conv(t.quantize.lookup(codes, GRID, BF16).contiguous(memory_format=CL))
+    sites = {}  # (C, H, W) -> [a GroupNorm followed by swish at that shape, number of such calls]
 
+    def count(m, inputs, output):
+        sites.setdefault(tuple(inputs[0].shape[1:]), [m, 0])[1] += 1
 
-def parts(tok, args, device, bodies, parts_out):
-    """Profile one eager bf16_cl chunk by op family, then time GN + swish and attention alone."""
-    spec, c = VARIANTS["bf16_cl"], min(64, args.batch)
-    t = bodies.get((BF16, True, False)) or make_decoder(tok, spec, args, (16, 16), bodies) and bodies[(BF16, True, False)]
-    t = t[0]
-    codes = torch.randint(0, tok.codebook_size, (c, 256), device=device)
-    z = t.post_quant_conv(t.quantize.lookup(codes, (16, 16), BF16).contiguous(memory_format=torch.channels_last))
-    shapes, hooks = {}, []
-    for mname, m in t.decoder.named_modules():  # norms followed by swish: res-block norm1/norm2, norm_out
-        if isinstance(m, nn.GroupNorm) and mname.split(".")[-1] in ("norm1", "norm2", "norm_out"):
-            hooks.append(m.register_forward_hook(lambda m, i, o: shapes.setdefault((m, tuple(i[0].shape)), 0)))
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    hooks = [m.register_forward_hook(count) for n, m in t.decoder.named_modules()
+             if isinstance(m, nn.GroupNorm) and n.split(".")[-1] in ("norm1", "norm2", "norm_out")]
     with torch.inference_mode():
         t.decoder(z)
-        for hk in hooks:
-            hk.remove()
-        sync(device)
-        with torch.profiler.profile(activities=acts) as prof:
-            t.decoder(z)
-            sync(device)
+        [h.remove() for h in hooks]
+        with torch.profiler.profile() as prof:  # CPU, and CUDA where there is one
+            time_call(lambda: t.decoder(z), device)  # synchronises before returning
     fams = {}
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    for ev in prof.key_averages():
-        fams[op_family(ev.key)] = fams.get(op_family(ev.key), 0.0) + getattr(ev, attr, 0.0) / 1e3
-    total = sum(fams.values())
-    parts_out["ops"] = {"chunk": c, "total_ms": total, "ms": dict(sorted(fams.items(), key=lambda kv: -kv[1]))}
-
-    def med_ms(fn):
-        return 1e3 * statistics.median(timed(fn, device) for _ in range(args.repeats))
-
-    compile_ok = device.type == "cuda" or args.compile
-    fused = torch.compile(lambda norm, x: _swish(norm(x)), dynamic=False) if compile_ok else None
-    rows = []
+    for ev in prof.events():  # top-level ops, their children's kernels included
+        if str(ev.device_type).endswith("CPU") and ev.cpu_parent is None and not ev.name.startswith("cuda"):
+            fam = next((f for k, f in FAMILIES if k in ev.name), "other: " + ev.name)
+            fams[fam] = fams.get(fam, 0.0) + (getattr(ev, "device_time_total", 0) if cuda else ev.cpu_time_total) / 1e3
+    res["ops"] = {"chunk": c, "total_ms": sum(fams.values()), "ms": dict(sorted(fams.items(), key=lambda kv: -kv[1]))}
+    med_ms = lambda fn: 1e3 * statistics.median(time_calls(fn, device, args.repeats, warmup=1))  # noqa: E731
+    torch._dynamo.config.cache_size_limit = 64  # one graph per shape below (alias of recompile_limit)
+    gn = lambda x, w, b: _swish(F.group_norm(x, 32, w, b, 1e-6))  # noqa: E731
+    fused, rows = torch.compile(gn, dynamic=False) if cuda or args.compile else None, []
     with torch.inference_mode():
-        for (m, shape) in shapes:  # one entry per (module, shape): every call site counted once
-            x = torch.randn(shape, device=device, dtype=BF16).contiguous(memory_format=torch.channels_last)
-            r = {"shape": list(shape), "eager_ms": med_ms(lambda: _swish(m(x)))}
+        for shape, (m, calls) in sites.items():
+            x = torch.randn(c, *shape, device=device, dtype=BF16).contiguous(memory_format=CL)
+            rows.append({"shape": [c, *shape], "calls": calls, "eager_ms": med_ms(lambda: gn(x, m.weight, m.bias))})
             if fused is not None:
-                fused(m, x)
-                r["compiled_ms"] = med_ms(lambda: fused(m, x))
-            rows.append(r)
-    parts_out["gn_swish"] = {"calls": rows, "eager_ms_total": sum(r["eager_ms"] for r in rows),
-                             "compiled_ms_total": sum(r.get("compiled_ms", 0.0) for r in rows) if fused else None}
+                rows[-1]["compiled_ms"] = med_ms(lambda: fused(x, m.weight, m.bias))
+    res["gn_swish"] = {"chunk": c, "shapes": rows, "calls": sum(r["calls"] for r in rows),
+                       "eager_ms_total": sum(r["calls"] * r["eager_ms"] for r in rows),
+                       "compiled_ms_total": sum(r["calls"] * r["compiled_ms"] for r in rows) if fused else None}
 
-    def sdpa_attn(blk, x):
-        b, ch, hh, ww = x.shape
-        y = blk.norm(x)
-        q, k, v = (p(y).flatten(2).transpose(1, 2).unsqueeze(1) for p in (blk.q, blk.k, blk.v))  # (B,1,HW,C)
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, ch, hh, ww)
-        return x + blk.proj_out(o.contiguous(memory_format=torch.channels_last))
+    def sdpa_attn(blk, x):  # the same block with PyTorch's fused attention (single head, head dim C)
+        q, k, v = (p(blk.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1) for p in (blk.q, blk.k, blk.v))
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(x.shape)  # q: (B, 1, HW, C)
+        return x + blk.proj_out(o.contiguous(memory_format=CL))
 
-    blocks = [t.decoder.mid[1], *t.decoder.conv_blocks[0].attn]
-    x = torch.randn(c, blocks[0].q.in_channels, 16, 16, device=device, dtype=BF16).contiguous(memory_format=torch.channels_last)
+    blocks = [t.decoder.mid[1], *t.decoder.conv_blocks[0].attn]  # all at the code grid
+    x = torch.randn(c, blocks[0].q.in_channels, *GRID, device=device, dtype=BF16).contiguous(memory_format=CL)
     with torch.inference_mode():
-        err = (sdpa_attn(blocks[0], x).float() - blocks[0](x).float()).abs().max().item()
-        parts_out["attention"] = {"blocks": len(blocks), "shape": list(x.shape), "eager_ms_per_block": med_ms(lambda: blocks[0](x)),
-                                  "sdpa_ms_per_block": med_ms(lambda: sdpa_attn(blocks[0], x)), "sdpa_max_abs_diff": err}
+        res["attention"] = {"chunk": c, "blocks": len(blocks), "shape": list(x.shape),
+                            "sdpa_max_abs_diff": (sdpa_attn(blocks[0], x) - blocks[0](x)).abs().max().item(),
+                            "eager_ms_per_block": med_ms(lambda: blocks[0](x)),
+                            "sdpa_ms_per_block": med_ms(lambda: sdpa_attn(blocks[0], x))}
 
 
 def fmt(v, spec=".4g"):
     return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
 
 
-def write(out: Path, meta, rows, parts_out):
+def write(out: Path, meta, rows, res) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vq_decode_study.json").write_text(json.dumps({"meta": meta, "rows": rows, "parts": parts_out}, indent=1))
-    lines = [f"VQ decode, {meta['tokenizer']}, {meta['batch']} codes x {meta['tokens']} on {meta['device_name']} "
-             f"(torch {meta['torch']}, weights {meta['weights']})", "",
-             "| variant | chunk | first call s | median s | images/s | max abs err | PSNR dB | peak GB | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['chunk']} | {fmt(r.get('first_s'))} | {fmt(r.get('median_s'))} | "
-                     f"{fmt(r.get('images_per_s'), '.1f')} | {fmt(r.get('max_abs_err'))} | {fmt(r.get('psnr_db'), '.2f')} | "
-                     f"{fmt(r.get('peak_gb'), '.2f')} | {r['status']} |")
-    if "ops" in parts_out:
-        o = parts_out["ops"]
-        lines += ["", f"Eager bf16_cl decoder, one chunk of {o['chunk']}: {o['total_ms']:.2f} ms of op self time", "",
-                  "| op family | ms | share |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.3f} | {v / max(o['total_ms'], 1e-9):.0%} |" for k, v in o["ms"].items()]
-    if "gn_swish" in parts_out:
-        g = parts_out["gn_swish"]
-        lines += ["", f"GroupNorm + swish, {len(g['calls'])} calls: eager {g['eager_ms_total']:.3f} ms, "
-                  f"compiled {fmt(g['compiled_ms_total'])} ms"]
-    if "attention" in parts_out:
-        a = parts_out["attention"]
-        lines += [f"Attention ({a['blocks']} blocks at {a['shape']}): eager {a['eager_ms_per_block']:.3f} ms, "
-                  f"SDPA {a['sdpa_ms_per_block']:.3f} ms per block (max abs diff {a['sdpa_max_abs_diff']:.3g})"]
-    lines += [f"{k}: {v}" for k, v in parts_out.items() if k.endswith("_error")]
+    (out / "vq_decode_study.json").write_text(json.dumps({"meta": meta, "rows": rows, "parts": res}, indent=1))
+    lines = [f"VQ decode, {meta['tokenizer']}, batch {meta['batch']}, {meta['device_name']}, torch {meta['torch']}, "
+             f"weights: {meta['weights']}", "", "| variant | chunk | first call s | median s | images/s | "
+             "max abs err | PSNR dB | peak GB | status |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['chunk']} | {fmt(r.get('first_s'))} | {fmt(r.get('median_s'))} | "
+              f"{fmt(r.get('images_per_s'), '.1f')} | {fmt(r.get('max_abs_err'))} | {fmt(r.get('psnr_db'), '.2f')} | "
+              f"{fmt(r.get('peak_gb'), '.2f')} | {r['status']} |" for r in rows]
+    o, g, a = res.get("ops"), res.get("gn_swish"), res.get("attention")
+    lines += ["", f"Eager bf16_cl decoder, chunk {o['chunk']}, {o['total_ms']:.2f} ms in top-level ops: " + ", ".join(
+        f"{k} {v:.3f} ms ({v / max(o['total_ms'], 1e-9):.0%})" for k, v in o["ms"].items())] if o else []
+    lines += ["", f"GroupNorm + swish alone, {g['calls']} calls at chunk {g['chunk']}: eager {g['eager_ms_total']:.3f}"
+              f" ms, compiled (fused) {fmt(g['compiled_ms_total'], '.3f')} ms"] if g else []
+    lines += [f"Attention, {a['blocks']} blocks at {a['shape']}: eager {a['eager_ms_per_block']:.3f} ms, SDPA "
+              f"{a['sdpa_ms_per_block']:.3f} ms per block (max abs diff {a['sdpa_max_abs_diff']:.3g})"] if a else []
+    lines += [f"parts error: {res['error']}"] if "error" in res else []
     (out / "vq_decode_study.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
@@ -279,53 +204,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokenizer", default="vq-f16")
-    ap.add_argument("--weights", default=None, help="checkpoint for tokenizer.load_weights (default: seeded random)")
+    ap.add_argument("--weights", default=None, help="checkpoint for load_weights (default: seeded random init)")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--chunks", default="all,64", help="comma list of chunk sizes; 'all' = the whole batch")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--chunks", default="all,64", help="comma list of chunk sizes; all = the whole batch")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list (see the docstring)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls (median) after --warmup untimed ones")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also compile on CPU")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
-    ap.add_argument("--no-parts", action="store_true", help="skip the op profile and GN/attention timings")
-    ap.add_argument("--budget-s", type=float, default=480.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.environ["OUT"], "vq") if os.environ.get("OUT") else "/tmp/vq_study")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no new row after this many seconds")
+    ap.add_argument("--compile-reserve-s", type=float, default=180.0, help="no new compile with less budget left")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/vq_study")
     args = ap.parse_args()
-    t_start, device = time.perf_counter(), torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 = true float32
-    torch.manual_seed(args.seed)
+    t0, device, out = time.perf_counter(), torch.device(args.device), Path(args.out)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is float32
+    torch.manual_seed(0)
     tok = TOKENIZERS.get(args.tokenizer)()
-    if args.weights:
-        tok.load_weights(args.weights)
-    tok = tok.eval().to(device)
-    codes = torch.randint(0, tok.codebook_size, (args.batch, 256), device=device, generator=None)
-    chunks = sorted({args.batch if c == "all" else min(int(c), args.batch) for c in args.chunks.split(",")}, reverse=True)
-    meta = {"tokenizer": args.tokenizer, "batch": args.batch, "tokens": codes.shape[1], "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "weights": args.weights or f"random (seed {args.seed})",
-            "compile_mode": args.compile_mode, "repeats": args.repeats, "tf32": False}
-    rows, parts_out, bodies, ref = [], {}, {}, {}
+    tok = (tok.load_weights(args.weights) if args.weights else tok).eval().to(device)
+    codes = torch.randint(0, tok.codebook_size, (args.batch, TOKENS), device=device)
+    chunks = sorted({args.batch if c == "all" else min(int(c), args.batch) for c in args.chunks.split(",")})[::-1]
+    meta = {**vars(args), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "weights": args.weights or "random init, seed 0", "tf32": False}
+    rows, res, bodies, ref = [], {}, {}, {}
     for name in args.variants.split(","):
         for chunk in chunks:
-            if time.perf_counter() - t_start > args.budget_s:
-                rows.append({"variant": name, "chunk": chunk, "status": "skipped: budget"})
-                continue
+            left = args.budget_s - (time.perf_counter() - t0)
             try:
-                rows.append(run_row(name, VARIANTS[name], chunk, tok, codes, args, device, bodies, ref))
+                rows.append(run_row(name, chunk, tok, codes, args, device, bodies, ref, left) if left > 0
+                            else {"variant": name, "chunk": chunk, "status": "skipped: budget"})
             except Exception as exc:  # one failed variant must not lose the table
                 rows.append({"variant": name, "chunk": chunk, "status": f"error: {type(exc).__name__}: {exc}"[:300]})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            write(Path(args.out), meta, rows, parts_out)
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            write(out, meta, rows, res)
     torch.backends.cudnn.benchmark = False
-    if not args.no_parts and time.perf_counter() - t_start <= args.budget_s:
+    if time.perf_counter() - t0 <= args.budget_s:  # the op profile and GN/attention timings
         try:
-            parts(tok, args, device, bodies, parts_out)
+            parts(tok, args, device, bodies, res)
         except Exception as exc:
-            parts_out["parts_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    meta["elapsed_s"] = time.perf_counter() - t_start
-    print(write(Path(args.out), meta, rows, parts_out))
+            res["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    print(write(out, {**meta, "elapsed_s": time.perf_counter() - t0}, rows, res))
 
 
 if __name__ == "__main__":
