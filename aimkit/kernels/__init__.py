@@ -10,14 +10,15 @@ calls them; nothing here reads global state. Operation (policy field) -> referen
 * ``decode_glue`` -> :func:`.glue.add_norm_modulate` -> :func:`.decode_glue.add_norm_modulate`
   (a folded gated norm's row factor: :class:`.glue.DeferredRowNorm`);
 * ``sampling`` -> :func:`aimkit.samplers.logits.sample` -> :func:`.sampling.sample_guided_`;
-* ``decode_attention`` -> :func:`.attention_decode.decode_attention_reference` (and the
-  transformer's masked SDPA step) -> :func:`.attention_decode.decode_attention`;
+* ``decode_attention`` -> :func:`.rope_cache.rope_cache_write_reference` and
+  :func:`.attention_decode.decode_attention_reference` (the transformer's PyTorch step) ->
+  :func:`.rope_cache.rope_cache_write_` and :func:`.attention_decode.decode_attention`;
 * ``compile_glue`` / ``compile_loss`` -> the plain function -> :class:`.compiled.TrainCompiled`.
 
 Importing this package, :mod:`.ssd`, :mod:`.glue`, :mod:`.mamba_ssm` or :mod:`.compiled` never
 imports Triton, mamba-ssm or causal-conv1d. The Triton modules (:mod:`.ssm_step`,
-:mod:`.conv_step`, :mod:`.decode_glue`, :mod:`.sampling`, :mod:`.attention_decode`) import
-Triton and are imported by their
+:mod:`.conv_step`, :mod:`.decode_glue`, :mod:`.sampling`, :mod:`.attention_decode`,
+:mod:`.rope_cache`) import Triton and are imported by their
 callers only when the policy picks the kernel for CUDA tensors.
 """
 
