@@ -77,7 +77,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     compile: bool = False  # torch.compile the model (inductor)
     # ExecutionPolicy fields over default_policy(): {train_step: graph} replays the step from CUDA
-    # graphs (one GPU, bf16 or no; the default auto picks it where it can); {compile_glue: false}; see aimkit/policy.py
+    # graphs (one GPU, bf16 or no; {train_step: auto} picks it where it can); {compile_glue: false};
+    # see aimkit/policy.py
     policy: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     max_nonfinite: int = 20  # consecutive skipped steps before the run stops

@@ -149,12 +149,11 @@ def test_graphed_accumulating_steps_equal_eager_steps():
     (dict(device="cuda", mixed_precision="bf16"), ("graph", "captured step")),
 ])
 def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
-    """The default policy resolves once per run to the captured step or, naming why, to eager."""
+    """Policy train_step auto resolves once per run to the captured step or, naming why, to eager."""
     from aimkit.training.step import resolve_train_step
 
     device = torch.device(run.pop("device"))
-    kind, why = resolve_train_step(ExecutionPolicy(), device, **run)
-    assert ExecutionPolicy().train_step == "auto"
+    kind, why = resolve_train_step(ExecutionPolicy(train_step="auto"), device, **run)
     assert kind == want[0] and want[1] in why
     assert resolve_train_step(ExecutionPolicy(train_step="eager"), device, **run)[0] == "eager"
     if kind == "eager":
