@@ -217,9 +217,9 @@ def _to_aimkit_layout(gen: Generator, state: dict, headers_only: bool = False) -
 
 def load_weights_into(gen: Generator, path: PathLike) -> None:
     """Load official AiM, LlamaGen or aimkit-layout weights into ``gen`` strictly, reporting absent parts."""
-    from .weights import read_state_dict
+    from .weights import GENERATOR_WRAPPER_KEYS, read_state_dict
 
-    state, file_names = _to_aimkit_layout(gen, read_state_dict(path))
+    state, file_names = _to_aimkit_layout(gen, read_state_dict(path, wrappers=GENERATOR_WRAPPER_KEYS))
     missing_parts = gen.load_aimkit_state_dict(state, source=str(path), file_names=file_names)
     for part in missing_parts:
         warnings.warn(f"{path} holds no {part} weights; the {part} keeps its random initialisation", stacklevel=3)
@@ -402,9 +402,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_weights_fit(meta: Generator, path: PathLike) -> None:
     """Compare a weight file's names and shapes (its header only) with the meta-device model."""
-    from .weights import read_tensor_shapes
+    from .weights import GENERATOR_WRAPPER_KEYS, read_tensor_shapes
 
-    state = {k: torch.empty(shape, device="meta") for k, shape in read_tensor_shapes(path).items()}
+    shapes = read_tensor_shapes(path, wrappers=GENERATOR_WRAPPER_KEYS)
+    state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
     state, file_names = _to_aimkit_layout(meta, state, headers_only=True)
     meta.check_aimkit_state_dict(state, source=str(path), file_names=file_names)
 

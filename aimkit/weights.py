@@ -37,6 +37,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "WRAPPER_KEYS",
+    "GENERATOR_WRAPPER_KEYS",
     "check_finite",
     "first_nonfinite",
     "check_state_dict",
@@ -52,9 +53,12 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
-#: Entries that training scripts wrap a state dict in, searched in this order (LlamaGen's own
-#: loaders prefer ``ema`` over ``model`` over ``state_dict``; ``module`` comes from DDP wrappers).
+#: Entries that training scripts wrap a state dict in, searched in this order (LlamaGen's VQ
+#: loader prefers ``ema`` over ``model`` over ``state_dict``; ``module`` comes from DDP wrappers).
 WRAPPER_KEYS: tuple[str, ...] = ("ema", "model", "state_dict", "module")
+#: The order for generator checkpoints: LlamaGen's GPT samplers read ``model``, then ``module``
+#: (DeepSpeed), then ``state_dict``, and never ``ema``, which comes last here.
+GENERATOR_WRAPPER_KEYS: tuple[str, ...] = ("model", "module", "state_dict", "ema")
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIX = ".safetensors"
@@ -71,7 +75,8 @@ _MAX_LISTED = 5
 # --------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: PathLike, key: str | None = None, check_values: bool = True) -> dict[str, Tensor]:
+def read_state_dict(path: PathLike, key: str | None = None, check_values: bool = True,
+                    wrappers: tuple[str, ...] = WRAPPER_KEYS) -> dict[str, Tensor]:
     """Read a flat ``name -> tensor`` dict from a weight file or folder, on the CPU.
 
     Args:
@@ -80,8 +85,10 @@ def read_state_dict(path: PathLike, key: str | None = None, check_values: bool =
             ``*.safetensors`` / ``*.pt`` file. Files with another suffix are recognised by
             their first bytes.
         key: the entry of a wrapping dict to use (``"model"``); by default the first of
-            :data:`WRAPPER_KEYS` present is taken, repeatedly, until a flat tensor dict is found.
+            ``wrappers`` present is taken, repeatedly, until a flat tensor dict is found.
         check_values: refuse floating tensors holding NaN or infinity (:func:`check_finite`).
+        wrappers: the wrapping entries searched, in order (:data:`WRAPPER_KEYS`, or
+            :data:`GENERATOR_WRAPPER_KEYS` for a generator).
 
     Returns:
         The tensors by name, in file order.
@@ -92,13 +99,14 @@ def read_state_dict(path: PathLike, key: str | None = None, check_values: bool =
     """
     path = weight_file(path)
     obj = _load_safetensors(path) if _file_kind(path) == "safetensors" else _load_torch(path)
-    sd = _unwrap(obj, path, key)
+    sd = _unwrap(obj, path, key, wrappers)
     if check_values:
         check_finite(sd, path)
     return sd
 
 
-def read_tensor_shapes(path: PathLike, key: str | None = None) -> dict[str, tuple[int, ...]]:
+def read_tensor_shapes(path: PathLike, key: str | None = None,
+                       wrappers: tuple[str, ...] = WRAPPER_KEYS) -> dict[str, tuple[int, ...]]:
     """The ``name -> shape`` of a weight file or folder without reading its tensors.
 
     A safetensors file's header is read (and validated against the file's size); a PyTorch
@@ -108,7 +116,7 @@ def read_tensor_shapes(path: PathLike, key: str | None = None) -> dict[str, tupl
     path = weight_file(path)
     if _file_kind(path) == "safetensors":
         return _safetensors_shapes(path)
-    return {k: tuple(v.shape) for k, v in _unwrap(_load_torch(path, mmap=True), path, key).items()}
+    return {k: tuple(v.shape) for k, v in _unwrap(_load_torch(path, mmap=True), path, key, wrappers).items()}
 
 
 def weight_file(path: PathLike) -> Path:
@@ -266,7 +274,7 @@ def _is_flat(obj: Mapping) -> bool:
     return all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
-def _unwrap(obj: object, path: Path, key: str | None) -> dict[str, Tensor]:
+def _unwrap(obj: object, path: Path, key: str | None, wrappers: tuple[str, ...] = WRAPPER_KEYS) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if key is not None:
@@ -277,12 +285,12 @@ def _unwrap(obj: object, path: Path, key: str | None) -> dict[str, Tensor]:
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"entry {key!r} of {path} is a {type(obj).__name__}, not a state dict")
     while not _is_flat(obj):
-        inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        inner = next((k for k in wrappers if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             keys = ", ".join(map(str, list(obj)[:10]))
             raise CheckpointError(
                 f"{path} does not hold a state dict: its entries ({keys}) are not all tensors and "
-                f"none of {', '.join(WRAPPER_KEYS)} wraps one"
+                f"none of {', '.join(wrappers)} wraps one"
             )
         obj = obj[inner]
     if not obj:

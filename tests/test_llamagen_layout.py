@@ -162,3 +162,14 @@ def test_decode_attention_kernel_decodes_like_teacher_forcing_on_gpu(dtype):
     # in the model dtype's epsilons: bf16 rounds the cache and the products (16 / 32 of them)
     assert_float_close(decoded, reference, ulps=16 if dtype == torch.bfloat16 else 64)
     assert_float_close(decoded, forced, ulps=32 if dtype == torch.bfloat16 else 256)
+
+
+def test_a_file_with_model_and_ema_loads_model_as_llamagens_samplers_do(tmp_path):
+    """LlamaGen's GPT samplers read the ``model`` entry (never ``ema``); so does ``pretrained=``."""
+    model = randomize_(aimkit.build("llamagen-test"), seed=6).eval()
+    ema = randomize_(aimkit.build("llamagen-test"), seed=7).eval()
+    torch.save({"ema": to_llamagen(ema), "model": to_llamagen(model), "steps": 10}, tmp_path / "c2i.pt")
+    loaded = aimkit.build("llamagen-test", pretrained=tmp_path / "c2i.pt").eval()
+    codes, labels = torch.randint(64, (2, 16)), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded(codes, labels), model(codes, labels))
