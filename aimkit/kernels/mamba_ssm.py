@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import threading
 import warnings
@@ -114,10 +115,18 @@ def _import_triton_ops() -> dict[str, ModuleType]:
     return modules
 
 
+# Triton's on-disk cache of autotuning results (knob ``TRITON_CACHE_AUTOTUNING``): mamba-ssm's
+# scan kernels autotune on their first call in every process (most of a training run's first step,
+# 77-106 s for AiM-B on an H200, docs/benchmarks.md); cached, a later process reuses the choices.
+# Set only when the user has not set it; results are keyed by kernel source, arguments and device.
+_AUTOTUNE_CACHE_ENV = "TRITON_CACHE_AUTOTUNING"
+
+
 def _load() -> MambaKernels | None:
     _status.update(bare_package=False, error=None)
     try:
         mods = _import_triton_ops()
+        os.environ.setdefault(_AUTOTUNE_CACHE_ENV, "1")  # read by Triton when it first autotunes
         ssd, norm = (mods[n] for n in (_SSD_MODULE, _NORM_MODULE))
         found = {
             "mamba_chunk_scan_combined": ssd.mamba_chunk_scan_combined,
@@ -176,6 +185,7 @@ def kernel_info() -> dict[str, Any]:
         "available": kernels is not None,
         "versions": {d: _version(d) for d in ("mamba-ssm", "causal-conv1d", "triton", "torch")},
         "kernels": {n: kernels is not None and getattr(kernels, n) is not None for n in names},
+        "autotune_cache": os.environ.get(_AUTOTUNE_CACHE_ENV),  # Triton's on-disk autotuning results
         **_status,
     }
 
