@@ -157,7 +157,7 @@ class Generator(nn.Module):
         if config.tie_head:
             self.lm_head.weight = self.tok_embed.weight  # tied, as in AiM
         else:
-            nn.init.normal_(self.lm_head.weight, std=0.02)
+            nn.init.zeros_(self.lm_head.weight)  # LlamaGen's initialisation of its untied output
         self.tokenizer = None if config.tokenizer is None else _build(TOKENIZERS, config.tokenizer).to(**kw)
         self._init_embeddings()
 
@@ -377,6 +377,10 @@ class Generator(nn.Module):
             raise InexactConversionError(
                 f"cannot convert {self.config.conditioning.name} conditioning to {kind}: one modulates a final "
                 "adaLN layer and the other has none, so no conversion reproduces the model exactly")
+        if not target_cls.final_modulation:  # class-token to class-token: nothing to map (no (L, cD, D) zeros)
+            new = copy.deepcopy(self)
+            new.conversion_error = 0.0
+            return new
         with torch.no_grad():
             weight, bias = (t.detach() for t in self.conditioning.per_layer_affine())  # float32
             new_cond, err = target_cls.from_per_layer_affine(

@@ -273,7 +273,8 @@ def _architecture_rows(gen) -> list[tuple[str, str]]:
         size = side * gen.tokenizer.downsample
         rows.append(("image size", f"{size} × {size} pixels"))
     tokenizer_params = gen.num_params(include_tokenizer=True) - gen.num_params()
-    params = f"{gen.num_params():,} (generator, tied embedding counted once)"
+    tied = " tied embedding counted once" if gen.config.tie_head else ""
+    params = f"{gen.num_params():,} (generator{',' + tied if tied else ''})"
     if tokenizer_params:
         params += f" + {tokenizer_params:,} (tokenizer)"
     rows += [("parameters", params), ("dtype", str(gen.dtype).replace("torch.", ""))]
@@ -353,9 +354,9 @@ def model_card(gen, directory: PathLike | None = None, repo_id: str | None = Non
     title = repo_id.split("/")[-1] if repo_id else (directory.name if directory is not None else "aimkit generator")
     body = [
         CARD_MARKER, "", f"# {title}", "",
-        "A class-conditional autoregressive image generator built with aimkit (AiM: autoregressive image "
-        "generation with Mamba). It predicts the image tokens of a class one after another; its tokenizer "
-        "turns them into pixels.", "",
+        f"A class-conditional autoregressive image generator ({gen.config.backbone.name} backbone) built with "
+        "aimkit, the library for AiM (autoregressive image generation with Mamba) and its transformer references. "
+        "It predicts the image tokens of a class one after another; its tokenizer turns them into pixels.", "",
         "## Architecture", "", "| | |", "|---|---|",
         *(f"| {name} | {value} |" for name, value in _architecture_rows(gen)), "",
         *_evaluation_section(gen.config, record), "",

@@ -19,12 +19,19 @@ _TIED_OFFICIAL = ("mamba.lm_head.weight", "mamba.backbone.embeddings.word_embedd
 
 
 def official_key_map(gen) -> dict[str, str]:
-    """aimkit key -> official key for the generator part of ``gen`` (Mamba2 backbones only)."""
-    if gen.config.backbone.name != "mamba2":
-        raise CheckpointError(
-            "official AiM checkpoints hold Mamba2 generators; "
-            f"this generator's backbone is {gen.config.backbone.name!r}"
-        )
+    """aimkit key -> official key for the generator part of ``gen`` (AiM's layout only: a Mamba2
+    backbone, a learned position table, a tied head and an adaLN kind with its final layer)."""
+    config, problems = gen.config, []
+    if config.backbone.name != "mamba2":
+        problems.append(f"backbone {config.backbone.name!r} (AiM: 'mamba2')")
+    if not config.pos_embed:
+        problems.append("no position table (AiM: a learned one)")
+    if not config.tie_head:
+        problems.append("an untied head (AiM: tied to the token embedding)")
+    if gen.final_layer is None:
+        problems.append(f"conditioning {config.conditioning.name!r} without a final adaLN layer")
+    if problems:
+        raise CheckpointError("official AiM checkpoints hold AiM's layout; this generator has " + "; ".join(problems))
     out = {
         "tok_embed.weight": "backbone.embeddings.word_embeddings.weight",
         "pos_embed.weight": "backbone.embeddings.position_embeddings.weight",

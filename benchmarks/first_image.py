@@ -40,7 +40,7 @@ gen = aimkit.build(model, device=device, dtype=getattr(torch, dtype), **kw)
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 sync()
 t_build = time.perf_counter()
-labels = list(range(int(batch)))
+labels = [i % gen.num_classes for i in range(int(batch))]
 gen.generate(labels, seed=0, output="uint8", batch_size=int(batch), progress=False)
 sync()
 t_first = time.perf_counter()
@@ -56,7 +56,10 @@ def run_once(args) -> dict:
     """One fresh process; its phases, or the error it printed."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-c", _CHILD, args.model, args.device, args.dtype, str(args.batch), args.pretrained or ""]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": [f"no image within {args.timeout:.0f} s"]}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}

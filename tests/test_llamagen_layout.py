@@ -173,3 +173,18 @@ def test_a_file_with_model_and_ema_loads_model_as_llamagens_samplers_do(tmp_path
     codes, labels = torch.randint(64, (2, 16)), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(loaded(codes, labels), model(codes, labels))
+
+
+@pytest.mark.parametrize("overrides, what", [
+    (dict(conditioning="class-token"), "without a final adaLN layer"),
+    (dict(pos_embed=False), "no position table"),
+    (dict(tie_head=False), "untied head"),
+])
+def test_official_aim_export_refuses_other_layouts(overrides, what):
+    """The official AiM layout has a position table, a tied head and a final adaLN layer; a
+    generator without one of them is refused, never written half right."""
+    from aimkit.official import to_official
+
+    with pytest.raises(CheckpointError, match=what):
+        to_official(aimkit.build("aim-test-mamba2", **overrides))
+    assert "mamba.lm_head.weight" in to_official(aimkit.build("aim-test-mamba2"))

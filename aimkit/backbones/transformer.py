@@ -1,7 +1,7 @@
 """The ``transformer`` backbone: a LlamaGen-style decoder behind the same contract as Mamba2.
 
-Each block is RMSNorm -> causal self-attention (1-D rotary positions, optional grouped-query
-attention) and RMSNorm -> SwiGLU, both sublayers adaLN-modulated by the conditioning module
+Each block is RMSNorm -> causal self-attention (rotary positions, 1-D or LlamaGen's 2-D; optional
+grouped-query attention) and RMSNorm -> SwiGLU, both sublayers adaLN-modulated by the conditioning module
 (6 modulation rows per layer, see :class:`~aimkit.backbones.base.Block`). With the same width and
 depth as an AiM model it serves as the reference in comparisons.
 
@@ -186,7 +186,7 @@ def _init_linear(layer: nn.Linear, std: float) -> None:
 
 
 class Attention(nn.Module):
-    """Causal multi-head (or grouped-query) self-attention with 1-D rotary positions.
+    """Causal multi-head (or grouped-query) self-attention with rotary positions (1-D or 2-D).
 
     Args:
         d_model: width D.

@@ -251,6 +251,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tens
     """
     _check_args(q, k_cache, v_cache, position, block_n, num_splits)
     batch, heads, group, head_dim = q.shape
+    if q.numel() == 0:  # no rows: nothing to launch
+        return torch.empty_like(q)
     seqlen = k_cache.shape[2]
     rows = batch * heads
     block_n = max(16, min(block_n, triton.next_power_of_2(seqlen)))

@@ -118,15 +118,18 @@ def _import_triton_ops() -> dict[str, ModuleType]:
 # Triton's on-disk cache of autotuning results (knob ``TRITON_CACHE_AUTOTUNING``): mamba-ssm's
 # scan kernels autotune on their first call in every process (most of a training run's first step,
 # 77-106 s for AiM-B on an H200, docs/benchmarks.md); cached, a later process reuses the choices.
-# Set only when the user has not set it; results are keyed by kernel source, arguments and device.
+# Set only when the user has not set it, and before mamba-ssm is imported: each ``triton.autotune``
+# object reads it when the module defining the kernel builds it. Results are keyed by kernel
+# source, arguments and device.
 _AUTOTUNE_CACHE_ENV = "TRITON_CACHE_AUTOTUNING"
 
 
 def _load() -> MambaKernels | None:
     _status.update(bare_package=False, error=None)
+    if importlib.util.find_spec("mamba_ssm") is not None:  # each autotuner reads it when it is built
+        os.environ.setdefault(_AUTOTUNE_CACHE_ENV, "1")
     try:
         mods = _import_triton_ops()
-        os.environ.setdefault(_AUTOTUNE_CACHE_ENV, "1")  # read by Triton when it first autotunes
         ssd, norm = (mods[n] for n in (_SSD_MODULE, _NORM_MODULE))
         found = {
             "mamba_chunk_scan_combined": ssd.mamba_chunk_scan_combined,
@@ -185,7 +188,8 @@ def kernel_info() -> dict[str, Any]:
         "available": kernels is not None,
         "versions": {d: _version(d) for d in ("mamba-ssm", "causal-conv1d", "triton", "torch")},
         "kernels": {n: kernels is not None and getattr(kernels, n) is not None for n in names},
-        "autotune_cache": os.environ.get(_AUTOTUNE_CACHE_ENV),  # Triton's on-disk autotuning results
+        # Triton's on-disk autotuning results, as set when mamba-ssm was imported
+        "autotune_cache": os.environ.get(_AUTOTUNE_CACHE_ENV),
         **_status,
     }
 

@@ -13,9 +13,10 @@ Two strategies, picked by the execution policy's ``train_step`` (:func:`make_tra
   accelerator: DDP gradient sync, loss scaling, several micro-batches);
 * :class:`GraphedStep`: forward + backward + clip and the optimizer update, each replayed from
   one CUDA graph (two graphs, one memory pool): the host launches a step with two calls instead
-  of thousands of small kernels. One CUDA process, micro-batches of fixed shape, a capturable
-  optimizer (:func:`aimkit.training.optim.make_optimizer` with ``capturable=True``), no host
-  sync inside the model. With ``grad_accum`` N > 1 the forward + backward graph of one
+  of thousands of small kernels (with ``grad_accum`` N: three graphs, N + 2 calls). One CUDA
+  process, micro-batches of fixed shape, a capturable optimizer
+  (:func:`aimkit.training.optim.make_optimizer` with ``capturable=True``), no host sync inside
+  the model. With ``grad_accum`` N > 1 the forward + backward graph of one
   micro-batch adds its gradients into static buffers and is replayed N times, then one graph
   clips (and averages the loss) before the optimizer graph. The graphs are captured on the first
   call; the warm-up step capture needs is undone (weights, optimizer state and RNG restored), so
@@ -170,15 +171,19 @@ class GraphedStep(TrainStep):
                              f"got {len(batches)}")
         if self.inputs is None:
             self._capture(batches[0])
-        for batch in batches:
+        for batch in batches:  # every shape first: a bad micro-batch must not leave half-summed gradients
             for buf, t in zip(self.inputs, batch):
                 if t.shape != buf.shape:
                     raise ValueError(f"a captured step has fixed input shapes: got {tuple(t.shape)}, "
                                      f"captured {tuple(buf.shape)}")
+        for batch in batches:
+            for buf, t in zip(self.inputs, batch):
                 buf.copy_(t, non_blocking=True)
             self._fwd_bwd.replay()  # with grad_accum > 1: adds into the gradient buffers
         if self.accum > 1:
             self._reduce.replay()  # the global norm, the clip and the mean loss
+        # loss and grad_norm are static outputs: the next step's replay overwrites them, so a caller
+        # reads them (the trainer: .item()) before it calls forward_backward again
         return self.loss, self.grad_norm
 
     def finish(self, update: bool = True) -> None:
@@ -200,7 +205,8 @@ class GraphedStep(TrainStep):
 
     def _accumulate(self) -> None:
         """One micro-batch's share: gradients of ``loss / grad_accum`` added into the existing
-        ``.grad`` buffers (autograd accumulates in place into a gradient nothing else references)."""
+        ``.grad`` buffers (backward runs without grad mode, so autograd adds into a defined
+        gradient in place: the buffers' addresses stay those the other graphs read)."""
         loss = _batch_loss(self.model, *self.inputs, self.amp_dtype, self.compile_loss)
         (loss / self.accum).backward()
         self._loss_sum.add_(loss.detach())
@@ -209,10 +215,13 @@ class GraphedStep(TrainStep):
         """The graphs of ``grad_accum > 1``: accumulate (per micro-batch), reduce, update."""
         for p in self.params:  # static accumulators, allocated outside the graphs' pool
             p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
         self._loss_sum = torch.zeros((), device=device)
         self._fwd_bwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._fwd_bwd):
             self._accumulate()
+        if any(p.grad is not buf for p, buf in zip(self.params, grads)):
+            raise RuntimeError("the captured backward replaced a gradient buffer instead of adding into it")
         self._reduce = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._reduce, pool=self._fwd_bwd.pool()):
             self.grad_norm = self._clip()
@@ -321,8 +330,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
                     max_grad_norm: float | None = 1.0, amp_dtype: torch.dtype | None = torch.bfloat16,
                     accelerator=None, graph_warmup: int = 1, ema: EMA | None = None,
                     grad_accum: int = 1) -> TrainStep:
-    """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, else
-    :class:`EagerStep` (a trainer resolves ``"auto"`` first: :func:`resolve_train_step`).
+    """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, :class:`EagerStep`
+    for ``"eager"`` (``"auto"`` is refused: resolve it first with :func:`resolve_train_step`).
 
     Args:
         model: the generator (prepared by ``accelerator`` when one is given).
@@ -335,6 +344,9 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
         ema: a moving average of the weights updated after every applied update, or None.
         grad_accum: micro-batches per step, for ``"graph"`` (the eager step takes any number).
     """
+    if policy.train_step == "auto":
+        raise ConfigError("policy train_step 'auto' is resolved per run: pass the policy with the step that "
+                          "resolve_train_step(policy, device, ...) chose ('eager' or 'graph')")
     common = dict(max_grad_norm=max_grad_norm, compile_loss=policy.compile_loss, ema=ema)
     if policy.train_step == "graph":
         return GraphedStep(model, optimizer, amp_dtype=amp_dtype, warmup=graph_warmup, grad_accum=grad_accum,

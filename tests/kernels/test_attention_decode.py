@@ -126,3 +126,10 @@ def test_reference_matches_sdpa_with_a_boolean_mask(group, head_dim, p, scale):
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
     torch.testing.assert_close(decode_attention_reference(q, k, v, position, scale), expected,
                                atol=1e-6, rtol=1e-5)
+
+
+def test_no_rows_return_an_empty_output():
+    q = torch.empty(0, 2, 1, 16, device=DEVICE)
+    cache = torch.zeros(0, 2, 8, 16, device=DEVICE)
+    out = decode_attention(q, cache, cache, torch.tensor(3, device=DEVICE))
+    assert out.shape == (0, 2, 1, 16)

@@ -152,6 +152,7 @@ def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
     """Policy train_step auto resolves once per run to the captured step or, naming why, to eager."""
     from aimkit.training.step import resolve_train_step
 
+    run = dict(run)  # the parametrized dict is shared between reruns
     device = torch.device(run.pop("device"))
     kind, why = resolve_train_step(ExecutionPolicy(train_step="auto"), device, **run)
     assert kind == want[0] and want[1] in why
@@ -159,3 +160,9 @@ def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
     if kind == "eager":
         with pytest.raises(ConfigError, match="policy train_step: graph needs"):
             resolve_train_step(ExecutionPolicy(train_step="graph"), device, **run)
+
+
+def test_make_train_step_refuses_an_unresolved_auto():
+    gen = _model("cpu")
+    with pytest.raises(ConfigError, match="resolve_train_step"):
+        make_train_step(gen, make_optimizer(gen, lr=1e-3), ExecutionPolicy(train_step="auto"))
