@@ -17,13 +17,13 @@ SUITES = ("sampling", "decode", "train", "all")
 
 # the grid on a GPU: the AiM presets at the batches of the published comparisons
 CUDA_DEFAULTS: dict[str, Any] = dict(
-    models=("aim-b", "aim-l", "aim-xl"), batches=(16, 64, 256), tokens=(256,), compare_batch=64,
+    models=("aim-b", "aim-l", "aim-xl"), batches=(16, 64, 256), tokens=(256,), compare_batches=(64,),
     compare_tokens=(256, 576, 1024), decode_models=("aim-xl",), decode_batches=(16, 256),
     train_models=("aim-b", "aim-l"), train_batch=64, check_model="aim-b",
 )
 # the grid on a CPU: the tiny registered preset at small batches (seconds, not hours)
 CPU_DEFAULTS: dict[str, Any] = dict(
-    models=("aim-tiny-shapes",), batches=(1, 4), tokens=(256,), compare_batch=4, compare_tokens=(64, 256),
+    models=("aim-tiny-shapes",), batches=(1, 4), tokens=(256,), compare_batches=(4,), compare_tokens=(64, 256),
     decode_models=("aim-tiny-shapes",), decode_batches=(4,), train_models=("aim-tiny-shapes",), train_batch=4,
     check_model="aim-tiny-shapes",
 )
@@ -44,7 +44,7 @@ class BenchOptions:
     dtype: str = "bfloat16"  # parameter dtype of sampling and decode, autocast dtype of training
     transformer: bool = False  # transformer rows beside every sampling row
     compare_models: Sequence[str] = ()  # Mamba2 vs transformer over compare_tokens
-    compare_batch: int | None = None
+    compare_batches: Sequence[int] | None = None  # batches of the comparison
     compare_tokens: Sequence[int] | None = None
     decode_vq: bool = False  # also time VQ decoding of every sampled batch
     decode_models: Sequence[str] | None = None

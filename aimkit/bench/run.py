@@ -32,9 +32,12 @@ def _sampling_jobs(opts: BenchOptions) -> list[Job]:
                        for name in opts.models for backbone in backbones for tokens in opts.tokens]
     done = {(name, b, batch, tokens) for name in opts.models for b in backbones
             for batch in opts.batches for tokens in opts.tokens}
-    jobs += [("sampling", (name, backbone, (opts.compare_batch,), tokens))
-             for name in opts.compare_models for backbone in ("mamba2", "transformer")
-             for tokens in opts.compare_tokens if (name, backbone, opts.compare_batch, tokens) not in done]
+    for name in opts.compare_models:
+        for backbone in ("mamba2", "transformer"):
+            for tokens in opts.compare_tokens:
+                batches = tuple(b for b in opts.compare_batches if (name, backbone, b, tokens) not in done)
+                if batches:
+                    jobs.append(("sampling", (name, backbone, batches, tokens)))
     return jobs
 
 

@@ -73,7 +73,8 @@ def _add_grid_arguments(parser) -> None:
                         help="add a transformer of matching size (n_head = d_model/64) beside every sampling row")
     parser.add_argument("--compare-models", type=_csv(str), default=[],
                         help="presets for the Mamba2-vs-transformer comparison over --compare-tokens")
-    parser.add_argument("--compare-batch", type=int, default=None, help=f"batch of the comparison {_DEVICE_DEFAULT}")
+    parser.add_argument("--compare-batches", "--compare-batch", dest="compare_batches", type=_csv(int), default=None,
+                        help=f"batches of the comparison, e.g. 16,256 {_DEVICE_DEFAULT}")
     parser.add_argument("--compare-tokens", type=_csv(int), default=None,
                         help="token counts of the comparison (default 256,576,1024 on CUDA, 64,256 on the CPU)")
     parser.add_argument("--decode-vq", action="store_true",
@@ -113,10 +114,10 @@ def _check_numbers(opts) -> None:
 
     from ..errors import ConfigError
 
-    for name in ("repeats", "train_steps", "train_batch", "compare_batch"):
+    for name in ("repeats", "train_steps", "train_batch"):
         if getattr(opts, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("batches", "tokens", "compare_tokens", "decode_batches"):
+    for name in ("batches", "tokens", "compare_batches", "compare_tokens", "decode_batches"):
         values = list(getattr(opts, name))
         if not values and name in ("batches", "tokens"):
             raise ConfigError(f"--{name.replace('_', '-')} is empty")
@@ -150,7 +151,7 @@ def _check_overrides(opts) -> None:
     resolve_config(opts.check_model, **{**opts.overrides, "tokenizer": None, "num_tokens": opts.tokens[0]})
 
 
-_SAME_NAME = ("suite", "models", "batches", "tokens", "dtype", "transformer", "compare_batch", "compare_tokens",
+_SAME_NAME = ("suite", "models", "batches", "tokens", "dtype", "transformer", "compare_batches", "compare_tokens",
               "decode_vq", "decode_models", "decode_batches", "train_models", "train_batch", "train_steps", "repeats",
               "out", "device", "check_model", "reference", "budget_s", "check", "require_kernels", "seed")
 

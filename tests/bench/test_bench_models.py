@@ -46,7 +46,7 @@ def test_options_take_the_device_defaults():
 
 def test_plan_orders_rows_and_skips_compared_duplicates():
     opts = BenchOptions(device="cpu", suite="all", models=("m",), batches=(1, 2), tokens=(8,), compare_models=("m",),
-                        compare_batch=2, compare_tokens=(8, 16), decode_models=("d",), decode_batches=(4,),
+                        compare_batches=(2,), compare_tokens=(8, 16), decode_models=("d",), decode_batches=(4,),
                         train_models=("t",)).resolved()
     assert plan(opts) == [
         ("sampling", ("m", "mamba2", (1, 2), 8)),
@@ -55,4 +55,18 @@ def test_plan_orders_rows_and_skips_compared_duplicates():
         ("sampling", ("m", "transformer", (2,), 16)),
         ("decode", ("d", 4)),
         ("train", ("t", "eager")),
+    ]
+
+
+def test_comparison_covers_every_batch_and_skips_rows_the_grid_has():
+    """--compare-batches 16,256: one job per backbone and token count with the batches the grid
+    did not already time (the grid's Mamba2 rows at 256 tokens are not timed twice)."""
+    opts = BenchOptions(device="cpu", suite="sampling", models=("m",), batches=(16,), tokens=(256,),
+                        compare_models=("m",), compare_batches=(16, 256), compare_tokens=(256, 1024)).resolved()
+    assert plan(opts) == [
+        ("sampling", ("m", "mamba2", (16,), 256)),
+        ("sampling", ("m", "mamba2", (256,), 256)),
+        ("sampling", ("m", "mamba2", (16, 256), 1024)),
+        ("sampling", ("m", "transformer", (16, 256), 256)),
+        ("sampling", ("m", "transformer", (16, 256), 1024)),
     ]
