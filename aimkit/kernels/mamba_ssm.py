@@ -126,9 +126,9 @@ _AUTOTUNE_CACHE_ENV = "TRITON_CACHE_AUTOTUNING"
 
 def _load() -> MambaKernels | None:
     _status.update(bare_package=False, error=None)
-    if importlib.util.find_spec("mamba_ssm") is not None:  # each autotuner reads it when it is built
-        os.environ.setdefault(_AUTOTUNE_CACHE_ENV, "1")
     try:
+        if importlib.util.find_spec("mamba_ssm") is not None:  # each autotuner reads it when it is built
+            os.environ.setdefault(_AUTOTUNE_CACHE_ENV, "1")
         mods = _import_triton_ops()
         ssd, norm = (mods[n] for n in (_SSD_MODULE, _NORM_MODULE))
         found = {
