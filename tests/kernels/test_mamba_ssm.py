@@ -87,3 +87,20 @@ def test_loader_is_silent_when_mamba_ssm_is_absent(fresh_loader, monkeypatch):
         assert mamba_ssm.load_kernels() is None
     assert not mamba_ssm.kernels_available()
     assert "ModuleNotFoundError" in mamba_ssm.kernel_info()["error"]
+
+
+@pytest.mark.parametrize("user_value, seen", [(None, "1"), ("0", "0")])
+def test_autotuning_cache_is_on_before_mamba_ssm_builds_its_autotuners(fresh_loader, monkeypatch, user_value, seen):
+    """Each ``triton.autotune`` object reads TRITON_CACHE_AUTOTUNING when mamba-ssm's module builds
+    it, at import: the loader turns the cache on before importing, unless the user chose."""
+    if user_value is None:
+        monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", user_value)
+    _write_fake_mamba(fresh_loader, "")
+    ssd = fresh_loader / "mamba_ssm/ops/triton/ssd_combined.py"
+    ssd.write_text("import os\nSEEN = os.environ.get('TRITON_CACHE_AUTOTUNING')\n" + ssd.read_text())
+    importlib.invalidate_caches()
+    assert mamba_ssm.load_kernels() is not None
+    assert sys.modules["mamba_ssm.ops.triton.ssd_combined"].SEEN == seen
+    assert mamba_ssm.kernel_info()["autotune_cache"] == seen
