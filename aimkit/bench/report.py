@@ -16,7 +16,8 @@ __all__ = ["compact_table", "load_reference", "markdown", "reference_images_per_
 
 _COLUMNS = {
     "sampling": ["model", "backbone", "params", "batch", "tokens", "cache dtype", "s / batch", "images/s",
-                 "first call (s)", "peak GB", "floor (s)", "bound", "fraction of floor", "VQ decode (s)", "status"],
+                 "first call (s)", "peak GB", "floor (s)", "bound", "fraction of floor", "VQ decode (s)",
+                 "end to end (img/s)", "status"],
     "decode": ["model", "batch (rows)", "cache dtype", "step (ms)", "floor (ms)", "state GB / step",
                "achieved TB/s", "fraction of floor", "status"],
     "train": ["model", "step", "params", "batch x tokens", "step (s)", "tokens/s",
@@ -85,7 +86,8 @@ def _sampling_cells(r: dict[str, Any]) -> list[Any]:
             "/".join(r.get("cache_dtypes", [])) or "-", fmt(r.get("seconds_per_batch"), ".3f"),
             fmt(r.get("images_per_s"), ".1f"), fmt(r.get("first_call_s"), ".1f"),
             fmt(r.get("peak_memory_gb"), ".1f"), fmt(f.get("seconds"), ".3f"), f.get("bound", "-"),
-            fmt(r.get("fraction_of_floor"), ".2f"), fmt(r.get("vq_decode_s"), ".3f"), r["status"]]
+            fmt(r.get("fraction_of_floor"), ".2f"), fmt(r.get("vq_decode_s"), ".3f"),
+            fmt(r.get("end_to_end_images_per_s"), ".1f"), r["status"]]
 
 
 def _decode_cells(r: dict[str, Any]) -> list[Any]:
