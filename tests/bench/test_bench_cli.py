@@ -76,3 +76,16 @@ def test_bench_cli_refuses_bad_policy_and_reference(capsys, argv, expected):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_decode_vq_rows_report_end_to_end_for_both_backbones(tmp_path):
+    """--decode-vq: the Mamba2 and the matched transformer rows decode their codes to pixels with
+    the same tokenizer, and report images/s of sampling followed by decoding."""
+    argv = ["bench", "--device", "cpu", "--suite", "sampling", "--models", "aim-test-vq", "--batches", "2",
+            "--tokens", "16", "--repeats", "1", "--transformer", "--decode-vq", "--no-check", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {r["backbone"] for r in rows} == {"mamba2", "transformer"}
+    for row in rows:
+        assert row["status"] == "ok", row.get("error")
+        assert row["end_to_end_images_per_s"] == pytest.approx(2 / (row["seconds_per_batch"] + row["vq_decode_s"]))
