@@ -407,3 +407,34 @@ def test_fid_2048_with_reference_statistics_and_inception_score(tmp_path, capsys
                  "--inception-weights", str(inception_file), "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("FID: ") and "Inception Score: " in printed
+
+
+def test_shards_are_written_in_the_background_in_order_and_errors_surface(tmp_path, monkeypatch):
+    """Shard k is written by the writer thread while shard k + 1 is sampled; the shards land in
+    order, the run returns only when the last write is done, and a failed write stops the run."""
+    import threading
+
+    import aimkit.eval.fid_sampling as fid_sampling
+
+    real_write, written = fid_sampling.write_shard, []
+
+    def recording_write(out_dir, shard, images, labels, run):
+        written.append((shard, threading.current_thread().name))
+        real_write(out_dir, shard, images, labels, run)
+
+    monkeypatch.setattr(fid_sampling, "write_shard", recording_write)
+    sample_to_shards(CountingStub(), tmp_path / "ok", 12, seed=5, batch_size=2, shard_size=3, progress=False)
+    assert [s for s, _ in written] == [0, 1, 2, 3]
+    assert all(name.startswith("aimkit-shard-writer") for _, name in written)
+    assert pack_npz(tmp_path / "ok", tmp_path / "ok.npz").is_file()  # every shard and record complete
+
+    def failing_write(out_dir, shard, images, labels, run):
+        if shard == 1:
+            raise OSError("disk full")
+        real_write(out_dir, shard, images, labels, run)
+
+    monkeypatch.setattr(fid_sampling, "write_shard", failing_write)
+    stub = CountingStub()
+    with pytest.raises(OSError, match="disk full"):
+        sample_to_shards(stub, tmp_path / "bad", 12, seed=5, batch_size=2, shard_size=3, progress=False)
+    assert len(stub.calls) <= 6  # stopped at the next shard's write, not after sampling everything

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,40 @@ def _generate_shard(model, labels: np.ndarray, seed: int, shard: int, batch_size
     return np.concatenate(parts)
 
 
+class _BackgroundWrites:
+    """Each shard written by one background thread while the next one is sampled.
+
+    At most one write is in flight (two shards in memory); a write's error is raised at the next
+    :meth:`submit` or when the block ends. Leaving the block waits for the write in flight: every
+    shard is written atomically with its record, so an interrupted run loses at most that shard,
+    which a resumed run generates again."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimkit-shard-writer")
+        self._pending: Future | None = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _BackgroundWrites:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:  # finish the write in flight; the first error wins
+                self._pending.exception()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def _manifest_of(model, num, shard_size, batch_size, seed, label_source, label_array, settings, metadata):
     return {
         "format": MANIFEST_FORMAT,
@@ -294,9 +329,9 @@ def sample_to_shards(
         bar = progress_bar(todo, desc, bool(progress) and process_index == 0)
         if skipped and process_index == 0:
             log.info("%d of this process's %d shards are already done; skipping them", len(skipped), len(mine))
-        with bar, torch.no_grad():
-            for s in pending:
+        with bar, torch.no_grad(), _BackgroundWrites() as writes:
+            for s in pending:  # shard s is written while shard s + 1 is sampled
                 shard_labels = label_array[s * shard_size:min((s + 1) * shard_size, num)]
                 images = _generate_shard(model, shard_labels, seed, s, batch_size, settings, bar)
-                write_shard(out_dir, s, images, shard_labels, run)
+                writes.submit(write_shard, out_dir, s, images, shard_labels, run)
     return ShardRun(total, tuple(pending), skipped, todo)
