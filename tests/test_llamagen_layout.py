@@ -188,3 +188,16 @@ def test_official_aim_export_refuses_other_layouts(overrides, what):
     with pytest.raises(CheckpointError, match=what):
         to_official(aimkit.build("aim-test-mamba2", **overrides))
     assert "mamba.lm_head.weight" in to_official(aimkit.build("aim-test-mamba2"))
+
+
+def test_aimkit_convert_turns_a_llamagen_checkpoint_into_a_saved_model(tmp_path, capsys):
+    from aimkit.cli import main
+
+    gen = randomize_(aimkit.build("llamagen-test"), seed=8).eval()
+    torch.save({"model": to_llamagen(gen)}, tmp_path / "c2i.pt")
+    assert main(["convert", str(tmp_path / "c2i.pt"), str(tmp_path / "saved"), "--model", "llamagen-test"]) == 0
+    again = aimkit.build(tmp_path / "saved").eval()
+    assert again.config == gen.config
+    codes, labels = torch.randint(64, (2, 16)), torch.tensor([4, 10])
+    with torch.no_grad():
+        assert torch.equal(again(codes, labels), gen(codes, labels))

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from ._args import positive_int
 
-HELP = "convert official AiM weights into an aimkit save_pretrained directory"
+HELP = "convert official AiM or LlamaGen weights into an aimkit save_pretrained directory"
 DESCRIPTION = (
-    "Load a checkpoint strictly into a preset (official AiM layout with mamba./vqvae. keys, LlamaGen's "
-    "VQ file via --tokenizer-weights, or aimkit's layout) and write config.json + model.safetensors, "
+    "Load a checkpoint strictly into a preset (official AiM layout with mamba./vqvae. keys, a LlamaGen GPT "
+    "checkpoint into a llamagen-* preset, LlamaGen's VQ file via --tokenizer-weights, or aimkit's layout) "
+    "and write config.json + model.safetensors, "
     "which aimkit.build(DIR) loads. Optionally change the conditioning kind exactly (--conditioning). "
     "DIR must be new or empty (--force writes into a non-empty one); it appears complete or not at all."
 )
