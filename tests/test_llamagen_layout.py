@@ -201,3 +201,18 @@ def test_aimkit_convert_turns_a_llamagen_checkpoint_into_a_saved_model(tmp_path,
     codes, labels = torch.randint(64, (2, 16)), torch.tensor([4, 10])
     with torch.no_grad():
         assert torch.equal(again(codes, labels), gen(codes, labels))
+
+
+def test_convert_refuses_to_save_a_random_tokenizer(tmp_path, capsys):
+    """A checkpoint without tokenizer weights into a preset with a tokenizer: one line naming the
+    two ways out, instead of a saved model whose pixels come from a random tokenizer."""
+    from aimkit.cli import main
+    from aimkit.weights import save_safetensors_atomic
+
+    gen = aimkit.build("aim-test-vq")
+    save_safetensors_atomic(gen.generator_state_dict(), tmp_path / "generator.safetensors")
+    argv = ["convert", str(tmp_path / "generator.safetensors"), str(tmp_path / "out"), "--model", "aim-test-vq"]
+    assert main(argv) == 2
+    assert "holds no tokenizer weights" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main([*argv, "--no-tokenizer"]) == 0
+    assert aimkit.build(tmp_path / "out").tokenizer is None

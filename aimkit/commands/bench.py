@@ -27,7 +27,7 @@ _DEVICE_DEFAULT = "(default: per device, see aimkit.bench.CUDA_DEFAULTS / CPU_DE
 def _csv(kind):
     def parse(text: str) -> list[Any]:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            return list(dict.fromkeys(kind(item) for item in text.split(",") if item.strip()))  # first of repeats
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
 
@@ -119,7 +119,7 @@ def _check_numbers(opts) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     for name in ("batches", "tokens", "compare_batches", "compare_tokens", "decode_batches"):
         values = list(getattr(opts, name))
-        if not values and name in ("batches", "tokens"):
+        if not values and (name in ("batches", "tokens") or (name.startswith("compare") and opts.compare_models)):
             raise ConfigError(f"--{name.replace('_', '-')} is empty")
         if any(v <= 0 for v in values):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {','.join(map(str, values))}")

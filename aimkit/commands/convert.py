@@ -25,7 +25,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("weights", help="checkpoint file or directory (.safetensors, .bin, .pt)")
     parser.add_argument("out", help="output directory (new or empty)")
     parser.add_argument("--model", required=True, help="preset the weights belong to, e.g. aim-xl")
-    parser.add_argument("--tokenizer-weights", default=None, help="separate tokenizer file (LlamaGen vq_ds16_c2i.pt)")
+    parser.add_argument("--tokenizer-weights", default=None,
+                        help="separate tokenizer file (LlamaGen vq_ds16_c2i.pt): needed when the checkpoint holds "
+                             "none and the preset has a tokenizer (LlamaGen GPT checkpoints)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="save the generator alone (the saved model then samples tokens, not pixels)")
     parser.add_argument("--conditioning", default=None, help="convert to this conditioning kind, e.g. adaln")
     parser.add_argument("--num-groups", type=positive_int, default=None,
                         help="groups for --conditioning adaln-group")
@@ -79,6 +83,23 @@ def save_atomically(gen, out: Path) -> Path:
     return out
 
 
+def check_tokenizer_source(args) -> None:
+    """Refuse to save a random tokenizer: a preset with one needs its weights in the checkpoint,
+    from ``--tokenizer-weights``, or ``--no-tokenizer``."""
+    from ..build import resolve_config
+    from ..errors import ConfigError
+    from ..weights import GENERATOR_WRAPPER_KEYS, read_tensor_shapes
+
+    if args.no_tokenizer or args.tokenizer_weights or not Path(args.weights).exists():
+        return  # (a missing file: aimkit.build says so)
+    if resolve_config(args.model).tokenizer is None:
+        return
+    names = read_tensor_shapes(args.weights, wrappers=GENERATOR_WRAPPER_KEYS)
+    if not any(k.startswith(("tokenizer.", "vqvae.")) for k in names):
+        raise ConfigError(f"{args.weights} holds no tokenizer weights but {args.model} has a tokenizer: pass "
+                          "--tokenizer-weights FILE (LlamaGen's vq_ds16_c2i.pt) or --no-tokenizer")
+
+
 def run(args) -> int:
     import aimkit
 
@@ -86,9 +107,13 @@ def run(args) -> int:
 
     if args.num_groups is not None and not args.conditioning:
         raise ConfigError("--num-groups needs --conditioning (e.g. --conditioning adaln-group)")
+    if args.no_tokenizer and args.tokenizer_weights:
+        raise ConfigError("--no-tokenizer and --tokenizer-weights exclude each other")
     out = Path(args.out)
     check_target(out, args.force)
-    gen = aimkit.build(args.model, pretrained=args.weights, tokenizer_weights=args.tokenizer_weights)
+    check_tokenizer_source(args)
+    kwargs = {"tokenizer": None} if args.no_tokenizer else {"tokenizer_weights": args.tokenizer_weights}
+    gen = aimkit.build(args.model, pretrained=args.weights, **kwargs)
     if args.conditioning:
         kwargs = {} if args.num_groups is None else {"num_groups": args.num_groups}
         gen = gen.convert_conditioning(args.conditioning, **kwargs)

@@ -190,11 +190,15 @@ def _pending_shards(out_dir: Path, mine: list[int], run: str, labels: np.ndarray
     return pending
 
 
-def _generate_shard(model, labels: np.ndarray, seed: int, shard: int, batch_size: int, settings, bar) -> np.ndarray:
+def _generate_shard(model, labels: np.ndarray, seed: int, shard: int, batch_size: int, settings, bar,
+                    between_batches=None) -> np.ndarray:
     """The images of one shard; ``bar`` (images) advances by token steps inside each batch where the
-    model's ``generate`` drives it, else by whole batches."""
+    model's ``generate`` drives it, else by whole batches. ``between_batches()`` runs before each
+    batch (it raises a failed background write)."""
     parts = []
     for j, b0 in enumerate(range(0, len(labels), batch_size)):
+        if between_batches is not None:
+            between_batches()
         chunk = labels[b0:b0 + batch_size]
         done = bar.n + len(chunk)
         images = model.generate(
@@ -215,10 +219,11 @@ def _generate_shard(model, labels: np.ndarray, seed: int, shard: int, batch_size
 class _BackgroundWrites:
     """Each shard written by one background thread while the next one is sampled.
 
-    At most one write is in flight (two shards in memory); a write's error is raised at the next
-    :meth:`submit` or when the block ends. Leaving the block waits for the write in flight: every
-    shard is written atomically with its record, so an interrupted run loses at most that shard,
-    which a resumed run generates again."""
+    At most one write is in flight (about three shards in memory at the peak: the one being
+    written, the next one's batches and their concatenation); a write's error is raised before the
+    next batch (:meth:`raise_if_failed`), at the next :meth:`submit` or when the block ends.
+    Leaving the block waits for the write in flight: every shard is written atomically with its
+    record, so an interrupted run loses at most that shard, which a resumed run generates again."""
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimkit-shard-writer")
@@ -233,17 +238,28 @@ class _BackgroundWrites:
         if pending is not None:
             pending.result()
 
+    def raise_if_failed(self) -> None:
+        """Raise the error of a write that has already failed (between batches: no wait)."""
+        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
+            self.wait()
+
     def __enter__(self) -> _BackgroundWrites:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.wait()
-            elif self._pending is not None:  # finish the write in flight; the first error wins
-                self._pending.exception()
-        finally:
+        if exc_type is None:
+            self.wait()
             self._pool.shutdown(wait=True)
+            return
+        while True:  # the run failed: the write in flight still lands before the folder is unlocked
+            try:
+                failed = self._pending.exception() if self._pending is not None else None
+                self._pool.shutdown(wait=True)
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C must not release the lock under a running write
+                continue
+        if failed is not None:
+            log.error("writing a shard also failed: %s: %s", type(failed).__name__, failed)
 
 
 def _manifest_of(model, num, shard_size, batch_size, seed, label_source, label_array, settings, metadata):
@@ -332,6 +348,7 @@ def sample_to_shards(
         with bar, torch.no_grad(), _BackgroundWrites() as writes:
             for s in pending:  # shard s is written while shard s + 1 is sampled
                 shard_labels = label_array[s * shard_size:min((s + 1) * shard_size, num)]
-                images = _generate_shard(model, shard_labels, seed, s, batch_size, settings, bar)
+                images = _generate_shard(model, shard_labels, seed, s, batch_size, settings, bar,
+                                         between_batches=writes.raise_if_failed)
                 writes.submit(write_shard, out_dir, s, images, shard_labels, run)
     return ShardRun(total, tuple(pending), skipped, todo)

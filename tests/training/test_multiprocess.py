@@ -11,9 +11,13 @@ that can be shown without GPUs.
 from __future__ import annotations
 
 import os
+import queue
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,9 +38,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(port: int, *args: str) -> list[str]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(*args: str) -> list[str]:
     """``accelerate launch`` of two CPU processes (gloo), as tiny_test.yaml's header documents."""
-    return [str(LAUNCHER), "launch", "--main_process_port", str(port), "--multi_gpu", "--num_processes", "2",
+    return [str(LAUNCHER), "launch", "--main_process_port", str(_free_port()), "--multi_gpu", "--num_processes", "2",
             "-m", "aimkit.training", *RUN, *args]
 
 
@@ -44,15 +54,60 @@ def _one_process(*args: str) -> list[str]:
     return [sys.executable, "-m", "aimkit.training", *RUN, *args]
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """The launcher and every process under it (torch elastic starts its workers in new sessions)."""
+    psutil = pytest.importorskip("psutil")
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in [*family, proc]:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    proc.wait(timeout=30)
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 240) -> str:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
+def _alive(p) -> bool:
+    psutil = pytest.importorskip("psutil")
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_for_step(proc: subprocess.Popen, step: int, deadline_s: float) -> None:
+    """Read the launch's output (in a thread, so that a hung launch cannot block the test) until
+    a log line of ``step`` or later."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            line = lines.get(timeout=max(0.1, end - time.monotonic()))
+        except queue.Empty:
+            break
+        match = re.match(r"step\s+(\d+)\s+\|", line)
+        if match and int(match.group(1)) >= step:
+            return
+    raise AssertionError(f"the launch logged no step {step} within {deadline_s:.0f} s")
 
 
 def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
     split, whole = tmp_path / "split", tmp_path / "whole"
-    first = _run(_launch(29541, f"output_dir={split}", "max_steps=6", "checkpoint_every=3", "stop_after=3"), tmp_path)
+    first = _run(_launch(f"output_dir={split}", "max_steps=6", "checkpoint_every=3", "stop_after=3"), tmp_path)
     assert "2 process(es) x batch 8" in first
     second = _run(_one_process(f"output_dir={split}", "max_steps=6", "checkpoint_every=3", "--resume", "auto"),
                   tmp_path)
@@ -68,24 +123,22 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
 def test_killing_one_rank_stops_the_launch_and_the_run_resumes(tmp_path):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
-    proc = subprocess.Popen(_launch(29543, f"output_dir={out}", "max_steps=100000", "checkpoint_every=2"),
+    proc = subprocess.Popen(_launch(f"output_dir={out}", "max_steps=100000", "checkpoint_every=2"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
     try:
-        for line in proc.stdout:
-            if line.startswith("step") and int(line.split()[1]) >= 5:
-                break
+        _wait_for_step(proc, 5, deadline_s=180)
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "aimkit.training" in " ".join(p.cmdline())]
         victim = next(p for p in workers if p.environ().get("RANK") == "1")
         start = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
-        proc.communicate(timeout=120)
+        proc.wait(timeout=120)
         stopped_after = time.monotonic() - start
+        assert not [p for p in workers if _alive(p)]
     finally:
-        proc.kill()
+        _kill_tree(proc)  # nothing may outlive the test, whatever failed
     assert proc.returncode != 0
     assert stopped_after < 60, f"the launch took {stopped_after:.0f} s to stop after one rank was killed"
-    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     checkpoint = find_checkpoint(out)
     assert checkpoint is not None
     resumed = _run(_one_process(f"output_dir={out}", "max_steps=8", "checkpoint_every=2", "--resume", "auto"),
@@ -100,7 +153,7 @@ def test_sample_with_two_processes_writes_the_npz_of_one(tmp_path):
 
     args = ["sample", "--model", "aim-test-vq", "--random-weights", "--num", "20", "--batch-size", "4",
             "--shard-size", "4", "--device", "cpu", "--no-progress"]
-    _run([str(LAUNCHER), "launch", "--main_process_port", "29545", "--multi_gpu", "--num_processes", "2",
+    _run([str(LAUNCHER), "launch", "--main_process_port", str(_free_port()), "--multi_gpu", "--num_processes", "2",
           "-m", "aimkit.cli", *args, "--out", str(tmp_path / "two.npz")], tmp_path)
     _run([sys.executable, "-m", "aimkit.cli", *args, "--out", str(tmp_path / "one.npz")], tmp_path)
     with np.load(tmp_path / "two.npz") as two, np.load(tmp_path / "one.npz") as one:
