@@ -11,10 +11,11 @@ writes K and V there with ``index_copy_`` and attends over the whole preallocate
 mask ``arange(max_seqlen) <= position``: no host sync, no cache allocation, no branching on tensor
 values, so a decode step can be captured in a CUDA graph.
 
-Rotary angles are computed from the positions on every call (a few hundred flops) instead of being
-stored as a buffer, so they stay float32 when the module is cast to bf16 and need no resizing.
-Channel pairs ``(2i, 2i + 1)`` are rotated, as in LlamaGen's complex-number formulation. Two
-position schemes (``TransformerConfig.rope``):
+Rotary angles (:mod:`aimkit.kernels.rotary`, shared with the decode kernel's reference) are
+computed from the positions on every call (a few hundred flops) instead of being stored as a
+buffer, so they stay float32 when the module is cast to bf16 and need no resizing. Channel pairs
+``(2i, 2i + 1)`` are rotated, as in LlamaGen's complex-number formulation. Two position schemes
+(``TransformerConfig.rope``):
 
 * ``"1d"``: position p (the class token at 0, image token k at k + 1) rotated by p;
 * ``"2d"``: LlamaGen's 2-D rotary: image token k sits at grid cell ``(k // G, k % G)`` of a
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from ..config import check_fields, option
 from ..errors import ConfigError
+from ..kernels.rotary import apply_rotary, rotary_angles, rotary_angles_2d, rotary_tables
 from ..policy import ExecutionPolicy
 from ..registry import BACKBONES
 from .base import Backbone, InferenceParams, resolve_policy, rms_norm_factory
@@ -121,64 +123,6 @@ class TransformerConfig:
         return -(-hidden // self.multiple_of) * self.multiple_of
 
 
-def rotary_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """Rotary cos/sin tables for the given absolute positions.
-
-    Args:
-        positions: (L,) integer positions (device tensor; never read on the host).
-        head_dim: per-head channels, even.
-        base: frequency base theta.
-
-    Returns:
-        ``(cos, sin)``, each (L, head_dim // 2) float32.
-    """
-    channels = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-    exponents = channels / head_dim  # (head_dim / 2,)
-    inv_freq = 1.0 / torch.pow(base, exponents)  # (head_dim / 2,)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, head_dim / 2)
-    return angles.cos(), angles.sin()
-
-
-def rotary_angles_2d(positions: Tensor, head_dim: int, base: float, grid_size: int) -> tuple[Tensor, Tensor]:
-    """LlamaGen's 2-D rotary cos/sin tables for sequence positions (module docstring).
-
-    Args:
-        positions: (L,) integer sequence positions: 0 is the class token, p >= 1 the image token
-            at grid cell ``p - 1`` (device tensor; never read on the host).
-        head_dim: per-head channels, a multiple of 4.
-        base: frequency base theta.
-        grid_size: side G of the square token grid.
-
-    Returns:
-        ``(cos, sin)``, each (L, head_dim // 2) float32; zeros at position 0.
-    """
-    quarter = head_dim // 4
-    channels = torch.arange(0, 2 * quarter, 2, device=positions.device, dtype=torch.float32)
-    inv_freq = 1.0 / torch.pow(base, channels / (head_dim // 2))  # (head_dim / 4,)
-    cell = (positions - 1).clamp(min=0)  # (L,)
-    rows, cols = (cell // grid_size).to(torch.float32), (cell % grid_size).to(torch.float32)
-    angles = torch.cat((rows[:, None] * inv_freq, cols[:, None] * inv_freq), dim=-1)  # (L, head_dim / 2)
-    image = (positions >= 1)[:, None]  # the class token's tables are zero
-    return angles.cos() * image, angles.sin() * image
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs ``(2i, 2i + 1)`` of x by the position angles.
-
-    Args:
-        x: (B, L, H, head_dim).
-        cos: (L, head_dim // 2) from :func:`rotary_angles`.
-        sin: (L, head_dim // 2).
-
-    Returns:
-        (B, L, H, head_dim) in x's dtype (the rotation itself runs in float32).
-    """
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, head_dim / 2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (L, 1, head_dim / 2)
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
-
-
 def _init_linear(layer: nn.Linear, std: float) -> None:
     nn.init.normal_(layer.weight, mean=0.0, std=std)
     if layer.bias is not None:
@@ -242,10 +186,7 @@ class Attention(nn.Module):
         q = q.view(batch, seqlen, self.n_head, self.head_dim)  # (B, L, H, hd)
         k = k.view(batch, seqlen, self.n_kv_head, self.head_dim)  # (B, L, Hkv, hd)
         v = v.view(batch, seqlen, self.n_kv_head, self.head_dim)
-        if self.rope == "2d":
-            cos, sin = rotary_angles_2d(positions, self.head_dim, self.rope_base, self.grid_size)
-        else:
-            cos, sin = rotary_angles(positions, self.head_dim, self.rope_base)
+        cos, sin = rotary_tables(positions, self.head_dim, self.rope_base, self.rope, self.grid_size)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

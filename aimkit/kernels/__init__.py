@@ -15,7 +15,7 @@ calls them; nothing here reads global state. Operation (policy field) -> referen
   :func:`.rope_cache.rope_cache_write_` and :func:`.attention_decode.decode_attention`;
 * ``compile_glue`` / ``compile_loss`` -> the plain function -> :class:`.compiled.TrainCompiled`.
 
-Importing this package, :mod:`.ssd`, :mod:`.glue`, :mod:`.mamba_ssm` or :mod:`.compiled` never
+Importing this package, :mod:`.ssd`, :mod:`.glue`, :mod:`.rotary`, :mod:`.mamba_ssm` or :mod:`.compiled` never
 imports Triton, mamba-ssm or causal-conv1d. The Triton modules (:mod:`.ssm_step`,
 :mod:`.conv_step`, :mod:`.decode_glue`, :mod:`.sampling`, :mod:`.attention_decode`,
 :mod:`.rope_cache`) import Triton and are imported by their

@@ -28,8 +28,8 @@ angle itself (libdevice's ``__nv_cosf`` / ``__nv_sinf`` on CUDA, which reduce la
 exactly). The rotation ``(x0 c - x1 s, x0 s + x1 c)`` runs in float32 and is rounded to the
 projection's dtype, then (k, v) to the cache's, as ``apply_rotary`` and ``index_copy_`` round.
 
-Reference: :func:`rope_cache_write_reference` (PyTorch, the model's tables, ``apply_rotary`` and
-``index_copy_`` written out with torch ops). Importing this module imports Triton.
+Reference: :func:`rope_cache_write_reference` (PyTorch: the model's own tables and rotation from
+:mod:`aimkit.kernels.rotary`, then ``index_copy_``). Importing this module imports Triton.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import check_last_dim_contiguous, on_device
+from .rotary import apply_rotary, rotary_tables
 
 __all__ = ["rope_cache_write_", "rope_cache_write_reference"]
 
@@ -54,37 +55,12 @@ _PAIRS_PER_PROGRAM = 512  # default channel pairs per program (heads x pairs); n
 # --------------------------------------------------------------------------- reference (PyTorch)
 
 
-def _rotary_tables(position: Tensor, head_dim: int, base: float, rope: str,
-                   grid_size: int | None) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)`` of a (1,) position, each (1, head_dim // 2) float32, as the model builds them."""
-    if rope == "2d":
-        quarter = head_dim // 4
-        channels = torch.arange(0, 2 * quarter, 2, device=position.device, dtype=torch.float32)
-        inv_freq = 1.0 / torch.pow(base, channels / (head_dim // 2))  # (head_dim / 4,)
-        cell = (position - 1).clamp(min=0)  # (1,)
-        rows, cols = (cell // grid_size).to(torch.float32), (cell % grid_size).to(torch.float32)
-        angles = torch.cat((rows[:, None] * inv_freq, cols[:, None] * inv_freq), dim=-1)  # (1, head_dim / 2)
-        image = (position >= 1)[:, None]  # the class token's tables are zero
-        return angles.cos() * image, angles.sin() * image
-    channels = torch.arange(0, head_dim, 2, device=position.device, dtype=torch.float32)
-    inv_freq = 1.0 / torch.pow(base, channels / head_dim)  # (head_dim / 2,)
-    angles = position.to(torch.float32)[:, None] * inv_freq[None, :]  # (1, head_dim / 2)
-    return angles.cos(), angles.sin()
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, hd) with pairs ``(2i, 2i + 1)`` turned by the (1, hd / 2) tables, in float32 -> x.dtype."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, hd / 2) each
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
-
-
 def rope_cache_write_reference(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor, *,
                                n_head: int, n_kv_head: int, head_dim: int, rope: str, base: float,
                                grid_size: int | None = None) -> Tensor:
-    """:func:`rope_cache_write_` in PyTorch: the transformer's rotary tables, ``apply_rotary`` and
-    ``index_copy_`` (same arguments, same effects; a position outside the cache raises here, from
-    ``index_copy_``, where the kernel writes nothing).
+    """:func:`rope_cache_write_` in PyTorch: the transformer's rotary tables and rotation
+    (:mod:`aimkit.kernels.rotary`) and ``index_copy_`` (same arguments, same effects; a position
+    outside the cache raises here, from ``index_copy_``, where the kernel writes nothing).
 
     Returns:
         (B, n_kv_head, n_head // n_kv_head, head_dim) rotated queries in ``qkv.dtype``.
@@ -93,12 +69,13 @@ def rope_cache_write_reference(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, po
     _check_tensors("rope_cache_write_reference", qkv, k_cache, v_cache, position, n_head, n_kv_head, head_dim)
     batch = qkv.shape[0]
     index = position.reshape(1)
-    cos, sin = _rotary_tables(index, head_dim, base, rope, grid_size)  # (1, hd / 2) each
-    heads = qkv.unflatten(-1, (n_head + 2 * n_kv_head, head_dim))  # (B, H + 2 Hkv, hd)
-    q, k, v = heads.split([n_head, n_kv_head, n_kv_head], dim=1)
-    k_cache.index_copy_(2, index, _rotate(k, cos, sin).to(k_cache.dtype).unsqueeze(2))  # (B, Hkv, 1, hd)
-    v_cache.index_copy_(2, index, v.to(v_cache.dtype).unsqueeze(2))
-    return _rotate(q, cos, sin).reshape(batch, n_kv_head, n_head // n_kv_head, head_dim)
+    cos, sin = rotary_tables(index, head_dim, base, rope, grid_size)  # (1, hd / 2) each
+    heads = qkv.unflatten(-1, (n_head + 2 * n_kv_head, head_dim)).unsqueeze(1)  # (B, 1, H + 2 Hkv, hd)
+    q, k, v = heads.split([n_head, n_kv_head, n_kv_head], dim=2)
+    k = apply_rotary(k, cos, sin)  # (B, 1, Hkv, hd)
+    k_cache.index_copy_(2, index, k.to(k_cache.dtype).transpose(1, 2))  # (B, Hkv, 1, hd)
+    v_cache.index_copy_(2, index, v.to(v_cache.dtype).transpose(1, 2))
+    return apply_rotary(q, cos, sin).reshape(batch, n_kv_head, n_head // n_kv_head, head_dim)
 
 
 # --------------------------------------------------------------------------- kernel
