@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny generators and deterministic parameter randomisation."""
+"""Shared fixtures: tiny generators, deterministic parameter randomisation, cached decoding,
+and the environment of a subprocess that runs this checkout."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,3 +98,26 @@ def assert_float_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float
     err = (actual.detach().to(expected.dtype) - expected.detach()).abs().max().item() if expected.numel() else 0.0
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert err <= ulps * eps * scale, f"max abs error {err:.3g} > {ulps} eps x {scale:.3g} ({expected.dtype})"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(threads: int | str = 1) -> dict[str, str]:
+    """``os.environ`` for a child process that imports this checkout's aimkit, with ``threads``
+    intra-op threads (1 on a 2-core CI machine; pass ``torch.get_num_threads()`` to match this one)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def decode_all(gen, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logits (B, N, V) of prefill then a cached decode step per token (teacher-forced tokens)."""
+    cond = gen.condition(labels)
+    params = gen.allocate_inference_cache(codes.shape[0])
+    seen = [gen.prefill(cond, params)]
+    params.advance(1)
+    for k in range(codes.shape[1] - 1):
+        seen.append(gen.decode_step(codes[:, k], cond, params))
+        params.advance(1)
+    return torch.stack(seen, dim=1)

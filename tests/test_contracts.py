@@ -23,7 +23,7 @@ import itertools
 import plugins.example_backbone  # noqa: F401  (registers the "example-conv" backbone)
 import pytest
 import torch
-from conftest import assert_float_close, randomize_, tiny_config, tiny_generator
+from conftest import assert_float_close, decode_all, randomize_, tiny_config, tiny_generator
 
 import aimkit
 from aimkit.conditioning.adaln import InexactConversionError
@@ -82,16 +82,6 @@ def test_forward_backward_reaches_every_parameter(backbone, conditioning):
         assert p.grad.abs().sum() > 0, f"{name} gets an all-zero gradient"
 
 
-def _decode_all(gen, codes, labels):
-    """Logits (B, N, V) of prefill then a cached decode step per token (teacher-forced tokens)."""
-    cond = gen.condition(labels)
-    params = gen.allocate_inference_cache(codes.shape[0])
-    seen = [gen.prefill(cond, params)]
-    params.advance(1)
-    for k in range(gen.num_tokens - 1):
-        seen.append(gen.decode_step(codes[:, k], cond, params))
-        params.advance(1)
-    return torch.stack(seen, dim=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -101,7 +91,7 @@ def test_cached_decoding_matches_teacher_forcing(backbone, conditioning, dtype):
     codes, labels = _batch(gen)
     with torch.no_grad():
         forced = gen(codes, labels)
-        decoded = _decode_all(gen, codes, labels)
+        decoded = decode_all(gen, codes, labels)
     assert decoded.dtype == dtype
     assert_float_close(decoded, forced)  # 64 machine epsilons of the dtype
 

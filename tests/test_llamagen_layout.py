@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_float_close, randomize_
+from conftest import assert_float_close, decode_all, randomize_
 
 import aimkit
 from aimkit.backbones.transformer import rotary_angles_2d
@@ -31,15 +31,6 @@ def _llamagen_names(n_layer: int) -> set[str]:
     return names
 
 
-def _decode_all(gen, codes, labels):
-    cond = gen.condition(labels)
-    params = gen.allocate_inference_cache(codes.shape[0])
-    logits = [gen.prefill(cond, params)]
-    params.advance()
-    for k in range(codes.shape[1] - 1):
-        logits.append(gen.decode_step(codes[:, k], cond, params))
-        params.advance()
-    return torch.stack(logits, dim=1)  # (B, N, V)
 
 
 def test_to_llamagen_has_exactly_llamagens_names_and_round_trips():
@@ -87,7 +78,7 @@ def test_cached_decoding_matches_teacher_forcing(name, overrides, dtype):
     gen = randomize_(aimkit.build(name, **overrides), seed=3).to(dtype).eval()
     codes, labels = torch.randint(64, (3, 16)), torch.tensor([0, 7, 10])
     with torch.no_grad():
-        assert_float_close(_decode_all(gen, codes, labels), gen(codes, labels))
+        assert_float_close(decode_all(gen, codes, labels), gen(codes, labels))
 
 
 def test_class_token_model_has_no_modulation_and_the_adaln_one_has():
@@ -156,9 +147,9 @@ def test_decode_attention_kernel_decodes_like_teacher_forcing_on_gpu(dtype):
     labels = torch.tensor([0, 1, 2, 3, 10], device="cuda")
     with torch.no_grad():
         forced = gen(codes, labels)
-        decoded = _decode_all(gen, codes, labels)
+        decoded = decode_all(gen, codes, labels)
         gen.set_policy(gen.policy.replace(decode_attention="reference"))
-        reference = _decode_all(gen, codes, labels)
+        reference = decode_all(gen, codes, labels)
     # in the model dtype's epsilons: bf16 rounds the cache and the products (16 / 32 of them)
     assert_float_close(decoded, reference, ulps=16 if dtype == torch.bfloat16 else 64)
     assert_float_close(decoded, forced, ulps=32 if dtype == torch.bfloat16 else 256)

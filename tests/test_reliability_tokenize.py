@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env
 from PIL import Image
 
 import aimkit
@@ -31,7 +32,6 @@ from aimkit.errors import ConfigError
 from aimkit.tokenizers.base import Tokenizer
 from aimkit.weights import read_state_dict
 
-REPO = Path(__file__).resolve().parent.parent
 MODEL = "aim-tiny-shapes"  # vq-f4-tiny: 64 px -> 16 x 16 codes of 512
 SMALL = ["model_args.d_model=32", "model_args.n_layer=2", "num_workers=0", "mixed_precision=no",
          "global_batch_size=4", "log_every=1", "progress_bar=false"]
@@ -562,10 +562,6 @@ def test_oversized_images_are_skipped_before_decoding(tmp_path, capsys):
 # =========================================================================== kill -9 and rerun
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _state(out: Path):
@@ -581,13 +577,13 @@ def test_kill9_then_rerun_equals_uninterrupted(tmp_path):
                 "--model", MODEL, "--workers", "0", "--no-progress", "--shard-size", "1", "--batch-size", "1",
                 "--crops", "5"]
 
-    subprocess.run(argv(tmp_path / "ref"), env=_env(), check=True, capture_output=True, timeout=120)
+    subprocess.run(argv(tmp_path / "ref"), env=subprocess_env(), check=True, capture_output=True, timeout=120)
     reference = _state(tmp_path / "ref")
     rng = random.Random(0)
     out = tmp_path / "killed"
     for low, high in ((1, 4), (5, 10)):  # kill -9 once a random number of shards is on disk
         target = rng.randint(low, high)
-        proc = subprocess.Popen(argv(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             if out.is_dir() and len(list(out.glob("shard-*"))) >= target:
@@ -596,7 +592,7 @@ def test_kill9_then_rerun_equals_uninterrupted(tmp_path):
         proc.kill()
         proc.wait()
     assert 0 < len(list(out.glob("shard-*"))) < len(reference) - 1  # really interrupted
-    done = subprocess.run(argv(out), check=False, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv(out), check=False, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert _state(out) == reference
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 import aimkit.training.checkpoint as checkpoint
 import aimkit.training.cli as training_cli
@@ -32,7 +33,6 @@ from aimkit.training import TrainConfig, TrainingStopped, find_checkpoint, load_
 from aimkit.training._metrics import MetricsFile
 from aimkit.weights import read_state_dict
 
-REPO = Path(__file__).resolve().parent.parent
 ARGS = ["progress_bar=false", "log_every=1", "data_size=64", "max_steps=8", "checkpoint_every=2", "keep_last=3"]
 STEP = "checkpoints/step-{:08d}"
 
@@ -395,12 +395,6 @@ def test_no_usable_checkpoint_is_one_line_and_loses_nothing(run_copy, capsys):
 # ------------------------------------------------------------------------------------------
 
 
-def _env():
-    # the same intra-op thread count as this process, where the reference run happens
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
 
 def test_kill9_at_random_points_then_resume_is_exact(tmp_path):
     args = [*ARGS, "max_steps=32", "checkpoint_every=1", "keep_last=2"]  # a save every step: kills land in saves
@@ -413,8 +407,8 @@ def test_kill9_at_random_points_then_resume_is_exact(tmp_path):
            "--resume", "auto"]
     kills = []
     for _ in range(3):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                                cwd=tmp_path)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                                env=subprocess_env(torch.get_num_threads()))  # the reference run's threads
         for line in proc.stdout:  # wait until it trains, then kill it a random moment later
             if line.startswith("step"):
                 break

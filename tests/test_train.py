@@ -7,7 +7,6 @@ Data: the procedural shapes exported as an ImageFolder (plus one corrupt file), 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 import aimkit
 from aimkit.cli import main as cli_main
@@ -29,10 +29,6 @@ TINY_VQ = ["ch=32", "ch_mult=[1,1,1,1,1]", "encoder_res_blocks=1", "decoder_res_
            "codebook_size=64"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +192,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "aimkit.training", "--config", "tiny_test", f"output_dir={out}", "max_steps=100000",
          "log_every=1", "checkpoint_every=100000", "progress_bar=false"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=tmp_path,
     )
     lines = []
     for line in proc.stdout:
@@ -227,7 +223,7 @@ def test_two_processes_keep_replicas_equal(tmp_path):
     assert documented[:2] == ["accelerate", "launch"] and documented[-1].startswith("output_dir=")
     cmd = [str(launcher), "launch", "--main_process_port", "29517", *documented[2:-1], f"output_dir={out}",
            "max_steps=3", "log_every=1", "check_replicas_every=1", "progress_bar=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=240)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     records = _metrics(out)
@@ -325,7 +321,7 @@ def test_launch_flag_for_mixed_precision_wins_over_the_recipe(tmp_path):
     cmd = [str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
            "--mixed_precision", "bf16", "-m", "aimkit.training", "--config", "tiny_test", f"output_dir={out}",
            "max_steps=1", "progress_bar=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=240)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mixed precision bf16 (accelerate launch; the recipe says no)" in proc.stdout
     assert "mixed_precision: bf16" in (out / "config.yaml").read_text()  # what ran is what is recorded

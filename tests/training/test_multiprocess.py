@@ -23,19 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 from aimkit.training import find_checkpoint
 from aimkit.weights import read_state_dict
 
-REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(sys.executable).parent / "accelerate"
 RUN = ["--config", "tiny_test", "log_every=1", "progress_bar=false", "model_args={class_dropout: 0.0}"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _free_port() -> int:
@@ -70,7 +66,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 240) -> str:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -124,7 +121,8 @@ def test_killing_one_rank_stops_the_launch_and_the_run_resumes(tmp_path):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
     proc = subprocess.Popen(_launch(f"output_dir={out}", "max_steps=100000", "checkpoint_every=2"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+                            cwd=tmp_path)
     try:
         _wait_for_step(proc, 5, deadline_s=180)
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
