@@ -85,11 +85,11 @@ class ExecutionPolicy:
         compile_glue: ``torch.compile`` the glue between sublayers in whole-sequence forwards
             without a cache on CUDA (training); falls back to eager with one warning.
         compile_loss: ``torch.compile`` the float32 cross-entropy on CUDA.
-        train_step: the trainer's step: ``"graph"`` (forward, backward, clipping and the optimizer
-            step replayed from CUDA graphs), ``"eager"`` (default), or ``"auto"``: graph wherever a
-            run allows it (one CUDA process, any ``grad_accum``, bf16 or no mixed precision, no
-            ``compile``), else eager; the trainer resolves it once at setup and logs and records
-            the step it runs (:func:`aimkit.training.step.resolve_train_step`).
+        train_step: the trainer's step: ``"auto"`` (default): graph wherever a run allows it (one
+            CUDA process, any ``grad_accum``, bf16 or no mixed precision, no ``compile``), else
+            eager; the trainer resolves it once at setup and logs and records the step it runs
+            (:func:`aimkit.training.step.resolve_train_step`). ``"graph"`` (forward, backward,
+            clipping and the optimizer step replayed from CUDA graphs) or ``"eager"`` insist.
     """
 
     scan: str = option("auto", choices=CHOICES)
@@ -105,9 +105,7 @@ class ExecutionPolicy:
     state_dtype: str = option("float32", choices=STATE_DTYPES)
     compile_glue: bool = True
     compile_loss: bool = True
-    # "auto" is meant to become the default once the recipe's GPU test is seen to pass with it
-    # (2026-12-02: the accumulating captured step passed its GPU test; the recipe test was not re-run)
-    train_step: str = option("eager", choices=TRAIN_STEPS)
+    train_step: str = option("auto", choices=TRAIN_STEPS)
 
     def __post_init__(self):
         check_fields(self, "policy")  # types, choices and ranges of every field

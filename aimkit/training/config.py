@@ -76,8 +76,8 @@ class TrainConfig:
     # an `accelerate launch --mixed_precision bf16|fp16` flag (or accelerate's config file) wins over this
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     compile: bool = False  # torch.compile the model (inductor)
-    # ExecutionPolicy fields over default_policy(): {train_step: graph} replays the step from CUDA
-    # graphs (one GPU, bf16 or no; {train_step: auto} picks it where it can); {compile_glue: false};
+    # ExecutionPolicy fields over default_policy(): train_step auto (default) replays the step from
+    # CUDA graphs where the run allows it (one GPU, bf16 or no), {train_step: eager} opts out; {compile_glue: false};
     # see aimkit/policy.py
     policy: dict[str, Any] = field(default_factory=dict)
     seed: int = 0

@@ -326,12 +326,24 @@ def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: obj
     return "graph", f"policy train_step: {policy.train_step} (one CUDA process: captured step)"
 
 
+def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+               accelerator) -> str:
+    """What ``train_step: auto`` runs for a step built by :func:`make_train_step`."""
+    device = next(model.parameters()).device
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "no"}.get(amp_dtype, "no")
+    processes = accelerator.num_processes if accelerator is not None else 1
+    kind, _ = resolve_train_step(ExecutionPolicy(train_step="auto"), device, processes=processes,
+                                 mixed_precision=precision)
+    return kind if optimizer.defaults.get("capturable", False) else "eager"
+
+
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
                     max_grad_norm: float | None = 1.0, amp_dtype: torch.dtype | None = torch.bfloat16,
                     accelerator=None, graph_warmup: int = 1, ema: EMA | None = None,
                     grad_accum: int = 1) -> TrainStep:
     """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, :class:`EagerStep`
-    for ``"eager"`` (``"auto"`` is refused: resolve it first with :func:`resolve_train_step`).
+    for ``"eager"``; ``"auto"`` resolves here with :func:`resolve_train_step` (the model's device,
+    the accelerator's process count, ``amp_dtype``) and is eager when ``optimizer`` is not capturable.
 
     Args:
         model: the generator (prepared by ``accelerator`` when one is given).
@@ -345,8 +357,7 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
         grad_accum: micro-batches per step, for ``"graph"`` (the eager step takes any number).
     """
     if policy.train_step == "auto":
-        raise ConfigError("policy train_step 'auto' is resolved per run: pass the policy with the step that "
-                          "resolve_train_step(policy, device, ...) chose ('eager' or 'graph')")
+        policy = policy.replace(train_step=_auto_step(model, optimizer, amp_dtype, accelerator))
     common = dict(max_grad_norm=max_grad_norm, compile_loss=policy.compile_loss, ema=ema)
     if policy.train_step == "graph":
         return GraphedStep(model, optimizer, amp_dtype=amp_dtype, warmup=graph_warmup, grad_accum=grad_accum,

@@ -162,7 +162,15 @@ def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
             resolve_train_step(ExecutionPolicy(train_step="graph"), device, **run)
 
 
-def test_make_train_step_refuses_an_unresolved_auto():
+def test_make_train_step_resolves_auto_for_its_model_and_optimizer():
+    """The default policy (train_step auto) builds the eager step on the CPU; on CUDA the captured
+    step, unless the optimizer cannot be captured."""
+    assert ExecutionPolicy().train_step == "auto"
     gen = _model("cpu")
-    with pytest.raises(ConfigError, match="resolve_train_step"):
-        make_train_step(gen, make_optimizer(gen, lr=1e-3), ExecutionPolicy(train_step="auto"))
+    assert isinstance(make_train_step(gen, make_optimizer(gen, lr=1e-3), ExecutionPolicy()), EagerStep)
+    if torch.cuda.is_available():
+        gen = _model("cuda")
+        plain = make_train_step(gen, make_optimizer(gen, lr=1e-3, capturable=False), ExecutionPolicy())
+        assert isinstance(plain, EagerStep)
+        graphed = make_train_step(gen, make_optimizer(gen, lr=1e-3, capturable=True), ExecutionPolicy())
+        assert isinstance(graphed, GraphedStep)
