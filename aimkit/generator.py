@@ -412,6 +412,13 @@ class Generator(nn.Module):
 
         return generate(self, labels, **kwargs)
 
+    def generate_batches(self, batches, **kwargs):
+        """Sample ``(labels, seed)`` batches, decoding one while the next samples; see
+        :func:`aimkit.samplers.generate_batches`."""
+        from .samplers.api import generate_batches
+
+        return generate_batches(self, batches, **kwargs)
+
     # ------------------------------------------------------------------ persistence
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,

@@ -17,7 +17,7 @@ __all__ = ["compact_table", "load_reference", "markdown", "reference_images_per_
 _COLUMNS = {
     "sampling": ["model", "backbone", "params", "batch", "tokens", "cache dtype", "s / batch", "images/s",
                  "first call (s)", "peak GB", "floor (s)", "bound", "fraction of floor", "VQ decode (s)",
-                 "end to end (img/s)", "status"],
+                 "to disk, 3 batches (img/s)", "status"],
     "decode": ["model", "batch (rows)", "cache dtype", "step (ms)", "floor (ms)", "state GB / step",
                "achieved TB/s", "fraction of floor", "status"],
     "train": ["model", "step", "params", "batch x tokens", "step (s)", "tokens/s",

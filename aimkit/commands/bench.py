@@ -78,7 +78,8 @@ def _add_grid_arguments(parser) -> None:
     parser.add_argument("--compare-tokens", type=_csv(int), default=None,
                         help="token counts of the comparison (default 256,576,1024 on CUDA, 64,256 on the CPU)")
     parser.add_argument("--decode-vq", action="store_true",
-                        help="also time VQ decoding of each sampled batch (random tokenizer weights)")
+                        help="also time VQ decoding of each sampled batch (random tokenizer weights) and the "
+                             "`aimkit sample` loop end to end: 3 batches sampled, decoded and written as shards")
     parser.add_argument("--decode-models", type=_csv(str), default=None, help=f"decode-step rows {_DEVICE_DEFAULT}")
     parser.add_argument("--decode-batches", type=_csv(int), default=None,
                         help=f"decode-step batches {_DEVICE_DEFAULT}")

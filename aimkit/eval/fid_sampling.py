@@ -190,30 +190,49 @@ def _pending_shards(out_dir: Path, mine: list[int], run: str, labels: np.ndarray
     return pending
 
 
-def _generate_shard(model, labels: np.ndarray, seed: int, shard: int, batch_size: int, settings, bar,
-                    between_batches=None) -> np.ndarray:
-    """The images of one shard; ``bar`` (images) advances by token steps inside each batch where the
-    model's ``generate`` drives it, else by whole batches. ``between_batches()`` runs before each
-    batch (it raises a failed background write)."""
-    parts = []
-    for j, b0 in enumerate(range(0, len(labels), batch_size)):
-        if between_batches is not None:
-            between_batches()
-        chunk = labels[b0:b0 + batch_size]
-        done = bar.n + len(chunk)
-        images = model.generate(
-            torch.from_numpy(chunk.copy()),
-            seed=shard_seed(seed, shard, j),
-            output="uint8",
-            batch_size=len(chunk),
-            progress=False if bar.disable else bar,
-            **settings,
-        )
-        parts.append(_as_uint8_nhwc(images, len(chunk)))
+def _batch_plan(label_array: np.ndarray, pending: list[int], shard_size: int, num: int, batch_size: int,
+                seed: int) -> list[tuple[int, np.ndarray, int]]:
+    """``(shard, labels, seed)`` of every batch of the ``pending`` shards, in order."""
+    plan = []
+    for s in pending:
+        labels = label_array[s * shard_size:min((s + 1) * shard_size, num)]
+        plan += [(s, labels[b0:b0 + batch_size], shard_seed(seed, s, j))
+                 for j, b0 in enumerate(range(0, len(labels), batch_size))]
+    return plan
+
+
+def _one_generate_per_batch(model, plan, settings, bar):
+    """Each batch's uint8 images from one ``model.generate`` call (a model without
+    ``generate_batches``); ``bar`` advances by token steps where that generate drives it, else by
+    whole batches."""
+    for _, labels, batch_seed in plan:
+        done = bar.n + len(labels)
+        images = model.generate(torch.from_numpy(labels.copy()), seed=batch_seed, output="uint8",
+                                batch_size=len(labels), progress=False if bar.disable else bar, **settings)
         if bar.n < done:  # a generate that does not drive the bar
             bar.update(done - bar.n)
         bar.n = done
-    return np.concatenate(parts)
+        yield images
+
+
+def _shard_images(model, plan, settings, bar, between_batches):
+    """``(shard, images)`` for each shard of ``plan`` in order. A generator's ``generate_batches``
+    samples the batches as one stream (each decoded while the next samples); other models get one
+    ``generate`` call per batch. ``between_batches()`` runs before each batch's images are taken
+    (it raises a failed background write)."""
+    stream = getattr(model, "generate_batches", None)
+    if stream is not None:
+        outputs = stream([(torch.from_numpy(labels.copy()), batch_seed) for _, labels, batch_seed in plan],
+                         output="uint8", progress=False if bar.disable else bar, **settings)
+    else:
+        outputs = _one_generate_per_batch(model, plan, settings, bar)
+    parts = []
+    for i, (s, labels, _) in enumerate(plan):
+        between_batches()
+        parts.append(_as_uint8_nhwc(next(outputs), len(labels)))
+        if i + 1 == len(plan) or plan[i + 1][0] != s:
+            yield s, np.concatenate(parts)
+            parts = []
 
 
 class _BackgroundWrites:
@@ -346,9 +365,8 @@ def sample_to_shards(
         if skipped and process_index == 0:
             log.info("%d of this process's %d shards are already done; skipping them", len(skipped), len(mine))
         with bar, torch.no_grad(), _BackgroundWrites() as writes:
-            for s in pending:  # shard s is written while shard s + 1 is sampled
-                shard_labels = label_array[s * shard_size:min((s + 1) * shard_size, num)]
-                images = _generate_shard(model, shard_labels, seed, s, batch_size, settings, bar,
-                                         between_batches=writes.raise_if_failed)
-                writes.submit(write_shard, out_dir, s, images, shard_labels, run)
+            plan = _batch_plan(label_array, pending, shard_size, num, batch_size, seed)
+            for s, images in _shard_images(model, plan, settings, bar, writes.raise_if_failed):
+                # shard s is written while shard s + 1 is sampled
+                writes.submit(write_shard, out_dir, s, images, label_array[s * shard_size:(s + 1) * shard_size], run)
     return ShardRun(total, tuple(pending), skipped, todo)

@@ -17,7 +17,7 @@ import functools
 import inspect
 import numbers
 import sys
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import Any
 
 import numpy as np
@@ -26,18 +26,18 @@ from torch import Tensor
 
 from ..errors import ConfigError, did_you_mean
 from ..registry import SAMPLERS
+from ._decode_behind import outputs_in_order, stack_outputs, uint8_nhwc
 from .logits import check_sampling_args
 from .schedules import get_schedule
 
-__all__ = ["OUTPUTS", "MAX_IMAGES", "class_id", "class_names_of", "generate", "progress_bar", "resolve_labels",
-           "to_uint8", "to_pil"]
+__all__ = ["OUTPUTS", "MAX_IMAGES", "class_id", "class_names_of", "generate", "generate_batches", "progress_bar",
+           "resolve_labels", "to_uint8", "to_pil"]
 
 OUTPUTS = ("tokens", "tensor", "uint8", "pil")
 # generate() returns every image in memory; more than this many images in one call is refused up
 # front (before any allocation). Larger runs belong to aimkit.eval.fid_sampling.sample_to_shards /
 # `aimkit sample`, which write shards to disk.
 MAX_IMAGES = 10_000_000
-_DECODE_CHUNK = 16  # images decoded by the tokenizer at once (bounds activation memory)
 _LABEL_SEED_SALT = 0x5DEECE66D  # labels are drawn from a generator seeded apart from the tokens'
 _SIGNED_OR_BYTE = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -179,8 +179,7 @@ def _given_labels(labels: Any, num_classes: int, names: Sequence[str] | None) ->
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """(B, 3, H, W) float images in [-1, 1] -> (B, H, W, 3) uint8 numpy array."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return uint8_nhwc(images).cpu().numpy()
 
 
 def to_pil(images: Tensor) -> list[Any]:
@@ -188,35 +187,6 @@ def to_pil(images: Tensor) -> list[Any]:
     from PIL import Image
 
     return [Image.fromarray(a) for a in to_uint8(images)]
-
-
-def _decode(model, codes: Tensor) -> Tensor:
-    """(B, N) codes -> (B, 3, H, W) float32 CPU images in [-1, 1], decoded in chunks."""
-    out = []
-    with torch.inference_mode():
-        for chunk in codes.split(_DECODE_CHUNK):
-            images = model.tokenizer.decode(chunk)
-            out.append(images.float().clamp(-1, 1).cpu())
-    return torch.cat(out).clone()
-
-
-def _convert(model, codes: Tensor, output: str):
-    if output == "tokens":
-        return codes.cpu()
-    images = _decode(model, codes)
-    if output == "tensor":
-        return images
-    if output == "uint8":
-        return to_uint8(images)
-    return to_pil(images)
-
-
-def _join(parts: list, output: str):
-    if output in ("tokens", "tensor"):
-        return torch.cat(parts)
-    if output == "uint8":
-        return np.concatenate(parts)
-    return [im for part in parts for im in part]
 
 
 def _resolve_sampler(model, sampler):
@@ -289,30 +259,71 @@ def generate(
         ConfigError: an argument is out of range, or pixels are requested from a model without
             a tokenizer.
     """
-    _check_call(model, output, defaults, batch_size, seed)
-    preset = model.config.fid_sampling if defaults == "fid" else model.config.pretty_sampling
-    cfg_scale, temperature, top_k, top_p = check_sampling_args(
-        preset.cfg_scale if cfg_scale is None else cfg_scale,
-        preset.temperature if temperature is None else temperature,
-        preset.top_k if top_k is None else top_k,
-        preset.top_p if top_p is None else top_p,
-    )
-    settings = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                    generator=_device_generator(seed, model.device), schedule=get_schedule(schedule))
+    _check_call(model, output, defaults)
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_seed(seed)
+    settings = _settings(model, defaults, cfg_scale, temperature, top_k, top_p, schedule)
     labels = resolve_labels(model, labels, num_images, seed)
-    return _sample_batches(model, _resolve_sampler(model, sampler), labels, batch_size, output, progress, settings)
+    generator = _device_generator(seed, model.device)  # one random stream through every batch
+    batches = [(batch, generator) for batch in labels.split(batch_size)]
+    parts = _sample_batches(model, _resolve_sampler(model, sampler), batches, output, progress, settings)
+    return stack_outputs(list(parts), output)
 
 
-def _check_call(model, output: str, defaults: str, batch_size: Any, seed: Any) -> None:
+def generate_batches(
+    model,
+    batches: Sequence[tuple[Any, int | None]],
+    *,
+    cfg_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    output: str = "tensor",
+    schedule: str | Callable[[int, int, float], float] = "constant",
+    progress: Any = None,
+    defaults: str = "fid",
+    sampler: Any = None,
+) -> Iterator[Any]:
+    """Generate several batches, each with its own labels and seed; yield each batch's output in order.
+
+    Batch ``(labels, seed)`` gives what ``generate(labels, seed=seed, batch_size=len(labels), ...)``
+    gives. On CUDA the decoding of batch k (a side stream) runs while batch k + 1 is sampled, so
+    pixels cost little beyond the sampling itself; batch k is yielded once batch k + 1's tokens
+    exist. ``aimkit sample`` writes its shards from this stream.
+
+    Args:
+        model: a :class:`~aimkit.generator.Generator`.
+        batches: ``(labels, seed)`` pairs: labels as :func:`generate` takes them (ids or class
+            names, not None), seed an integer in ``[0, 2**63)`` or None.
+        cfg_scale, temperature, top_k, top_p, output, schedule, defaults, sampler: as for
+            :func:`generate`, the same for every batch.
+        progress: as for :func:`generate`, over the images of every batch.
+
+    Returns:
+        An iterator of the batches' outputs. Arguments and every batch's labels are checked
+        before the first batch is sampled.
+    """
+    _check_call(model, output, defaults)
+    settings = _settings(model, defaults, cfg_scale, temperature, top_k, top_p, schedule)
+    plan = []
+    for item in batches:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise ConfigError(f"batches must hold (labels, seed) pairs, got {item!r}")
+        labels, seed = item
+        if labels is None:
+            raise ConfigError("every batch needs its labels (class ids or names), got None")
+        _check_seed(seed)
+        plan.append((resolve_labels(model, labels), _device_generator(seed, model.device)))
+    return _sample_batches(model, _resolve_sampler(model, sampler), plan, output, progress, settings)
+
+
+def _check_call(model, output: str, defaults: str) -> None:
     """The argument checks of :func:`generate` that do not depend on the sampling settings."""
     if output not in OUTPUTS:
         raise ConfigError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
     if defaults not in ("fid", "pretty"):
         raise ConfigError(f"defaults must be 'fid' or 'pretty', got {defaults!r}")
-    if not _is_int(batch_size) or batch_size <= 0:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
-        raise ConfigError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
     if output != "tokens" and getattr(model, "tokenizer", None) is None:
         raise ConfigError(
             f"output={output!r} needs a tokenizer to decode pixels but this model has none; "
@@ -320,22 +331,42 @@ def _check_call(model, output: str, defaults: str, batch_size: Any, seed: Any) -
         )
 
 
-def _sample_batches(model, sampler, labels: Tensor, batch_size: int, output: str, progress: Any,
-                    settings: dict):
-    """Sample ``labels`` in batches of ``batch_size``, advancing one image bar by token steps; the
-    joined output."""
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise ConfigError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+
+
+def _settings(model, defaults: str, cfg_scale, temperature, top_k, top_p, schedule) -> dict:
+    """The sampler's keyword arguments: the given settings, the preset's for those left None."""
+    preset = model.config.fid_sampling if defaults == "fid" else model.config.pretty_sampling
+    cfg_scale, temperature, top_k, top_p = check_sampling_args(
+        preset.cfg_scale if cfg_scale is None else cfg_scale,
+        preset.temperature if temperature is None else temperature,
+        preset.top_k if top_k is None else top_k,
+        preset.top_p if top_p is None else top_p,
+    )
+    return dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                schedule=get_schedule(schedule))
+
+
+def _sample_batches(model, sampler, batches: list[tuple[Tensor, torch.Generator | None]], output: str,
+                    progress: Any, settings: dict) -> Iterator[Any]:
+    """Each batch's output in order, one image bar advanced by token steps; the decoding of a
+    batch overlaps the sampling of the next (:func:`~._decode_behind.outputs_in_order`)."""
     extra_args = {}
-    parts = []
-    with _bar_for(progress, labels.numel(), "generating") as bar:
+    with _bar_for(progress, sum(labels.numel() for labels, _ in batches), "generating") as bar:
         steps = _TokenSteps(bar)
         if _accepts_on_step(sampler):
             extra_args["on_step"] = steps
-        for batch in labels.split(batch_size):
-            steps.start(batch.numel())
-            codes = sampler.sample_tokens(model, batch, **settings, **extra_args)
-            steps.finish()
-            parts.append(_convert(model, codes, output))
-    return _join(parts, output)
+
+        def codes_of_batches():
+            for labels, generator in batches:
+                steps.start(labels.numel())
+                codes = sampler.sample_tokens(model, labels, **settings, generator=generator, **extra_args)
+                steps.finish()
+                yield codes
+
+        yield from outputs_in_order(model, codes_of_batches(), output)
 
 
 # ---------------------------------------------------------------------------------------- progress

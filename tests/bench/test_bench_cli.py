@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from aimkit.bench.train_rows import TRAIN_STEP_OF_MODE
 from aimkit.cli import main
 from aimkit.policy import ExecutionPolicy
 
@@ -52,7 +53,8 @@ def test_bench_cli_decode_and_train_under_a_policy(tmp_path):
     assert {r["suite"] for r in data["rows"]} == {"sampling", "decode", "train"}
     for row in data["rows"]:
         assert row["status"] == "ok", row.get("error")
-        assert row["policy"] == want and set(row["policy_resolved"]) >= {"scan", "state_update", "sampling"}
+        ran = dict(want, train_step=TRAIN_STEP_OF_MODE[row["mode"]]) if row["suite"] == "train" else want
+        assert row["policy"] == ran and set(row["policy_resolved"]) >= {"scan", "state_update", "sampling"}
     train = next(r for r in data["rows"] if r["suite"] == "train")
     assert 0 < train["mfu"] <= 1 and train["model_tflops"] > 0
     assert train["model_tflops"] * 1e12 == pytest.approx(6 * train["matmul_params"] * train["tokens_per_s"])
@@ -80,7 +82,8 @@ def test_bench_cli_refuses_bad_policy_and_reference(capsys, argv, expected):
 
 def test_decode_vq_rows_report_end_to_end_for_both_backbones(tmp_path):
     """--decode-vq: the Mamba2 and the matched transformer rows decode their codes to pixels with
-    the same tokenizer, and report images/s of sampling followed by decoding."""
+    the same tokenizer, and report images/s of ``aimkit sample``'s loop: 3 batches sampled, decoded
+    and written."""
     argv = ["bench", "--device", "cpu", "--suite", "sampling", "--models", "aim-test-vq", "--batches", "2",
             "--tokens", "16", "--repeats", "1", "--transformer", "--decode-vq", "--no-check", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -88,4 +91,5 @@ def test_decode_vq_rows_report_end_to_end_for_both_backbones(tmp_path):
     assert {r["backbone"] for r in rows} == {"mamba2", "transformer"}
     for row in rows:
         assert row["status"] == "ok", row.get("error")
-        assert row["end_to_end_images_per_s"] == pytest.approx(2 / (row["seconds_per_batch"] + row["vq_decode_s"]))
+        assert row["end_to_end_images_per_s"] == pytest.approx(6 / row["end_to_end_s"])
+        assert row["vq_decode_s"] > 0 and "3 batches of 2" in row["end_to_end_what"]
