@@ -256,6 +256,22 @@ def _is_init_inplace(name: str) -> bool:
     return name[-1:] == "_" and name[:2] != "__" and name not in _SHAPE_CHANGING_INPLACE
 
 
+def _broadcast_shape(*shapes: torch.Size) -> tuple[int, ...]:
+    """``torch.broadcast_shapes`` for plain integer shapes (that one imports sympy, through
+    ``torch.fx.experimental.symbolic_shapes``, on its first call)."""
+    out: list[int] = []
+    for shape in shapes:
+        shape = tuple(shape)
+        if len(shape) > len(out):
+            out[:0] = [1] * (len(shape) - len(out))
+        for i, size in enumerate(shape, start=len(out) - len(shape)):
+            if size != out[i] and out[i] != 1 and size != 1:
+                raise RuntimeError(f"shape mismatch: shapes {[tuple(s) for s in shapes]} cannot be broadcast")
+            if out[i] == 1:
+                out[i] = size
+    return tuple(out)
+
+
 class _ShapesOnly(TorchFunctionMode):
     """Inside a meta-device build, answer initialiser arithmetic without computing it.
 
@@ -282,13 +298,13 @@ class _ShapesOnly(TorchFunctionMode):
             return func(*args, **kwargs)
         if kind is None:  # an in-place fill: nothing to fill on the meta device
             return first
-        if kind == "same-shape":
-            return torch.empty_like(first)
+        if kind == "same-shape":  # (not empty_like: its meta kernel is Python that imports sympy)
+            return torch.empty(first.shape, dtype=first.dtype, device="meta")
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if not all(t.is_meta for t in tensors):
             return func(*args, **kwargs)
         dtype = torch.result_type(args[0], args[1]) if len(args) > 1 else first.dtype
-        return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+        return torch.empty(_broadcast_shape(*(t.shape for t in tensors)), dtype=dtype, device="meta")
 
 
 def _build_meta(config: GeneratorConfig, dtype: torch.dtype | None) -> Generator:

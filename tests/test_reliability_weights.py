@@ -323,13 +323,15 @@ def test_meta_build_leaves_the_random_stream_alone():
 
 
 def test_preflight_imports_no_compiler():
-    """The meta pass answers initialisers itself: torch._dynamo (about a second) is not imported."""
-    code = ("import sys, aimkit; aimkit.build('aim-tiny-shapes'); "
-            "aimkit.build('aim-test-transformer', n_head=2); print('torch._dynamo' in sys.modules)")
+    """The meta pass answers initialisers itself: neither torch._dynamo (about a second) nor sympy
+    (0.4 s, through the meta kernels of broadcast_shapes and empty_like) is imported."""
+    code = ("import sys, aimkit; aimkit.build('aim-tiny-shapes'); aimkit.build('llamagen-test'); "
+            "aimkit.build('aim-test-transformer', n_head=2); "
+            "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"
+    assert res.stdout.strip() == "False False"
 
 
 # --------------------------------------------------------------------------------------------
