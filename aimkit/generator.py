@@ -160,6 +160,7 @@ class Generator(nn.Module):
             nn.init.zeros_(self.lm_head.weight)  # LlamaGen's initialisation of its untied output
         self.tokenizer = None if config.tokenizer is None else _build(TOKENIZERS, config.tokenizer).to(**kw)
         self._init_embeddings()
+        self.set_policy(self.policy)  # the tokenizer's modules too
 
     def set_policy(self, policy: ExecutionPolicy) -> Generator:
         """Use ``policy`` from now on, here and in every sub-module that holds one (``.policy``).

@@ -49,6 +49,7 @@ OPERATIONS: dict[str, tuple] = {
     "sampling": ("aimkit's fused guidance + temperature + Gumbel-max sampling kernels", "triton"),
     "decode_attention": ("aimkit's rotary + KV-cache write kernel and split-key attention over the valid prefix "
                          "(transformer decode step)", "triton"),
+    "vq_norm": ("aimkit's fused GroupNorm + swish kernel (the VQ tokenizer's blocks, without autograd)", "triton"),
 }
 TRAIN_STEPS = ("auto", "eager", "graph")
 STATE_DTYPES = ("float32", "model")
@@ -73,6 +74,8 @@ class ExecutionPolicy:
         decode_attention: the transformer's decode step around attention as two Triton kernels
             (rotary of q and k with the cache write; attention over the cache's valid prefix only);
             reference: PyTorch rotary, ``index_copy_`` and SDPA over the whole cache under a mask.
+        vq_norm: the VQ tokenizer's GroupNorm and the swish after it as one Triton kernel (two
+            passes over the activations instead of four); used where no gradient is recorded.
         decode_graph: on CUDA, replay each decode step from a captured CUDA graph (one launch
             per step instead of one per kernel).
         fold_gated_norm: fold Mamba2's gated RMSNorm into the state-update and glue kernels
@@ -80,8 +83,10 @@ class ExecutionPolicy:
         split_scan: in training, Mamba2's whole mixer after ``in_proj`` as mamba-ssm's one
             autograd function (needs ``scan`` as kernel and causal-conv1d).
         chunk_size: chunk length of the chunked scan (either implementation).
-        state_dtype: decoding SSM state: ``"float32"`` (float64 for a float64 model) or ``"model"``
-            (the model's dtype, e.g. bf16: half the memory traffic of a decode step).
+        state_dtype: decoding SSM state: ``"model"`` (default: the model's dtype, e.g. bf16 as the
+            official code keeps it, half the memory traffic of a decode step of a float32 state;
+            the quality evidence is in docs/benchmarks.md) or ``"float32"`` (float64 for a
+            float64 model).
         compile_glue: ``torch.compile`` the glue between sublayers in whole-sequence forwards
             without a cache on CUDA (training); falls back to eager with one warning.
         compile_loss: ``torch.compile`` the float32 cross-entropy on CUDA.
@@ -98,11 +103,12 @@ class ExecutionPolicy:
     decode_glue: str = option("auto", choices=CHOICES)
     sampling: str = option("auto", choices=CHOICES)
     decode_attention: str = option("auto", choices=CHOICES)
+    vq_norm: str = option("auto", choices=CHOICES)
     decode_graph: bool = True
     fold_gated_norm: bool = True
     split_scan: bool = True
     chunk_size: int = option(128, low=1)
-    state_dtype: str = option("float32", choices=STATE_DTYPES)
+    state_dtype: str = option("model", choices=STATE_DTYPES)
     compile_glue: bool = True
     compile_loss: bool = True
     train_step: str = option("auto", choices=TRAIN_STEPS)

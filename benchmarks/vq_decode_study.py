@@ -9,11 +9,12 @@ CPU smoke test (< 1 minute): ``python3 benchmarks/vq_decode_study.py --device cp
 
 Variants change ``post_quant_conv`` + ``decoder`` (aimkit/tokenizers/vq.py); the codebook lookup stays as in
 ``VQModel.decode``, but a CUDA graph captures the whole decode per chunk shape. Names: fp32/bf16/fp16 with
-_cl (channels_last), _bench (cudnn.benchmark), _compile (--compile-mode), _graph. fp32 (TF32 off) is the
+_cl (channels_last), _bench (cudnn.benchmark), _compile (--compile-mode), _graph, _ref (GroupNorm + swish
+on PyTorch instead of aimkit's fused kernel, policy vq_norm). The first fp32 or fp32_ref row (TF32 off) is the
 reference. generate() decodes in the generator's dtype (bf16 in ``aimkit bench``), contiguous, chunks of 16.
 Seeded random weights (or --weights), uniform random codes. Per row: first call s (compile, capture), median
 of --repeats, images/s, max abs error vs fp32 after the clamp to [-1, 1] (decode's raw scale), PSNR (dB) of
-generate's uint8 pixels, peak GB. Then, on one eager bf16_cl chunk of 64: ms per top-level op family, GroupNorm
+generate's uint8 pixels, peak GB. Then, on one eager bf16_ref chunk of 64: ms per top-level op family, GroupNorm
 + swish eager vs compiled (a fused kernel's saving), the attention blocks eager vs scaled_dot_product_attention.
 Writes vq_decode_study.json and vq_decode_study.md to --out.
 """
@@ -41,28 +42,33 @@ from aimkit.registry import TOKENIZERS  # noqa: E402
 from aimkit.tokenizers.vq import _swish  # noqa: E402
 
 BF16, CL, TOKENS, GRID = torch.bfloat16, torch.channels_last, 256, (16, 16)  # 16x16 codes (vq-f4-tiny: 64 px)
-VARIANTS = ("fp32", "bf16", "bf16_cl", "bf16_cl_bench", "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph",
+VARIANTS = ("fp32_ref", "bf16_ref", "bf16", "bf16_graph",
+            "bf16_cl", "bf16_cl_bench", "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph",
             "fp16_cl_compile_graph")
-VARIANT_FLAGS = ("cl", "bench", "compile", "graph")  # channels_last, cudnn.benchmark, torch.compile, CUDA graph
+VARIANT_FLAGS = ("cl", "bench", "compile", "graph", "ref")  # channels_last, cudnn.benchmark, torch.compile,
+# CUDA graph, GroupNorm + swish on the PyTorch reference (policy vq_norm=reference) instead of the fused kernel
 FAMILIES = (("conv", "conv (+ bias)"), ("group_norm", "group_norm"), ("sigmoid", "swish: sigmoid"),
             ("aten::mul", "swish: mul (+ attn scale)"), ("bmm", "attention: bmm"), ("softmax", "attention: softmax"),
             ("upsample", "upsample"), ("aten::add", "residual add"))
 
 
-def spec_of(name):  # (dtype, channels_last, cudnn.benchmark, torch.compile, CUDA graph) from the name's parts
+def spec_of(name):  # (dtype, channels_last, cudnn.benchmark, torch.compile, CUDA graph, reference norm) from the name
     p = name.split("_")
     return {"fp32": torch.float32, "bf16": BF16, "fp16": torch.float16}[p[0]], *(k in p for k in VARIANT_FLAGS)
 
 
 def make_decoder(tok, spec, args, bodies):
     """codes (c, 256) -> images (c, 3, H, W) for one variant; cast/compiled bodies are shared."""
-    dtype, cl, _, comp, graph = spec
-    if (dtype, cl, comp) not in bodies:
+    dtype, cl, _, comp, graph, ref = spec
+    if (dtype, cl, comp, ref) not in bodies:
         t = copy.deepcopy(tok).to(dtype).channels_last(cl)
+        for m in t.modules():  # the norm blocks hold the policy that picks the fused GroupNorm + swish
+            if hasattr(m, "policy"):
+                m.policy = m.policy.replace(vq_norm="reference" if ref else "auto")
         body = nn.Sequential(t.post_quant_conv, t.decoder)  # VQModel.decode after the lookup
         body = torch.compile(body, mode=args.compile_mode, dynamic=False) if comp else body
-        bodies[(dtype, cl, comp)] = (t, body)
-    t, body = bodies[(dtype, cl, comp)]
+        bodies[(dtype, cl, comp, ref)] = (t, body)
+    t, body = bodies[(dtype, cl, comp, ref)]
     graphs = {}
 
     def eager(codes):  # as VQModel.decode, without its checks
@@ -90,9 +96,10 @@ def make_decoder(tok, spec, args, bodies):
 
 def run_row(name, chunk, tok, codes, args, device, bodies, ref, left_s) -> dict:
     spec, cuda = spec_of(name), device.type == "cuda"
-    row = dict(zip(("variant", "chunk", "dtype", "channels_last", "cudnn_benchmark", "compile", "cuda_graph"),
+    row = dict(zip(("variant", "chunk", "dtype", "channels_last", "cudnn_benchmark", "compile", "cuda_graph",
+                    "reference_norm"),
                    (name, chunk, str(spec[0])[6:], *spec[1:])))
-    shape_key = ("compiled", spec[0], spec[1], chunk)  # a compiled body compiles again for each chunk shape
+    shape_key = ("compiled", spec[0], spec[1], spec[5], chunk)  # a compiled body compiles again for each chunk shape
     if spec[4] and not cuda or spec[3] and not (cuda or args.compile):
         return {**row, "status": "skipped: CUDA graphs need CUDA" if spec[4] else "skipped: CPU compile: --compile"}
     if spec[3] and shape_key not in bodies and left_s < args.compile_reserve_s:
@@ -113,7 +120,7 @@ def run_row(name, chunk, tok, codes, args, device, bodies, ref, left_s) -> dict:
         img = out.float().clamp(-1, 1)
     med = statistics.median(times)
     row.update(first_s=first, median_s=med, min_s=min(times), images_per_s=len(codes) / med, peak_gb=peak_gb(device))
-    ref.setdefault("img", img.clone()) if name == "fp32" else None  # the first fp32 row's pixels
+    ref.setdefault("img", img.clone()) if name in ("fp32", "fp32_ref") else None  # the first fp32 row's pixels
     if "img" in ref:
         u8 = lambda x: ((x + 1) * 127.5).round()  # noqa: E731  (generate's to_uint8 of [-1, 1]-clamped pixels)
         mse = (u8(img) - u8(ref["img"])).pow(2).mean().item()
@@ -123,12 +130,13 @@ def run_row(name, chunk, tok, codes, args, device, bodies, ref, left_s) -> dict:
 
 
 def parts(tok, args, device, bodies, res):
-    """One eager bf16_cl chunk: time per op family; GroupNorm + swish and attention timed alone."""
-    c, key, cuda = min(64, args.batch), (BF16, True, False), device.type == "cuda"
-    make_decoder(tok, spec_of("bf16_cl"), args, bodies)  # builds the bf16 channels_last copy if not there yet
+    """One eager bf16 chunk (reference norm): time per op family; GroupNorm + swish (eager, compiled,
+    aimkit's fused kernel) and attention timed alone."""
+    c, key, cuda = min(64, args.batch), (BF16, False, False, True), device.type == "cuda"
+    make_decoder(tok, spec_of("bf16_ref"), args, bodies)  # builds the bf16 reference-norm copy if not there yet
     t, codes = bodies[key][0], torch.randint(0, tok.codebook_size, (c, TOKENS), device=device)
     with torch.inference_mode():
-        z = t.post_quant_conv(t.quantize.lookup(codes, GRID, BF16).contiguous(memory_format=CL))
+        z = t.post_quant_conv(t.quantize.lookup(codes, GRID, BF16).contiguous())
     sites = {}  # (C, H, W) -> [a GroupNorm followed by swish at that shape, number of such calls]
 
     def count(m, inputs, output):
@@ -153,13 +161,18 @@ def parts(tok, args, device, bodies, res):
     fused, rows = torch.compile(gn, dynamic=False) if cuda or args.compile else None, []
     with torch.inference_mode():
         for shape, (m, calls) in sites.items():
-            x = torch.randn(c, *shape, device=device, dtype=BF16).contiguous(memory_format=CL)
+            x = torch.randn(c, *shape, device=device, dtype=BF16)
             rows.append({"shape": [c, *shape], "calls": calls, "eager_ms": med_ms(lambda: gn(x, m.weight, m.bias))})
             if fused is not None:
                 rows[-1]["compiled_ms"] = med_ms(lambda: fused(x, m.weight, m.bias))
+            if cuda:
+                from aimkit.kernels.group_norm import group_norm_swish
+
+                rows[-1]["kernel_ms"] = med_ms(lambda: group_norm_swish(x, m.weight, m.bias, 32, 1e-6))
     res["gn_swish"] = {"chunk": c, "shapes": rows, "calls": sum(r["calls"] for r in rows),
                        "eager_ms_total": sum(r["calls"] * r["eager_ms"] for r in rows),
-                       "compiled_ms_total": sum(r["calls"] * r["compiled_ms"] for r in rows) if fused else None}
+                       "compiled_ms_total": sum(r["calls"] * r["compiled_ms"] for r in rows) if fused else None,
+                       "kernel_ms_total": sum(r["calls"] * r["kernel_ms"] for r in rows) if cuda else None}
 
     def sdpa_attn(blk, x):  # the same block with PyTorch's fused attention (single head, head dim C)
         q, k, v = (p(blk.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1) for p in (blk.q, blk.k, blk.v))
@@ -167,7 +180,7 @@ def parts(tok, args, device, bodies, res):
         return x + blk.proj_out(o.contiguous(memory_format=CL))
 
     blocks = [t.decoder.mid[1], *t.decoder.conv_blocks[0].attn]  # all at the code grid
-    x = torch.randn(c, blocks[0].q.in_channels, *GRID, device=device, dtype=BF16).contiguous(memory_format=CL)
+    x = torch.randn(c, blocks[0].q.in_channels, *GRID, device=device, dtype=BF16)
     with torch.inference_mode():
         res["attention"] = {"chunk": c, "blocks": len(blocks), "shape": list(x.shape),
                             "sdpa_max_abs_diff": (sdpa_attn(blocks[0], x) - blocks[0](x)).abs().max().item(),
@@ -189,10 +202,11 @@ def write(out: Path, meta, rows, res) -> str:
               f"{fmt(r.get('images_per_s'), '.1f')} | {fmt(r.get('max_abs_err'))} | {fmt(r.get('psnr_db'), '.2f')} | "
               f"{fmt(r.get('peak_gb'), '.2f')} | {r['status']} |" for r in rows]
     o, g, a = res.get("ops"), res.get("gn_swish"), res.get("attention")
-    lines += ["", f"Eager bf16_cl decoder, chunk {o['chunk']}, {o['total_ms']:.2f} ms in top-level ops: " + ", ".join(
+    lines += ["", f"Eager bf16_ref decoder, chunk {o['chunk']}, {o['total_ms']:.2f} ms in top-level ops: " + ", ".join(
         f"{k} {v:.3f} ms ({v / max(o['total_ms'], 1e-9):.0%})" for k, v in o["ms"].items())] if o else []
     lines += ["", f"GroupNorm + swish alone, {g['calls']} calls at chunk {g['chunk']}: eager {g['eager_ms_total']:.3f}"
-              f" ms, compiled (fused) {fmt(g['compiled_ms_total'], '.3f')} ms"] if g else []
+              f" ms, compiled (fused) {fmt(g['compiled_ms_total'], '.3f')} ms, aimkit kernel "
+              f"{fmt(g['kernel_ms_total'], '.3f')} ms"] if g else []
     lines += [f"Attention, {a['blocks']} blocks at {a['shape']}: eager {a['eager_ms_per_block']:.3f} ms, SDPA "
               f"{a['sdpa_ms_per_block']:.3f} ms per block (max abs diff {a['sdpa_max_abs_diff']:.3g})"] if a else []
     lines += [f"parts error: {res['error']}"] if "error" in res else []

@@ -286,10 +286,10 @@ def test_allocate_inference_cache():
     assert conv_state.shape == (5, mixer.conv_dim, TINY.d_conv) and conv_state.stride(1) == 1
     assert ssm_state.shape == (5, mixer.nheads, TINY.headdim, TINY.d_state)
     assert ssm_state.dtype == torch.float32 and not conv_state.any() and not ssm_state.any()
-    conv16, ssm32 = mixer.allocate_inference_cache(2, 8, dtype=torch.bfloat16)
-    assert conv16.dtype == torch.bfloat16 and ssm32.dtype == torch.float32
-    model_state = Mamba2(D_MODEL, layer_idx=0, config=TINY, policy=ExecutionPolicy(state_dtype="model"))
-    assert model_state.allocate_inference_cache(2, 8, dtype=torch.bfloat16)[1].dtype == torch.bfloat16
+    conv16, ssm16 = mixer.allocate_inference_cache(2, 8, dtype=torch.bfloat16)  # default: the model's dtype
+    assert conv16.dtype == torch.bfloat16 and ssm16.dtype == torch.bfloat16
+    float_state = Mamba2(D_MODEL, layer_idx=0, config=TINY, policy=ExecutionPolicy(state_dtype="float32"))
+    assert float_state.allocate_inference_cache(2, 8, dtype=torch.bfloat16)[1].dtype == torch.float32
     with pytest.raises(ValueError, match="no inference cache"):
         mixer.step(torch.randn(1, 1, D_MODEL), InferenceParams(8, 1))
 
@@ -476,7 +476,8 @@ def test_policy_is_shared_and_read_once_from_the_environment(monkeypatch):
     torch.manual_seed(0)
     net = Mamba2Backbone(D_MODEL, 2, config=TINY).eval()
     built = net.policy
-    assert built == ExecutionPolicy.reference(scan="auto", sampling="auto", decode_graph=True, split_scan=True)
+    assert built == ExecutionPolicy.reference(scan="auto", sampling="auto", vq_norm="auto", decode_graph=True,
+                                              split_scan=True)  # the decode-step kernels only
     assert all(layer.mixer.policy is built for layer in net.layers)
     x, mods = torch.randn(2, 5, D_MODEL), [0.1 * torch.randn(2, 3, D_MODEL) for _ in range(2)]
     with torch.no_grad():

@@ -48,16 +48,16 @@ def test_reference_policy_and_cpu_resolution():
     with pytest.raises(ConfigError, match="state_update='kernel' needs CUDA"):
         ExecutionPolicy(state_update="kernel").use_kernel("state_update", torch.zeros(1))
     assert ExecutionPolicy().describe() == "defaults"
-    assert "state_dtype='model'" in repr(ExecutionPolicy(state_dtype="model"))
+    assert "state_dtype='float32'" in repr(ExecutionPolicy(state_dtype="float32"))
     assert ExecutionPolicy.from_dict(ref.to_dict()) == ref  # round trip through plain JSON values
     json.dumps(ref.to_dict())
 
 
 def test_build_stores_the_policy_and_repr_shows_it(monkeypatch):
     monkeypatch.setenv("AIMKIT_DECODE_KERNELS", "none")
-    gen = aimkit.build(TEST_PRESET, policy={"state_dtype": "model"})
-    assert gen.policy == ExecutionPolicy(state_dtype="model")  # explicit: the environment is not read
-    assert "state_dtype='model'" in repr(gen)
+    gen = aimkit.build(TEST_PRESET, policy={"state_dtype": "float32"})
+    assert gen.policy == ExecutionPolicy(state_dtype="float32")  # explicit: the environment is not read
+    assert "state_dtype='float32'" in repr(gen)
     assert gen.backbone.policy is gen.policy
     env_built = aimkit.build(TEST_PRESET)
     assert env_built.policy.state_update == "reference"  # the environment gave the default, once
@@ -108,9 +108,9 @@ def test_saved_config_holds_no_execution_settings(tmp_path):
 
 
 def test_info_command_shows_the_resolved_policy(capsys):
-    assert main(["info", TEST_PRESET, "--device", "cpu", "--policy", "state_dtype=model,decode_graph=false"]) == 0
+    assert main(["info", TEST_PRESET, "--device", "cpu", "--policy", "state_dtype=float32,decode_graph=false"]) == 0
     out = capsys.readouterr().out
-    assert "policy: decode_graph=False, state_dtype='model'" in out
+    assert "policy: decode_graph=False, state_dtype='float32'" in out
     assert "on cpu: scan reference, state_update reference" in out
     assert "generator parameters" in out
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import check_fields
 from ..errors import ConfigError
+from ..policy import ExecutionPolicy
 from ..registry import TOKENIZERS
 from .base import Tokenizer
 
@@ -87,8 +88,34 @@ def _swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+class _GroupNormSwish(nn.GroupNorm):
+    """GroupNorm (32 groups, eps 1e-6), then swish when ``swish``: (B, C, H, W) -> (B, C, H, W).
+
+    A GroupNorm's tensors and names (``weight``, ``bias``), so checkpoints load unchanged. Where
+    the policy's ``vq_norm`` picks the kernel (CUDA, Triton), the input is contiguous and no
+    gradient is recorded, both run as one fused kernel (:mod:`aimkit.kernels.group_norm`);
+    elsewhere as ``F.group_norm`` then :func:`_swish`, the reference."""
+
+    def __init__(self, channels: int, swish: bool):
+        super().__init__(32, channels, eps=1e-6, affine=True)
+        self.swish = swish
+        self.policy = ExecutionPolicy()  # a generator passes its own down (Generator.set_policy)
+
+    def forward(self, x: Tensor) -> Tensor:
+        recording = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if not recording and x.is_contiguous() and self.policy.use_kernel("vq_norm", x):
+            from ..kernels.group_norm import group_norm_swish
+
+            return group_norm_swish(x, self.weight, self.bias, self.num_groups, self.eps, swish=self.swish)
+        y = super().forward(x)
+        return _swish(y) if self.swish else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, swish={self.swish}"
+
+
+def _norm(channels: int, swish: bool = True) -> _GroupNormSwish:
+    return _GroupNormSwish(channels, swish)
 
 
 def _conv3(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -108,8 +135,8 @@ class _ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(self.dropout(_swish(self.norm2(h))))
+        h = self.conv1(self.norm1(x))  # norm1, norm2: GroupNorm then swish
+        h = self.conv2(self.dropout(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -120,7 +147,7 @@ class _AttnBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, swish=False)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -212,7 +239,7 @@ class _Encoder(nn.Module):
                 h = level.downsample(h)  # halves H, W
         for block in self.mid:
             h = block(h)
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, z_channels, h, w)
+        return self.conv_out(self.norm_out(h))  # norm_out: GroupNorm then swish; (B, z_channels, h, w)
 
 
 class _Decoder(nn.Module):
@@ -244,7 +271,7 @@ class _Decoder(nn.Module):
             h = level.blocks(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)  # doubles H, W
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, in_channels, H, W); no tanh/clamp
+        return self.conv_out(self.norm_out(h))  # norm_out with swish; (B, in_channels, H, W); no tanh/clamp
 
 
 class _Quantizer(nn.Module):
