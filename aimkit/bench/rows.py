@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..policy import ExecutionPolicy
+from ..samplers._decode_behind import DECODE_CHUNK
 from ._recorder import Recorder
 from .floors import cache_profile, decode_floor, step_params
 from .models import build_bench_model
@@ -111,7 +112,7 @@ def sampling_row(name: str, backbone: str, batch: int, tokens: int, opts: BenchO
     return row, model
 
 
-def vq_decode(model, codes: Tensor, device: torch.device, repeats: int, chunk: int = 16) -> dict[str, Any]:
+def vq_decode(model, codes: Tensor, device: torch.device, repeats: int, chunk: int = DECODE_CHUNK) -> dict[str, Any]:
     """Seconds to decode ``codes`` (B, N) to pixels in chunks of ``chunk`` (as ``generate`` does)."""
 
     def call():
