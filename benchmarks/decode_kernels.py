@@ -245,7 +245,8 @@ def part_step(args) -> None:
     """Policy variants (bf16 state), then the float32 state with every kernel."""
     out = []
     for name in args.models:
-        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
+        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                              policy=default_policy())
         for state_dtype in args.state_dtypes:
             for rows in args.rows:
                 ref = None
@@ -277,7 +278,8 @@ def part_generate(args) -> None:
     for name, batch in plan:
         if name not in args.models:
             continue
-        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
+        model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                              policy=default_policy())
         labels = torch.arange(batch) % model.num_classes
         for sampling in ("auto", "reference"):
             model.set_policy(_policy("all", state_dtype="model", sampling=sampling))
@@ -317,17 +319,20 @@ def _time_generate(model, labels, sampler, repeats, **fields):
 
 
 def part_breakdown(args) -> None:
-    """Where one tokens-only generate call of AiM-B at 256 images spends its wall time."""
+    """Where one tokens-only generate call (``--breakdown``, default AiM-B at 256 images) spends its wall time."""
     from aimkit.samplers import AutoregressiveSampler, generate
 
-    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
+    name, batch = args.breakdown.split(":")
+    batch = int(batch)
+    model = build_bench_model(name, device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                              policy=default_policy())
     model.set_policy(_policy("all", state_dtype="model"))
-    labels = torch.arange(256) % model.num_classes
+    labels = torch.arange(batch) % model.num_classes
     sampler = AutoregressiveSampler()
 
     def call():
         generate(model, labels, cfg_scale=model.config.fid_sampling.cfg_scale, seed=0, output="tokens",
-                 batch_size=256, progress=False, sampler=sampler)
+                 batch_size=batch, progress=False, sampler=sampler)
         torch.cuda.synchronize()
 
     call()
@@ -343,8 +348,9 @@ def part_breakdown(args) -> None:
            for e in sorted(events, key=lambda e: -e.device_time_total)[:25]]
     cpu_top = [{"name": e.key[:90], "cpu_ms": e.cpu_time_total / 1e3, "count": e.count}
                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]
-    RESULTS["breakdown"] = {"wall_s_profiled": wall, "kernel_s": kernel_s, "top_device": top, "top_cpu_self": cpu_top}
-    print(f"\n## breakdown: aim-b 256 images, wall {wall:.3f} s (profiled), kernels {kernel_s:.3f} s")
+    RESULTS["breakdown"] = {"model": name, "batch": batch, "wall_s_profiled": wall, "kernel_s": kernel_s,
+                            "top_device": top, "top_cpu_self": cpu_top}
+    print(f"\n## breakdown: {name} {batch} images, wall {wall:.3f} s (profiled), kernels {kernel_s:.3f} s")
     for r in top:
         print(f"{r['device_ms']:9.2f} ms {r['count']:6d}  {r['name']}")
     print("top host (self) time:")
@@ -353,7 +359,8 @@ def part_breakdown(args) -> None:
 
 
 def part_profile(args) -> None:
-    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256)
+    model = build_bench_model("aim-b", device=torch.device("cuda"), dtype=torch.bfloat16, num_tokens=256,
+                              policy=default_policy())
     model.set_policy(_policy("all", state_dtype="model"))
     rows = args.profile_rows
     with torch.inference_mode():
@@ -389,6 +396,7 @@ def main() -> int:
                     help="';'-separated decode policies (step part): 'reference', 'all' (the default policy) "
                          "or AIMKIT_DECODE_KERNELS-style comma lists of ssm, conv, norm, gnorm")
     ap.add_argument("--profile-rows", type=int, default=512)
+    ap.add_argument("--breakdown", default="aim-b:256", help="breakdown part: model:images of the profiled generate")
     ap.add_argument("--state-dtypes", default="model,float32", help="SSM state dtypes for the step part")
     ap.add_argument("--conv-micro", action="store_true", help="also time conv_step_ tilings (micro part)")
     ap.add_argument("--conv-micro-only", action="store_true", help="micro part: only the conv_step_ tilings")

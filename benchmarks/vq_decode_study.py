@@ -129,6 +129,22 @@ def run_row(name, chunk, tok, codes, args, device, bodies, ref, left_s) -> dict:
     return {**row, "status": "ok"}
 
 
+def op_families(decoder, z, device) -> dict:
+    """ms per top-level op family (FAMILIES) of one profiled ``decoder(z)`` after two warm-up calls."""
+    cuda = device.type == "cuda"
+    with torch.inference_mode():
+        decoder(z), decoder(z)
+        with torch.profiler.profile() as prof:  # CPU, and CUDA where there is one
+            time_call(lambda: decoder(z), device)  # synchronises before returning
+    fams = {}
+    for ev in prof.events():  # top-level ops, their children's kernels included
+        if str(ev.device_type).endswith("CPU") and ev.cpu_parent is None and not ev.name.startswith("cuda"):
+            fam = next((f for k, f in FAMILIES if k in ev.name), "other: " + ev.name)
+            fams[fam] = fams.get(fam, 0.0) + (getattr(ev, "device_time_total", 0) if cuda else ev.cpu_time_total) / 1e3
+    ms = dict(sorted(fams.items(), key=lambda kv: -kv[1]))
+    return {"chunk": z.shape[0], "total_ms": sum(fams.values()), "ms": ms}
+
+
 def parts(tok, args, device, bodies, res):
     """One eager bf16 chunk (reference norm): time per op family; GroupNorm + swish (eager, compiled,
     aimkit's fused kernel) and attention timed alone."""
@@ -147,14 +163,15 @@ def parts(tok, args, device, bodies, res):
     with torch.inference_mode():
         t.decoder(z)
         [h.remove() for h in hooks]
-        with torch.profiler.profile() as prof:  # CPU, and CUDA where there is one
-            time_call(lambda: t.decoder(z), device)  # synchronises before returning
-    fams = {}
-    for ev in prof.events():  # top-level ops, their children's kernels included
-        if str(ev.device_type).endswith("CPU") and ev.cpu_parent is None and not ev.name.startswith("cuda"):
-            fam = next((f for k, f in FAMILIES if k in ev.name), "other: " + ev.name)
-            fams[fam] = fams.get(fam, 0.0) + (getattr(ev, "device_time_total", 0) if cuda else ev.cpu_time_total) / 1e3
-    res["ops"] = {"chunk": c, "total_ms": sum(fams.values()), "ms": dict(sorted(fams.items(), key=lambda kv: -kv[1]))}
+    res["ops"] = op_families(t.decoder, z, device)
+    if cuda:  # the same chunk channels_last (convolutions in cuDNN's native NHWC layout), benchmark off and on
+        make_decoder(tok, spec_of("bf16_cl_ref"), args, bodies)
+        t_cl = bodies[(BF16, True, False, True)][0]
+        z_cl = z.contiguous(memory_format=CL)
+        res["ops_channels_last"] = op_families(t_cl.decoder, z_cl, device)
+        torch.backends.cudnn.benchmark = True
+        res["ops_channels_last_bench"] = op_families(t_cl.decoder, z_cl, device)
+        torch.backends.cudnn.benchmark = False
     med_ms = lambda fn: 1e3 * statistics.median(time_calls(fn, device, args.repeats, warmup=1))  # noqa: E731
     torch._dynamo.config.cache_size_limit = 64  # one graph per shape below (alias of recompile_limit)
     gn = lambda x, w, b: _swish(F.group_norm(x, 32, w, b, 1e-6))  # noqa: E731

@@ -83,6 +83,18 @@ def copy_rate(device: torch.device, numel: int, repeats: int) -> tuple[int, floa
     return nbytes, nbytes / statistics.median(times)
 
 
+_CPU_MATMUL_SECONDS = 0.05  # target duration of one CPU product of measure_device
+_CPU_MATMUL_SIZES = (1024, 512, 256, 128)
+
+
+def _cpu_matmul_size(dtype: torch.dtype) -> int:
+    """The largest of :data:`_CPU_MATMUL_SIZES` whose ``dtype`` product should take at most
+    :data:`_CPU_MATMUL_SECONDS` at the rate of a 128^3 probe (the smallest size whatever the rate)."""
+    probe = _CPU_MATMUL_SIZES[-1]
+    rate = matmul_rate(torch.device("cpu"), probe, dtype, repeats=3)
+    return next((n for n in _CPU_MATMUL_SIZES if 2 * n**3 / rate <= _CPU_MATMUL_SECONDS), probe)
+
+
 def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:
     """FLOP/s of an ``n^3`` product of random ``dtype`` matrices (never zeros: they run faster)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -126,16 +138,18 @@ def measure_device(device: torch.device, dtype: torch.dtype, repeats: int = 10) 
     """:func:`device_facts` and the two measured ceilings.
 
     Copy bandwidth: a 1 GiB device-to-device copy (64 MiB on the CPU), bytes read + written,
-    median of ``repeats``. Matmul rate: an 8192^3 product (1024^3 on the CPU, large enough to reach
-    the host's rate, small enough to take milliseconds) of random ``dtype`` matrices, median of
-    ``repeats``. ``dtype`` is the one the rows compute in (bf16 matmuls run several times faster
-    than float32 ones on CPUs with bf16 instructions too), so a row is never measured against the
-    ceiling of a slower dtype.
+    median of ``repeats``. Matmul rate: an 8192^3 product on CUDA of random ``dtype`` matrices,
+    median of ``repeats``; on the CPU the largest power-of-two size up to 1024 whose product takes
+    about :data:`_CPU_MATMUL_SECONDS` (:func:`_cpu_matmul_size`), so that a host without fast
+    ``dtype`` instructions (bf16 on many CPUs runs at ~1 GFLOP/s) is measured in well under a
+    second, not in minutes. ``dtype`` is the one the rows compute in (bf16 matmuls run several
+    times faster than float32 ones on CPUs with bf16 instructions too), so a row is never measured
+    against the ceiling of a slower dtype.
     """
     facts = device_facts(device)
     cuda = device.type == "cuda"
     facts["copy_bytes"], facts["copy_bandwidth"] = copy_rate(device, (1 << 28) if cuda else (1 << 24), repeats)
-    facts["matmul_n"] = n = 8192 if cuda else 1024
+    facts["matmul_n"] = n = 8192 if cuda else _cpu_matmul_size(dtype)
     facts["matmul_dtype"] = str(dtype).replace("torch.", "")
     facts["matmul_flops"] = matmul_rate(device, n, dtype, repeats)
     free_memory(device)
