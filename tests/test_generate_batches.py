@@ -65,6 +65,62 @@ def test_outputs_come_in_order_and_one_behind(gen):
     assert [o.shape[0] for o in outputs] == [2, 3]
 
 
+def test_codes_are_checked_once_per_batch_and_decoded_per_chunk_without_a_check(gen, monkeypatch):
+    """The range check reads the codes back to the host: once per batch (on the sampling stream
+    on CUDA), never per chunk, where it would stall the decoding queued on the side stream."""
+    import aimkit.samplers._decode_behind as behind
+
+    monkeypatch.setattr(behind, "DECODE_CHUNK", 2)
+    tok = gen.tokenizer
+    calls = {"check": 0, "checked": 0, "decode": 0}
+    for name, key in (("check_codes", "check"), ("decode_checked", "checked"), ("decode", "decode")):
+        original = getattr(tok, name)
+        monkeypatch.setattr(tok, name, lambda *a, _f=original, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1)
+                            or _f(*a, **k))
+    codes = [torch.randint(0, gen.vocab_size, (n, gen.num_tokens)) for n in (5, 1)]
+    outs = list(outputs_in_order(gen, iter(codes), "uint8"))
+    assert [o.shape[0] for o in outs] == [5, 1]
+    assert calls == {"check": 2, "checked": 4, "decode": 0}  # 3 chunks of batch 0, 1 of batch 1
+    bad = torch.full((1, gen.num_tokens), gen.vocab_size)
+    with pytest.raises(ConfigError, match="out of range"):
+        list(outputs_in_order(gen, iter([bad]), "uint8"))
+
+
+class _SamplingFailed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [_SamplingFailed, KeyboardInterrupt])
+def test_a_failure_while_sampling_still_yields_the_batch_already_decoded(gen, error):
+    """Batch k is yielded before the error of batch k + 1 propagates: a shard writer keeps it."""
+    codes = [torch.randint(0, gen.vocab_size, (n, gen.num_tokens)) for n in (1, 2)]
+
+    def batches():
+        yield from codes
+        raise error("batch 2 failed")
+
+    got = []
+    with pytest.raises(error, match="batch 2 failed"):
+        for out in outputs_in_order(gen, batches(), "tokens"):
+            got.append(out)
+    assert [g.shape[0] for g in got] == [1, 2]
+    assert all(torch.equal(g, c) for g, c in zip(got, codes))
+
+
+def test_a_consumer_that_stops_early_closes_the_stream_cleanly(gen):
+    sampled = []
+
+    def batches():
+        for n in (1, 2, 3):
+            sampled.append(n)
+            yield torch.randint(0, gen.vocab_size, (n, gen.num_tokens))
+
+    outputs = outputs_in_order(gen, batches(), "uint8")
+    assert next(outputs).shape[0] == 1
+    outputs.close()  # waits for the batch in flight, samples nothing more
+    assert sampled == [1, 2]
+
+
 def test_arguments_and_every_batch_are_checked_before_sampling(gen):
     with pytest.raises(ConfigError, match="label 99 is outside"):
         generate_batches(gen, [([1], 0), ([99], 1)], output="tokens")
@@ -90,3 +146,5 @@ def test_decoding_on_a_side_stream_gives_the_same_pixels():
         codes = gen.generate(labels, seed=seed, output="tokens", batch_size=8, progress=False, **SETTINGS)
         torch.cuda.synchronize()
         assert np.array_equal(part, decode_pixels(gen, codes.cuda(), "uint8").cpu().numpy())
+    tensors = list(gen.generate_batches(batches[:2], output="tensor", progress=False, **SETTINGS))
+    assert not any(t.is_pinned() for t in tensors)  # pageable copies: pinned staging is reused, not handed out

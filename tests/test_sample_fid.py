@@ -438,3 +438,27 @@ def test_shards_are_written_in_the_background_in_order_and_errors_surface(tmp_pa
     with pytest.raises(OSError, match="disk full"):
         sample_to_shards(stub, tmp_path / "bad", 12, seed=5, batch_size=2, shard_size=3, progress=False)
     assert len(stub.calls) <= 6  # stopped at the next shard's write, not after sampling everything
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_run_interrupted_while_sampling_keeps_the_shard_already_sampled(tmp_path, monkeypatch, error):
+    """Shard 0's last batch is decoded behind shard 1's first: when that one fails (an error, or
+    Ctrl-C), shard 0 is still written, and a resumed run samples only shards 1 and 2."""
+    from aimkit.samplers.autoregressive import AutoregressiveSampler
+
+    gen, calls = _pixel_gen(), []
+    original = AutoregressiveSampler.sample_tokens
+
+    def failing_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error("sampling failed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoregressiveSampler, "sample_tokens", failing_second_batch)
+    with pytest.raises(error, match="sampling failed"):
+        sample_to_shards(gen, tmp_path, 3, labels=[1, 2, 3], batch_size=1, shard_size=1, progress=False)
+    assert (tmp_path / shard_name(0)).is_file() and not (tmp_path / shard_name(1)).exists()
+    monkeypatch.setattr(AutoregressiveSampler, "sample_tokens", original)
+    run = sample_to_shards(gen, tmp_path, 3, labels=[1, 2, 3], batch_size=1, shard_size=1, progress=False)
+    assert run.written == (1, 2) and run.skipped == (0,)

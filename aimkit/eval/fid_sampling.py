@@ -242,7 +242,9 @@ class _BackgroundWrites:
     written, the next one's batches and their concatenation); a write's error is raised before the
     next batch (:meth:`raise_if_failed`), at the next :meth:`submit` or when the block ends.
     Leaving the block waits for the write in flight: every shard is written atomically with its
-    record, so an interrupted run loses at most that shard, which a resumed run generates again."""
+    record. When sampling fails or is interrupted, the shard whose last batch was already sampled
+    is still handed over and written (:func:`~aimkit.samplers._decode_behind.outputs_in_order`),
+    so a run loses only the shard it was sampling, which a resumed run generates again."""
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimkit-shard-writer")

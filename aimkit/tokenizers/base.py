@@ -97,6 +97,15 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
             ``(B, C, h * downsample, w * downsample)`` images in the module's dtype.
         """
 
+    def decode_checked(self, codes: Tensor, grid: tuple[int, int], *, clamp: bool = False) -> Tensor:
+        """:meth:`decode` of ``codes`` that :meth:`check_codes` has accepted with this ``grid``.
+
+        A tokenizer may skip its checks here (the range check reads the codes back to the host,
+        a synchronisation that would stall decoding queued on a side stream); this default
+        simply calls :meth:`decode`, so tokenizers that do not override it stay correct.
+        """
+        return self.decode(codes, grid=grid, clamp=clamp)
+
     # ---- input checks ----------------------------------------------------------------------
 
     def check_images(self, images: Tensor) -> None:

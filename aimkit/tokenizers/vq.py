@@ -92,9 +92,11 @@ class _GroupNormSwish(nn.GroupNorm):
     """GroupNorm (32 groups, eps 1e-6), then swish when ``swish``: (B, C, H, W) -> (B, C, H, W).
 
     A GroupNorm's tensors and names (``weight``, ``bias``), so checkpoints load unchanged. Where
-    the policy's ``vq_norm`` picks the kernel (CUDA, Triton), the input is contiguous and no
-    gradient is recorded, both run as one fused kernel (:mod:`aimkit.kernels.group_norm`);
-    elsewhere as ``F.group_norm`` then :func:`_swish`, the reference."""
+    the policy's ``vq_norm`` picks the kernel (CUDA, Triton), the input is contiguous (a
+    channels_last tokenizer always takes the reference), no gradient is recorded and autocast is
+    off (under autocast ``F.group_norm`` returns float32, the kernel x's dtype), both run as one
+    fused kernel (:mod:`aimkit.kernels.group_norm`); elsewhere as ``F.group_norm`` then
+    :func:`_swish`, the reference."""
 
     def __init__(self, channels: int, swish: bool):
         super().__init__(32, channels, eps=1e-6, affine=True)
@@ -102,8 +104,9 @@ class _GroupNormSwish(nn.GroupNorm):
         self.policy = ExecutionPolicy()  # a generator passes its own down (Generator.set_policy)
 
     def forward(self, x: Tensor) -> Tensor:
-        recording = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if not recording and x.is_contiguous() and self.policy.use_kernel("vq_norm", x):
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.weight, self.bias))
+        if (not recording and x.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
+                and self.policy.use_kernel("vq_norm", x)):
             from ..kernels.group_norm import group_norm_swish
 
             return group_norm_swish(x, self.weight, self.bias, self.num_groups, self.eps, swish=self.swish)
@@ -402,7 +405,11 @@ class VQModel(Tokenizer):
             clamp: clamp to ``[-1, 1]``. The decoder itself applies no tanh or clamp (as in
                 LlamaGen), so raw outputs may leave that range slightly.
         """
-        grid = self.check_codes(codes, grid)
+        return self.decode_checked(codes, self.check_codes(codes, grid), clamp=clamp)
+
+    def decode_checked(self, codes: Tensor, grid: tuple[int, int], *, clamp: bool = False) -> Tensor:
+        """:meth:`decode` of codes that :meth:`check_codes` accepted with this ``grid``: no
+        check, so no host synchronisation (the range check reads the codes' min and max)."""
         z = self.quantize.lookup(codes, grid, self.dtype)  # (B, embed_dim, h, w)
         z = z.contiguous(memory_format=self._memory_format)
         out = self.decoder(self.post_quant_conv(z))

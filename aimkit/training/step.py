@@ -328,13 +328,22 @@ def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: obj
 
 def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
                accelerator) -> str:
-    """What ``train_step: auto`` runs for a step built by :func:`make_train_step`."""
+    """What ``train_step: auto`` runs for a step built by :func:`make_train_step`: the precision is
+    the accelerator's (its fp16 loss scaler rules the captured step out) or ``amp_dtype``'s, a
+    ``torch.compile``d model counts as compiled, and every parameter group of ``optimizer`` must
+    be capturable (what :class:`GraphedStep` requires), else eager."""
     device = next(model.parameters()).device
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "no"}.get(amp_dtype, "no")
+    if accelerator is not None:
+        precision = getattr(accelerator, "mixed_precision", "no")
+        precision = str(getattr(precision, "value", precision))  # a string, or accelerate's PrecisionType
+    else:
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "no"}.get(amp_dtype, "no")
     processes = accelerator.num_processes if accelerator is not None else 1
+    compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
     kind, _ = resolve_train_step(ExecutionPolicy(train_step="auto"), device, processes=processes,
-                                 mixed_precision=precision)
-    return kind if optimizer.defaults.get("capturable", False) else "eager"
+                                 mixed_precision=precision, compiled=compiled)
+    capturable = all(group.get("capturable", False) for group in optimizer.param_groups)
+    return kind if capturable else "eager"
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,

@@ -174,3 +174,34 @@ def test_make_train_step_resolves_auto_for_its_model_and_optimizer():
         assert isinstance(plain, EagerStep)
         graphed = make_train_step(gen, make_optimizer(gen, lr=1e-3, capturable=True), ExecutionPolicy())
         assert isinstance(graphed, GraphedStep)
+
+
+def test_auto_step_reads_the_accelerators_precision_a_compiled_model_and_every_param_group(monkeypatch):
+    """What auto hands to the run check: the accelerator's mixed precision (fp16 rules the captured
+    step out even when amp_dtype says bf16), a torch.compile'd model, and capturable only when
+    every parameter group is."""
+    import aimkit.training.step as step
+
+    seen = []
+
+    def fake_resolve(policy, device, **run):
+        seen.append(run)
+        return "graph", "test"
+
+    monkeypatch.setattr(step, "resolve_train_step", fake_resolve)
+    gen = _model("cpu")
+    opt = make_optimizer(gen, lr=1e-3, capturable=True)
+
+    class Accel:
+        num_processes, mixed_precision = 1, "fp16"
+
+    assert step._auto_step(gen, opt, torch.bfloat16, Accel()) == "graph"
+    assert seen[-1] == {"processes": 1, "mixed_precision": "fp16", "compiled": False}
+    assert step._auto_step(gen, opt, torch.float16, None) == "graph"
+    assert seen[-1]["mixed_precision"] == "fp16"
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = gen  # what torch.compile returns
+    step._auto_step(wrapped, opt, torch.bfloat16, None)
+    assert seen[-1]["compiled"] is True
+    opt.param_groups[-1]["capturable"] = False  # one group overriding the default
+    assert step._auto_step(gen, opt, torch.bfloat16, None) == "eager"
