@@ -141,14 +141,48 @@ def _correctness_line(chk: dict[str, Any]) -> str:
             + (f" {chk['error']}" if chk.get("error") else ""))
 
 
+def _mamba2_sampling_row(data: dict[str, Any], model: str, batch: int, tokens: int) -> dict[str, Any] | None:
+    """This run's successful Mamba2 sampling row of ``model`` at ``batch`` and ``tokens``, if any."""
+    return next((r for r in data.get("rows", []) if r["suite"] == "sampling" and r.get("backbone") == "mamba2"
+                 and r["model"] == model and r["batch"] == batch and r["tokens"] == tokens and r["status"] == "ok"),
+                None)
+
+
+def _ratio(ours: float | None, theirs: float | None, spec: str = ".2f") -> str:
+    """``ours / theirs`` as ``1.23x``, ``-`` where either is missing."""
+    return "-" if not ours or not theirs else format(ours / theirs, spec) + "x"
+
+
 def _reference_lines(data: dict[str, Any]) -> list[str]:
+    """The reference figures, each beside this run's matching row and the ratio (aimkit / reference):
+    sampling images/s, VQ decoding seconds (reference / aimkit: > 1 means aimkit is faster) and, for
+    reference training entries, tokens/s of each training mode of this run."""
     ref = data.get("reference")
     if not ref:
         return []
     lines = [f"## Reference figures ({ref.get('file')})", "", ref.get("description", ""), "",
-             "| model | batch | tokens | images/s | source | date |", "|---|---|---|---|---|---|"]
-    lines += [f"| {e['model']} | {e['batch']} | {e['tokens']} | {e['images_per_s']} | {e['source']} | {e['date']} |"
-              for e in ref.get("sampling", [])]
+             "| model | batch | tokens | reference images/s | aimkit images/s | aimkit / reference | "
+             "reference VQ decode s | aimkit VQ decode s | speed-up | aimkit end to end images/s | source | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in ref.get("sampling", []):
+        ours = _mamba2_sampling_row(data, e["model"], e["batch"], e["tokens"]) or {}
+        rate = ours.get("images_per_s")
+        lines.append(f"| {e['model']} | {e['batch']} | {e['tokens']} | {e['images_per_s']} | "
+                     f"{fmt(rate, '.1f')} | {_ratio(rate, e['images_per_s'])} | "
+                     f"{fmt(e.get('vq_decode_s'), '.3f')} | {fmt(ours.get('vq_decode_s'), '.3f')} | "
+                     f"{_ratio(e.get('vq_decode_s'), ours.get('vq_decode_s'))} | "
+                     f"{fmt(ours.get('end_to_end_images_per_s'), '.1f')} | {e['source']} | {e['date']} |")
+    training = ref.get("training") or []
+    if training:
+        lines += ["", "| model | batch x tokens | reference tokens/s | aimkit mode | aimkit tokens/s | "
+                  "aimkit / reference |", "|---|---|---|---|---|---|"]
+        for e in training:
+            ours = [r for r in data.get("rows", []) if r["suite"] == "train" and r["model"] == e["model"]
+                    and r["batch"] == e["batch"] and r["tokens"] == e["tokens"] and r["status"] == "ok"]
+            for r in ours or [{}]:
+                lines.append(f"| {e['model']} | {e['batch']} x {e['tokens']} | {fmt(e['tokens_per_s'], ',.0f')} | "
+                             f"{r.get('mode', '-')} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
+                             f"{_ratio(r.get('tokens_per_s'), e['tokens_per_s'])} |")
     return lines + [""]
 
 

@@ -43,6 +43,33 @@ def test_official_reference_file():
     assert "## Reference figures" in md and "| aim-b | 256 | 256 | 112.4 |" in md
 
 
+def test_official_rows_measured_in_the_same_call_stand_beside_aimkits_with_ratios(tmp_path):
+    """benchmarks/official_reference.py turns the official bench scripts' rows into reference figures;
+    the report puts each beside this run's matching row with the ratio."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "official_reference.py"
+    spec = importlib.util.spec_from_file_location("official_reference", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sampling = [{"model": "AiM-B", "batch": 256, "s_per_batch": 2.0, "img_s": 128.0, "first_call_s": 9.0,
+                 "vq_decode_s": 0.4, "peak_gb": 10.0}]
+    train = [{"model": "AiM-B", "batch": 64, "step_s": 0.2, "tok_s": 81920.0, "warmup_s": 30.0, "peak_gb": 5.0}]
+    (tmp_path / "s.json").write_text(json.dumps(sampling))
+    (tmp_path / "t.json").write_text(json.dumps(train))
+    assert module.main([str(tmp_path / "s.json"), str(tmp_path / "t.json"), str(tmp_path / "ref.json")]) == 0
+    ref = load_reference(tmp_path / "ref.json")
+    assert ref["sampling"][0]["model"] == "aim-b" and ref["training"][0]["tokens_per_s"] == 81920.0
+    ours = {"suite": "sampling", "model": "aim-b", "backbone": "mamba2", "batch": 256, "tokens": 256, "status": "ok",
+            "images_per_s": 320.0, "vq_decode_s": 0.2, "end_to_end_images_per_s": 250.0}
+    md = markdown({"rows": [ours, _train_row(model="aim-b", batch=64, tokens=256, mode="graph",
+                                             tokens_per_s=245760.0)], "reference": ref})
+    assert "| aim-b | 256 | 256 | 128.0 | 320.0 | 2.50x | 0.400 | 0.200 | 2.00x | 250.0 |" in md
+    assert "| aim-b | 64 x 256 | 81,920 | graph | 245,760 | 3.00x |" in md
+    assert module.main([str(tmp_path / "none.json"), str(tmp_path / "t.json"), str(tmp_path / "r2.json")]) == 0
+    assert load_reference(tmp_path / "r2.json")["sampling"] == []
+
+
 @pytest.mark.parametrize("content,expected", [
     ("not json", "cannot read reference figures"),
     ('{"rows": []}', "expected an object with a 'sampling' list"),
