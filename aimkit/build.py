@@ -299,7 +299,8 @@ class _ShapesOnly(TorchFunctionMode):
         if kind is None:  # an in-place fill: nothing to fill on the meta device
             return first
         if kind == "same-shape":  # (not empty_like: its meta kernel is Python that imports sympy)
-            return torch.empty(first.shape, dtype=first.dtype, device="meta")
+            dtype = kwargs.get("dtype") or first.dtype  # softmax(..., dtype=), randn_like(..., dtype=)
+            return torch.empty(first.shape, dtype=dtype, device="meta")
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if not all(t.is_meta for t in tensors):
             return func(*args, **kwargs)

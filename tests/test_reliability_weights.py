@@ -322,6 +322,23 @@ def test_meta_build_leaves_the_random_stream_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_meta_shortcuts_answer_like_the_real_ops():
+    """The meta pass's shortcuts give the shapes and dtypes the real operations give (a dtype
+    keyword included), and broadcasting refuses what torch refuses."""
+    x = torch.ones(3, 1, 4)
+    with BUILD._ShapesOnly():
+        meta = torch.empty(3, 1, 4, device="meta")
+        for fn in (lambda t: torch.softmax(t, -1, dtype=torch.float64),
+                   lambda t: torch.randn_like(t, dtype=torch.float16),
+                   lambda t: t.exp() * torch.empty(5, 1, device=t.device),
+                   lambda t: torch.nn.functional.normalize(t)):
+            got, want = fn(meta), fn(x)
+            assert got.is_meta and (got.shape, got.dtype) == (want.shape, want.dtype)
+    assert BUILD._broadcast_shape((3, 1, 4), (5, 1), ()) == torch.broadcast_shapes((3, 1, 4), (5, 1), ())
+    with pytest.raises(RuntimeError, match="cannot be broadcast"):
+        BUILD._broadcast_shape((3, 2), (4, 2))
+
+
 def test_preflight_imports_no_compiler():
     """The meta pass answers initialisers itself: neither torch._dynamo (about a second) nor sympy
     (0.4 s, through the meta kernels of broadcast_shapes and empty_like) is imported."""

@@ -104,11 +104,16 @@ def sampling_row(name: str, backbone: str, batch: int, tokens: int, opts: BenchO
         row.update(model_fields(model))
         timed, codes = _time_sampling(model, batch, tokens, opts, facts)
         row.update(timed)
-        if opts.decode_vq and getattr(model, "tokenizer", None) is not None:
-            row.update(vq_decode(model, codes.to(opts.device), torch.device(opts.device), opts.repeats))
-            row.update(to_disk(model, batch, opts))
     except Exception as exc:  # one failed row must not lose the table
         report.row_error(row, exc)
+        return row, model
+    if opts.decode_vq and getattr(model, "tokenizer", None) is not None:
+        try:  # the sampling timings above stand even when the pixels' part fails
+            row.update(vq_decode(model, codes.to(opts.device), torch.device(opts.device), opts.repeats))
+            row.update(to_disk(model, batch, opts))
+        except Exception as exc:
+            row["end_to_end_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            report.log(f"  VQ decoding / end to end failed (the sampling row stands): {row['end_to_end_error']}")
     return row, model
 
 

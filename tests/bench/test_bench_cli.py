@@ -93,3 +93,19 @@ def test_decode_vq_rows_report_end_to_end_for_both_backbones(tmp_path):
         assert row["status"] == "ok", row.get("error")
         assert row["end_to_end_images_per_s"] == pytest.approx(6 / row["end_to_end_s"])
         assert row["vq_decode_s"] > 0 and "3 batches of 2" in row["end_to_end_what"]
+
+
+def test_a_failing_end_to_end_part_keeps_the_sampling_row(tmp_path, monkeypatch):
+    """The pixels' part failing (a write error, say) records its error; the row's sampling timings stand."""
+    import aimkit.bench.rows as rows_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rows_module, "to_disk", broken)
+    argv = ["bench", "--device", "cpu", "--suite", "sampling", "--models", "aim-test-vq", "--batches", "2",
+            "--tokens", "16", "--repeats", "1", "--decode-vq", "--no-check", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["images_per_s"] > 0 and row["vq_decode_s"] > 0
+    assert row["end_to_end_error"] == "OSError: disk full" and "end_to_end_images_per_s" not in row
