@@ -117,7 +117,7 @@ def test_a_consumer_that_stops_early_closes_the_stream_cleanly(gen):
 
     outputs = outputs_in_order(gen, batches(), "uint8")
     assert next(outputs).shape[0] == 1
-    outputs.close()  # waits for the batch in flight, samples nothing more
+    outputs.close()  # no error, and nothing more is sampled (on CUDA it also waits for the copy in flight)
     assert sampled == [1, 2]
 
 
@@ -148,3 +148,23 @@ def test_decoding_on_a_side_stream_gives_the_same_pixels():
         assert np.array_equal(part, decode_pixels(gen, codes.cuda(), "uint8").cpu().numpy())
     tensors = list(gen.generate_batches(batches[:2], output="tensor", progress=False, **SETTINGS))
     assert not any(t.is_pinned() for t in tensors)  # pageable copies: pinned staging is reused, not handed out
+
+
+def test_a_ctrl_c_while_waiting_for_pixels_is_raised_after_that_batch_is_handed_over(gen, monkeypatch):
+    import aimkit.samplers._decode_behind as behind
+
+    original, interrupted = behind._Pending.result, []
+
+    def result_interrupted_once(self):
+        if not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt  # arrives during the wait for batch 0's copy
+        return original(self)
+
+    monkeypatch.setattr(behind._Pending, "result", result_interrupted_once)
+    codes = [torch.randint(0, gen.vocab_size, (n, gen.num_tokens)) for n in (1, 2, 3)]
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for out in outputs_in_order(gen, iter(codes), "tokens"):
+            got.append(out)
+    assert [g.shape[0] for g in got] == [1]  # batch 0 reached the consumer before the interrupt

@@ -441,24 +441,43 @@ def test_shards_are_written_in_the_background_in_order_and_errors_surface(tmp_pa
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_a_run_interrupted_while_sampling_keeps_the_shard_already_sampled(tmp_path, monkeypatch, error):
-    """Shard 0's last batch is decoded behind shard 1's first: when that one fails (an error, or
-    Ctrl-C), shard 0 is still written, and a resumed run samples only shards 1 and 2."""
+@pytest.mark.parametrize("shard_size,failing_call,kept", [(1, 2, 1), (2, 2, 0), (2, 3, 1)])
+def test_a_run_interrupted_while_sampling_keeps_the_shards_already_sampled(tmp_path, monkeypatch, error, shard_size,
+                                                                            failing_call, kept):
+    """A shard's last batch is decoded behind the next batch: when that one fails (an error, or
+    Ctrl-C), every shard whose batches were all sampled is still written, a shard cut in the
+    middle is not, and a resumed run samples only the rest."""
     from aimkit.samplers.autoregressive import AutoregressiveSampler
 
-    gen, calls = _pixel_gen(), []
+    gen, calls, num = _pixel_gen(), [], 3 * shard_size
     original = AutoregressiveSampler.sample_tokens
 
-    def failing_second_batch(self, *args, **kwargs):
+    def failing(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == failing_call:
             raise error("sampling failed")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(AutoregressiveSampler, "sample_tokens", failing_second_batch)
+    labels = [1, 2, 3, 0, 1, 2][:num]
+    monkeypatch.setattr(AutoregressiveSampler, "sample_tokens", failing)
     with pytest.raises(error, match="sampling failed"):
-        sample_to_shards(gen, tmp_path, 3, labels=[1, 2, 3], batch_size=1, shard_size=1, progress=False)
-    assert (tmp_path / shard_name(0)).is_file() and not (tmp_path / shard_name(1)).exists()
+        sample_to_shards(gen, tmp_path, num, labels=labels, batch_size=1, shard_size=shard_size, progress=False)
+    assert [(tmp_path / shard_name(s)).is_file() for s in range(3)] == [s < kept for s in range(3)]
     monkeypatch.setattr(AutoregressiveSampler, "sample_tokens", original)
-    run = sample_to_shards(gen, tmp_path, 3, labels=[1, 2, 3], batch_size=1, shard_size=1, progress=False)
-    assert run.written == (1, 2) and run.skipped == (0,)
+    run = sample_to_shards(gen, tmp_path, num, labels=labels, batch_size=1, shard_size=shard_size, progress=False)
+    assert run.written == tuple(range(kept, 3)) and run.skipped == tuple(range(kept))
+
+
+def test_an_error_after_the_last_batch_still_reaches_the_caller(tmp_path):
+    """sample_to_shards drains the batch stream after its last shard: an error raised there is not lost."""
+
+    class LateFailure:
+        num_classes = 4
+
+        def generate_batches(self, batches, *, output, progress, **sampling):
+            for labels, _ in batches:
+                yield np.zeros((len(labels), 8, 8, 3), np.uint8)
+            raise RuntimeError("failed after the last batch")
+
+    with pytest.raises(RuntimeError, match="after the last batch"):
+        sample_to_shards(LateFailure(), tmp_path, 2, labels=[1, 2], batch_size=1, shard_size=1, progress=False)

@@ -87,7 +87,8 @@ def _sampling_cells(r: dict[str, Any]) -> list[Any]:
             fmt(r.get("images_per_s"), ".1f"), fmt(r.get("first_call_s"), ".1f"),
             fmt(r.get("peak_memory_gb"), ".1f"), fmt(f.get("seconds"), ".3f"), f.get("bound", "-"),
             fmt(r.get("fraction_of_floor"), ".2f"), fmt(r.get("vq_decode_s"), ".3f"),
-            fmt(r.get("end_to_end_images_per_s"), ".1f"), r["status"]]
+            fmt(r.get("end_to_end_images_per_s"), ".1f"),
+            r["status"] + (f" (end to end: {r['end_to_end_error']})" if r.get("end_to_end_error") else "")]
 
 
 def _decode_cells(r: dict[str, Any]) -> list[Any]:

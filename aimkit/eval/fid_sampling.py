@@ -233,6 +233,7 @@ def _shard_images(model, plan, settings, bar, between_batches):
         if i + 1 == len(plan) or plan[i + 1][0] != s:
             yield s, np.concatenate(parts)
             parts = []
+    next(outputs, None)  # the stream's end: an error raised after the last batch still reaches the caller
 
 
 class _BackgroundWrites:

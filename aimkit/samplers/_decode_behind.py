@@ -109,7 +109,7 @@ def _launch(model, codes: Tensor, output: str, stream: torch.cuda.Stream | None)
     """Start converting ``codes``: on ``stream`` (CUDA, returns at once) or here (stream None)."""
     if stream is None:
         return _Pending(decode_pixels(model, codes, output).cpu(), None, output)
-    # checked here, on the stream that wrote the codes (already synchronised by the sampler's finite check)
+    # checked here, on the stream that wrote the codes (check_codes reads them back: a wait on that stream only)
     decode = None if output == "tokens" else chunk_decoder(model.tokenizer, codes)
     stream.wait_stream(torch.cuda.current_stream(codes.device))
     codes.record_stream(stream)  # not reused by later work on the sampling stream before the side stream is done
@@ -122,13 +122,22 @@ def _launch(model, codes: Tensor, output: str, stream: torch.cuda.Stream | None)
     return _Pending(host, event, output)
 
 
+def _take(pending: _Pending) -> tuple[Any, KeyboardInterrupt | None]:
+    """``pending.result()``; a Ctrl-C during the wait is returned, to be raised once the batch is handed over."""
+    try:
+        return pending.result(), None
+    except KeyboardInterrupt as interrupt:
+        return pending.result(), interrupt
+
+
 def outputs_in_order(model, codes_of_batches: Iterable[Tensor], output: str) -> Iterator[Any]:
     """Each batch's output, in order, from an iterable that samples the batches' (B, N) codes.
 
     On CUDA batch k is decoded on a side stream while the iterable samples batch k + 1; its
     output is yielded once batch k + 1's codes exist (the last one at the end). When sampling
     batch k + 1 (or starting its decoding) raises, batch k is yielded first, then the error
-    propagates. When the consumer stops early, the batch in flight is waited for and dropped."""
+    propagates; a Ctrl-C while waiting for a batch's pixels is raised once that batch is yielded.
+    When the consumer stops early, the batch in flight is waited for and dropped."""
     stream, pending = None, None
     batches = iter(codes_of_batches)
     while True:
@@ -145,14 +154,21 @@ def outputs_in_order(model, codes_of_batches: Iterable[Tensor], output: str) -> 
                 yield done.result()
             raise
         if pending is not None:
+            out, interrupt = _take(pending)
             try:
-                yield pending.result()
+                yield out
             except GeneratorExit:  # the consumer stopped: let the copy in flight finish, then stop
                 job.wait()
                 raise
+            if interrupt is not None:
+                job.wait()
+                raise interrupt
         pending = job
     if pending is not None:
-        yield pending.result()
+        out, interrupt = _take(pending)
+        yield out
+        if interrupt is not None:
+            raise interrupt
 
 
 def stack_outputs(parts: list, output: str) -> Any:

@@ -102,7 +102,9 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
 
         A tokenizer may skip its checks here (the range check reads the codes back to the host,
         a synchronisation that would stall decoding queued on a side stream); this default
-        simply calls :meth:`decode`, so tokenizers that do not override it stay correct.
+        simply calls :meth:`decode`, so tokenizers that do not override it stay correct. The
+        sampling pipeline decodes through this method: a subclass that overrides :meth:`decode`
+        of a class that overrides this one must override both.
         """
         return self.decode(codes, grid=grid, clamp=clamp)
 

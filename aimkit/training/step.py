@@ -329,15 +329,16 @@ def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: obj
 def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
                accelerator) -> str:
     """What ``train_step: auto`` runs for a step built by :func:`make_train_step`: the precision is
-    the accelerator's (its fp16 loss scaler rules the captured step out) or ``amp_dtype``'s, a
-    ``torch.compile``d model counts as compiled, and every parameter group of ``optimizer`` must
-    be capturable (what :class:`GraphedStep` requires), else eager."""
+    ``amp_dtype``'s (what the captured step would autocast with), fp16 when the accelerator's is
+    (its loss scaler rules the captured step out); a ``torch.compile``d model counts as compiled;
+    every parameter group of ``optimizer`` must be capturable (what :class:`GraphedStep`
+    requires), else eager."""
     device = next(model.parameters()).device
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "no"}.get(amp_dtype, "no")
     if accelerator is not None:
-        precision = getattr(accelerator, "mixed_precision", "no")
-        precision = str(getattr(precision, "value", precision))  # a string, or accelerate's PrecisionType
-    else:
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "no"}.get(amp_dtype, "no")
+        accelerator_precision = getattr(accelerator, "mixed_precision", "no")
+        if str(getattr(accelerator_precision, "value", accelerator_precision)) == "fp16":  # str or PrecisionType
+            precision = "fp16"
     processes = accelerator.num_processes if accelerator is not None else 1
     compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
     kind, _ = resolve_train_step(ExecutionPolicy(train_step="auto"), device, processes=processes,
@@ -351,8 +352,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
                     accelerator=None, graph_warmup: int = 1, ema: EMA | None = None,
                     grad_accum: int = 1) -> TrainStep:
     """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, :class:`EagerStep`
-    for ``"eager"``; ``"auto"`` resolves here with :func:`resolve_train_step` (the model's device,
-    the accelerator's process count, ``amp_dtype``) and is eager when ``optimizer`` is not capturable.
+    for ``"eager"``; ``"auto"`` resolves here (:func:`_auto_step`: the model's device, the
+    accelerator's process count and fp16, ``amp_dtype``, a compiled model, a capturable optimizer).
 
     Args:
         model: the generator (prepared by ``accelerator`` when one is given).

@@ -199,6 +199,9 @@ def test_auto_step_reads_the_accelerators_precision_a_compiled_model_and_every_p
     assert seen[-1] == {"processes": 1, "mixed_precision": "fp16", "compiled": False}
     assert step._auto_step(gen, opt, torch.float16, None) == "graph"
     assert seen[-1]["mixed_precision"] == "fp16"
+    Accel.mixed_precision = "no"  # the captured step would autocast with amp_dtype: its precision counts
+    step._auto_step(gen, opt, torch.bfloat16, Accel())
+    assert seen[-1]["mixed_precision"] == "bf16"
     wrapped = torch.nn.Module()
     wrapped._orig_mod = gen  # what torch.compile returns
     step._auto_step(wrapped, opt, torch.bfloat16, None)
