@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 import aimkit  # noqa: E402
 from aimkit.bench import build_bench_model  # noqa: E402
+from aimkit.bench.timing import graphed_call_seconds  # noqa: E402
 from aimkit.kernels.mamba_ssm import kernel_info  # noqa: E402
 from aimkit.policy import ExecutionPolicy, default_policy  # noqa: E402
 from aimkit.samplers._cuda_graph import DecodeGraph, clear_decode_graphs  # noqa: E402
@@ -85,16 +86,7 @@ def _cuda_ms(fn, iters: int = 50, warmup: int = 3) -> float:
 
 def _graphed_ms(fn, calls: int = 20, replays: int = 10) -> float:
     """Device time per call of ``fn`` with launch overhead removed (``calls`` calls in one graph)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return _cuda_ms(graph.replay, iters=replays, warmup=1) / calls
+    return graphed_call_seconds(fn, calls, replays) * 1e3
 
 
 def _selective_state_update():

@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +28,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aimkit.bench.timing import graphed_call_seconds  # noqa: E402
 
 # (K, N) of in_proj (d_model -> 2 d_inner + 2 G N + H) and out_proj (d_inner -> d_model)
 SHAPES = {
@@ -76,29 +79,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, split_k: 
     return y if split_k == 1 else y.to(x.dtype)
 
 
-def graph_us(fn, calls: int, replays: int = 20) -> float:
-    """Median µs per call of ``fn`` replayed from a CUDA graph of ``calls`` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +108,7 @@ def main() -> int:
                 want = F.linear(x.float(), w.float())
                 row = {"model": model, "proj": proj, "M": m, "K": k, "N": n, "weight_mb": n * k * 2 / 1e6}
                 if cuda:
-                    row["cublas_us"] = graph_us(lambda: F.linear(x, w), args.calls)
+                    row["cublas_us"] = graphed_call_seconds(lambda: F.linear(x, w), args.calls, 20) * 1e6
                 best = None
                 for bn, bk, sk, nw, ns in tilings:
                     if sk > 1 and triton.cdiv(k, sk) < bk:
@@ -138,7 +118,7 @@ def main() -> int:
                     if err > 1e-2:
                         raise AssertionError(f"{model} {proj} M={m} tiling {(bn, bk, sk, nw, ns)}: rel err {err:.2e}")
                     if cuda:
-                        us = graph_us(lambda: gemv(x, w, bn, bk, sk, nw, ns), args.calls)
+                        us = graphed_call_seconds(lambda: gemv(x, w, bn, bk, sk, nw, ns), args.calls, 20) * 1e6
                         if best is None or us < best[0]:
                             best = (us, (bn, bk, sk, nw, ns), err)
                 if best is not None:

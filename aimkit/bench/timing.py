@@ -46,6 +46,22 @@ def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup
     return [time_call(fn, device)[0] for _ in range(repeats)]
 
 
+def graphed_call_seconds(fn: Callable[[], Any], calls: int = 20, replays: int = 10) -> float:
+    """Median device seconds per call of ``fn``, replayed from one CUDA graph of ``calls`` calls
+    (launch overhead removed, as inside a captured decode step); CUDA only."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, allocations) outside the capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return statistics.median(time_calls(graph.replay, torch.device("cuda"), replays, warmup=1)) / calls
+
+
 def reset_peak(device: torch.device) -> None:
     """Start a new peak-memory window (CUDA only)."""
     if device.type == "cuda":
