@@ -122,12 +122,23 @@ def _launch(model, codes: Tensor, output: str, stream: torch.cuda.Stream | None)
     return _Pending(host, event, output)
 
 
-def _take(pending: _Pending) -> tuple[Any, KeyboardInterrupt | None]:
-    """``pending.result()``; a Ctrl-C during the wait is returned, to be raised once the batch is handed over."""
+def _hand_over(pending: _Pending, in_flight: _Pending | None) -> Iterator[Any]:
+    """Yield ``pending``'s output. A Ctrl-C during the wait for it is raised after the yield; when
+    the consumer stops at the yield, or on that Ctrl-C, the batch ``in_flight`` is waited for first."""
     try:
-        return pending.result(), None
-    except KeyboardInterrupt as interrupt:
-        return pending.result(), interrupt
+        out, interrupt = pending.result(), None
+    except KeyboardInterrupt as exc:
+        out, interrupt = pending.result(), exc
+    try:
+        yield out
+    except GeneratorExit:  # the consumer stopped: let the copy in flight finish, then stop
+        if in_flight is not None:
+            in_flight.wait()
+        raise
+    if interrupt is not None:
+        if in_flight is not None:
+            in_flight.wait()
+        raise interrupt
 
 
 def outputs_in_order(model, codes_of_batches: Iterable[Tensor], output: str) -> Iterator[Any]:
@@ -154,21 +165,10 @@ def outputs_in_order(model, codes_of_batches: Iterable[Tensor], output: str) -> 
                 yield done.result()
             raise
         if pending is not None:
-            out, interrupt = _take(pending)
-            try:
-                yield out
-            except GeneratorExit:  # the consumer stopped: let the copy in flight finish, then stop
-                job.wait()
-                raise
-            if interrupt is not None:
-                job.wait()
-                raise interrupt
+            yield from _hand_over(pending, job)
         pending = job
     if pending is not None:
-        out, interrupt = _take(pending)
-        yield out
-        if interrupt is not None:
-            raise interrupt
+        yield from _hand_over(pending, None)
 
 
 def stack_outputs(parts: list, output: str) -> Any:

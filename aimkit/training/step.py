@@ -152,7 +152,7 @@ class GraphedStep(TrainStep):
                  amp_dtype: torch.dtype | None = torch.bfloat16, compile_loss: bool = True, warmup: int = 1,
                  ema: EMA | None = None, grad_accum: int = 1):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
-        if not all(group.get("capturable", False) for group in optimizer.param_groups):
+        if not _capturable(optimizer):
             raise ValueError("GraphedStep needs a capturable optimizer (make_optimizer(..., capturable=True))")
         if warmup < 1:
             raise ValueError(f"GraphedStep needs at least one warm-up step, got warmup={warmup}")
@@ -326,6 +326,13 @@ def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: obj
     return "graph", f"policy train_step: {policy.train_step} (one CUDA process: captured step)"
 
 
+def _capturable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter group of ``optimizer`` (or of the torch optimizer inside accelerate's
+    wrapper) can be captured in a CUDA graph: what :class:`GraphedStep` requires."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return all(group.get("capturable", False) for group in optimizer.param_groups)
+
+
 def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
                accelerator) -> str:
     """What ``train_step: auto`` runs for a step built by :func:`make_train_step`: the precision is
@@ -343,8 +350,7 @@ def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: to
     compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
     kind, _ = resolve_train_step(ExecutionPolicy(train_step="auto"), device, processes=processes,
                                  mixed_precision=precision, compiled=compiled)
-    capturable = all(group.get("capturable", False) for group in optimizer.param_groups)
-    return kind if capturable else "eager"
+    return kind if _capturable(optimizer) else "eager"
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
