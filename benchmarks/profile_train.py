@@ -2,6 +2,7 @@
 
     python benchmarks/profile_train.py --model aim-b --batch 64
     python benchmarks/profile_train.py --variants "chunk_size=256;chunk_size=64" --compile-variant
+    python benchmarks/profile_train.py --variants "" --no-profile --host 5    # the eager step's host time
 
 Times the step of ``train_throughput.py`` (:class:`aimkit.training.TrainStep`: bf16 autocast,
 fused AdamW with the recipe's parameter groups, grad clip) for the default build and policy and
@@ -51,6 +52,44 @@ def _profile(name: str, batch: int, steps: int = 3) -> dict:
     return {"kernel_ms_per_step": total / 1e3, "top": top}
 
 
+def _host_profile(name: str, batch: int, steps: int) -> dict:
+    """Where the eager step's host (Python) time goes: cProfile over ``steps`` eager steps after
+    three warm-up steps, the top functions by own time and by cumulative time, and the wall time
+    per step against the GPU's kernel time (a host-bound step waits for Python, not for kernels)."""
+    import cProfile
+    import pstats
+    import time
+
+    args = SimpleNamespace(device="cuda", compile=False, policy=["train_step=eager"], precision="bf16", batch=batch,
+                           warmup=3)
+    _, step, _ = build_step(name, args, {})
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+
+    def top(key: str) -> list:
+        rows = []
+        for (file, line, func), (_, calls, own, cum, _) in stats.stats.items():
+            rows.append({"function": f"{Path(file).name}:{line}({func})", "calls_per_step": calls / steps,
+                         "own_ms_per_step": own / steps * 1e3, "cum_ms_per_step": cum / steps * 1e3})
+        return sorted(rows, key=lambda r: -r[key])[:30]
+
+    return {"eager_step_wall_ms": wall * 1e3, "by_own_time": top("own_ms_per_step"),
+            "by_cumulative_time": top("cum_ms_per_step")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="aim-b")
@@ -60,6 +99,8 @@ def main() -> int:
     ap.add_argument("--compile-variant", action="store_true", help="also time torch.compile of the generator")
     ap.add_argument("--graph-variant", action="store_true", help="also time the step captured in CUDA graphs")
     ap.add_argument("--no-profile", action="store_true", help="timings only")
+    ap.add_argument("--host", type=int, default=0, metavar="STEPS",
+                    help="also cProfile STEPS eager steps: where the host time of the eager step goes")
     ap.add_argument("--all-graphed", action="store_true", help="time every variant with the CUDA-graph step")
     args = ap.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "model": args.model, "batch": args.batch, "timings": []}
@@ -89,6 +130,15 @@ def main() -> int:
             print(f"{label}: failed: {row['error']}", flush=True)
         result["timings"].append(row)
         torch.cuda.empty_cache()
+    if args.host:
+        result["host"] = _host_profile(args.model, args.batch, args.host)
+        print(f"\neager step wall {result['host']['eager_step_wall_ms']:.1f} ms; top functions by own time:")
+        for r in result["host"]["by_own_time"][:20]:
+            print(f"{r['own_ms_per_step']:8.2f} ms own {r['cum_ms_per_step']:8.2f} ms cum {r['calls_per_step']:8.1f}x  "
+                  f"{r['function']}")
+        print("top functions by cumulative time:")
+        for r in result["host"]["by_cumulative_time"][:25]:
+            print(f"{r['cum_ms_per_step']:8.2f} ms cum {r['calls_per_step']:8.1f}x  {r['function']}")
     if args.no_profile:
         return _write(result)
     result["profile"] = _profile(args.model, args.batch)
