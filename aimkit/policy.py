@@ -88,7 +88,9 @@ class ExecutionPolicy:
             the quality evidence is in docs/benchmarks.md) or ``"float32"`` (float64 for a
             float64 model).
         compile_glue: ``torch.compile`` the glue between sublayers in whole-sequence forwards
-            without a cache on CUDA (training); falls back to eager with one warning.
+            without a cache on CUDA (training); falls back to eager with one warning. Where
+            ``train_step: auto`` falls back to the eager step, the trainer turns it off (host-bound
+            there: measured faster uncompiled; :func:`aimkit.training.step.step_policy`).
         compile_loss: ``torch.compile`` the float32 cross-entropy on CUDA.
         train_step: the trainer's step: ``"auto"`` (default): graph wherever a run allows it (one
             CUDA process, any ``grad_accum``, bf16 or no mixed precision, no ``compile``), else

@@ -62,14 +62,14 @@ def build_step(name: str, args, overrides):
     ``profile_train.py`` is :class:`aimkit.training.TrainStep`, the trainer's."""
     import aimkit
     from aimkit.training import make_optimizer, make_train_step
-    from aimkit.training.step import resolve_train_step
+    from aimkit.training.step import resolve_train_step, step_policy
 
     device = torch.device(args.device)
     policy = make_policy(args)
     # auto resolves here as the trainer does, so that the optimizer is capturable for the captured step
     kind, _ = resolve_train_step(policy, device, processes=1, mixed_precision=args.precision,
                                  compiled=bool(args.compile))
-    policy = policy.replace(train_step=kind)
+    policy = step_policy(policy, kind)  # an auto that falls back to eager also drops the compiled glue
     graphed = kind == "graph"
     torch.manual_seed(0)
     gen = aimkit.build(name, tokenizer=None, device=device, policy=policy, **overrides).train()

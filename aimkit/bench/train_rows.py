@@ -69,7 +69,9 @@ def train_row(name: str, opts: BenchOptions, facts: dict[str, Any], report: Reco
     (``mfu_over_ceiling``) if the measured rate was not the ceiling."""
     device = torch.device(opts.device)
     batch, tokens = opts.train_batch, opts.tokens[0]
-    policy = opts.policy.replace(train_step=TRAIN_STEP_OF_MODE[mode])
+    from ..training.step import step_policy
+
+    policy = step_policy(opts.policy, TRAIN_STEP_OF_MODE[mode])  # the eager row: what auto falls back to
     row = new_row("train", name, "mamba2", batch, tokens, opts, mode=mode)
     row.update(dtype=f"float32 + {opts.dtype} autocast", policy=policy.to_dict())
     try:

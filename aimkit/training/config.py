@@ -77,8 +77,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     compile: bool = False  # torch.compile the model (inductor)
     # ExecutionPolicy fields over default_policy(): train_step auto (default) replays the step from
-    # CUDA graphs where the run allows it (one GPU, bf16 or no), {train_step: eager} opts out; {compile_glue: false};
-    # see aimkit/policy.py
+    # CUDA graphs where the run allows it (one GPU, bf16 or no), else runs the eager step with the glue
+    # uncompiled; {train_step: eager} opts out of the graphs (compile_glue as given); see aimkit/policy.py
     policy: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     max_nonfinite: int = 20  # consecutive skipped steps before the run stops

@@ -41,7 +41,8 @@ from ..generator import token_cross_entropy
 from ..policy import ExecutionPolicy
 from .ema import EMA
 
-__all__ = ["EagerStep", "GraphedStep", "TrainStep", "check_graph_step", "make_train_step", "resolve_train_step"]
+__all__ = ["EagerStep", "GraphedStep", "TrainStep", "check_graph_step", "make_train_step", "resolve_train_step",
+           "step_policy"]
 
 Batch = tuple[Tensor, Tensor]  # (codes (B, N) int64, labels (B,) int64)
 
@@ -324,6 +325,24 @@ def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: obj
             raise
         return "eager", f"train_step auto: eager, since the captured step needs {str(exc).split(' needs ', 1)[1]}"
     return "graph", f"policy train_step: {policy.train_step} (one CUDA process: captured step)"
+
+
+def step_policy(policy: ExecutionPolicy, kind: str) -> ExecutionPolicy:
+    """The policy a run whose step resolved to ``kind`` (``"graph"`` / ``"eager"``) runs and records.
+
+    ``train_step`` becomes ``kind``. Where ``train_step: auto`` falls back to the eager step (several
+    processes, fp16, a compiled model, a CPU), the glue between sublayers also runs uncompiled
+    (``compile_glue`` false): the eager step waits on the host, and the compiled glue's guards and
+    autograd wrappers cost more host time than its kernels save GPU time (one H200, 64 x 256 per
+    step, same lease: AiM-B 182.8 -> 174.7 ms, AiM-L 379.0 -> 320.8 ms; benchmarks/notes.md,
+    2026-12-03). The captured step keeps the compiled glue: no host time is spent inside a graph.
+    An explicit ``train_step: eager`` keeps ``compile_glue`` as given."""
+    if kind not in ("graph", "eager"):
+        raise ValueError(f"step kind must be 'graph' or 'eager', got {kind!r}")
+    changes: dict = {"train_step": kind}
+    if policy.train_step == "auto" and kind == "eager":
+        changes["compile_glue"] = False
+    return policy.replace(**changes)
 
 
 def _capturable(optimizer: torch.optim.Optimizer) -> bool:

@@ -56,7 +56,7 @@ from .data import ShapesImages, StepBatches, batch_layout, make_dataset
 from .ema import EMA
 from .optim import make_optimizer, make_scheduler
 from .samples import SampleGrids
-from .step import Batch, make_train_step, resolve_train_step
+from .step import Batch, make_train_step, resolve_train_step, step_policy
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -235,7 +235,7 @@ class Trainer:
         step_kind, self.step_reason = resolve_train_step(
             self.policy, self.acc.device, processes=self.world, mixed_precision=cfg.mixed_precision,
             compiled=cfg.compile)
-        self.policy = self.policy.replace(train_step=step_kind)  # what runs, in the log and the records
+        self.policy = step_policy(self.policy, step_kind)  # what runs, in the log and the records
         self.gen.set_policy(self.policy)
         graph = step_kind == "graph"
         optimizer = make_optimizer(self.gen, lr=self.peak_lr, weight_decay=cfg.weight_decay, betas=cfg.betas,

@@ -162,6 +162,24 @@ def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
             resolve_train_step(ExecutionPolicy(train_step="graph"), device, **run)
 
 
+@pytest.mark.parametrize("asked, kind, glue, want_glue", [
+    ("auto", "eager", True, False),  # the fallback: host-bound, the glue uncompiled
+    ("auto", "graph", True, True),  # captured: the compiled glue kept
+    ("eager", "eager", True, True),  # asked for explicitly: compile_glue as given
+    ("auto", "eager", False, False),
+    ("graph", "graph", False, False),
+])
+def test_step_policy_drops_the_compiled_glue_only_where_auto_falls_back_to_eager(asked, kind, glue, want_glue):
+    from aimkit.training.step import step_policy
+
+    policy = ExecutionPolicy(train_step=asked, compile_glue=glue, chunk_size=64)
+    got = step_policy(policy, kind)
+    assert (got.train_step, got.compile_glue) == (kind, want_glue)
+    assert got.replace(train_step=asked, compile_glue=glue) == policy  # nothing else changed
+    with pytest.raises(ValueError, match="'graph' or 'eager'"):
+        step_policy(policy, "auto")
+
+
 def test_make_train_step_resolves_auto_for_its_model_and_optimizer():
     """The default policy (train_step auto) builds the eager step on the CPU; on CUDA the captured
     step, unless the optimizer cannot be captured."""
