@@ -53,7 +53,8 @@ def _profile(name: str, batch: int, steps: int = 3) -> dict:
 
 
 def _host_profile(name: str, batch: int, steps: int) -> dict:
-    """Where the eager step's host (Python) time goes: cProfile over ``steps`` eager steps after
+    """Where the eager step's host (Python) time goes (an explicit ``train_step=eager``: the compiled
+    glue kept, unlike the trainer's eager fallback): cProfile over ``steps`` eager steps after
     three warm-up steps, the top functions by own time and by cumulative time, and the wall time
     per step against the GPU's kernel time (a host-bound step waits for Python, not for kernels)."""
     import cProfile

@@ -208,8 +208,9 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     assert ckpt is not None
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] >= 2
-    # train_step auto on a CPU: the eager fallback, recorded as run, with the glue uncompiled
-    assert (state["policy"]["train_step"], state["policy"]["compile_glue"]) == ("eager", False)
+    # train_step auto: on a CPU the eager fallback, recorded as run, with the glue uncompiled; one GPU: captured
+    want = ("graph", True) if torch.cuda.is_available() else ("eager", False)
+    assert (state["policy"]["train_step"], state["policy"]["compile_glue"]) == want
 
 
 def _documented_launch_line() -> list[str]:
@@ -244,7 +245,7 @@ def test_two_processes_keep_replicas_equal(tmp_path):
 def test_cuda_graph_recipe_resumes_and_tracks_eager(tokens, tmp_path):
     """policy train_step graph: the captured step trains like the eager one and a killed run resumes exactly."""
     common = ["max_steps=8", "checkpoint_every=4", "num_workers=0", "model_args={class_dropout: 0.0}"]
-    eager = train(_cfg(tokens, tmp_path / "eager", *common))
+    eager = train(_cfg(tokens, tmp_path / "eager", *common, "policy.train_step=eager"))
     graphed = train(_cfg(tokens, tmp_path / "graphed", *common, "policy.train_step=graph"))
     assert graphed.losses == pytest.approx(eager.losses, rel=2e-2)  # same maths, other kernel order
     first = train(_cfg(tokens, tmp_path / "split", *common, "policy.train_step=graph", "stop_after=4"))

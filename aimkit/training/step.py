@@ -379,6 +379,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
     """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, :class:`EagerStep`
     for ``"eager"``; ``"auto"`` resolves here (:func:`_auto_step`: the model's device, the
     accelerator's process count and fp16, ``amp_dtype``, a compiled model, a capturable optimizer).
+    The model's own policy (``compile_glue`` included) is left as the caller built it; the trainer
+    applies :func:`step_policy` to the model before calling this.
 
     Args:
         model: the generator (prepared by ``accelerator`` when one is given).
