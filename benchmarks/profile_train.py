@@ -35,12 +35,18 @@ from aimkit.policy import ExecutionPolicy  # noqa: E402
 POLICY_FIELDS = set(ExecutionPolicy().to_dict())
 
 
-def _profile(name: str, batch: int, steps: int = 3) -> dict:
-    args = SimpleNamespace(device="cuda", compile=False, policy=[], precision="bf16", batch=batch, warmup=3)
+def _warm_step(name: str, batch: int, policy: list[str]):
+    """``step()`` of ``name`` at ``batch`` under the ``policy`` changes, after three warm-up steps."""
+    args = SimpleNamespace(device="cuda", compile=False, policy=policy, precision="bf16", batch=batch, warmup=3)
     _, step, _ = build_step(name, args, {})
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return step
+
+
+def _profile(name: str, batch: int, steps: int = 3) -> dict:
+    step = _warm_step(name, batch, [])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -54,19 +60,13 @@ def _profile(name: str, batch: int, steps: int = 3) -> dict:
 
 def _host_profile(name: str, batch: int, steps: int) -> dict:
     """Where the eager step's host (Python) time goes (an explicit ``train_step=eager``: the compiled
-    glue kept, unlike the trainer's eager fallback): cProfile over ``steps`` eager steps after
-    three warm-up steps, the top functions by own time and by cumulative time, and the wall time
-    per step against the GPU's kernel time (a host-bound step waits for Python, not for kernels)."""
+    glue kept, unlike the trainer's eager fallback): the wall time per step without the profiler,
+    then cProfile over ``steps`` more steps, the top functions by own and by cumulative time."""
     import cProfile
     import pstats
     import time
 
-    args = SimpleNamespace(device="cuda", compile=False, policy=["train_step=eager"], precision="bf16", batch=batch,
-                           warmup=3)
-    _, step, _ = build_step(name, args, {})
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = _warm_step(name, batch, ["train_step=eager"])
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
