@@ -51,7 +51,7 @@ OPERATIONS: dict[str, tuple] = {
                          "(transformer decode step)", "triton"),
     "vq_norm": ("aimkit's fused GroupNorm + swish kernel (the VQ tokenizer's blocks, without autograd)", "triton"),
 }
-TRAIN_STEPS = ("auto", "eager", "graph")
+TRAIN_STEPS = ("auto", "eager", "layer_graphs", "graph")
 STATE_DTYPES = ("float32", "model")
 
 _DECODE_ENV = "AIMKIT_DECODE_KERNELS"
@@ -94,9 +94,12 @@ class ExecutionPolicy:
         compile_loss: ``torch.compile`` the float32 cross-entropy on CUDA.
         train_step: the trainer's step: ``"auto"`` (default): graph wherever a run allows it (one
             CUDA process, any ``grad_accum``, bf16 or no mixed precision, no ``compile``), else
-            eager; the trainer resolves it once at setup and logs and records the step it runs
+            layer_graphs on CUDA without ``compile`` (several processes, fp16), else eager; the
+            trainer resolves it once at setup and logs and records the step it runs
             (:func:`aimkit.training.step.resolve_train_step`). ``"graph"`` (forward, backward,
-            clipping and the optimizer step replayed from CUDA graphs) or ``"eager"`` insist.
+            clipping and the optimizer step replayed from CUDA graphs), ``"layer_graphs"`` (the
+            eager step with each sublayer's forward and backward replayed from CUDA graphs) or
+            ``"eager"`` insist.
     """
 
     scan: str = option("auto", choices=CHOICES)

@@ -248,6 +248,13 @@ class Backbone(nn.Module):
             for i, layer in enumerate(self.layers)
         }
 
+    def sublayer_modules(self) -> list[nn.Module]:
+        """The modulated sublayers' modules in the order a whole-sequence forward runs them
+        (``layers[0].mixer``, ``layers[0].mlp`` if any, ``layers[1].mixer``, ...): each maps h
+        (B, L, D) -> (B, L, D) when called without a cache. What the layer-graphed training step
+        replays from CUDA graphs (:mod:`aimkit.training.layer_graphs`)."""
+        return [m for layer in self.layers for m in (layer.mixer, layer.mlp) if m is not None]
+
     def _run(self, x: Tensor, mods: Sequence[Tensor], inference_params, step: bool) -> Tensor:
         if len(mods) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} modulation tensors, got {len(mods)}")

@@ -47,7 +47,7 @@ def plan(opts: BenchOptions) -> list[Job]:
     if opts.wants("decode"):
         jobs += [("decode", (name, batch)) for name in opts.decode_models for batch in opts.decode_batches]
     if opts.wants("train"):
-        modes = ("eager", "cuda-graph") if opts.device.startswith("cuda") else ("eager",)
+        modes = ("eager", "layer-graphs", "cuda-graph") if opts.device.startswith("cuda") else ("eager",)
         jobs += [("train", (name, mode)) for name in opts.train_models for mode in modes]
     return jobs
 

@@ -56,7 +56,7 @@ def _throughput(row: dict[str, Any], matmul_params: int, flop_rate: float) -> di
             "mfu": mfu, "mfu_unclamped": achieved / flop_rate, "mfu_over_ceiling": over}
 
 
-TRAIN_STEP_OF_MODE = {"eager": "eager", "cuda-graph": "graph"}  # row mode -> policy train_step
+TRAIN_STEP_OF_MODE = {"eager": "eager", "layer-graphs": "layer_graphs", "cuda-graph": "graph"}  # row mode -> train_step
 
 
 def train_row(name: str, opts: BenchOptions, facts: dict[str, Any], report: Recorder,

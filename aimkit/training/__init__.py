@@ -3,7 +3,8 @@
 * :mod:`~aimkit.training.config`: :class:`TrainConfig`, YAML recipes and ``key=value`` overrides;
 * :mod:`~aimkit.training.data`: datasets and the per-step batch order (exact resume);
 * :mod:`~aimkit.training.optim`: :func:`param_groups` (which parameters decay), AdamW, schedule;
-* :mod:`~aimkit.training.step`: :class:`TrainStep`, eager or replayed from CUDA graphs as the
+* :mod:`~aimkit.training.step`: :class:`TrainStep`, eager, with each sublayer replayed from CUDA
+  graphs (:mod:`~aimkit.training.layer_graphs`) or wholly replayed from CUDA graphs, as the
   execution policy's ``train_step`` says (the trainer, the benchmarks and the tests run it);
 * :mod:`~aimkit.training.ema`: :class:`EMA`, the moving average of the weights (``ema_decay``),
   updated inside the step;
@@ -18,13 +19,14 @@ from .checkpoint import find_checkpoint, verify_checkpoint
 from .config import TrainConfig, config_to_yaml, execution_policy, find_config, load_config
 from .ema import EMA
 from .optim import lr_factor, make_optimizer, make_scheduler, param_groups
-from .step import EagerStep, GraphedStep, TrainStep, make_train_step
+from .step import EagerStep, GraphedStep, LayerGraphedStep, TrainStep, make_train_step
 from .trainer import Trainer, TrainResult, train
 
 __all__ = [
     "EMA",
     "EagerStep",
     "GraphedStep",
+    "LayerGraphedStep",
     "TrainConfig",
     "TrainResult",
     "TrainStep",

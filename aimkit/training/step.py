@@ -7,10 +7,13 @@ gradient norm (device tensors), the loop decides whether the update is applied (
 loss or norm is skipped), :meth:`TrainStep.finish` applies it or not. ``step(inputs, labels)``
 runs both halves, for benchmarks.
 
-Two strategies, picked by the execution policy's ``train_step`` (:func:`make_train_step`):
+Three strategies, picked by the execution policy's ``train_step`` (:func:`make_train_step`):
 
 * :class:`EagerStep`: plain PyTorch (through HF accelerate when the trainer passes its
   accelerator: DDP gradient sync, loss scaling, several micro-batches);
+* :class:`LayerGraphedStep`: the eager step with each sublayer (Mamba2 mixer, attention, MLP)
+  replayed from a forward and a backward CUDA graph (:mod:`aimkit.training.layer_graphs`): what
+  ``train_step: auto`` runs where the whole step cannot be captured (several processes, fp16);
 * :class:`GraphedStep`: forward + backward + clip and the optimizer update, each replayed from
   one CUDA graph (two graphs, one memory pool): the host launches a step with two calls instead
   of thousands of small kernels (with ``grad_accum`` N: three graphs, N + 2 calls). One CUDA
@@ -41,10 +44,11 @@ from ..generator import token_cross_entropy
 from ..policy import ExecutionPolicy
 from .ema import EMA
 
-__all__ = ["EagerStep", "GraphedStep", "TrainStep", "check_graph_step", "make_train_step", "resolve_train_step",
-           "step_policy"]
+__all__ = ["EagerStep", "GraphedStep", "LayerGraphedStep", "TrainStep", "check_graph_step", "check_layer_graphs",
+           "make_train_step", "resolve_train_step", "step_policy"]
 
 Batch = tuple[Tensor, Tensor]  # (codes (B, N) int64, labels (B,) int64)
+STEP_KINDS = ("graph", "layer_graphs", "eager")  # what train_step resolves to (policy's "auto" is not one)
 
 
 class TrainStep:
@@ -137,7 +141,59 @@ class EagerStep(TrainStep):
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
+        self._clear_grads()
+
+    def _clear_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class LayerGraphedStep(EagerStep):
+    """:class:`EagerStep` with each sublayer module's forward and backward replayed from CUDA graphs.
+
+    The first step runs eagerly and records each sublayer's input; the second captures the
+    sublayers for it (:class:`~aimkit.training.layer_graphs.GraphedSublayers`) and from then on a
+    sublayer costs two launches per micro-batch instead of hundreds. A micro-batch of another
+    shape runs those sublayers eagerly. The same kernels run as in the eager step, so the
+    numbers are the eager step's. From the capture on, every parameter's ``.grad`` stays
+    allocated and is zeroed in place after each step (the contract of
+    :mod:`~aimkit.training.layer_graphs`), so ``optimizer.zero_grad`` is not what clears them.
+
+    Args (besides :class:`EagerStep`'s):
+        sublayers: the modules to graph, in forward order
+            (:meth:`~aimkit.backbones.base.Backbone.sublayer_modules`); CUDA, not compiled.
+        warmup: forward + backward passes per module on random inputs before its capture.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, sublayers: Sequence[nn.Module],
+                 warmup: int = 3, **eager):
+        from .layer_graphs import GraphedSublayers
+
+        super().__init__(model, optimizer, **eager)
+        if not all(p.is_cuda for m in sublayers for p in m.parameters()):
+            raise ValueError("LayerGraphedStep needs the sublayers' parameters on a CUDA device")
+        self.graphs = GraphedSublayers(sublayers, warmup=warmup)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __repr__(self) -> str:
+        return f"LayerGraphedStep({self.graphs!r})"
+
+    def forward_backward(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
+        if self.graphs.captured:
+            return super().forward_backward(batches)
+        if self.graphs.recorded:  # the second step: capture, then run it through the graphs
+            self.graphs.capture()
+            for p in self.params:  # autograd adds into these from now on (never installs a graph's buffer)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            return super().forward_backward(batches)
+        with self.graphs.record():  # the first step: eager, noting each sublayer's input
+            return super().forward_backward(batches)
+
+    def _clear_grads(self) -> None:
+        if self.graphs.captured:
+            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
+        else:
+            super()._clear_grads()
 
 
 class GraphedStep(TrainStep):
@@ -310,35 +366,62 @@ def check_graph_step(device: torch.device, *, processes: int = 1, mixed_precisio
         raise ConfigError("policy train_step: graph needs " + ", ".join(problems))
 
 
+def check_layer_graphs(device: torch.device, *, compiled: bool = False, **_run: object) -> None:
+    """Raise a ConfigError naming everything that rules out ``policy.train_step: layer_graphs``
+    for a run (several processes, fp16 and gradient accumulation do not)."""
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"a CUDA device (this run is on {device.type})")
+    if compiled:
+        problems.append("compile: false")
+    if problems:
+        raise ConfigError("policy train_step: layer_graphs needs " + ", ".join(problems))
+
+
+def _needs(exc: ConfigError) -> str:
+    return str(exc).split(" needs ", 1)[1]
+
+
 def resolve_train_step(policy: ExecutionPolicy, device: torch.device, **run: object) -> tuple[str, str]:
-    """The step a run with ``policy`` takes: ``("graph" | "eager", why)``.
+    """The step a run with ``policy`` takes: ``("graph" | "layer_graphs" | "eager", why)``.
 
     ``train_step: auto`` is ``graph`` wherever :func:`check_graph_step` allows it (``run``: its
-    ``processes``, ``mixed_precision``, ``compiled``), else ``eager`` with the reason;
-    an explicit ``graph`` that the run rules out raises its ConfigError."""
+    ``processes``, ``mixed_precision``, ``compiled``), else ``layer_graphs`` wherever
+    :func:`check_layer_graphs` does, else ``eager``, each with the reason; an explicit ``graph``
+    or ``layer_graphs`` that the run rules out raises its ConfigError."""
     if policy.train_step == "eager":
         return "eager", "policy train_step: eager"
+    if policy.train_step == "layer_graphs":
+        check_layer_graphs(device, **run)
+        return "layer_graphs", "policy train_step: layer_graphs"
     try:
         check_graph_step(device, **run)
     except ConfigError as exc:
         if policy.train_step == "graph":
             raise
-        return "eager", f"train_step auto: eager, since the captured step needs {str(exc).split(' needs ', 1)[1]}"
+        whole = _needs(exc)
+        try:
+            check_layer_graphs(device, **run)
+        except ConfigError as layer_exc:
+            return "eager", (f"train_step auto: eager, since the captured step needs {whole} and the "
+                             f"layer-graphed step needs {_needs(layer_exc)}")
+        return "layer_graphs", f"train_step auto: layer_graphs, since the captured step needs {whole}"
     return "graph", f"policy train_step: {policy.train_step} (one CUDA process: captured step)"
 
 
 def step_policy(policy: ExecutionPolicy, kind: str) -> ExecutionPolicy:
-    """The policy a run whose step resolved to ``kind`` (``"graph"`` / ``"eager"``) runs and records.
+    """The policy a run whose step resolved to ``kind`` (``"graph"`` / ``"layer_graphs"`` /
+    ``"eager"``) runs and records.
 
-    ``train_step`` becomes ``kind``. Where ``train_step: auto`` falls back to the eager step (several
-    processes, fp16, a compiled model, a CPU), the glue between sublayers also runs uncompiled
+    ``train_step`` becomes ``kind``. Where ``train_step: auto`` falls back to the eager step (a
+    compiled model, a CPU), the glue between sublayers also runs uncompiled
     (``compile_glue`` false): the eager step waits on the host, and the compiled glue's guards and
     autograd wrappers cost more host time than its kernels save GPU time (one H200, 64 x 256 per
     step, same lease: AiM-B 182.8 -> 174.7 ms, AiM-L 379.0 -> 320.8 ms; benchmarks/notes.md,
     2026-12-03). The captured step keeps the compiled glue: no host time is spent inside a graph.
     An explicit ``train_step: eager`` keeps ``compile_glue`` as given."""
-    if kind not in ("graph", "eager"):
-        raise ValueError(f"step kind must be 'graph' or 'eager', got {kind!r}")
+    if kind not in STEP_KINDS:
+        raise ValueError(f"step kind must be one of {', '.join(map(repr, STEP_KINDS))}, got {kind!r}")
     changes: dict = {"train_step": kind}
     if policy.train_step == "auto" and kind == "eager":
         changes["compile_glue"] = False
@@ -357,8 +440,9 @@ def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: to
     """What ``train_step: auto`` runs for a step built by :func:`make_train_step`: the precision is
     ``amp_dtype``'s (what the captured step would autocast with), fp16 when the accelerator's is
     (its loss scaler rules the captured step out); a ``torch.compile``d model counts as compiled;
-    every parameter group of ``optimizer`` must be capturable (what :class:`GraphedStep`
-    requires), else eager."""
+    the captured step also needs every parameter group of ``optimizer`` capturable (what
+    :class:`GraphedStep` requires), else the layer-graphed step runs (it allows whatever the
+    captured step does)."""
     device = next(model.parameters()).device
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "no"}.get(amp_dtype, "no")
     if accelerator is not None:
@@ -369,16 +453,18 @@ def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: to
     compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
     kind, _ = resolve_train_step(ExecutionPolicy(train_step="auto"), device, processes=processes,
                                  mixed_precision=precision, compiled=compiled)
-    return kind if _capturable(optimizer) else "eager"
+    return "layer_graphs" if kind == "graph" and not _capturable(optimizer) else kind
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
                     max_grad_norm: float | None = 1.0, amp_dtype: torch.dtype | None = torch.bfloat16,
                     accelerator=None, graph_warmup: int = 1, ema: EMA | None = None,
                     grad_accum: int = 1) -> TrainStep:
-    """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``, :class:`EagerStep`
-    for ``"eager"``; ``"auto"`` resolves here (:func:`_auto_step`: the model's device, the
-    accelerator's process count and fp16, ``amp_dtype``, a compiled model, a capturable optimizer).
+    """The step ``policy.train_step`` names: :class:`GraphedStep` for ``"graph"``,
+    :class:`LayerGraphedStep` for ``"layer_graphs"`` (the sublayers of ``model``'s backbone, found
+    through DDP's ``module``), :class:`EagerStep` for ``"eager"``; ``"auto"`` resolves here
+    (:func:`_auto_step`: the model's device, the accelerator's process count and fp16,
+    ``amp_dtype``, a compiled model, a capturable optimizer).
     The model's own policy (``compile_glue`` included) is left as the caller built it; the trainer
     applies :func:`step_policy` to the model before calling this.
 
@@ -389,7 +475,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
         max_grad_norm: global grad-norm clip; None measures only.
         amp_dtype: autocast dtype, or None. With an accelerator the eager step leaves autocast to it.
         accelerator: the trainer's ``accelerate.Accelerator``, or None.
-        graph_warmup: warm-up steps before capture (undone), ``"graph"`` only.
+        graph_warmup: ``"graph"``: warm-up steps before capture (undone); ``"layer_graphs"``:
+            forward + backward passes per sublayer on random inputs before its capture.
         ema: a moving average of the weights updated after every applied update, or None.
         grad_accum: micro-batches per step, for ``"graph"`` (the eager step takes any number).
     """
@@ -400,4 +487,17 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
         return GraphedStep(model, optimizer, amp_dtype=amp_dtype, warmup=graph_warmup, grad_accum=grad_accum,
                            **common)
     eager_amp = None if accelerator is not None else amp_dtype
+    if policy.train_step == "layer_graphs":
+        return LayerGraphedStep(model, optimizer, sublayers=_sublayer_modules(model), warmup=graph_warmup,
+                                amp_dtype=eager_amp, accelerator=accelerator, **common)
     return EagerStep(model, optimizer, amp_dtype=eager_amp, accelerator=accelerator, **common)
+
+
+def _sublayer_modules(model: nn.Module) -> list[nn.Module]:
+    """The sublayer modules of a generator's backbone (the generator itself or inside DDP's ``module``)."""
+    inner = getattr(model, "module", model)
+    backbone = getattr(inner, "backbone", None)
+    if backbone is None or not hasattr(backbone, "sublayer_modules"):
+        raise ConfigError(f"policy train_step: layer_graphs needs a generator whose backbone lists its sublayer "
+                          f"modules; got {type(inner).__name__}")
+    return backbone.sublayer_modules()

@@ -9,7 +9,7 @@ import aimkit
 from aimkit.errors import ConfigError
 from aimkit.generator import token_cross_entropy
 from aimkit.policy import ExecutionPolicy
-from aimkit.training import EagerStep, GraphedStep, make_optimizer, make_train_step, param_groups
+from aimkit.training import EagerStep, GraphedStep, LayerGraphedStep, make_optimizer, make_train_step, param_groups
 
 TINY = dict(d_model=64, n_layer=2, num_classes=10, vocab_size=64, num_tokens=16, tokenizer=None,
             class_dropout=0.0, backbone__d_state=16, backbone__headdim=16)
@@ -144,12 +144,14 @@ def test_graphed_accumulating_steps_equal_eager_steps():
 
 @pytest.mark.parametrize("run, want", [
     (dict(device="cpu"), ("eager", "a CUDA device (this run is on cpu)")),
-    (dict(device="cuda", processes=2), ("eager", "a single process (this run has 2)")),
-    (dict(device="cuda", mixed_precision="fp16"), ("eager", "mixed_precision bf16 or no")),
+    (dict(device="cuda", processes=2), ("layer_graphs", "a single process (this run has 2)")),
+    (dict(device="cuda", processes=4, mixed_precision="fp16"), ("layer_graphs", "mixed_precision bf16 or no")),
+    (dict(device="cuda", processes=2, compiled=True), ("eager", "layer-graphed step needs compile: false")),
     (dict(device="cuda", mixed_precision="bf16"), ("graph", "captured step")),
 ])
 def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
-    """Policy train_step auto resolves once per run to the captured step or, naming why, to eager."""
+    """Policy train_step auto resolves once per run to the captured step or, naming why, to the
+    layer-graphed step, or to eager; an explicit choice the run rules out is refused."""
     from aimkit.training.step import resolve_train_step
 
     run = dict(run)  # the parametrized dict is shared between reruns
@@ -157,9 +159,14 @@ def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
     kind, why = resolve_train_step(ExecutionPolicy(train_step="auto"), device, **run)
     assert kind == want[0] and want[1] in why
     assert resolve_train_step(ExecutionPolicy(train_step="eager"), device, **run)[0] == "eager"
-    if kind == "eager":
+    if kind != "graph":
         with pytest.raises(ConfigError, match="policy train_step: graph needs"):
             resolve_train_step(ExecutionPolicy(train_step="graph"), device, **run)
+    if kind == "eager":
+        with pytest.raises(ConfigError, match="policy train_step: layer_graphs needs"):
+            resolve_train_step(ExecutionPolicy(train_step="layer_graphs"), device, **run)
+    else:
+        assert resolve_train_step(ExecutionPolicy(train_step="layer_graphs"), device, **run)[0] == "layer_graphs"
 
 
 @pytest.mark.parametrize("asked, kind, glue, want_glue", [
@@ -168,6 +175,7 @@ def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
     ("eager", "eager", True, True),  # asked for explicitly: compile_glue as given
     ("auto", "eager", False, False),
     ("graph", "graph", False, False),
+    ("auto", "layer_graphs", True, True),  # host time is spent in the glue only: kept as given
 ])
 def test_step_policy_drops_the_compiled_glue_only_where_auto_falls_back_to_eager(asked, kind, glue, want_glue):
     from aimkit.training.step import step_policy
@@ -176,20 +184,20 @@ def test_step_policy_drops_the_compiled_glue_only_where_auto_falls_back_to_eager
     got = step_policy(policy, kind)
     assert (got.train_step, got.compile_glue) == (kind, want_glue)
     assert got.replace(train_step=asked, compile_glue=glue) == policy  # nothing else changed
-    with pytest.raises(ValueError, match="'graph' or 'eager'"):
+    with pytest.raises(ValueError, match="'graph', 'layer_graphs', 'eager'"):
         step_policy(policy, "auto")
 
 
 def test_make_train_step_resolves_auto_for_its_model_and_optimizer():
     """The default policy (train_step auto) builds the eager step on the CPU; on CUDA the captured
-    step, unless the optimizer cannot be captured."""
+    step, unless the optimizer cannot be captured (then the layer-graphed step)."""
     assert ExecutionPolicy().train_step == "auto"
     gen = _model("cpu")
     assert isinstance(make_train_step(gen, make_optimizer(gen, lr=1e-3), ExecutionPolicy()), EagerStep)
     if torch.cuda.is_available():
         gen = _model("cuda")
         plain = make_train_step(gen, make_optimizer(gen, lr=1e-3, capturable=False), ExecutionPolicy())
-        assert isinstance(plain, EagerStep)
+        assert isinstance(plain, LayerGraphedStep)
         graphed = make_train_step(gen, make_optimizer(gen, lr=1e-3, capturable=True), ExecutionPolicy())
         assert isinstance(graphed, GraphedStep)
 
@@ -225,4 +233,4 @@ def test_auto_step_reads_the_accelerators_precision_a_compiled_model_and_every_p
     step._auto_step(wrapped, opt, torch.bfloat16, None)
     assert seen[-1]["compiled"] is True
     opt.param_groups[-1]["capturable"] = False  # one group overriding the default
-    assert step._auto_step(gen, opt, torch.bfloat16, None) == "eager"
+    assert step._auto_step(gen, opt, torch.bfloat16, None) == "layer_graphs"
