@@ -257,6 +257,25 @@ def test_cuda_graph_recipe_resumes_and_tracks_eager(tokens, tmp_path):
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_graphs_recipe_resumes_and_tracks_eager(tokens, tmp_path):
+    """policy train_step layer_graphs (what auto runs with several processes): the trainer records it,
+    it trains like the eager step, and a killed run resumes exactly."""
+    common = ["max_steps=6", "checkpoint_every=3", "num_workers=0", "model_args={class_dropout: 0.0}"]
+    eager = train(_cfg(tokens, tmp_path / "eager", *common, "policy.train_step=eager"))
+    layered = train(_cfg(tokens, tmp_path / "layered", *common, "policy.train_step=layer_graphs"))
+    assert layered.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-5)
+    state = json.loads(next((tmp_path / "layered" / "checkpoints").rglob("trainer_state.json")).read_text())
+    assert (state["policy"]["train_step"], state["policy"]["compile_glue"]) == ("layer_graphs", True)
+    train(_cfg(tokens, tmp_path / "split", *common, "policy.train_step=layer_graphs", "stop_after=3"))
+    second = train(_cfg(tokens, tmp_path / "split", *common, "policy.train_step=layer_graphs"), resume="auto")
+    assert second.step == 6
+    a, b = _final_state(tmp_path / "layered"), _final_state(tmp_path / "split")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def _vq_recipe(tmp_path, *lines):
     """aim-test-vq (a tokenizer: pixels to draw) on random codes."""
     path = tmp_path / "vq.yaml"

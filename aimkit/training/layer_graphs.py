@@ -4,29 +4,37 @@ The eager training step is bound by its host: mamba-ssm's split scan alone dispa
 Triton launches per AiM-B step through its autotuner (benchmarks/notes.md, 2026-12-03). Where
 the whole step cannot be captured (several processes: DDP's all-reduce; fp16's loss scaler),
 :class:`GraphedSublayers` captures each sublayer module (a Mamba2 mixer, an attention, an MLP:
-:meth:`aimkit.backbones.base.Backbone.sublayer_modules`) with
-``torch.cuda.make_graphed_callables``: its forward becomes one graph launch and its backward
-another, inside one autograd node. Everything else stays eager: the glue between sublayers, the
-embedding and conditioning, the head and the loss, DDP's gradient all-reduce (hooks that fire as
-autograd accumulates each parameter's gradient, after the graph that produced it), clipping, the
-optimizer.
+:meth:`aimkit.backbones.base.Backbone.sublayer_modules`): its forward becomes one graph launch
+and its backward another, inside one autograd node. Everything else stays eager: the glue
+between sublayers, the embedding and conditioning, the head and the loss, DDP's gradient
+all-reduce (hooks that fire as autograd accumulates each parameter's gradient, after the node
+that produced it), clipping, the optimizer.
 
 Life cycle: :meth:`GraphedSublayers.record` watches one eager forward and notes each module's
 input (shape, dtype, device, ``requires_grad``, the CUDA autocast dtype); :meth:`capture` then
-captures every module for that input (warm-up on random inputs of a side stream, which touches
-no weight and no ``.grad``; the CUDA RNG state is put back) and installs a forward that replays
-the graph for a call like the recorded one and runs the module's own forward for any other (a
-cache, no grad, eval mode, another shape or autocast): no input is copied into a buffer of
-another shape.
+captures every module for that input and installs a forward (:class:`GraphedForward`) that
+replays the graphs for a call like the recorded one and runs the module's own forward for any
+other (a cache, no grad, eval mode, another shape or autocast): no input is copied into a buffer
+of another shape.
+
+Why not ``torch.cuda.make_graphed_callables``: it differentiates the captured backward with
+respect to the parameters themselves, so their gradient-accumulator nodes take part in the
+capture; a node created on another stream (DDP creates one per parameter when it wraps the
+model, and keeps it) makes autograd order the capturing stream against that stream, which
+invalidates the capture (measured: the DDP test and AiM-L failed with
+``cudaErrorStreamCaptureInvalidated``). Here the captured passes see each parameter through a
+detached alias (same storage, so optimizer updates are seen), and the real parameters meet
+autograd only when a replay hands back their gradients, on the training stream. The sample input
+is random and the capture touches no weight and no ``.grad``; the CUDA RNG state is put back.
 
 Two contracts the caller keeps (:class:`aimkit.training.step.LayerGraphedStep` does):
 
-* the micro-batch's backward runs before the next forward replays the same graphs (the saved
-  activations and the returned outputs live in the graphs' static buffers);
-* every trainable parameter keeps an allocated ``.grad``, zeroed in place between steps, never
-  set to None: the graphed backward hands autograd its static gradient buffers, and into an
-  undefined ``.grad`` autograd would install that buffer itself, which the next micro-batch's
-  replay overwrites, silently doubling it under gradient accumulation (pytorch/pytorch#181723).
+* a micro-batch's backward runs before the next forward replays the same graphs (the saved
+  activations, the outputs and the input gradients live in the graphs' static buffers);
+* every trainable parameter keeps an allocated ``.grad``, zeroed in place between steps: autograd
+  then adds a replay's gradients into it. (Into an undefined ``.grad`` autograd would install the
+  handed-back buffer itself, which the next replay overwrites: pytorch/pytorch#181723. A replay
+  therefore hands back a copy for a parameter whose ``.grad`` is None.)
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 __all__ = ["GraphedSublayers"]
 
@@ -77,6 +86,75 @@ class GraphedForward:
             self.replays += 1
             return self.graphed(x)
         return self.eager(x, *args, **kwargs)
+
+
+class ModuleGraphs:
+    """The forward and backward CUDA graphs of one module for one input :class:`CallSpec`.
+
+    The captured passes run the module on detached aliases of its parameters (same storage), so
+    the parameters' own autograd nodes stay out of the capture (module docstring)."""
+
+    def __init__(self, module: nn.Module, spec: CallSpec):
+        self.module, self.spec = module, spec
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.aliases = {name: p.detach().requires_grad_(p.requires_grad) for name, p in module.named_parameters()}
+        self.alias_list = [a for a in self.aliases.values() if a.requires_grad]
+        self.storage = [p.data_ptr() for p in module.parameters()]  # what the graphs read
+        self.x = torch.randn(spec.shape, dtype=spec.dtype, device=spec.device).requires_grad_(spec.requires_grad)
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self.out = self.grad_out = None
+        self.grads: list[Tensor] = []
+
+    def run(self) -> Tensor:
+        return functional_call(self.module, self.aliases, (self.x,))
+
+    def wrt(self) -> list[Tensor]:
+        """What the backward differentiates: the input (if it requires grad), then the aliases."""
+        return ([self.x] if self.spec.requires_grad else []) + self.alias_list
+
+    def capture_forward(self, pool) -> None:
+        with torch.cuda.graph(self.fwd, pool=pool):
+            self.out = self.run()
+        if not isinstance(self.out, Tensor) or not self.out.requires_grad:
+            raise RuntimeError(f"{type(self.module).__name__} must return one tensor that requires grad to be graphed")
+        self.grad_out = torch.empty_like(self.out)
+
+    def capture_backward(self, pool) -> None:
+        with torch.cuda.graph(self.bwd, pool=pool):
+            self.grads = list(torch.autograd.grad(self.out, self.wrt(), self.grad_out))
+
+    def replay(self, x: Tensor) -> Tensor:
+        """The module's output for ``x`` (of the captured spec), differentiable in ``x`` and the parameters."""
+        if [p.data_ptr() for p in self.module.parameters()] != self.storage:
+            raise RuntimeError(f"a parameter of {type(self.module).__name__} was replaced after its CUDA graphs were "
+                               "captured (the graphs read the old storage); update parameters in place")
+        return _Replay.apply(self, x, *self.params)
+
+
+class _Replay(torch.autograd.Function):
+    """One autograd node around a :class:`ModuleGraphs`: forward and backward are graph replays."""
+
+    @staticmethod
+    def forward(ctx, graphs: ModuleGraphs, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.graphs = graphs
+        if graphs.x.data_ptr() != x.data_ptr():
+            graphs.x.copy_(x)
+        graphs.fwd.replay()
+        return graphs.out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        graphs = ctx.graphs
+        graphs.grad_out.copy_(grad_out)
+        graphs.bwd.replay()
+        grads = graphs.grads
+        grad_x = None
+        if graphs.spec.requires_grad:
+            grad_x, grads = grads[0].detach(), grads[1:]
+        # a parameter without a .grad would adopt the static buffer itself (module docstring): copy for it
+        param_grads = [g.detach() if p.grad is not None else g.clone() for p, g in zip(graphs.params, grads)]
+        return (None, grad_x, *param_grads)
 
 
 class GraphedSublayers:
@@ -128,7 +206,10 @@ class GraphedSublayers:
                 handle.remove()
 
     def capture(self) -> None:
-        """Capture every module for its recorded input and install :class:`GraphedForward`."""
+        """Capture every module for its recorded input and install :class:`GraphedForward`.
+
+        All forward graphs first in forward order, then the backward graphs in reverse, into one
+        memory pool: the order the replays run in, so no replay overwrites memory another still needs."""
         if self.captured:
             raise RuntimeError("GraphedSublayers are captured already")
         missing = [i for i, spec in enumerate(self.specs) if spec is None]
@@ -141,15 +222,29 @@ class GraphedSublayers:
         if device.type != "cuda":
             raise ValueError(f"GraphedSublayers needs CUDA modules, the recorded inputs are on {device}")
         rng = torch.cuda.get_rng_state(device)
-        samples = tuple((torch.randn(s.shape, dtype=s.dtype, device=device).requires_grad_(s.requires_grad),)
-                        for s in specs)
-        with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None, cache_enabled=False):
-            torch.cuda.make_graphed_callables(tuple(self.modules), samples, num_warmup_iters=self.warmup)
+        graphs = [ModuleGraphs(m, spec) for m, spec in zip(self.modules, specs)]
+        autocast = torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None, cache_enabled=False)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # lazy initialisation and allocator warm-up outside the capture
+            for g in graphs:
+                for _ in range(self.warmup):
+                    with autocast:
+                        out = g.run()
+                    torch.autograd.grad(out, g.wrt(), torch.ones_like(out))
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        pool = torch.cuda.graph_pool_handle()
+        for g in graphs:
+            with autocast:
+                g.capture_forward(pool)
+        for g in reversed(graphs):
+            g.capture_backward(pool)  # outside autocast, as the eager step's backward runs
+        torch.cuda.synchronize(device)
         torch.cuda.set_rng_state(rng, device)
-        for module, spec in zip(self.modules, specs):
-            graphed = module.__dict__.pop("forward")  # make_graphed_callables' replacement
-            forward = GraphedForward(module, graphed, module.forward, spec)  # module.forward: the class's again
-            module.forward = forward
+        for g in graphs:
+            forward = GraphedForward(g.module, g.replay, g.module.forward, g.spec)
+            g.module.forward = forward
             self.forwards.append(forward)
 
     def remove(self) -> None:

@@ -177,6 +177,17 @@ def test_layer_graphed_step_inside_ddp_trains_like_eager(monkeypatch):
         dist.destroy_process_group()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_parameter_replaced_after_capture_is_refused():
+    micro = _micro_batches("cuda", 2, 1)
+    gen, _, _, step = _train("layer_graphs", micro)
+    weight = gen.backbone.layers[0].mixer.in_proj.weight
+    weight.data = weight.data.clone()  # new storage: the graphs would read the old one
+    with pytest.raises(RuntimeError, match="replaced after its CUDA graphs were captured"):
+        step.forward_backward(micro[0])
+
+
 def test_eager_step_is_not_a_layer_graphed_step():
     gen = _model("cpu")
     step = make_train_step(gen, make_optimizer(gen, lr=1e-3), ExecutionPolicy(train_step="eager"))
