@@ -121,7 +121,7 @@ class ModuleGraphs:
 
     def capture_backward(self, pool) -> None:
         with torch.cuda.graph(self.bwd, pool=pool):
-            self.grads = list(torch.autograd.grad(self.out, self.wrt(), self.grad_out))
+            self.grads = list(torch.autograd.grad(self.out, self.wrt(), self.grad_out, allow_unused=True))
 
     def replay(self, x: Tensor) -> Tensor:
         """The module's output for ``x`` (of the captured spec), differentiable in ``x`` and the parameters."""
@@ -151,9 +151,11 @@ class _Replay(torch.autograd.Function):
         grads = graphs.grads
         grad_x = None
         if graphs.spec.requires_grad:
-            grad_x, grads = grads[0].detach(), grads[1:]
+            grad_x, grads = grads[0], grads[1:]
+            grad_x = None if grad_x is None else grad_x.detach()
         # a parameter without a .grad would adopt the static buffer itself (module docstring): copy for it
-        param_grads = [g.detach() if p.grad is not None else g.clone() for p, g in zip(graphs.params, grads)]
+        param_grads = [None if g is None else g.detach() if p.grad is not None else g.clone()
+                       for p, g in zip(graphs.params, grads)]
         return (None, grad_x, *param_grads)
 
 
@@ -231,7 +233,7 @@ class GraphedSublayers:
                 for _ in range(self.warmup):
                     with autocast:
                         out = g.run()
-                    torch.autograd.grad(out, g.wrt(), torch.ones_like(out))
+                    torch.autograd.grad(out, g.wrt(), torch.ones_like(out), allow_unused=True)
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         pool = torch.cuda.graph_pool_handle()
