@@ -52,8 +52,9 @@ def _policy_help() -> str:
     return ("execution policy under test, FIELD=VALUE[,FIELD=VALUE...], e.g. "
             "--policy state_dtype=model,decode_graph=false; operations take auto, kernel or reference. "
             f"Fields (default): {fields}. Unset fields come from aimkit.policy.default_policy() "
-            "(environment defaults). Training rows set train_step to their mode; under train_step auto the "
-            "eager row also drops compile_glue, as the trainer's eager fallback does (train_step=eager keeps it). "
+            "(environment defaults). Training rows set train_step to their mode (eager; on CUDA also "
+            "layer-graphs and cuda-graph); under train_step auto the eager row also drops compile_glue, as the "
+            "trainer's eager fallback does (train_step=eager keeps it). "
             "Every row records the policy and what it resolved to on the device")
 
 

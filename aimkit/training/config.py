@@ -77,7 +77,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     compile: bool = False  # torch.compile the model (inductor)
     # ExecutionPolicy fields over default_policy(): train_step auto (default) replays the step from
-    # CUDA graphs where the run allows it (one GPU, bf16 or no), else runs the eager step with the glue
+    # CUDA graphs where the run allows it (one GPU, bf16 or no), else each sublayer from its own graphs
+    # (layer_graphs: several GPUs, fp16), else (CPU, compile) runs the eager step with the glue
     # uncompiled; {train_step: eager} opts out of the graphs (compile_glue as given); see aimkit/policy.py
     policy: dict[str, Any] = field(default_factory=dict)
     seed: int = 0

@@ -112,6 +112,14 @@ class ModuleGraphs:
         """What the backward differentiates: the input (if it requires grad), then the aliases."""
         return ([self.x] if self.spec.requires_grad else []) + self.alias_list
 
+    def warm_up(self, autocast) -> None:
+        """One forward and backward outside any capture. Nothing of it may outlive the call: a
+        gradient node created here, on the warm-up stream, and reused by the capture would make
+        autograd order the capturing stream against the warm-up stream."""
+        with autocast:
+            out = self.run()
+        torch.autograd.grad(out, self.wrt(), torch.ones_like(out), allow_unused=True)
+
     def capture_forward(self, pool) -> None:
         with torch.cuda.graph(self.fwd, pool=pool):
             self.out = self.run()
@@ -231,9 +239,7 @@ class GraphedSublayers:
         with torch.cuda.stream(side):  # lazy initialisation and allocator warm-up outside the capture
             for g in graphs:
                 for _ in range(self.warmup):
-                    with autocast:
-                        out = g.run()
-                    torch.autograd.grad(out, g.wrt(), torch.ones_like(out), allow_unused=True)
+                    g.warm_up(autocast)
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         pool = torch.cuda.graph_pool_handle()
