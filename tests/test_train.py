@@ -259,12 +259,19 @@ def test_cuda_graph_recipe_resumes_and_tracks_eager(tokens, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_layer_graphs_recipe_resumes_and_tracks_eager(tokens, tmp_path):
+def test_layer_graphs_recipe_resumes_and_tracks_eager(tokens, tmp_path, monkeypatch):
     """policy train_step layer_graphs (what auto runs with several processes): the trainer records it,
-    it trains like the eager step, and a killed run resumes exactly."""
+    its sublayers do replay graphs, it trains like the eager step, and a killed run resumes exactly."""
+    from aimkit.training.layer_graphs import ModuleGraphs
+
+    replays = []
+    replay = ModuleGraphs.replay
+    monkeypatch.setattr(ModuleGraphs, "replay", lambda self, x: (replays.append(1), replay(self, x))[1])
     common = ["max_steps=6", "checkpoint_every=3", "num_workers=0", "model_args={class_dropout: 0.0}"]
     eager = train(_cfg(tokens, tmp_path / "eager", *common, "policy.train_step=eager"))
+    assert not replays
     layered = train(_cfg(tokens, tmp_path / "layered", *common, "policy.train_step=layer_graphs"))
+    assert len(replays) >= 5  # steps 2-6 replayed (every sublayer, every micro-batch)
     assert layered.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-5)
     state = json.loads(next((tmp_path / "layered" / "checkpoints").rglob("trainer_state.json")).read_text())
     assert (state["policy"]["train_step"], state["policy"]["compile_glue"]) == ("layer_graphs", True)

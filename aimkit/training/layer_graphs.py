@@ -72,14 +72,16 @@ class GraphedForward:
     module's own forward."""
 
     def __init__(self, module: nn.Module, graphed: Callable[[Tensor], Tensor], eager: Callable[..., Tensor],
-                 spec: CallSpec):
-        self.module, self.graphed, self.eager, self.spec = module, graphed, eager, spec
+                 spec: CallSpec, busy: Callable[[], bool] = lambda: False):
+        self.module, self.graphed, self.eager, self.spec, self.busy = module, graphed, eager, spec, busy
         self.replays = 0  # calls served by the graph (tests and benchmarks read it)
 
     def matches(self, x: Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether this call replays the graph. ``busy()``: the previous replay's backward has not
+        run yet (a second forward before it would overwrite the buffers that backward reads)."""
         plain = not args and all(v is None for v in kwargs.values())  # inference_params=None and the like
         return (plain and isinstance(x, Tensor) and self.module.training and torch.is_grad_enabled()
-                and CallSpec.of(x) == self.spec)
+                and CallSpec.of(x) == self.spec and not self.busy())
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.matches(x, args, kwargs):
@@ -103,7 +105,8 @@ class ModuleGraphs:
         self.x = torch.randn(spec.shape, dtype=spec.dtype, device=spec.device).requires_grad_(spec.requires_grad)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         self.out = self.grad_out = None
-        self.grads: list[Tensor] = []
+        self.grads: list[Tensor | None] = []
+        self.pending = False  # a replayed forward whose backward has not run yet (its buffers are in use)
 
     def run(self) -> Tensor:
         return functional_call(self.module, self.aliases, (self.x,))
@@ -121,14 +124,14 @@ class ModuleGraphs:
         torch.autograd.grad(out, self.wrt(), torch.ones_like(out), allow_unused=True)
 
     def capture_forward(self, pool) -> None:
-        with torch.cuda.graph(self.fwd, pool=pool):
+        with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
             self.out = self.run()
         if not isinstance(self.out, Tensor) or not self.out.requires_grad:
             raise RuntimeError(f"{type(self.module).__name__} must return one tensor that requires grad to be graphed")
         self.grad_out = torch.empty_like(self.out)
 
     def capture_backward(self, pool) -> None:
-        with torch.cuda.graph(self.bwd, pool=pool):
+        with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
             self.grads = list(torch.autograd.grad(self.out, self.wrt(), self.grad_out, allow_unused=True))
 
     def replay(self, x: Tensor) -> Tensor:
@@ -148,6 +151,7 @@ class _Replay(torch.autograd.Function):
         if graphs.x.data_ptr() != x.data_ptr():
             graphs.x.copy_(x)
         graphs.fwd.replay()
+        graphs.pending = True
         return graphs.out.detach()
 
     @staticmethod
@@ -156,6 +160,7 @@ class _Replay(torch.autograd.Function):
         graphs = ctx.graphs
         graphs.grad_out.copy_(grad_out)
         graphs.bwd.replay()
+        graphs.pending = False
         grads = graphs.grads
         grad_x = None
         if graphs.spec.requires_grad:
@@ -185,6 +190,7 @@ class GraphedSublayers:
         self.modules, self.warmup = list(modules), warmup
         self.specs: list[CallSpec | None] = [None] * len(self.modules)
         self.forwards: list[GraphedForward] = []
+        self.graphs: list[ModuleGraphs] = []
 
     @property
     def recorded(self) -> bool:
@@ -231,7 +237,19 @@ class GraphedSublayers:
         device, amp = specs[0].device, specs[0].autocast
         if device.type != "cuda":
             raise ValueError(f"GraphedSublayers needs CUDA modules, the recorded inputs are on {device}")
-        rng = torch.cuda.get_rng_state(device)
+        with torch.cuda.device(device):
+            rng = torch.cuda.get_rng_state(device)
+            try:
+                graphs = self._capture(specs, device, amp)
+            finally:  # the sample inputs drew from it
+                torch.cuda.set_rng_state(rng, device)
+        for g in graphs:
+            forward = GraphedForward(g.module, g.replay, g.module.forward, g.spec, busy=lambda g=g: g.pending)
+            g.module.forward = forward
+            self.forwards.append(forward)
+        self.graphs = graphs
+
+    def _capture(self, specs: list[CallSpec], device: torch.device, amp: torch.dtype | None) -> list[ModuleGraphs]:
         graphs = [ModuleGraphs(m, spec) for m, spec in zip(self.modules, specs)]
         autocast = torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None, cache_enabled=False)
         side = torch.cuda.Stream(device)
@@ -249,14 +267,22 @@ class GraphedSublayers:
         for g in reversed(graphs):
             g.capture_backward(pool)  # outside autocast, as the eager step's backward runs
         torch.cuda.synchronize(device)
-        torch.cuda.set_rng_state(rng, device)
-        for g in graphs:
-            forward = GraphedForward(g.module, g.replay, g.module.forward, g.spec)
-            g.module.forward = forward
-            self.forwards.append(forward)
+        return graphs
 
     def remove(self) -> None:
         """Put every module's own forward back (the graphs are dropped with this object)."""
         for module in self.modules:
             module.__dict__.pop("forward", None)
-        self.forwards = []
+        self.forwards, self.graphs = [], []
+
+    def reset(self) -> None:
+        """Forget replays whose backward never ran (their output was dropped): the next forward
+        may replay again. For the start of a training step, when no such output is alive."""
+        for g in self.graphs:
+            g.pending = False
+
+    def missing_grads(self) -> list[Tensor]:
+        """Every trainable parameter of a graphed module that the captured backward gives no
+        gradient: unused by the module, or read other than through its attributes."""
+        return [p for g in self.graphs
+                for p, grad in zip(g.params, g.grads[1 if g.spec.requires_grad else 0:]) if grad is None]

@@ -141,6 +141,10 @@ class EagerStep(TrainStep):
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
+        else:
+            scaler = getattr(self.acc, "scaler", None)  # fp16: the loss scaler unscaled this step's gradients
+            if scaler is not None and scaler.is_enabled():
+                scaler.update()  # close the step (the next unscale_ would refuse) and back the scale off
         self._clear_grads()
 
     def _clear_grads(self) -> None:
@@ -154,9 +158,10 @@ class LayerGraphedStep(EagerStep):
     sublayers for it (:class:`~aimkit.training.layer_graphs.GraphedSublayers`) and from then on a
     sublayer costs two launches per micro-batch instead of hundreds. A micro-batch of another
     shape runs those sublayers eagerly. The same kernels run as in the eager step, so the
-    numbers are the eager step's. From the capture on, every parameter's ``.grad`` stays
-    allocated and is zeroed in place after each step (the contract of
-    :mod:`~aimkit.training.layer_graphs`), so ``optimizer.zero_grad`` is not what clears them.
+    numbers are the eager step's. From the capture on, the ``.grad`` of every parameter the
+    eager step trained stays allocated and is zeroed in place after each step (the contract of
+    :mod:`~aimkit.training.layer_graphs`), so ``optimizer.zero_grad`` is not what clears them;
+    parameters without a gradient keep none (AdamW then leaves them alone, as in the eager step).
 
     Args (besides :class:`EagerStep`'s):
         sublayers: the modules to graph, in forward order
@@ -173,21 +178,37 @@ class LayerGraphedStep(EagerStep):
             raise ValueError("LayerGraphedStep needs the sublayers' parameters on a CUDA device")
         self.graphs = GraphedSublayers(sublayers, warmup=warmup)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.trained: set[int] = set()  # ids of the parameters the recorded eager step gave a gradient
 
     def __repr__(self) -> str:
         return f"LayerGraphedStep({self.graphs!r})"
 
     def forward_backward(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
         if self.graphs.captured:
+            self.graphs.reset()  # no replay of an earlier step still waits for its backward
             return super().forward_backward(batches)
         if self.graphs.recorded:  # the second step: capture, then run it through the graphs
-            self.graphs.capture()
-            for p in self.params:  # autograd adds into these from now on (never installs a graph's buffer)
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            self._capture()
             return super().forward_backward(batches)
         with self.graphs.record():  # the first step: eager, noting each sublayer's input
-            return super().forward_backward(batches)
+            result = super().forward_backward(batches)
+        self.trained = {id(p) for p in self.params if p.grad is not None}  # what the eager step gave gradients
+        return result
+
+    def _capture(self) -> None:
+        """Capture the sublayers; from now on autograd adds into the ``.grad`` of every parameter
+        the eager step gave a gradient (allocated here, never a graph's buffer), and the others
+        keep none, as in the eager step."""
+        self.graphs.capture()
+        lost = [p for p in self.graphs.missing_grads() if id(p) in self.trained]
+        if lost:
+            names = [name for name, p in self.model.named_parameters() if any(p is q for q in lost)]
+            self.graphs.remove()
+            raise RuntimeError(f"the captured sublayers give no gradient to {names}, which the eager step trains "
+                               "(a parameter read other than as a module attribute?); use policy train_step: eager")
+        for p in self.params:
+            if p.grad is None and id(p) in self.trained:
+                p.grad = torch.zeros_like(p)
 
     def _clear_grads(self) -> None:
         if self.graphs.captured:
@@ -349,8 +370,15 @@ class _Snapshot:
         torch.cuda.set_rng_state(self.rng[1], self.device)
 
 
+def _sharded(distributed: str) -> str | None:
+    """The problem with accelerate's ``distributed_type`` for a graphed step, or None: FSDP and
+    DeepSpeed gather and free parameters around each use, which a graph cannot follow."""
+    kind = str(getattr(distributed, "value", distributed)).lower()
+    return None if kind in ("no", "multi_gpu") else f"plain DDP or one process (this run uses {kind})"
+
+
 def check_graph_step(device: torch.device, *, processes: int = 1, mixed_precision: str = "no",
-                     compiled: bool = False) -> None:
+                     compiled: bool = False, distributed: str = "no") -> None:
     """Raise a ConfigError naming everything that rules out ``policy.train_step: graph`` for a run
     (gradient accumulation does not: the captured step replays one micro-batch's graph N times)."""
     problems = []
@@ -362,18 +390,23 @@ def check_graph_step(device: torch.device, *, processes: int = 1, mixed_precisio
         problems.append("mixed_precision bf16 or no (fp16's loss scaler decides on the host)")
     if compiled:
         problems.append("compile: false")
+    if _sharded(distributed):
+        problems.append(_sharded(distributed))
     if problems:
         raise ConfigError("policy train_step: graph needs " + ", ".join(problems))
 
 
-def check_layer_graphs(device: torch.device, *, compiled: bool = False, **_run: object) -> None:
+def check_layer_graphs(device: torch.device, *, compiled: bool = False, distributed: str = "no",
+                       **_run: object) -> None:
     """Raise a ConfigError naming everything that rules out ``policy.train_step: layer_graphs``
-    for a run (several processes, fp16 and gradient accumulation do not)."""
+    for a run (several processes under DDP, fp16 and gradient accumulation do not)."""
     problems = []
     if device.type != "cuda":
         problems.append(f"a CUDA device (this run is on {device.type})")
     if compiled:
         problems.append("compile: false")
+    if _sharded(distributed):
+        problems.append(_sharded(distributed))
     if problems:
         raise ConfigError("policy train_step: layer_graphs needs " + ", ".join(problems))
 
@@ -450,10 +483,15 @@ def _auto_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp_dtype: to
         if str(getattr(accelerator_precision, "value", accelerator_precision)) == "fp16":  # str or PrecisionType
             precision = "fp16"
     processes = accelerator.num_processes if accelerator is not None else 1
+    distributed = getattr(accelerator, "distributed_type", "no") if accelerator is not None else "no"
     compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
     kind, _ = resolve_train_step(ExecutionPolicy(train_step="auto"), device, processes=processes,
-                                 mixed_precision=precision, compiled=compiled)
-    return "layer_graphs" if kind == "graph" and not _capturable(optimizer) else kind
+                                 mixed_precision=precision, compiled=compiled, distributed=distributed)
+    if kind == "graph" and not _capturable(optimizer):
+        kind = "layer_graphs"
+    if kind == "layer_graphs" and not _has_sublayers(model):
+        kind = "eager"
+    return kind
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: ExecutionPolicy, *,
@@ -493,11 +531,14 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, policy: 
     return EagerStep(model, optimizer, amp_dtype=eager_amp, accelerator=accelerator, **common)
 
 
+def _has_sublayers(model: nn.Module) -> bool:
+    return hasattr(getattr(getattr(model, "module", model), "backbone", None), "sublayer_modules")
+
+
 def _sublayer_modules(model: nn.Module) -> list[nn.Module]:
     """The sublayer modules of a generator's backbone (the generator itself or inside DDP's ``module``)."""
     inner = getattr(model, "module", model)
-    backbone = getattr(inner, "backbone", None)
-    if backbone is None or not hasattr(backbone, "sublayer_modules"):
+    if not _has_sublayers(model):
         raise ConfigError(f"policy train_step: layer_graphs needs a generator whose backbone lists its sublayer "
                           f"modules; got {type(inner).__name__}")
-    return backbone.sublayer_modules()
+    return inner.backbone.sublayer_modules()

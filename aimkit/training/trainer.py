@@ -234,7 +234,7 @@ class Trainer:
                               "is not a finite learning rate")
         step_kind, self.step_reason = resolve_train_step(
             self.policy, self.acc.device, processes=self.world, mixed_precision=cfg.mixed_precision,
-            compiled=cfg.compile)
+            compiled=cfg.compile, distributed=self.acc.distributed_type)
         self.policy = step_policy(self.policy, step_kind)  # what runs, in the log and the records
         self.gen.set_policy(self.policy)
         graph = step_kind == "graph"

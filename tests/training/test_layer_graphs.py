@@ -69,6 +69,9 @@ def test_graphed_forward_replays_only_the_call_it_was_captured_for():
     lin.eval()
     assert forward(x) == "eager"
     assert forward.replays == 2
+    lin.train()
+    busy = GraphedForward(lin, lambda t: "graph", lambda t, *a, **k: "eager", CallSpec.of(x), busy=lambda: True)
+    assert busy(x) == "eager"  # the previous replay's backward has not run: its buffers are in use
 
 
 def test_graphed_sublayers_record_first_inputs_and_refuse_what_they_cannot_capture():
@@ -98,14 +101,17 @@ def test_layer_graphs_need_cuda_and_a_generator():
         make_train_step(torch.nn.Linear(2, 2), None, ExecutionPolicy(train_step="layer_graphs"))
 
 
-def _train(kind, micro, backbone="mamba2", skip=(), wrap=None):
+def _train(kind, micro, backbone="mamba2", skip=(), wrap=None, unused=False):
     """Train ``_model`` over ``micro`` (a list of steps, each a list of micro-batches) with
-    ``train_step=kind``; the update of the steps in ``skip`` is skipped. Returns (model, losses,
-    norms, step)."""
+    ``train_step=kind`` and AdamW with weight decay; the update of the steps in ``skip`` is
+    skipped; ``unused``: the model has a trainable matrix its forward never reads. Returns
+    (model, losses, norms, step)."""
     policy = ExecutionPolicy(train_step=kind)
     gen = _model("cuda", policy, backbone)
+    if unused:
+        gen.register_parameter("unused", torch.nn.Parameter(torch.ones(3, 3, device="cuda")))
     model = wrap(gen) if wrap else gen
-    step = make_train_step(model, make_optimizer(gen, lr=1e-3, weight_decay=0.0), policy)
+    step = make_train_step(model, make_optimizer(gen, lr=1e-3, weight_decay=0.1), policy)
     losses, norms = [], []
     for i, batches in enumerate(micro):
         loss, norm = step.forward_backward(batches)
@@ -175,6 +181,18 @@ def test_layer_graphed_step_inside_ddp_trains_like_eager(monkeypatch):
         _assert_same_training(eager, graphed)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_parameter_without_gradient_stays_untouched_as_in_the_eager_step():
+    """A decayed parameter the forward never reads: no gradient, so AdamW leaves it (a zero
+    gradient allocated for it would decay it)."""
+    micro = _micro_batches("cuda", 3, 1)
+    eager = _train("eager", micro, unused=True)
+    graphed = _train("layer_graphs", micro, unused=True)
+    assert graphed[0].unused.grad is None and torch.equal(graphed[0].unused, torch.ones(3, 3, device="cuda"))
+    _assert_same_training(eager, graphed)
 
 
 @pytest.mark.gpu

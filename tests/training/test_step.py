@@ -1,6 +1,8 @@
 """aimkit.training.step and .optim: the one training step (eager or CUDA graphs) and the one
 rule for weight decay, on CPU; on a GPU, replayed steps equal eager steps."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from conftest import randomize_
@@ -76,6 +78,39 @@ def test_micro_batches_average_and_skipped_updates_change_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, split.parameters()))
 
 
+def test_a_skipped_fp16_update_closes_the_loss_scalers_step():
+    """fp16 with a non-finite loss: the trainer skips the update; the loss scaler, which unscaled
+    the gradients for the clip, must still be updated, or the next step's unscale_ refuses."""
+    gen = _model("cpu")
+    opt = make_optimizer(gen, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+
+    class ScalingAccelerator:  # what accelerate does with mixed_precision fp16
+        scaler = None
+
+        @staticmethod
+        def no_sync(model):
+            return nullcontext()
+
+        def backward(self, loss):
+            self.scaler.scale(loss).backward()
+
+        def clip_grad_norm_(self, parameters, max_norm):
+            self.scaler.unscale_(opt)
+            return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    acc = ScalingAccelerator()
+    acc.scaler = scaler
+    step = EagerStep(gen, opt, accelerator=acc)
+    with torch.no_grad():
+        gen.backbone.norm_f.weight.fill_(float("nan"))  # every loss from here on is NaN
+    for _ in range(2):
+        loss, _ = step.forward_backward([_batch()])
+        assert not torch.isfinite(loss)
+        step.finish(update=False)
+    assert scaler.get_scale() == 2.0 ** 8  # backed off once per skipped step
+
+
 def test_graphed_step_rejects_cpu_inputs_and_non_capturable_optimizers():
     gen = _model("cpu")
     codes, labels = _batch()
@@ -147,6 +182,9 @@ def test_graphed_accumulating_steps_equal_eager_steps():
     (dict(device="cuda", processes=2), ("layer_graphs", "a single process (this run has 2)")),
     (dict(device="cuda", processes=4, mixed_precision="fp16"), ("layer_graphs", "mixed_precision bf16 or no")),
     (dict(device="cuda", processes=2, compiled=True), ("eager", "layer-graphed step needs compile: false")),
+    (dict(device="cpu", processes=2, distributed="MULTI_CPU"), ("eager", "layer-graphed step needs a CUDA device")),
+    (dict(device="cuda", processes=8, distributed="FSDP"), ("eager", "plain DDP or one process (this run uses fsdp)")),
+    (dict(device="cuda", processes=2, distributed="MULTI_GPU"), ("layer_graphs", "a single process")),
     (dict(device="cuda", mixed_precision="bf16"), ("graph", "captured step")),
 ])
 def test_train_step_auto_is_graph_wherever_a_run_allows_it(run, want):
@@ -222,7 +260,7 @@ def test_auto_step_reads_the_accelerators_precision_a_compiled_model_and_every_p
         num_processes, mixed_precision = 1, "fp16"
 
     assert step._auto_step(gen, opt, torch.bfloat16, Accel()) == "graph"
-    assert seen[-1] == {"processes": 1, "mixed_precision": "fp16", "compiled": False}
+    assert seen[-1] == {"processes": 1, "mixed_precision": "fp16", "compiled": False, "distributed": "no"}
     assert step._auto_step(gen, opt, torch.float16, None) == "graph"
     assert seen[-1]["mixed_precision"] == "fp16"
     Accel.mixed_precision = "no"  # the captured step would autocast with amp_dtype: its precision counts
@@ -234,3 +272,4 @@ def test_auto_step_reads_the_accelerators_precision_a_compiled_model_and_every_p
     assert seen[-1]["compiled"] is True
     opt.param_groups[-1]["capturable"] = False  # one group overriding the default
     assert step._auto_step(gen, opt, torch.bfloat16, None) == "layer_graphs"
+    assert step._auto_step(torch.nn.Linear(2, 2), opt, torch.bfloat16, None) == "eager"  # no sublayers to graph
