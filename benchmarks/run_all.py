@@ -1,15 +1,16 @@
 """The whole ``docs/benchmarks.md`` table in one command on a GPU machine.
 
 Runs ``aimkit bench`` with the defaults below (any ``aimkit bench`` option given on the command
-line replaces its default): device ceilings, the correctness check, AiM-B/L/XL sampling at
-batch 16/64/256 with 256 tokens (tokens only, plus the VQ decoding of each batch), Mamba2 vs a
+line replaces its default): device ceilings, the correctness check, AiM-B/L/XL sampling at batch
+16/64/256 with 256 tokens (tokens only, plus the VQ decoding of each batch), Mamba2 vs a
 transformer of matching size at batch 64 over 256/576/1024 tokens (AiM-B size), the decode-step
-replay of AiM-XL at batch 16 and 256, and the training step of AiM-B and AiM-L (eager and
-captured in CUDA graphs). bf16 weights and the default execution policy (bf16 SSM state, as
-the official code keeps it; ``--policy state_dtype=float32`` for a float32 state). The official
-AiM code's measured figures (``docs/data/official_reference.json``) are drawn beside the results.
-It stops starting rows after ``--budget-s`` (default 480 s) so that the outputs are written
-inside the device's 10-minute limit.
+replay of AiM-XL at batch 16 and 256, and the training step of AiM-B and AiM-L (eager, each
+sublayer replayed from CUDA graphs as with several processes, and wholly captured). bf16 weights
+and the default execution policy (bf16 SSM state, as the official code keeps it; ``--policy
+state_dtype=float32`` for a float32 state). The official AiM code's measured figures
+(``docs/data/official_reference.json``) are drawn beside the results. It stops starting rows
+after ``--budget-s`` (default 480 s) so that the outputs are written inside the device's
+10-minute limit.
 
 On the device machine (mamba-ssm's Triton-only wheel in ``.whl``, causal-conv1d in ``.whl-cc``;
 see ``shared/tools/gpu_wheels.sh``), carrying ``[".whl", ".whl-cc"]``::

@@ -124,14 +124,14 @@ class ModuleGraphs:
         torch.autograd.grad(out, self.wrt(), torch.ones_like(out), allow_unused=True)
 
     def capture_forward(self, pool) -> None:
-        with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.fwd, pool=pool):
             self.out = self.run()
         if not isinstance(self.out, Tensor) or not self.out.requires_grad:
             raise RuntimeError(f"{type(self.module).__name__} must return one tensor that requires grad to be graphed")
         self.grad_out = torch.empty_like(self.out)
 
     def capture_backward(self, pool) -> None:
-        with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.bwd, pool=pool):
             self.grads = list(torch.autograd.grad(self.out, self.wrt(), self.grad_out, allow_unused=True))
 
     def replay(self, x: Tensor) -> Tensor:

@@ -381,34 +381,34 @@ def check_graph_step(device: torch.device, *, processes: int = 1, mixed_precisio
                      compiled: bool = False, distributed: str = "no") -> None:
     """Raise a ConfigError naming everything that rules out ``policy.train_step: graph`` for a run
     (gradient accumulation does not: the captured step replays one micro-batch's graph N times)."""
-    problems = []
-    if device.type != "cuda":
-        problems.append(f"a CUDA device (this run is on {device.type})")
+    problems = _common_problems(device, compiled, distributed)
     if processes > 1:
         problems.append(f"a single process (this run has {processes})")
     if mixed_precision == "fp16":
         problems.append("mixed_precision bf16 or no (fp16's loss scaler decides on the host)")
-    if compiled:
-        problems.append("compile: false")
-    if _sharded(distributed):
-        problems.append(_sharded(distributed))
-    if problems:
-        raise ConfigError("policy train_step: graph needs " + ", ".join(problems))
+    _refuse("graph", problems)
 
 
 def check_layer_graphs(device: torch.device, *, compiled: bool = False, distributed: str = "no",
                        **_run: object) -> None:
     """Raise a ConfigError naming everything that rules out ``policy.train_step: layer_graphs``
     for a run (several processes under DDP, fp16 and gradient accumulation do not)."""
-    problems = []
-    if device.type != "cuda":
-        problems.append(f"a CUDA device (this run is on {device.type})")
+    _refuse("layer_graphs", _common_problems(device, compiled, distributed))
+
+
+def _common_problems(device: torch.device, compiled: bool, distributed: str) -> list[str]:
+    """What rules out either graphed step: no CUDA device, a compiled model, sharded parameters."""
+    problems = [] if device.type == "cuda" else [f"a CUDA device (this run is on {device.type})"]
     if compiled:
         problems.append("compile: false")
     if _sharded(distributed):
         problems.append(_sharded(distributed))
+    return problems
+
+
+def _refuse(kind: str, problems: list[str]) -> None:
     if problems:
-        raise ConfigError("policy train_step: layer_graphs needs " + ", ".join(problems))
+        raise ConfigError(f"policy train_step: {kind} needs " + ", ".join(problems))
 
 
 def _needs(exc: ConfigError) -> str:

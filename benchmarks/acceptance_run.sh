@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The acceptance run of issue #17 on one GPU machine, in four device calls of under ten minutes
+# each, in one lease: the official AiM code first (its rows become the harness's reference, so
+# every ratio is measured on the same machine), then aimkit's whole harness, then every GPU test.
+#
+#   bash benchmarks/acceptance_run.sh official OFFICIAL_CODE_DIR TOOLS_DIR
+#        official sampling (AiM-B/L/XL at 256, AiM-XL at 16) and training (AiM-B, AiM-L at 64 x 256)
+#        -> $OUT/official.json (about 8 minutes: the official step's first steps autotune for ~100 s)
+#   bash benchmarks/acceptance_run.sh harness OFFICIAL_JSON
+#        benchmarks/run_all.py's default grid with that reference, then the kernel profile of AiM-L's
+#        captured training step (where the MFU goes) -> $OUT/bench.*, $OUT/profile_train_aim-l.json
+#   bash benchmarks/acceptance_run.sh tests
+#        every GPU-marked test (benchmarks/gpu_tests.sh tests)
+#   bash benchmarks/acceptance_run.sh kernels
+#        the kernel tests (tests/kernels), compiled on the GPU (on a CPU they run in Triton's interpreter)
+#
+# OFFICIAL_CODE_DIR is a copy of ../shared/reference/official_aim and TOOLS_DIR one of
+# ../shared/tools (../shared does not travel to the device: copy both into an ignored folder of
+# the checkout and carry it, with .whl and .whl-cc). Each part prints its rows as it goes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in official|harness|tests|kernels) ;; *) sed -n '2,19p' "$0"; exit 2 ;; esac
+source benchmarks/device_env.sh
+OUT=${OUT:-/tmp/acceptance}
+mkdir -p "$OUT"
+T0=$(date +%s)
+elapsed() { echo "t=$(( $(date +%s) - T0 ))s"; }
+
+case "${1:-}" in
+  official)
+    code=${2:?official code dir}; tools=${3:?tools dir}
+    timeout -k 10 250 python3 "$tools/bench_official.py" "$code" "$OUT/official_sampling.json" \
+      AiM-B:256 AiM-XL:16 AiM-XL:256 AiM-L:256 > "$OUT/official_sampling.log" 2>&1
+    echo "official sampling rc=$? $(elapsed)"; grep "^{" "$OUT/official_sampling.log"
+    timeout -k 10 $(( 580 - ($(date +%s) - T0) )) python3 "$tools/bench_official_train.py" "$code" \
+      "$OUT/official_train.json" AiM-B:64 AiM-L:64 > "$OUT/official_train.log" 2>&1
+    echo "official training rc=$? $(elapsed)"; grep "^{" "$OUT/official_train.log"
+    python3 benchmarks/official_reference.py "$OUT/official_sampling.json" "$OUT/official_train.json" "$OUT/official.json"
+    ;;
+  harness)
+    reference=${2:?official.json from the official part}
+    PYTHONUNBUFFERED=1 timeout -k 10 480 python3 benchmarks/run_all.py --reference "$reference" --budget-s 400 \
+      > "$OUT/run_all.log" 2>&1
+    echo "run_all rc=$? $(elapsed)"; tail -60 "$OUT/run_all.log"
+    timeout -k 10 $(( 585 - ($(date +%s) - T0) )) python3 benchmarks/profile_train.py --model aim-l --variants "" \
+      --steps 5 > "$OUT/profile_train.log" 2>&1
+    echo "AiM-L training profile rc=$? $(elapsed)"; tail -25 "$OUT/profile_train.log"
+    ;;
+  tests)
+    GPU_TESTS_TIMEOUT=570 bash benchmarks/gpu_tests.sh tests
+    echo "gpu tests rc=$? $(elapsed)"
+    ;;
+  kernels)
+    timeout -k 10 570 python3 -m pytest -q -rfEs -p no:cacheprovider tests/kernels > "$OUT/pytest_kernels.txt" 2>&1
+    echo "kernel tests rc=$? $(elapsed)"; grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/pytest_kernels.txt" | tail -20
+    ;;
+esac
