@@ -192,6 +192,12 @@ class GraphedSublayers:
         self.forwards: list[GraphedForward] = []
         self.graphs: list[ModuleGraphs] = []
 
+    @staticmethod
+    def check_modules(modules: Sequence[nn.Module]) -> None:
+        """Raise a ValueError unless every parameter of ``modules`` is on a CUDA device."""
+        if not all(p.is_cuda for m in modules for p in m.parameters()):
+            raise ValueError("layer graphs need the sublayers' parameters on a CUDA device")
+
     @property
     def recorded(self) -> bool:
         return all(spec is not None for spec in self.specs)

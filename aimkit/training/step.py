@@ -174,8 +174,7 @@ class LayerGraphedStep(EagerStep):
         from .layer_graphs import GraphedSublayers
 
         super().__init__(model, optimizer, **eager)
-        if not all(p.is_cuda for m in sublayers for p in m.parameters()):
-            raise ValueError("LayerGraphedStep needs the sublayers' parameters on a CUDA device")
+        GraphedSublayers.check_modules(sublayers)
         self.graphs = GraphedSublayers(sublayers, warmup=warmup)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trained: set[int] = set()  # ids of the parameters the recorded eager step gave a gradient

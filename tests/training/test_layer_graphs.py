@@ -1,14 +1,18 @@
 """The layer-graphed training step: each sublayer's forward and backward replayed from CUDA graphs.
 
 CPU: which modules are graphed, in which order, and which calls the installed forward sends to
-the graph. GPU (marked): the step trains exactly like the eager step, with gradient accumulation
-(where returning the graphs' static gradient buffers goes wrong: pytorch/pytorch#181723), with a
-transformer backbone, inside DDP, and with a micro-batch of another shape.
+the graph; the step's bookkeeping (record, capture, the kept-allocated gradients, a parameter
+without one, a capture that would lose one) with a stand-in that replays nothing. GPU (marked):
+the step trains exactly like the eager step, with gradient accumulation (where returning the
+graphs' static gradient buffers goes wrong: pytorch/pytorch#181723), with a transformer backbone,
+inside DDP, with a micro-batch of another shape and with an unused parameter; a replaced
+parameter is refused.
 """
 
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,6 +103,83 @@ def test_layer_graphs_need_cuda_and_a_generator():
         make_train_step(gen, make_optimizer(gen, lr=1e-3), ExecutionPolicy(train_step="layer_graphs"))
     with pytest.raises(ConfigError, match="lists its sublayer modules"):
         make_train_step(torch.nn.Linear(2, 2), None, ExecutionPolicy(train_step="layer_graphs"))
+
+
+class EagerStandIn(GraphedSublayers):
+    """The layer graphs' bookkeeping on a CPU: "replays" run the module's own forward and backward,
+    and the captured backward gives every trainable parameter a gradient unless its name is in
+    ``lost`` (what a parameter read other than as a module attribute would do)."""
+
+    lost: tuple[str, ...] = ()
+
+    @staticmethod
+    def check_modules(modules):
+        pass
+
+    def capture(self):
+        for module, spec in zip(self.modules, self.specs):
+            forward = GraphedForward(module, module.forward, module.forward, spec)
+            module.forward = forward
+            self.forwards.append(forward)
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            self.graphs.append(SimpleNamespace(
+                module=module, spec=spec, pending=False, params=[p for _, p in named],
+                grads=[None] * spec.requires_grad + [None if n in self.lost else torch.zeros(1) for n, _ in named]))
+
+
+def _cpu_model(policy):
+    gen = _model("cpu", policy)
+    gen.register_parameter("unused", torch.nn.Parameter(torch.ones(3, 3)))
+    return gen
+
+
+def _cpu_train(kind, micro, monkeypatch, lost=(), gen=None):
+    """``_train`` on the CPU with the stand-in graphs (weight decay on, an unused decayed parameter)."""
+    import aimkit.training.layer_graphs as layer_graphs
+
+    monkeypatch.setattr(layer_graphs, "GraphedSublayers", type("Lost", (EagerStandIn,), {"lost": lost}))
+    policy = ExecutionPolicy.reference(train_step=kind)
+    gen = gen if gen is not None else _cpu_model(policy)
+    step = make_train_step(gen, make_optimizer(gen, lr=1e-3, weight_decay=0.1), policy, amp_dtype=None)
+    losses, grads_after = [], []
+    for batches in micro:
+        loss, _ = step.forward_backward(batches)
+        losses.append(loss.item())
+        step.finish()
+        grads_after.append([p.grad for p in gen.parameters()])
+    return gen, losses, grads_after, step
+
+
+def test_layer_graphed_step_keeps_trained_grads_allocated_and_leaves_the_others_alone(monkeypatch):
+    """Step 1 records (eager), step 2 captures: from then on every parameter the eager step trained
+    keeps a zeroed .grad between steps (autograd adds into it), the unused one keeps none and AdamW
+    leaves it; the numbers stay the eager step's."""
+    micro = _micro_batches("cpu", 3, 2)
+    eager, eager_losses, _, _ = _cpu_train("eager", micro, monkeypatch)
+    gen, losses, grads_after, step = _cpu_train("layer_graphs", micro, monkeypatch)
+    assert isinstance(step, LayerGraphedStep) and step.graphs.captured
+    assert all(f.replays == 2 * 2 for f in step.graphs.forwards)  # steps 2 and 3, two micro-batches each
+    assert all(g is None for g in grads_after[0])  # before the capture: set to None, as the eager step does
+    for name, grad in zip([n for n, _ in gen.named_parameters()], grads_after[-1]):
+        if name == "unused":
+            assert grad is None
+        else:
+            assert grad is not None and not grad.any(), name
+    assert torch.equal(gen.unused, torch.ones(3, 3))
+    assert losses == eager_losses
+    for (name, p), q in zip(eager.named_parameters(), gen.parameters()):
+        torch.testing.assert_close(q, p, atol=0, rtol=0, msg=name)
+
+
+def test_a_capture_that_loses_a_trained_gradient_is_refused(monkeypatch):
+    """The captured backward would not train what the eager step trains: refused, naming the
+    parameters, and the modules' own forwards are back."""
+    micro = _micro_batches("cpu", 2, 1)
+    gen = _cpu_model(ExecutionPolicy.reference(train_step="layer_graphs"))
+    lost = r"give no gradient to \['backbone.layers.0.mixer.in_proj.weight', 'backbone.layers.1.mixer.in_proj.weight'\]"
+    with pytest.raises(RuntimeError, match=lost):
+        _cpu_train("layer_graphs", micro, monkeypatch, lost=("in_proj.weight",), gen=gen)
+    assert all("forward" not in m.__dict__ for m in gen.backbone.sublayer_modules())
 
 
 def _train(kind, micro, backbone="mamba2", skip=(), wrap=None, unused=False):
