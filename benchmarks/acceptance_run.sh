@@ -39,7 +39,7 @@ case "${1:-}" in
     ;;
   harness)
     reference=${2:?official.json from the official part}
-    PYTHONUNBUFFERED=1 timeout -k 10 480 python3 benchmarks/run_all.py --reference "$reference" --budget-s 400 \
+    PYTHONUNBUFFERED=1 timeout -k 10 450 python3 benchmarks/run_all.py --reference "$reference" --budget-s 380 \
       > "$OUT/run_all.log" 2>&1
     echo "run_all rc=$? $(elapsed)"; tail -60 "$OUT/run_all.log"
     timeout -k 10 $(( 585 - ($(date +%s) - T0) )) python3 benchmarks/profile_train.py --model aim-l --variants "" \
