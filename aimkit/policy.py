@@ -94,7 +94,8 @@ class ExecutionPolicy:
         compile_loss: ``torch.compile`` the float32 cross-entropy on CUDA.
         train_step: the trainer's step: ``"auto"`` (default): graph wherever a run allows it (one
             CUDA process, any ``grad_accum``, bf16 or no mixed precision, no ``compile``), else
-            layer_graphs on CUDA without ``compile`` (several processes, fp16), else eager; the
+            layer_graphs on CUDA without ``compile`` (several processes under DDP, fp16; FSDP and
+            DeepSpeed shard the parameters: eager), else eager; the
             trainer resolves it once at setup and logs and records the step it runs
             (:func:`aimkit.training.step.resolve_train_step`). ``"graph"`` (forward, backward,
             clipping and the optimizer step replayed from CUDA graphs), ``"layer_graphs"`` (the
