@@ -5,13 +5,14 @@ the graph; the step's bookkeeping (record, capture, the kept-allocated gradients
 without one, a capture that would lose one) with a stand-in that replays nothing. GPU (marked):
 the step trains exactly like the eager step, with gradient accumulation (where returning the
 graphs' static gradient buffers goes wrong: pytorch/pytorch#181723), with a transformer backbone,
-inside DDP, with a micro-batch of another shape and with an unused parameter; a replaced
-parameter is refused.
+inside DDP, under fp16 loss scaling, with a micro-batch of another shape, with an unused
+parameter and with a second forward before the backward; a replaced parameter is refused.
 """
 
 from __future__ import annotations
 
 import socket
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -285,6 +286,88 @@ def test_a_parameter_replaced_after_capture_is_refused():
     weight.data = weight.data.clone()  # new storage: the graphs would read the old one
     with pytest.raises(RuntimeError, match="replaced after its CUDA graphs were captured"):
         step.forward_backward(micro[0])
+
+
+class _ScalingAccelerator:
+    """What accelerate does for one process with mixed_precision fp16: the loss scaled before
+    backward, the gradients unscaled before the clip (the model's forward autocasts itself)."""
+
+    def __init__(self, optimizer):
+        self.scaler, self.optimizer = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12), optimizer
+
+    @staticmethod
+    def no_sync(model):
+        return nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+class _ScaledOptimizer:
+    """accelerate's optimizer wrapper under fp16: the update goes through the loss scaler."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+        self.param_groups = optimizer.param_groups
+
+    def step(self):
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_graphed_step_with_fp16_loss_scaling_trains_like_eager():
+    """fp16 (what auto sends to the layer graphs on one GPU): forward under fp16 autocast, the
+    scaled loss's gradients through the replays, unscaled for the clip, the update through the scaler."""
+    micro = _micro_batches("cuda", 4, 2)
+
+    def run(kind):
+        policy = ExecutionPolicy(train_step=kind)
+        gen = _model("cuda", policy)
+        gen.forward = torch.autocast("cuda", dtype=torch.float16)(gen.forward)  # as accelerate wraps it
+        opt = make_optimizer(gen, lr=1e-3, weight_decay=0.1)
+        acc = _ScalingAccelerator(opt)
+        step = make_train_step(gen, _ScaledOptimizer(opt, acc.scaler), policy, accelerator=acc)
+        losses, norms = [], []
+        for batches in micro:
+            loss, norm = step.forward_backward(batches)
+            losses.append(loss.item())
+            norms.append(norm.item())
+            step.finish()
+        return gen, losses, norms, step
+
+    eager, graphed = run("eager"), run("layer_graphs")
+    assert all(f.replays == 3 * 2 for f in graphed[3].graphs.forwards)
+    assert all(f.spec.autocast == torch.float16 for f in graphed[3].graphs.forwards)
+    _assert_same_training(eager, graphed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_second_forward_before_the_backward_runs_eagerly():
+    """Two forwards, then one backward of both losses: the second cannot replay (the first replay's
+    buffers still wait for the backward), so it runs eagerly; the gradients are the eager model's."""
+    from aimkit.training.step import _batch_loss
+
+    micro = _micro_batches("cuda", 2, 1)
+    graphed, _, _, step = _train("layer_graphs", micro)
+    eager = _train("eager", micro)[0]
+    (c1, l1), (c2, l2) = _micro_batches("cuda", 1, 2, rows=4)[0]
+    for gen in (graphed, eager):
+        for p in gen.parameters():
+            p.grad = None
+        (_batch_loss(gen, c1, l1, torch.bfloat16, True) + _batch_loss(gen, c2, l2, torch.bfloat16, True)).backward()
+    assert all(f.replays == 2 for f in step.graphs.forwards)  # step 2, then only the first forward here
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_eager_step_is_not_a_layer_graphed_step():
