@@ -121,3 +121,25 @@ def decode_all(gen, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         seen.append(gen.decode_step(codes[:, k], cond, params))
         params.advance(1)
     return torch.stack(seen, dim=1)
+
+
+class ScalingAccelerator:
+    """What HF accelerate does for one process with mixed_precision fp16, for training-step tests:
+    the loss scaled before backward, the gradients unscaled before the clip (``optimizer``: the
+    torch optimizer the scaler unscales). The model's forward autocasts itself."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: str, init_scale: float):
+        self.scaler, self.optimizer = torch.amp.GradScaler(device, init_scale=init_scale), optimizer
+
+    @staticmethod
+    def no_sync(model):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+        self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)

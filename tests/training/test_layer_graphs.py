@@ -12,12 +12,11 @@ parameter and with a second forward before the backward; a replaced parameter is
 from __future__ import annotations
 
 import socket
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import ScalingAccelerator, randomize_
 
 import aimkit
 from aimkit.errors import ConfigError
@@ -288,25 +287,6 @@ def test_a_parameter_replaced_after_capture_is_refused():
         step.forward_backward(micro[0])
 
 
-class _ScalingAccelerator:
-    """What accelerate does for one process with mixed_precision fp16: the loss scaled before
-    backward, the gradients unscaled before the clip (the model's forward autocasts itself)."""
-
-    def __init__(self, optimizer):
-        self.scaler, self.optimizer = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12), optimizer
-
-    @staticmethod
-    def no_sync(model):
-        return nullcontext()
-
-    def backward(self, loss):
-        self.scaler.scale(loss).backward()
-
-    def clip_grad_norm_(self, parameters, max_norm):
-        self.scaler.unscale_(self.optimizer)
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-
 class _ScaledOptimizer:
     """accelerate's optimizer wrapper under fp16: the update goes through the loss scaler."""
 
@@ -334,7 +314,7 @@ def test_layer_graphed_step_with_fp16_loss_scaling_trains_like_eager():
         gen = _model("cuda", policy)
         gen.forward = torch.autocast("cuda", dtype=torch.float16)(gen.forward)  # as accelerate wraps it
         opt = make_optimizer(gen, lr=1e-3, weight_decay=0.1)
-        acc = _ScalingAccelerator(opt)
+        acc = ScalingAccelerator(opt, "cuda", init_scale=2.0 ** 12)
         step = make_train_step(gen, _ScaledOptimizer(opt, acc.scaler), policy, accelerator=acc)
         losses, norms = [], []
         for batches in micro:

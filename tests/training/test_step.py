@@ -1,11 +1,9 @@
 """aimkit.training.step and .optim: the one training step (eager or CUDA graphs) and the one
 rule for weight decay, on CPU; on a GPU, replayed steps equal eager steps."""
 
-from contextlib import nullcontext
-
 import pytest
 import torch
-from conftest import randomize_
+from conftest import ScalingAccelerator, randomize_
 
 import aimkit
 from aimkit.errors import ConfigError
@@ -83,24 +81,7 @@ def test_a_skipped_fp16_update_closes_the_loss_scalers_step():
     the gradients for the clip, must still be updated, or the next step's unscale_ refuses."""
     gen = _model("cpu")
     opt = make_optimizer(gen, lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-
-    class ScalingAccelerator:  # what accelerate does with mixed_precision fp16
-        scaler = None
-
-        @staticmethod
-        def no_sync(model):
-            return nullcontext()
-
-        def backward(self, loss):
-            self.scaler.scale(loss).backward()
-
-        def clip_grad_norm_(self, parameters, max_norm):
-            self.scaler.unscale_(opt)
-            return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-    acc = ScalingAccelerator()
-    acc.scaler = scaler
+    acc = ScalingAccelerator(opt, "cpu", init_scale=2.0 ** 10)
     step = EagerStep(gen, opt, accelerator=acc)
     with torch.no_grad():
         gen.backbone.norm_f.weight.fill_(float("nan"))  # every loss from here on is NaN
@@ -108,7 +89,7 @@ def test_a_skipped_fp16_update_closes_the_loss_scalers_step():
         loss, _ = step.forward_backward([_batch()])
         assert not torch.isfinite(loss)
         step.finish(update=False)
-    assert scaler.get_scale() == 2.0 ** 8  # backed off once per skipped step
+    assert acc.scaler.get_scale() == 2.0 ** 8  # backed off once per skipped step
 
 
 def test_graphed_step_rejects_cpu_inputs_and_non_capturable_optimizers():
