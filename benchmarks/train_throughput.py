@@ -62,15 +62,14 @@ def build_step(name: str, args, overrides):
     ``profile_train.py`` is :class:`aimkit.training.TrainStep`, the trainer's."""
     import aimkit
     from aimkit.training import make_optimizer, make_train_step
-    from aimkit.training.step import resolve_train_step, step_policy
+    from aimkit.training.step import resolved_policy
 
     device = torch.device(args.device)
     policy = make_policy(args)
     # auto resolves here as the trainer does, so that the optimizer is capturable for the captured step
-    kind, _ = resolve_train_step(policy, device, processes=1, mixed_precision=args.precision,
-                                 compiled=bool(args.compile))
-    policy = step_policy(policy, kind)  # an auto that falls back to eager also drops the compiled glue
-    graphed = kind == "graph"
+    policy, _ = resolved_policy(policy, device, processes=1, mixed_precision=args.precision,
+                                compiled=bool(args.compile))
+    graphed = policy.train_step == "graph"
     torch.manual_seed(0)
     gen = aimkit.build(name, tokenizer=None, device=device, policy=policy, **overrides).train()
     optimizer = make_optimizer(gen, lr=8e-4, weight_decay=0.05, betas=(0.9, 0.95), capturable=graphed)

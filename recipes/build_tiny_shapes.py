@@ -105,16 +105,14 @@ def probe_step_seconds(batch_size: int, device: str, steps: int = 15, warmup: in
     import aimkit
     from aimkit.data.shapes import make_batch
     from aimkit.training import execution_policy, load_config, make_optimizer, make_train_step
-    from aimkit.training.step import resolve_train_step
+    from aimkit.training.step import resolved_policy
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
     cfg = load_config("aim_tiny_shapes", ["output_dir=unused", f"global_batch_size={batch_size}"])
-    policy = execution_policy(cfg)
-    kind, _ = resolve_train_step(policy, torch.device(device), mixed_precision=cfg.mixed_precision)
-    policy = policy.replace(train_step=kind)
+    policy, _ = resolved_policy(execution_policy(cfg), torch.device(device), mixed_precision=cfg.mixed_precision)
     gen = aimkit.build(PRESET, pretrained=False, device=device, policy=policy, **cfg.model_args).train()
     gen.tokenizer.requires_grad_(False).eval()
     lr = cfg.lr if cfg.lr is not None else cfg.lr_per_256 * batch_size / 256

@@ -45,7 +45,7 @@ from ..policy import ExecutionPolicy
 from .ema import EMA
 
 __all__ = ["EagerStep", "GraphedStep", "LayerGraphedStep", "TrainStep", "check_graph_step", "check_layer_graphs",
-           "make_train_step", "resolve_train_step", "step_policy"]
+           "make_train_step", "resolve_train_step", "resolved_policy", "step_policy"]
 
 Batch = tuple[Tensor, Tensor]  # (codes (B, N) int64, labels (B,) int64)
 STEP_KINDS = ("graph", "layer_graphs", "eager")  # what train_step resolves to (policy's "auto" is not one)
@@ -458,6 +458,14 @@ def step_policy(policy: ExecutionPolicy, kind: str) -> ExecutionPolicy:
     if policy.train_step == "auto" and kind == "eager":
         changes["compile_glue"] = False
     return policy.replace(**changes)
+
+
+def resolved_policy(policy: ExecutionPolicy, device: torch.device, **run: object) -> tuple[ExecutionPolicy, str]:
+    """``(the policy a run takes, why)``: :func:`resolve_train_step`'s step kind applied by
+    :func:`step_policy`. What the trainer runs and records; a caller timing or reproducing the
+    trainer's step resolves its policy here too."""
+    kind, why = resolve_train_step(policy, device, **run)
+    return step_policy(policy, kind), why
 
 
 def _capturable(optimizer: torch.optim.Optimizer) -> bool:

@@ -56,7 +56,7 @@ from .data import ShapesImages, StepBatches, batch_layout, make_dataset
 from .ema import EMA
 from .optim import make_optimizer, make_scheduler
 from .samples import SampleGrids
-from .step import Batch, make_train_step, resolve_train_step, step_policy
+from .step import Batch, make_train_step, resolved_policy
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -232,12 +232,11 @@ class Trainer:
         if not math.isfinite(self.peak_lr):
             raise ConfigError(f"lr_per_256 {cfg.lr_per_256} x global_batch_size {cfg.global_batch_size} / 256 "
                               "is not a finite learning rate")
-        step_kind, self.step_reason = resolve_train_step(
+        self.policy, self.step_reason = resolved_policy(  # what runs, in the log and the records
             self.policy, self.acc.device, processes=self.world, mixed_precision=cfg.mixed_precision,
             compiled=cfg.compile, distributed=self.acc.distributed_type)
-        self.policy = step_policy(self.policy, step_kind)  # what runs, in the log and the records
         self.gen.set_policy(self.policy)
-        graph = step_kind == "graph"
+        graph = self.policy.train_step == "graph"
         optimizer = make_optimizer(self.gen, lr=self.peak_lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                                    eps=cfg.adam_eps, fused=cfg.fused_adamw, capturable=graph)
         self.scheduler = make_scheduler(optimizer, total=self.total_steps, warmup=cfg.warmup_steps,
