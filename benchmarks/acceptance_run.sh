@@ -7,10 +7,12 @@
 #        official sampling (AiM-B/L/XL at 256, AiM-XL at 16) and training (AiM-B, AiM-L at 64 x 256)
 #        -> $OUT/official.json (about 8 minutes: the official step's first steps autotune for ~100 s)
 #   bash benchmarks/acceptance_run.sh harness OFFICIAL_JSON
-#        benchmarks/run_all.py's default grid with that reference, then the kernel profile of AiM-L's
-#        captured training step (where the MFU goes) -> $OUT/bench.*, $OUT/profile_train_aim-l.json
+#        benchmarks/run_all.py's default grid with that reference, less the Mamba2-vs-transformer
+#        comparison (issue #19's, measured on its own), then the kernel profile of AiM-L's captured
+#        training step (where the MFU goes) -> $OUT/bench.*, $OUT/profile_train_aim-l.json
 #   bash benchmarks/acceptance_run.sh tests
-#        every GPU-marked test (benchmarks/gpu_tests.sh tests)
+#        every GPU-marked test, then AiM-B's step with several processes' step kind (layer graphs) at
+#        grad_accum 1 and 4 (-> $OUT/train_throughput.json), then the kernel tests with the time left
 #   bash benchmarks/acceptance_run.sh kernels
 #        the kernel tests (tests/kernels), compiled on the GPU (on a CPU they run in Triton's interpreter)
 #
@@ -25,6 +27,7 @@ OUT=${OUT:-/tmp/acceptance}
 mkdir -p "$OUT"
 T0=$(date +%s)
 elapsed() { echo "t=$(( $(date +%s) - T0 ))s"; }
+left() { echo $(( 585 - ($(date +%s) - T0) )); }  # seconds left of this call's ten minutes
 
 case "${1:-}" in
   official)
@@ -32,26 +35,31 @@ case "${1:-}" in
     timeout -k 10 250 python3 "$tools/bench_official.py" "$code" "$OUT/official_sampling.json" \
       AiM-B:256 AiM-XL:16 AiM-XL:256 AiM-L:256 > "$OUT/official_sampling.log" 2>&1
     echo "official sampling rc=$? $(elapsed)"; grep "^{" "$OUT/official_sampling.log"
-    timeout -k 10 $(( 580 - ($(date +%s) - T0) )) python3 "$tools/bench_official_train.py" "$code" \
+    timeout -k 10 "$(left)" python3 "$tools/bench_official_train.py" "$code" \
       "$OUT/official_train.json" AiM-B:64 AiM-L:64 > "$OUT/official_train.log" 2>&1
     echo "official training rc=$? $(elapsed)"; grep "^{" "$OUT/official_train.log"
     python3 benchmarks/official_reference.py "$OUT/official_sampling.json" "$OUT/official_train.json" "$OUT/official.json"
     ;;
   harness)
     reference=${2:?official.json from the official part}
-    PYTHONUNBUFFERED=1 timeout -k 10 450 python3 benchmarks/run_all.py --reference "$reference" --budget-s 380 \
-      > "$OUT/run_all.log" 2>&1
+    PYTHONUNBUFFERED=1 timeout -k 10 430 python3 benchmarks/run_all.py --reference "$reference" --budget-s 330 \
+      --compare-models "" > "$OUT/run_all.log" 2>&1
     echo "run_all rc=$? $(elapsed)"; tail -60 "$OUT/run_all.log"
-    timeout -k 10 $(( 585 - ($(date +%s) - T0) )) python3 benchmarks/profile_train.py --model aim-l --variants "" \
+    [ "$(left)" -gt 30 ] || { echo "no time left for the AiM-L training profile"; exit 0; }
+    timeout -k 10 "$(left)" python3 benchmarks/profile_train.py --model aim-l --variants "" \
       --steps 5 > "$OUT/profile_train.log" 2>&1
     echo "AiM-L training profile rc=$? $(elapsed)"; tail -25 "$OUT/profile_train.log"
     ;;
   tests)
-    GPU_TESTS_TIMEOUT=570 bash benchmarks/gpu_tests.sh tests
+    GPU_TESTS_TIMEOUT=380 bash benchmarks/gpu_tests.sh tests
     echo "gpu tests rc=$? $(elapsed)"
-    ;;
+    timeout -k 10 150 python3 benchmarks/train_throughput.py --models aim-b --batch 64 --steps 10 --warmup 3 \
+      --grad-accum 1,4 --policy train_step=layer_graphs > "$OUT/train_accum.log" 2>&1
+    echo "grad_accum 1 and 4, layer graphs rc=$? $(elapsed)"; grep "params" "$OUT/train_accum.log"
+    ;&
   kernels)
-    timeout -k 10 570 python3 -m pytest -q -rfEs -p no:cacheprovider tests/kernels > "$OUT/pytest_kernels.txt" 2>&1
+    [ "$(left)" -gt 30 ] || { echo "no time left for the kernel tests"; exit 0; }
+    timeout -k 10 "$(left)" python3 -m pytest -q -rfEs -p no:cacheprovider tests/kernels > "$OUT/pytest_kernels.txt" 2>&1
     echo "kernel tests rc=$? $(elapsed)"; grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/pytest_kernels.txt" | tail -20
     ;;
 esac

@@ -12,7 +12,7 @@ own FLOPs) and peak GPU memory. Run from the repository root, no install needed:
     python benchmarks/train_throughput.py --models aim-b,aim-l --batch 64 --steps 20
     python benchmarks/train_throughput.py --models aim-b --compile          # torch.compile too
     python benchmarks/train_throughput.py --models aim-b,aim-l --policy train_step=graph  # CUDA graphs
-    python benchmarks/train_throughput.py --models aim-b --policy train_step=graph --grad-accum 4
+    python benchmarks/train_throughput.py --models aim-b --policy train_step=graph --grad-accum 1,4
     python benchmarks/train_throughput.py --device cpu --models aim-b --batch 2 --steps 2 \\
         --set d_model=64 --set n_layer=2                                     # smoke test on CPU
 
@@ -46,6 +46,17 @@ def _parse_set(items):
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def _int_list(text: str) -> list[int]:
+    """``"1,4"`` -> ``[1, 4]``: positive integers, for ``--grad-accum``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
 
 
 def make_policy(args):
@@ -140,7 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="aim-b,aim-l", help="comma-separated presets")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch per step")
+    parser.add_argument("--grad-accum", type=_int_list, default=[1], metavar="N[,N...]",
+                        help="micro-batches of --batch per step; a list times each in turn, in one process "
+                             "(the kernels' autotuning is paid once)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator")
@@ -160,14 +173,15 @@ def main(argv=None) -> int:
         env["mamba_kernels"] = {k: info[k] for k in ("available", "versions", "kernels")}
     print(json.dumps(env))
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        row = measure(name, args, overrides)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name, accum in [(name, accum) for name in names for accum in args.grad_accum]:
+        row = measure(name, argparse.Namespace(**{**vars(args), "grad_accum": accum}), overrides)
         rows.append(row)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the model and optimizer are gone with measure()'s frame
         mem = f"{row['peak_memory_gb']:.1f} GB" if row["peak_memory_gb"] is not None else "n/a"
         print(
-            f"{name:8s} {row['params']:>13,d} params | step {row['step_s_median'] * 1e3:8.1f} ms | "
+            f"{name:8s} {row['params']:>13,d} params | accum {accum} | step {row['step_s_median'] * 1e3:8.1f} ms | "
             f"{row['tokens_per_s']:>10,.0f} tok/s | {row['tflops_6n']:6.1f} TFLOP/s (6N) | peak {mem}",
             flush=True,
         )
