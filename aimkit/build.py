@@ -220,9 +220,12 @@ def load_weights_into(gen: Generator, path: PathLike) -> None:
     from .weights import GENERATOR_WRAPPER_KEYS, read_state_dict
 
     state, file_names = _to_aimkit_layout(gen, read_state_dict(path, wrappers=GENERATOR_WRAPPER_KEYS))
-    missing_parts = gen.load_aimkit_state_dict(state, source=str(path), file_names=file_names)
-    for part in missing_parts:
+    parts = gen.load_aimkit_state_dict(state, source=str(path), file_names=file_names)
+    for part in parts.missing:
         warnings.warn(f"{path} holds no {part} weights; the {part} keeps its random initialisation", stacklevel=3)
+    for part in parts.unused:
+        warnings.warn(f"{path} holds {part} weights, but this generator was built without a {part} "
+                      f"({part}=None); they were not loaded", stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +450,10 @@ def _weights_for(name_or_path: PathLike, config: GeneratorConfig, pretrained: An
         from .assets import embedded_weights
 
         shipped = embedded_weights(name_or_path)
-        if shipped is not None and _same_weights_layout(config, resolve_config(name_or_path)):
+        preset = resolve_config(name_or_path)
+        if config.tokenizer is None:  # a tokens-only build takes the shipped generator, not its tokenizer
+            preset = dataclasses.replace(preset, tokenizer=None)
+        if shipped is not None and _same_weights_layout(config, preset):
             weights = shipped
         elif shipped is not None:
             warnings.warn(

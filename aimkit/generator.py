@@ -43,6 +43,14 @@ __all__ = ["Generator", "DecodeCondition", "FinalLayer", "token_cross_entropy"]
 WEIGHTS_NAME = "model.safetensors"
 
 
+class PartsReport(NamedTuple):
+    """How a weight file's parts (``"generator"``, ``"tokenizer"``) met a model: ``missing`` from
+    the file (the model keeps its own weights there), ``unused`` (in the file, not in the model)."""
+
+    missing: list[str]
+    unused: list[str]
+
+
 class DecodeCondition(NamedTuple):
     """Per-sample conditioning computed once per decoding run.
 
@@ -503,23 +511,34 @@ class Generator(nn.Module):
         return push_to_hub(self, repo_id, include_tokenizer=include_tokenizer, storage_dtype=storage_dtype,
                            **push_kwargs)
 
-    def _aimkit_expected(self, state: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
-        """The ``name -> shape`` that aimkit-layout ``state`` must match, and the absent parts.
+    def _aimkit_expected(self, state: dict[str, Tensor]) -> tuple[dict[str, Any], PartsReport]:
+        """The ``name -> shape`` that aimkit-layout ``state`` must match, and which parts are absent
+        from the file or present in it without a place in this model.
 
         A file may hold the generator, the tokenizer, or both; a tied ``lm_head.weight`` (the
-        token embedding's) is never expected."""
+        token embedding's) is never expected. A tokens-only generator (``tokenizer=None``) leaves a
+        file's tokenizer tensors unused: :meth:`_without_unused` takes them out."""
         expected = {k: v.shape for k, v in self.state_dict().items() if k not in self.tied_keys}
         has_tok = any(k.startswith("tokenizer.") for k in state)
         has_gen = any(not k.startswith("tokenizer.") for k in state)
-        not_found = []
+        report = PartsReport([], [])
         if not has_tok:
             expected = {k: v for k, v in expected.items() if not k.startswith("tokenizer.")}
             if self.tokenizer is not None:
-                not_found.append("tokenizer")
+                report.missing.append("tokenizer")
+        elif self.tokenizer is None:
+            report.unused.append("tokenizer")
         if not has_gen:
             expected = {k: v for k, v in expected.items() if k.startswith("tokenizer.")}
-            not_found.append("generator")
-        return expected, not_found
+            report.missing.append("generator")
+        return expected, report
+
+    @staticmethod
+    def _without_unused(state: dict[str, Tensor], report: PartsReport) -> dict[str, Tensor]:
+        """``state`` less the tensors of the parts ``report`` names unused (a whole tokenizer only)."""
+        if "tokenizer" not in report.unused:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("tokenizer.")}
 
     def _untie(self, state: dict[str, Tensor], source: str, compare: bool = True) -> dict[str, Tensor]:
         """``state`` with a tied ``lm_head.weight`` folded into ``tok_embed.weight``."""
@@ -533,31 +552,34 @@ class Generator(nn.Module):
         return state
 
     def check_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint",
-                                file_names: dict[str, str] | None = None) -> list[str]:
+                                file_names: dict[str, str] | None = None) -> PartsReport:
         """Check names and shapes of aimkit-layout tensors (values are not read: meta tensors do).
 
         ``file_names``: aimkit name -> the file's name, for messages about renamed files.
-        Returns the parts the file lacks; raises :class:`CheckpointError` when it does not fit."""
+        Returns which parts the file lacks and which it holds unused; raises
+        :class:`CheckpointError` when it does not fit."""
         from .weights import check_state_dict
 
         state = self._untie(state, source, compare=False)
-        expected, not_found = self._aimkit_expected(state)
-        check_state_dict(expected, state, what=source, file_names=file_names)
-        return not_found
+        expected, report = self._aimkit_expected(state)
+        check_state_dict(expected, self._without_unused(state, report), what=source, file_names=file_names)
+        return report
 
     def load_aimkit_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint",
-                               file_names: dict[str, str] | None = None) -> list[str]:
-        """Load aimkit-layout tensors strictly; a missing tokenizer part is allowed and reported.
+                               file_names: dict[str, str] | None = None) -> PartsReport:
+        """Load aimkit-layout tensors strictly. Two parts may differ from the model, and are
+        reported, not loaded: a file without tokenizer tensors (``missing``: the tokenizer keeps its
+        weights), and a file's whole tokenizer when this generator has none (``unused``).
 
-        ``file_names``: aimkit name -> the file's name, for messages about renamed files.
-        Returns the list of parts that were not in the file (e.g. ``["tokenizer"]``)."""
+        ``file_names``: aimkit name -> the file's name, for messages about renamed files."""
         from .weights import check_state_dict
 
         state = self._untie(state, source)
-        expected, not_found = self._aimkit_expected(state)
+        expected, report = self._aimkit_expected(state)
+        state = self._without_unused(state, report)
         check_state_dict(expected, state, what=source, file_names=file_names)
         own = self.state_dict()
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)
-        return not_found
+        return report

@@ -34,6 +34,41 @@ def test_generator_only_official_checkpoint_names_the_missing_tokenizer(tmp_path
     assert not _equal_part(gen, source, "tokenizer.")
 
 
+def test_tokens_only_generator_loads_a_full_checkpoint_without_its_tokenizer(tmp_path, source):
+    torch.save(to_official(source), tmp_path / "full.pt")
+    with pytest.warns(UserWarning, match="built without a tokenizer"):
+        gen = aimkit.build(MODEL, pretrained=tmp_path / "full.pt", tokenizer=None)
+    assert gen.tokenizer is None
+    assert gen.state_dict().keys() == {k for k in source.state_dict() if not k.startswith("tokenizer.")}
+    assert _equal_part(gen, source, "tokenizer.", negate=True)
+
+
+def test_tokens_only_generator_still_refuses_tensors_it_cannot_place(tmp_path, source):
+    sd = to_official(source)
+    sd["mamba.backbone.extra.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "extra.pt")
+    with pytest.raises(aimkit.CheckpointError, match="mamba.backbone.extra.weight"):
+        aimkit.build(MODEL, pretrained=tmp_path / "extra.pt", tokenizer=None)
+
+
+def test_convert_no_tokenizer_saves_the_generator_of_a_full_official_checkpoint(tmp_path, source):
+    from aimkit.cli import main
+
+    torch.save(to_official(source), tmp_path / "full.pt")
+    argv = ["convert", str(tmp_path / "full.pt"), str(tmp_path / "out"), "--model", MODEL, "--no-tokenizer"]
+    with pytest.warns(UserWarning, match="built without a tokenizer"):
+        assert main(argv) == 0
+    saved = aimkit.build(tmp_path / "out")
+    assert saved.tokenizer is None and _equal_part(saved, source, "tokenizer.", negate=True)
+
+
+def test_tokens_only_build_of_a_preset_with_shipped_weights_takes_its_generator():
+    full = aimkit.build("aim-tiny-shapes")
+    with pytest.warns(UserWarning, match="built without a tokenizer"):
+        tokens_only = aimkit.build("aim-tiny-shapes", tokenizer=None)
+    assert _equal_part(tokens_only, full, "tokenizer.", negate=True)
+
+
 def test_tokenizer_only_checkpoint_names_the_missing_generator(tmp_path, source):
     sd = {k: v for k, v in to_official(source).items() if k.startswith("vqvae.")}
     torch.save(sd, tmp_path / "tok_only.pt")
