@@ -78,6 +78,12 @@ class ExecutionPolicy:
             passes over the activations instead of four); used where no gradient is recorded.
         decode_graph: on CUDA, replay each decode step from a captured CUDA graph (one launch
             per step instead of one per kernel).
+        decode_streams: on CUDA, split each decode step's rows into this many groups and issue
+            each group's layers on its own CUDA stream, so that one group's memory-bound kernels
+            (the state update, attention over the cache) can run beside another's matmuls; the
+            result is the same row by row. 1 (default): one stream. Not yet measured faster
+            (``aimkit bench --suite decode --policy decode_streams=2`` times it); the weights
+            are read once per group.
         fold_gated_norm: fold Mamba2's gated RMSNorm into the state-update and glue kernels
             (needs both as kernels).
         split_scan: in training, Mamba2's whole mixer after ``in_proj`` as mamba-ssm's one
@@ -111,6 +117,7 @@ class ExecutionPolicy:
     decode_attention: str = option("auto", choices=CHOICES)
     vq_norm: str = option("auto", choices=CHOICES)
     decode_graph: bool = True
+    decode_streams: int = option(1, low=1, high=8)
     fold_gated_norm: bool = True
     split_scan: bool = True
     chunk_size: int = option(128, low=1)

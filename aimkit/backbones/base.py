@@ -29,6 +29,8 @@ Every mixer implements the same four members::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +74,17 @@ class InferenceParams:
         self.seqlen_offset = 0
         if self.position is not None:
             self.position.zero_()
+
+    def rows(self, start: int, stop: int) -> InferenceParams:
+        """The same run seen through rows ``[start, stop)`` of every cache tensor (views: writes
+        land in this cache), sharing ``position``; for decoding groups of rows apart
+        (:meth:`Backbone.step` with policy ``decode_streams``). Advance the whole run, not this."""
+        if not 0 <= start < stop <= self.max_batch_size:
+            raise ValueError(f"rows [{start}, {stop}) outside a cache of {self.max_batch_size} rows")
+        caches = {i: tuple(t[start:stop] for t in cache) for i, cache in self.key_value_memory_dict.items()}
+        return InferenceParams(max_seqlen=self.max_seqlen, max_batch_size=stop - start,
+                               seqlen_offset=self.seqlen_offset, key_value_memory_dict=caches,
+                               position=self.position)
 
     def layer_cache(self, layer_idx: int, batch: int) -> tuple[Tensor, ...]:
         """Layer ``layer_idx``'s cache tensors, each viewed at its first ``batch`` rows."""
@@ -311,6 +324,53 @@ class Backbone(nn.Module):
     def step(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
         """One position: x (B, 1, D) -> (B, 1, D), updating every layer's cache in place.
 
+        With policy ``decode_streams`` above 1 on CUDA, the rows are decoded in that many groups,
+        each on its own stream (:meth:`step_in_row_groups`); otherwise :meth:`step_rows`."""
+        groups = self.policy.decode_streams
+        if groups > 1 and x.is_cuda and x.shape[0] >= groups:
+            return self.step_in_row_groups(x, mods, inference_params, groups, _side_streams(x.device, groups - 1))
+        return self.step_rows(x, mods, inference_params)
+
+    def step_in_row_groups(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams,
+                           groups: int, side_streams: Sequence[torch.cuda.Stream] = ()) -> Tensor:
+        """:meth:`step_rows` of ``groups`` contiguous groups of rows apart, each against its rows
+        of the cache (:meth:`InferenceParams.rows`); equal row by row to one step of all rows up
+        to the rounding of the smaller matmuls.
+
+        Args:
+            x: (B, 1, D), B >= groups; mods: n_layer tensors (B, mod_chunks, D).
+            side_streams: ``groups - 1`` CUDA streams: group 0 runs on the current stream, group
+                i on ``side_streams[i - 1]``, forked from and joined back into the current stream
+                (also inside a CUDA-graph capture). Empty: the groups run one after another.
+
+        Returns:
+            (B, 1, D).
+        """
+        batch = x.shape[0]
+        if not 1 <= groups <= batch:
+            raise ValueError(f"cannot split {batch} rows into {groups} groups")
+        if side_streams and len(side_streams) != groups - 1:
+            raise ValueError(f"{groups} groups need {groups - 1} side streams, got {len(side_streams)}")
+        sizes = [len(r) for r in torch.arange(batch).tensor_split(groups)]
+        starts = [sum(sizes[:i]) for i in range(groups)]
+        main = torch.cuda.current_stream(x.device) if side_streams else None
+        for stream in side_streams:
+            stream.wait_stream(main)  # the inputs and the cache as the current stream left them
+        outs = []
+        for i, (start, size) in enumerate(zip(starts, sizes)):
+            stop = start + size
+            where = torch.cuda.stream(side_streams[i - 1]) if side_streams and i > 0 else contextlib.nullcontext()
+            with where:
+                outs.append(self.step_rows(x[start:stop], [m[start:stop] for m in mods],
+                                           inference_params.rows(start, stop)))
+        for stream in side_streams:
+            main.wait_stream(stream)
+        return torch.cat(outs)
+
+    def step_rows(self, x: Tensor, mods: Sequence[Tensor], inference_params: InferenceParams) -> Tensor:
+        """One position of every row together: x (B, 1, D) -> (B, 1, D), updating every layer's
+        cache in place.
+
         With policy ``decode_glue`` on the kernel, the glue between sublayers (gated residual add,
         RMSNorm, modulation) runs as one fused kernel per sublayer
         (:func:`aimkit.kernels.decode_glue.add_norm_modulate`); the result equals the unfused
@@ -363,6 +423,13 @@ class Backbone(nn.Module):
         return self.layers[0].residual_in_fp32 and all(
             isinstance(n, nn.RMSNorm) and n.weight is not None and n.eps is not None for n in norms
         )
+
+
+@functools.cache
+def _side_streams(device: torch.device, count: int) -> tuple[torch.cuda.Stream, ...]:
+    """``count`` CUDA streams of ``device`` for :meth:`Backbone.step`'s row groups, made once per
+    process (a stream outlives every graph captured with it)."""
+    return tuple(torch.cuda.Stream(device) for _ in range(count))
 
 
 def rms_norm_factory(eps: float = 1e-5, device=None, dtype=None) -> Callable[[int], nn.Module]:
