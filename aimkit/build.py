@@ -168,8 +168,12 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path | None:
     if pretrained is None or pretrained is False:
         return None
     if pretrained is True:
+        from .assets import embedded_weights
         from .presets import PUBLISHED_WEIGHTS
 
+        shipped = embedded_weights(name)
+        if shipped is not None:  # a preset whose weights ship inside the package
+            return shipped
         if name not in PUBLISHED_WEIGHTS:
             raise ConfigError(f"no published weights are known for {name!r}; pass a path instead")
         record = PUBLISHED_WEIGHTS[name]
@@ -481,7 +485,8 @@ def build(
             holding ``config.json`` + ``model.safetensors`` written by ``Generator.save_pretrained``,
             or ``"hf-hub:org/name"``: such a directory on the Hugging Face Hub (through the hub cache).
         pretrained: None (random weights, or a preset's embedded weights where it ships some), False
-            (always random), True (the preset's published weights through the hub cache),
+            (always random), True (the preset's published weights: the embedded ones where it ships
+            some, else through the hub cache),
             ``"hf-hub:ORG/NAME"`` (an aimkit ``config.json`` there must match the architecture built),
             ``"hf-hub:ORG/NAME@FILE"``, or a local file/directory (official AiM, LlamaGen or aimkit layout).
         device: where to build (``"cuda"``, ``"cpu"``); default CPU.

@@ -137,6 +137,14 @@ def test_runtime_overrides_keep_shipped_weights_and_architecture_overrides_warn(
     assert len(other.backbone.layers) == 2
 
 
+def test_pretrained_true_takes_the_weights_a_preset_ships():
+    shipped = aimkit.build("aim-tiny-shapes")
+    asked = aimkit.build("aim-tiny-shapes", pretrained=True)
+    assert torch.equal(shipped.tok_embed.weight, asked.tok_embed.weight)
+    with pytest.raises(aimkit.CheckpointError):  # asked for explicitly, weights that do not fit are an error
+        aimkit.build("aim-tiny-shapes", pretrained=True, n_layer=2)
+
+
 def test_config_values_are_checked():
     for bad in (dict(decode_position_offset=True), dict(class_dropout="0.1"), dict(norm_eps=-1.0),
                 dict(n_layer=True)):
