@@ -31,9 +31,10 @@ IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
 
 
 def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
-    """Class names from a text file, one per line in class-id order (no blank lines)."""
+    """Class names from a UTF-8 text file (a byte-order mark is dropped), one per line in class-id
+    order (no blank lines)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read class names from {path}: {exc}") from None
     names = tuple(text.splitlines())

@@ -83,7 +83,8 @@ def class_id(name: str, names: Sequence[str] | None) -> int:
     key = name.strip().lower()
     if key in table:
         return table[key]
-    raise ConfigError(f"unknown class name {name!r}{did_you_mean(key, table, cutoff=0.6)}")
+    hint = " (a class id is given as an integer, not a string)" if key.lstrip("-").isdigit() else ""
+    raise ConfigError(f"unknown class name {name!r}{hint}{did_you_mean(key, table, cutoff=0.6)}")
 
 
 def _label_value(value: Any, names: Sequence[str] | None, labels: Any) -> int:
@@ -143,7 +144,9 @@ def resolve_labels(
     if num_images is not None and (not _is_int(num_images) or num_images <= 0):
         raise ConfigError(f"num_images must be a positive integer, got {num_images!r}")
     if num_images is not None:
+        num_images = int(num_images)
         _check_count(num_images)
+    seed = _check_seed(seed)
     num_classes = model.num_classes
     if labels is None:
         if num_images is None:
@@ -196,8 +199,9 @@ def _resolve_sampler(model, sampler):
         return cls() if spec.config is None else cls(config=spec.config)
     if isinstance(sampler, str):
         return SAMPLERS.get(sampler)()
-    if not callable(getattr(sampler, "sample_tokens", None)):
-        raise ConfigError(f"sampler must be a registered name or have sample_tokens(), got {sampler!r}")
+    if isinstance(sampler, type) or not callable(getattr(sampler, "sample_tokens", None)):
+        raise ConfigError(f"sampler must be a registered name or an object with sample_tokens() (an instance, "
+                          f"not a class), got {sampler!r}")
     return sampler
 
 
@@ -237,8 +241,9 @@ def generate(
         top_k: keep the k most likely tokens at each step (0 = all).
         top_p: nucleus mass in (0, 1] (1 = all).
         seed: makes the call reproducible: the same call returns the same images, another seed
-            different ones. Tokens are drawn from a ``torch.Generator`` on the model's device.
-            None uses torch's global random state.
+            different ones. Tokens are drawn from one ``torch.Generator`` on the model's device
+            that runs through every batch, so an image depends on ``batch_size`` and on its place
+            in the call as well as on the seed. None uses torch's global random state.
         output: ``"tokens"`` (B, N) int64 codes, no decoding; ``"tensor"`` (B, 3, H, W) float32
             in [-1, 1]; ``"uint8"`` (B, H, W, 3) numpy array; ``"pil"`` list of PIL images.
             Tensors are returned on the CPU.
@@ -262,7 +267,7 @@ def generate(
     _check_call(model, output, defaults)
     if not _is_int(batch_size) or batch_size <= 0:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    _check_seed(seed)
+    batch_size, seed = int(batch_size), _check_seed(seed)  # numpy integers become Python ints
     settings = _settings(model, defaults, cfg_scale, temperature, top_k, top_p, schedule)
     labels = resolve_labels(model, labels, num_images, seed)
     generator = _device_generator(seed, model.device)  # one random stream through every batch
@@ -313,7 +318,7 @@ def generate_batches(
         labels, seed = item
         if labels is None:
             raise ConfigError("every batch needs its labels (class ids or names), got None")
-        _check_seed(seed)
+        seed = _check_seed(seed)
         plan.append((resolve_labels(model, labels), _device_generator(seed, model.device)))
     return _sample_batches(model, _resolve_sampler(model, sampler), plan, output, progress, settings)
 
@@ -331,9 +336,13 @@ def _check_call(model, output: str, defaults: str) -> None:
         )
 
 
-def _check_seed(seed: Any) -> None:
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+def _check_seed(seed: Any) -> int | None:
+    """``seed`` as a Python int (numpy integers too), or None."""
+    if seed is None:
+        return None
+    if not _is_int(seed) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+    return int(seed)
 
 
 def _settings(model, defaults: str, cfg_scale, temperature, top_k, top_p, schedule) -> dict:

@@ -107,6 +107,22 @@ def _non_finite_message(where: str) -> str:
             "(check the weights, the dtype, and the guidance scale)")
 
 
+def _checked_labels(labels: Any, null_class: int) -> Tensor:
+    """``labels`` if it is a (B,) integer tensor (not bool) without the null class, else a ConfigError.
+
+    The null class is the unconditional branch: a label equal to it (an off-by-one such as class
+    1000 of ImageNet's 0..999) would silently sample unconditional images. Larger or negative
+    labels are refused by ``model.condition``. The check reads the labels on the host (one
+    synchronisation per batch on CUDA, before any decoding)."""
+    if (not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
+        raise ConfigError("labels must be an integer tensor of shape (B,)")
+    if bool((labels == null_class).any()):
+        raise ConfigError(f"labels must be in [0, {null_class}): label {null_class} is the null class of "
+                          "classifier-free guidance, not a class")
+    return labels
+
+
 class _EagerDecoder:
     """Plain decode steps on a freshly allocated cache (CPU, or CUDA without graphs)."""
 
@@ -170,7 +186,7 @@ class AutoregressiveSampler:
 
         Args:
             model: a generator implementing the decoding protocol (see the module docstring).
-            labels: (B,) integer class labels in ``[0, num_classes)``.
+            labels: (B,) integer class labels in ``[0, num_classes)`` (``model.null_class`` is refused).
             cfg_scale: guidance scale; exactly 1 disables guidance (no unconditional rows are
                 computed and ``schedule`` is not consulted).
             temperature: softmax temperature; 0 (or below ``GREEDY_TEMPERATURE``) is greedy.
@@ -187,18 +203,16 @@ class AutoregressiveSampler:
             (B, N) int64 codes on the model's device, N = ``model.num_tokens``.
 
         Raises:
-            ConfigError: bad settings, or the schedule returns a non-finite / out-of-range scale.
+            ConfigError: bad settings or labels, or the schedule returns a non-finite / out-of-range scale.
             NonFiniteLogitsError: the model's logits held NaN or inf (see the module docstring).
         """
         cfg_scale, temperature, top_k, top_p = check_sampling_args(cfg_scale, temperature, top_k, top_p)
         if temperature < GREEDY_TEMPERATURE:
             temperature = 0.0  # greedy on every path; 1 / temperature would overflow in the fused kernel
         schedule_fn = get_schedule(schedule)
-        if not torch.is_tensor(labels) or labels.dim() != 1 or labels.is_floating_point():
-            raise ConfigError("labels must be an integer tensor of shape (B,)")
         device = _device_of(model)
         policy = _policy_of(model)
-        labels = labels.to(device=device, dtype=torch.long)
+        labels = _checked_labels(labels, model.null_class).to(device=device, dtype=torch.long)
         batch, num_tokens = labels.shape[0], model.num_tokens
         guided = cfg_scale != 1.0
         with torch.inference_mode():

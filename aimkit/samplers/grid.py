@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,10 @@ from ..errors import ConfigError
 __all__ = ["CAPTION_LINES", "make_grid", "save_grid", "save_png"]
 
 CAPTION_LINES = 2  # a caption wraps onto at most this many lines under its image
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _as_uint8_array(images: Any) -> np.ndarray:
@@ -37,6 +42,8 @@ def _caption(label: int, class_names: Sequence[str] | Mapping[int, str] | None) 
     """``"207 golden retriever"`` (the id, then the name where known), or ``"207"``."""
     if class_names is None:
         return str(label)
+    if not isinstance(class_names, Mapping) and not 0 <= label < len(class_names):
+        return str(label)  # a list indexed by -1 would name the last class
     try:
         return f"{label} {class_names[label]}"
     except (KeyError, IndexError):
@@ -92,11 +99,18 @@ def make_grid(
     """
     images = _as_uint8_array(images)
     count, height, width, _ = images.shape
-    nrow = nrow or math.ceil(math.sqrt(count))
-    if nrow <= 0:
-        raise ConfigError(f"nrow must be positive, got {nrow}")
+    nrow = math.ceil(math.sqrt(count)) if nrow is None else nrow
+    if not _is_int(nrow) or nrow <= 0:
+        raise ConfigError(f"nrow must be a positive integer, got {nrow!r}")
+    if not _is_int(padding) or padding < 0:
+        raise ConfigError(f"padding must be an integer >= 0, got {padding!r}")
+    nrow, padding = int(nrow), int(padding)
+    if labels is not None and hasattr(labels, "tolist"):  # a tensor or an array: Python numbers
+        labels = labels.tolist()
     if labels is not None and len(labels) != count:
         raise ConfigError(f"got {len(labels)} labels for {count} images")
+    if labels is not None and not all(_is_int(label) for label in labels):
+        raise ConfigError(f"labels must be integer class ids, got {list(labels)[:8]!r}")
     captions = None if labels is None else _captions(labels, class_names, width)
     line_h = 0 if captions is None else captions[1]
     caption_h = 0 if captions is None else line_h * max(len(lines) for lines in captions[0]) + 4

@@ -119,8 +119,8 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
     Returns:
         (B, V), a new tensor in the input's dtype.
     """
-    if k < 0:
-        raise ValueError(f"top_k must be >= 0, got {k}")
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = keep all tokens), got {k!r}")
     if k == 0 or k >= logits.shape[-1]:
         return logits.clone()
     keep_idx = torch.topk(logits, k, dim=-1).indices  # (B, k)
@@ -178,15 +178,13 @@ def sample(
     Returns:
         (B,) int64 token ids. NaN or infinite logits give meaningless tokens; the sampler checks
         the model's logits (see :class:`NonFiniteLogitsError`).
+
+    Raises:
+        ConfigError: a setting out of range (:func:`check_sampling_args`), also when greedy.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _, temperature, top_k, top_p = check_sampling_args(1.0, temperature, top_k, top_p)
     if temperature < GREEDY_TEMPERATURE:  # filtering never removes the top token: same argmax
         return logits.argmax(dim=-1)
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     x = logits.float()  # the filters below return new tensors; skip the ones that are no-ops
     if temperature != 1.0:
         x = apply_temperature(x, temperature)

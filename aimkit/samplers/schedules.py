@@ -42,7 +42,7 @@ def linear(step: int, num_steps: int, base_scale: float) -> float:
     token (step 0) and exactly ``base_scale`` for the last (step ``num_steps - 1``). With a single
     token it returns ``base_scale``.
     """
-    if num_steps <= 1:
+    if num_steps <= 1 or step == num_steps - 1:  # 1 + (s - 1) is not always s in floating point (0.1)
         return float(base_scale)
     return 1.0 + (float(base_scale) - 1.0) * step / (num_steps - 1)
 
