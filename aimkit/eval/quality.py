@@ -110,8 +110,12 @@ def evaluate_generated(
     Returns:
         A :class:`QualityReport`.
     """
+    images = torch.as_tensor(images)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ConfigError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():  # uint8 pixels would be scored as if in [-1, 1]
+        raise ConfigError(f"images must be float in [-1, 1] (generate(output='tensor')), got {images.dtype}; "
+                          "convert uint8 pixels with x.float() / 127.5 - 1")
     labels = torch.as_tensor(labels).reshape(-1).long().cpu()
     n = images.shape[0]
     if labels.shape[0] != n:

@@ -6,6 +6,8 @@ Layout::
                                         [ema.safetensors,] rng-00000.pt (one per process),
                                         trainer_state.json
     OUT/checkpoints/latest              name of the newest checkpoint (informational)
+    OUT/checkpoints/abandoned-step-*/   checkpoints newer than the one a run resumed from, set aside
+                                        (never resumed from by --resume auto; delete them at will)
 
 A checkpoint is written to ``.tmp-step-*``, flushed to disk and renamed; trainer_state.json,
 written last, records the size and SHA-256 of every file. A resume takes the newest checkpoint
@@ -425,9 +427,28 @@ class Checkpointer:
         write_text_atomic(self.root / "latest", final.name + "\n")
         self._prune(final)
 
+    def set_aside_later(self, step: int) -> list[Path]:
+        """Rename the checkpoints numbered after ``step`` (left by a branch that a resume from an
+        older checkpoint abandons) to ``abandoned-step-*``, so that ``--resume auto`` never goes back
+        to them; nothing is deleted. Main process only; returns the new names."""
+        moved: list[Path] = []
+        if not self.acc.is_main_process:
+            return moved
+        for path in _step_dirs(self.root):
+            if _number(path) <= step:
+                continue
+            target, i = path.with_name(f"abandoned-{path.name}"), 1
+            while target.exists():
+                target, i = path.with_name(f"abandoned-{path.name}-{i}"), i + 1
+            os.replace(path, target)
+            moved.append(target)
+        if moved:
+            fsync_dir(self.root)
+        return moved
+
     def _prune(self, newest: Path) -> None:
-        """Keep the ``keep_last`` newest complete checkpoints up to ``newest`` (later-numbered ones,
-        left by a run that resumed from an older checkpoint, stay until overwritten)."""
+        """Keep the ``keep_last`` newest complete checkpoints up to ``newest`` (later-numbered ones
+        were set aside when the run resumed, :meth:`set_aside_later`)."""
         limit = _number(newest)
         done = [p for p in reversed(_step_dirs(self.root)) if _number(p) <= limit and _is_complete(p)]
         for old in done[: max(0, len(done) - self.keep_last)] if self.keep_last else []:

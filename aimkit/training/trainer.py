@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -266,9 +267,12 @@ class Trainer:
                 self.say(f"warning: global_batch_size changed ({old_batch} -> {self.cfg.global_batch_size}); "
                          "the data order differs from an uninterrupted run")
             self.say(f"resumed from {checkpoint} at step {self.step}")
-        self.acc.wait_for_everyone()
         self.checkpointer = Checkpointer(self.acc, self.out / "checkpoints", self.cfg.keep_last, self.ema)
         self.checkpointer.last = checkpoint
+        if checkpoint is not None:  # a later branch must not be what the next --resume auto continues
+            for path in self.checkpointer.set_aside_later(self.step):
+                self.say(f"set aside {path.name}: it is newer than the checkpoint this run continues from")
+        self.acc.wait_for_everyone()
         self._start_output()
 
     def _start_output(self) -> None:
@@ -454,8 +458,11 @@ class Trainer:
 
     def _export(self, final: Path) -> None:
         """``final``: the model (with a moving average: the averaged weights, the trained ones in
-        ``final/raw`` and ``final/ema.json`` saying so)."""
+        ``final/raw`` and ``final/ema.json`` saying so). The record goes first and comes back last, so
+        it never describes the weights of an earlier export or of an unfinished one."""
+        (final / "ema.json").unlink(missing_ok=True)
         if self.ema is None:
+            shutil.rmtree(final / "raw", ignore_errors=True)  # the trained weights of an earlier export
             self.gen.save_pretrained(final)
             return
         self.gen.save_pretrained(final / "raw")
