@@ -115,3 +115,12 @@ def test_grid_takes_label_tensors_and_arrays():
     want = make_grid(images, labels=[0, 1], class_names=["a", "b"])
     for labels in (torch.tensor([0, 1]), np.array([0, 1])):
         assert np.array_equal(make_grid(images, labels=labels, class_names=["a", "b"]), want)
+
+
+def test_fewer_images_than_labels_is_refused_instead_of_dropping_labels():
+    from aimkit.samplers.api import resolve_labels
+
+    gen = tiny_generator()
+    assert resolve_labels(gen, [1, 2], num_images=5).tolist() == [1, 2, 1, 2, 1]
+    with pytest.raises(ConfigError, match="fewer than the 3 labels"):
+        resolve_labels(gen, [1, 2, 3], num_images=2)

@@ -134,8 +134,8 @@ def resolve_labels(
             or of class names (``config.class_names``, matched ignoring case; ints and names may
             mix), or None for ``num_images`` uniformly random labels (drawn from ``seed`` when
             given). Mappings and sets are refused.
-        num_images: with labels given, repeat them cyclically to this many images; at most
-            :data:`MAX_IMAGES`.
+        num_images: with labels given, repeat them cyclically to this many images (not fewer
+            than the labels); at most :data:`MAX_IMAGES`.
         seed: seed of the random labels.
 
     Raises:
@@ -157,6 +157,9 @@ def resolve_labels(
         return torch.randint(0, num_classes, (num_images,), generator=gen)
     out = _given_labels(labels, num_classes, class_names_of(model))
     _check_count(out.numel())
+    if num_images is not None and num_images < out.numel():  # dropping labels silently would lose images
+        raise ConfigError(f"num_images={num_images} is fewer than the {out.numel()} labels given; pass fewer "
+                          "labels or a num_images of at least their count (labels repeat to fill it)")
     if num_images is not None:
         out = out[torch.arange(num_images) % out.numel()]
     return out
@@ -235,7 +238,8 @@ def generate(
         labels: class ids in ``[0, num_classes)`` (int, list, array or tensor) or class names
             (``model.config.class_names``, e.g. ``["golden retriever"]``, ignoring case), or None
             for ``num_images`` random classes.
-        num_images: number of images; with ``labels`` the labels repeat cyclically to this count.
+        num_images: number of images; with ``labels`` the labels repeat cyclically to this count
+            (at least one image per label).
         cfg_scale: classifier-free guidance scale (1 = no guidance, half the compute).
         temperature: softmax temperature (0 = greedy).
         top_k: keep the k most likely tokens at each step (0 = all).
