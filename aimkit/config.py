@@ -358,6 +358,8 @@ class SamplingDefaults:
 
     def __post_init__(self):
         check_fields(self, "sampling defaults")
+        if abs(self.cfg_scale) > 1e4:  # the samplers' MAX_CFG_SCALE (check_fields refused NaN and inf)
+            raise ConfigError(f"sampling defaults cfg_scale must be within [-1e4, 1e4], got {self.cfg_scale!r}")
         if self.temperature < 0:
             raise ConfigError(f"sampling defaults temperature must be >= 0, got {self.temperature!r}")
         if self.top_k < 0:

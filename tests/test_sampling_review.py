@@ -124,3 +124,12 @@ def test_fewer_images_than_labels_is_refused_instead_of_dropping_labels():
     assert resolve_labels(gen, [1, 2], num_images=5).tolist() == [1, 2, 1, 2, 1]
     with pytest.raises(ConfigError, match="fewer than the 3 labels"):
         resolve_labels(gen, [1, 2, 3], num_images=2)
+
+
+def test_sampling_defaults_refuse_a_guidance_scale_the_sampler_would_refuse():
+    from aimkit.config import SamplingDefaults
+
+    assert SamplingDefaults(cfg_scale=-1e4).cfg_scale == -1e4
+    for bad in (1e5, float("nan")):
+        with pytest.raises(ConfigError, match="cfg_scale"):
+            SamplingDefaults(cfg_scale=bad)
