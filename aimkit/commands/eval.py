@@ -54,20 +54,25 @@ def run(args) -> int:
     from aimkit.eval.quality import evaluate_generated
     from aimkit.samplers.api import MAX_IMAGES
     from aimkit.samplers.grid import save_grid
+    from aimkit.samplers.logits import check_sampling_args
 
     from ._args import resolve_device
 
     if not 2 <= args.num <= MAX_IMAGES:
         raise ConfigError(f"--num must be in [2, {MAX_IMAGES}], got {args.num}")
     for option, target in (("--grid", args.grid), ("--json", args.json)):
-        if target and Path(target).is_dir():
-            raise ConfigError(f"{option} {target} is an existing directory; give a file name")
-        if target:
-            check_writable_dir(Path(target).parent, f"the folder of {option}", ConfigError)
+        if target is None:
+            continue
+        if Path(target).is_dir():  # "" included: the current folder
+            raise ConfigError(f"{option} {target!r} is an existing directory; give a file name")
+        check_writable_dir(Path(target).parent, f"the folder of {option}", ConfigError)
     device = resolve_device(args.device)
-    num_classes = aimkit.resolve_config(args.model).num_classes
+    config = aimkit.resolve_config(args.model)
+    num_classes = config.num_classes
     if num_classes != len(class_names()):
         raise ConfigError(f"{args.model} has {num_classes} classes; the shapes dataset has {len(class_names())}")
+    check_sampling_args(*(getattr(config.fid_sampling, key) if getattr(args, key) is None else getattr(args, key)
+                          for key in ("cfg_scale", "temperature", "top_k", "top_p")))  # before the build
     pretrained = weights_for(args.model, args.pretrained, args.random_weights)
     log.debug("building %s (weights: %s) on %s", args.model, pretrained, device)
     gen = aimkit.build(args.model, pretrained=pretrained, device=device)

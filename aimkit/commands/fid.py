@@ -57,6 +57,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _check_save_stats(out, samples: str, ref: str | None) -> None:
+    """``--save-stats`` names a new or replaceable .npz in a writable folder, never an input (replacing
+    SAMPLES or REF with statistics would lose their images), before any image is read."""
+    import os
+
+    from .._io import check_writable_dir
+    from ..errors import ConfigError
+
+    if out.suffix != ".npz":
+        raise ConfigError(f"--save-stats {out}: the file name must end in .npz")
+    if out.is_dir():
+        raise ConfigError(f"--save-stats {out} is a folder; give a file name ending in .npz")
+    for path, what in ((samples, "SAMPLES"), (ref, "--ref")):
+        if path is not None and out.exists() and os.path.samefile(out, path):
+            raise ConfigError(f"--save-stats {out} is the {what} file; give another file name (it would be replaced)")
+    check_writable_dir(out.parent, "the folder of --save-stats", ConfigError)
+
+
 def _check_inputs(args) -> bool:
     """Refuse missing inputs and a bad output name before any work; whether the network is needed."""
     from pathlib import Path
@@ -69,8 +87,8 @@ def _check_inputs(args) -> bool:
     for path, what in ((args.samples, "samples"), (args.ref, "reference batch")):
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{what} {path} does not exist")
-    if args.save_stats is not None and not args.save_stats.endswith(".npz"):
-        raise ConfigError(f"--save-stats {args.save_stats}: the file name must end in .npz")
+    if args.save_stats is not None:
+        _check_save_stats(Path(args.save_stats), args.samples, args.ref)
     stored = [has_statistics(args.samples)]
     if args.ref is not None:
         stored.append(has_statistics(args.ref) and not args.recompute_ref)

@@ -67,14 +67,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", default="constant", choices=("constant", "linear"),
                         help="guidance scale over the tokens: constant, or linear from 1 up to --cfg-scale")
     parser.add_argument(
-        "--seed", type=_seed, default=0, help="random seed; the same seed gives the same images (default 0)"
+        "--seed", type=_seed, default=0,
+        help="random seed; the same seed, --batch-size and device give the same images (default 0)"
     )
     parser.add_argument(
         "--defaults", choices=("fid", "pretty"), default="pretty",
         help="preset sampling settings for the options left out: 'pretty' (default) or 'fid'",
     )
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
-                        help="images sampled together (default 32; the decode batch is 2N with guidance)")
+                        help="images sampled together (default 32; the decode batch is 2N with guidance); the "
+                        "random draws depend on it, so another value gives other images")
     add_device_arguments(parser)
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="grid image to write (default samples.png)")
     parser.add_argument("--out-dir", metavar="DIR",

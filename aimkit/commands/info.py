@@ -16,7 +16,8 @@ __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run", "describe_model"]
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="a preset name (see `aimkit list`) or a save_pretrained directory")
-    parser.add_argument("--device", default="auto", help="device the policy is resolved for (auto, cpu, cuda)")
+    parser.add_argument("--device", choices=_args.DEVICE_CHOICES, default="auto",
+                        help="device the policy is resolved for (default auto: CUDA when available)")
     parser.add_argument("--policy", type=_args.policy, default=None, metavar="FIELD=VALUE,...",
                         help="execution-policy changes, e.g. state_dtype=model,decode_graph=false")
 

@@ -94,6 +94,8 @@ def run(args) -> int:
     out = Path(args.out).expanduser() if args.out else path.parent / "metrics.png"
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a .png file name")
+    if out.exists() and out.samefile(path):
+        raise ConfigError(f"--out {out} is the metrics file itself; give a .png file name")
     rows = read_metrics(path)
     plot_metrics(rows, out, title=str(path.parent), log_loss=args.log_loss)
     print(f"wrote {out} ({len(rows)} metric lines, steps {rows[0]['step']}..{rows[-1]['step']})")

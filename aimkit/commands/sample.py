@@ -29,14 +29,13 @@ model is built.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .._io import check_writable_dir
-from .._lock import lock_on_main_process
+from .._lock import LOCK_NAME, lock_on_main_process
 from ..build import build, resolve_config
 from ..errors import ConfigError
 from ._args import add_device_arguments, add_weight_arguments, weights_for
@@ -46,7 +45,7 @@ from ._args import seed as _seed
 HELP = "sample images for FID into an ADM-layout .npz (sharded, resumable, accelerate-ready)"
 DESCRIPTION = __doc__.split("\n\n")[0]
 
-__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model", "lock_shard_dir"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "build_model", "lock_shard_dir", "delete_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-position-offset", type=int, choices=(0, 1),
                         help="1: feed token k at position k + 1 as the official AiM sampler does (its published "
                         "FIDs); 0: as in training (default: the model's config)")
-    parser.add_argument("--delete-shards", action="store_true", help="remove the shard directory after packing")
+    parser.add_argument("--delete-shards", action="store_true",
+                        help="remove the shards (and the shard folder, if nothing else is in it) after packing")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (default: one bar in images, advanced at every token step, with rate "
                         "and ETA; off a terminal redrawn every 10 s)")
@@ -126,6 +126,15 @@ def _paths(args):
     return out, shard_dir
 
 
+def _check_sampling(args, config) -> None:
+    """The sampling settings as they will run (given, else the preset's FID settings), one line for a bad one."""
+    from ..samplers.logits import check_sampling_args
+
+    preset = config.fid_sampling
+    check_sampling_args(*(getattr(preset, key) if getattr(args, key) is None else getattr(args, key)
+                          for key in ("cfg_scale", "temperature", "top_k", "top_p")))
+
+
 def lock_shard_dir(state, shard_dir: Path):
     """The main process takes the shard folder's lock; every process learns whether it got it
     (:func:`aimkit._lock.lock_on_main_process`)."""
@@ -143,8 +152,11 @@ def run(args) -> int:
     weights_for(args.model, args.pretrained, args.random_weights)  # a model without weights: refused first
     out, shard_dir = _paths(args)
     labels = args.labels if args.labels in ("balanced", "random") else Path(args.labels)
-    # check the labels against the config before the (slow) model build
-    resolve_sample_labels(labels, args.num, resolve_config(args.model, **_overrides(args)).num_classes, args.seed)
+    # check the labels and the sampling settings against the config before the (slow) model build and
+    # before the shard folder's manifest records them (a bad value there would refuse the corrected rerun)
+    config = resolve_config(args.model, **_overrides(args))
+    resolve_sample_labels(labels, args.num, config.num_classes, args.seed)
+    _check_sampling(args, config)
 
     # one process unless started by `accelerate launch` / torchrun; on CPU, gloo joins the processes
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
@@ -154,6 +166,26 @@ def run(args) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def delete_shards(shard_dir: Path, keep: Path) -> None:
+    """Remove what a sampling run wrote into ``shard_dir`` (shards, their records and leftover temporary
+    files, the manifest, the labels, the lock file), then the folder if that left it empty. Other files
+    (``--shard-dir`` may be a folder in use, even the one holding ``--out``) and ``keep`` stay."""
+    from ..eval.fid_sampling import LABELS_NAME, MANIFEST_NAME
+
+    ours = [shard_dir / MANIFEST_NAME, shard_dir / LABELS_NAME, shard_dir / LOCK_NAME]
+    for pattern in ("shard-[0-9]*.npz", "shard-[0-9]*.json", ".shard-[0-9]*.tmp", f".{MANIFEST_NAME}.*.tmp",
+                    f".{LABELS_NAME}.*.tmp"):
+        ours += sorted(shard_dir.glob(pattern))
+    keep = keep.resolve()
+    for path in ours:
+        if path.resolve() != keep:
+            path.unlink(missing_ok=True)
+    try:
+        shard_dir.rmdir()
+    except OSError:  # other files are left there
+        log.info("removed the shards from %s; the folder holds other files and stays", shard_dir)
 
 
 def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> int:
@@ -186,7 +218,7 @@ def _sample_and_pack(args, state, out: Path, shard_dir: Path, labels, lock) -> i
         return 0
     pack_npz(shard_dir, out, lock=lock)
     if args.delete_shards:
-        shutil.rmtree(shard_dir)
+        delete_shards(shard_dir, keep=out)
     rate = f" ({summary.images / seconds:.2f} images/s)" if summary.images and seconds > 0 else ""
     where = f"{state.num_processes} processes" if state.num_processes > 1 else str(device)
     log.info("wrote %s: %d images (%s labels); the main process generated %d now%s on %s and skipped %d "

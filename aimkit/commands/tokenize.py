@@ -130,6 +130,26 @@ def _check_args(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
+    if out.resolve().is_relative_to(data.resolve()):  # it would be read as a class folder on the next run
+        raise ConfigError(f"--out {out} is inside --data {data}; write the tokens outside the image tree")
+    if args.device is not None:
+        _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    """``--device`` names a device of this machine (cpu, cuda, cuda:N), else one line."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
 
 
 def run(args) -> int:

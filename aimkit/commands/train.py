@@ -25,4 +25,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..training.cli import run as _run
 
+    if getattr(args, "quiet", False):  # -q: no progress bar (an explicit progress_bar=... still wins)
+        args.overrides = ["progress_bar=false", *args.overrides]
     return _run(args)
