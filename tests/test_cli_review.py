@@ -191,6 +191,14 @@ def test_train_overrides_may_follow_the_options(tmp_path, capsys):
     assert "unrecognized arguments: --bogus" in _one_line(capsys, "aimkit: error: ")
 
 
+def test_python_m_aimkit_training_takes_overrides_after_its_options(tmp_path, capsys):
+    from aimkit.training.cli import main as training_main
+
+    assert training_main(["--config", "tiny_test", f"output_dir={tmp_path}", "--print-config", "lr=0.125"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.125" in out and f"output_dir: {tmp_path}" in out
+
+
 def test_train_quiet_turns_the_progress_bar_off(tmp_path, monkeypatch):
     seen = {}
 

@@ -45,3 +45,15 @@ def test_resume_auto_continues_the_branch_of_the_last_resume_not_a_later_numbere
     assert "abandoned-step-00000012" in names and "step-00000012" not in names  # kept, never deleted
     result = train(load_config("tiny_test", [*common, "stop_after=8"]), resume="auto")
     assert result.step == 8 and result.stopped_by == "stop_after"  # from step-6, not step-12
+
+
+def test_resume_with_other_total_steps_says_the_schedule_changes(tmp_path, capsys):
+    from aimkit.training import load_config, train
+
+    common = ["progress_bar=false", "log_every=100", "checkpoint_every=2", f"output_dir={tmp_path}"]
+    train(load_config("tiny_test", [*common, "max_steps=4", "stop_after=2"]))
+    capsys.readouterr()
+    train(load_config("tiny_test", [*common, "max_steps=4", "stop_after=3"]), resume="auto")
+    assert "total steps changed" not in capsys.readouterr().out
+    train(load_config("tiny_test", [*common, "max_steps=6"]), resume="auto")
+    assert "warning: total steps changed (4 -> 6)" in capsys.readouterr().out

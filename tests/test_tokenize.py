@@ -211,3 +211,20 @@ def test_tokenize_cli_messages(image_tree, tmp_path, capsys):
                      "--tokenizer", "vq-f16", "--random-tokenizer", "--tokenizer-option", "codebok_size=64"])
     err = capsys.readouterr().err
     assert code == 2 and "codebook_size" in err  # the closest option is suggested
+
+
+def test_resuming_into_an_out_folder_of_other_images_is_refused(image_tree, tmp_path):
+    """Same count and classes, other files: the resume would mix two folders' tokens. The same
+    images from a moved folder resume."""
+    import shutil
+
+    out = tmp_path / "tokens"
+    kw = dict(image_size=32, batch_size=8, shard_size=10, progress=False)
+    tokenize_folder(image_tree, out, BrightnessTokenizer(), **kw)
+    moved = shutil.copytree(image_tree, tmp_path / "moved")
+    assert tokenize_folder(moved, out, BrightnessTokenizer(), **kw).complete
+    other = shutil.copytree(image_tree, tmp_path / "other")
+    first = sorted(p for p in other.rglob("*") if p.is_file())[0]
+    first.rename(first.with_name("renamed_" + first.name))
+    with pytest.raises(ConfigError, match="tokens of other images"):
+        tokenize_folder(other, out, BrightnessTokenizer(), **kw)

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -189,7 +190,7 @@ def tokenize_folder(
             grid_size=grid,
             variants=names,
             classes=scan.classes,
-            source={"data": str(Path(data).resolve()),
+            source={"data": str(Path(data).resolve()), "files": _files_fingerprint(scan, data),
                     "resize": f"short side {round(RESIZE_RATIO * image_size)}, lanczos"},
             tokenizer_record=tokenizer_record,
         )
@@ -198,6 +199,18 @@ def tokenize_folder(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _files_fingerprint(scan, data) -> str:
+    """SHA-256 of the scanned images' paths (relative to ``data``), labels and sizes: a resumed run
+    into the same ``--out`` must read the same images (the folder itself may have moved)."""
+    root = Path(data).resolve()
+    digest = hashlib.sha256()
+    for path, label in scan.files:
+        path = Path(path).resolve()
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+        digest.update(f"{name}\t{label}\t{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
 
 
 class _Job:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m aimkit.training``: errors caused by the input are one line and exit code 2."""
     parser = argparse.ArgumentParser(prog="python -m aimkit.training", description=SUMMARY)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE may also follow the options
     try:
         return run(args)
     except AimkitError as exc:

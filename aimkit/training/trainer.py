@@ -266,6 +266,10 @@ class Trainer:
             if old_batch != self.cfg.global_batch_size:
                 self.say(f"warning: global_batch_size changed ({old_batch} -> {self.cfg.global_batch_size}); "
                          "the data order differs from an uninterrupted run")
+            old_total = self.run_state.get("total_steps")  # absent in checkpoints before 2026-12-03
+            if old_total is not None and old_total != self.total_steps:
+                self.say(f"warning: total steps changed ({old_total} -> {self.total_steps}); the learning-rate "
+                         "schedule from here on differs from the interrupted run's")
             self.say(f"resumed from {checkpoint} at step {self.step}")
         self.checkpointer = Checkpointer(self.acc, self.out / "checkpoints", self.cfg.keep_last, self.ema)
         self.checkpointer.last = checkpoint
@@ -428,7 +432,7 @@ class Trainer:
         state = {
             "step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
             "samples_seen": step * self.cfg.global_batch_size, "global_batch_size": self.cfg.global_batch_size,
-            "num_processes": self.world, "consecutive_nonfinite": self.consecutive_bad,
+            "total_steps": self.total_steps, "num_processes": self.world, "consecutive_nonfinite": self.consecutive_bad,
             "total_skipped": self._total_skipped(), "config": _plain(self.cfg), "policy": self.policy.to_dict(),
         }
         return self.checkpointer.save(step, self.gen, self.optimizer, self.scheduler, state)

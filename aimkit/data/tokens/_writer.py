@@ -120,6 +120,13 @@ class TokenShardWriter:
                     f"{self.out_dir} already holds tokens of another run ({key}: {shown_old} there, "
                     f"{shown_new} now); use a new --out directory or delete it"
                 )
+        files_then = (old.get("source") or {}).get("files") if isinstance(old.get("source"), dict) else None
+        files_now = self.index["source"].get("files")
+        if files_then and files_now and files_then != files_now:
+            raise ConfigError(
+                f"{self.out_dir} already holds tokens of other images (the same number of files and classes, "
+                "but other names, labels or sizes); use a new --out directory or delete it"
+            )
         new = (self.index.get("tokenizer_record") or {}).get("fingerprint")
         was = (old.get("tokenizer_record") or {}) if isinstance(old.get("tokenizer_record"), dict) else {}
         if new and was.get("fingerprint") and was["fingerprint"] != new:
