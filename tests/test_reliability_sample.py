@@ -675,3 +675,11 @@ def test_kill_9_then_rerun_packs_a_bit_identical_npz(tmp_path, capsys, fresh_acc
     assert out.read_bytes() == (tmp_path / "ref.npz").read_bytes()
     assert not [p for p in shard_dir.iterdir() if p.name.endswith(".tmp")]
     assert len(list(shard_dir.glob("shard-*.npz"))) == 3
+
+
+def test_sample_to_shards_refuses_bad_sampling_settings_before_recording_them(tmp_path):
+    """A bad top_p recorded in the manifest would make the corrected rerun 'a run with other settings'."""
+    out = tmp_path / "shards"
+    with pytest.raises(ConfigError, match="top_p"):
+        sample_to_shards(_tiny(), out, 4, **RUN, top_p=2.0)
+    assert not (out / MANIFEST_NAME).exists()

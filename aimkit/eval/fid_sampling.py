@@ -156,6 +156,10 @@ def _sampling_settings(model, sampling: dict[str, Any]) -> dict[str, Any]:
     if preset is not None:
         settings.update({k: getattr(preset, k) for k in _SAMPLING_KEYS if hasattr(preset, k)})
     settings.update({k: v for k, v in sampling.items() if v is not None})
+    if all(key in settings for key in ("cfg_scale", "temperature", "top_k", "top_p")):
+        from ..samplers.logits import check_sampling_args  # before the manifest records a bad value
+
+        check_sampling_args(*(settings[key] for key in ("cfg_scale", "temperature", "top_k", "top_p")))
     return settings
 
 
