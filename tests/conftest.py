@@ -143,3 +143,24 @@ class ScalingAccelerator:
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Fail the test if a command builds a model (a refusal must come before the slow build)."""
+    import importlib
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the bad input was refused")
+
+    monkeypatch.setattr(importlib.import_module("aimkit.build"), "build", refuse)  # the module, not aimkit.build()
+    monkeypatch.setattr("aimkit.commands.sample.build", refuse)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """`aimkit sample` creates accelerate's process-wide PartialState; drop it afterwards."""
+    from accelerate.state import PartialState
+
+    yield
+    PartialState._reset_state()

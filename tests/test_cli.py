@@ -74,18 +74,6 @@ def _one_line(capsys, code, *needles):
     return err[0]
 
 
-@pytest.fixture
-def no_build(monkeypatch):
-    """Fail the test if a command builds a model (a refusal must come before the slow build)."""
-    import sys
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was built")
-
-    monkeypatch.setattr(sys.modules["aimkit.build"], "build", refuse)
-    monkeypatch.setattr("aimkit.commands.sample.build", refuse)
-
-
 def test_generate_refuses_a_model_without_weights(tmp_path, capsys, no_build):
     out = tmp_path / "grid.png"
     code = main(["generate", "--model", "aim-xl", "--num", "1", "--out", str(out)])

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 
 from aimkit._lock import LOCK_NAME
 from aimkit.cli import main
 from aimkit.eval.fid_sampling import MANIFEST_NAME
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import PartialState
-
-    yield
-    PartialState._reset_state()
-
-
-@pytest.fixture
-def no_build(monkeypatch):
-    """Fail loudly if a command gets as far as building a model (checks must come first)."""
-
-    def boom(*a, **k):
-        raise AssertionError("the model was built before the bad input was refused")
-
-    monkeypatch.setattr(importlib.import_module("aimkit.build"), "build", boom)
-    monkeypatch.setattr("aimkit.commands.sample.build", boom)
 
 
 def _one_line(capsys, prefix):

@@ -8,7 +8,6 @@ sample` resumes to a bit-identical npz.
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import logging
 import os
@@ -127,25 +126,6 @@ def _shards(tmp_path, num=6, **kw):
 def _npz(path):
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import PartialState
-
-    yield
-    PartialState._reset_state()
-
-
-@pytest.fixture
-def no_build(monkeypatch):
-    """Fail loudly if a command gets as far as building a model (checks must come first)."""
-
-    def boom(*a, **k):
-        raise AssertionError("the model was built before the bad input was refused")
-
-    monkeypatch.setattr(importlib.import_module("aimkit.build"), "build", boom)
-    monkeypatch.setattr("aimkit.commands.sample.build", boom)
 
 
 # ------------------------------------------------------------------------------------------ 1. locks

@@ -137,17 +137,6 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture
-def no_build(monkeypatch):
-    """Fail the test if a model gets built (the settings must be refused before)."""
-    import importlib
-
-    def build(*args, **kwargs):
-        raise AssertionError("a model was built")
-
-    monkeypatch.setattr(importlib.import_module("aimkit.build"), "build", build)  # the module, not aimkit.build()
-
-
 @pytest.mark.parametrize("key,overrides", HOSTILE, ids=[h[1][:48] for h in HOSTILE])
 def test_hostile_numbers_are_refused(key, overrides, tmp_path, capsys, no_build):
     out = tmp_path / "run"
@@ -393,7 +382,6 @@ def test_no_usable_checkpoint_is_one_line_and_loses_nothing(run_copy, capsys):
 # ------------------------------------------------------------------------------------------
 # 5. kill -9 at random points, then --resume auto: the same parameters, bit for bit
 # ------------------------------------------------------------------------------------------
-
 
 
 def test_kill9_at_random_points_then_resume_is_exact(tmp_path):

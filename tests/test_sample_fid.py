@@ -334,15 +334,6 @@ def test_missing_inception_weights_error(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture
-def fresh_accelerate_state():
-    """`aimkit sample` creates accelerate's process-wide PartialState; drop it afterwards."""
-    from accelerate.state import PartialState
-
-    yield
-    PartialState._reset_state()
-
-
-@pytest.fixture
 def trusted_inception_file(inception_file, monkeypatch):
     """The random-weight file, accepted as if it had the SHA-256 of pytorch-fid's (the CLI checks it)."""
     from aimkit._io import sha256_file
