@@ -55,7 +55,8 @@ def is_official(state: dict[str, Tensor]) -> bool:
 
 
 def from_official(gen, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename an official state dict to aimkit keys; unknown keys are kept (and later reported)."""
+    """Rename an official state dict to aimkit keys; unknown keys are kept (and later reported),
+    and a tensor that two keys would give one aimkit name raises."""
     state = dict(state)
     tied = [state[k] for k in _TIED_OFFICIAL if k in state]
     if len(tied) == 2 and not torch.equal(tied[0], tied[1]):
@@ -66,10 +67,11 @@ def from_official(gen, state: dict[str, Tensor]) -> dict[str, Tensor]:
     reverse = {v: k for k, v in official_key_map(gen).items()}
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key.startswith("vqvae."):
-            out["tokenizer." + key[len("vqvae."):]] = value
-        else:
-            out[reverse.get(key, key)] = value
+        target = "tokenizer." + key[len("vqvae."):] if key.startswith("vqvae.") else reverse.get(key, key)
+        if target in out:
+            raise CheckpointError(f"official AiM checkpoint holds {target!r} twice (under its official and "
+                                  "its aimkit name)")
+        out[target] = value
     return out
 
 

@@ -61,6 +61,11 @@ class AdaLNSingleConfig:
     """adaLN-single is adaLN-group with one group; it has no options."""
 
 
+def _affine(t: Tensor) -> Tensor:
+    """``t`` in the dtype of the per-layer maps: float32, or float64 for a float64 module."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class AdaLNBase(nn.Module):
     """Common interface of the adaLN kinds.
 
@@ -81,7 +86,8 @@ class AdaLNBase(nn.Module):
         raise NotImplementedError
 
     def per_layer_affine(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
-        """Weights (n_layer, chunks·D, D) and biases (n_layer, chunks·D) of each layer's map of SiLU(c), in float32."""
+        """Weights (n_layer, chunks·D, D) and biases (n_layer, chunks·D) of each layer's map of SiLU(c),
+        in float32 at least (a float64 module's stay float64, so its conversions stay exact)."""
         raise NotImplementedError
 
     @classmethod
@@ -122,8 +128,8 @@ class AdaLN(AdaLNBase):
         return [lin(s).view(c.shape[0], self.chunks, self.d_model) for lin in self.layers]
 
     def per_layer_affine(self) -> tuple[Tensor, Tensor]:
-        return (torch.stack([lin.weight.float() for lin in self.layers]),
-                torch.stack([lin.bias.float() for lin in self.layers]))
+        return (torch.stack([_affine(lin.weight) for lin in self.layers]),
+                torch.stack([_affine(lin.bias) for lin in self.layers]))
 
     @classmethod
     def from_per_layer_affine(cls, weight, bias, chunks, config=AdaLNConfig(), approximate=False):
@@ -180,10 +186,10 @@ class AdaLNGroup(AdaLNBase):
         return [groups[:, i % self.num_groups] + self.tables[i] for i in range(self.n_layer)]
 
     def per_layer_affine(self) -> tuple[Tensor, Tensor]:
-        w = self.proj.weight.float().view(self.num_groups, self.chunks * self.d_model, self.d_model)
-        b = self.proj.bias.float().view(self.num_groups, self.chunks * self.d_model)
+        w = _affine(self.proj.weight).view(self.num_groups, self.chunks * self.d_model, self.d_model)
+        b = _affine(self.proj.bias).view(self.num_groups, self.chunks * self.d_model)
         idx = [i % self.num_groups for i in range(self.n_layer)]
-        tables = torch.stack([t.float().reshape(-1) for t in self.tables])
+        tables = torch.stack([_affine(t).reshape(-1) for t in self.tables])
         return w[idx], b[idx] + tables
 
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
+import operator
 import os
 
 import torch
@@ -26,6 +27,30 @@ from ..weights import load_strict, read_state_dict, select_prefix
 __all__ = ["Tokenizer"]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# Largest |value| accepted in images: [-1, 1] plus the overshoot of bicubic or antialiased
+# resizing, while pixels in [0, 255] or ImageNet-normalised images (up to ~2.6) are refused.
+_RANGE_LIMIT = 1.25
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as an int when it is an integer (Python, NumPy or a 0-d tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_grid(grid: object) -> tuple[int, int]:
+    """``grid`` as ``(h, w)`` of positive ints, or :class:`ConfigError` naming it."""
+    sides = tuple(grid) if isinstance(grid, (tuple, list)) else ()
+    sides = tuple(_as_int(v) for v in sides)
+    if len(sides) != 2 or None in sides:
+        raise ConfigError(f"grid must be a pair of ints (h, w), got {grid!r}")
+    if min(sides) <= 0:
+        raise ConfigError(f"grid sides must be positive, got {grid!r}")
+    return sides
 
 
 class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
@@ -64,12 +89,13 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
 
     def grid_size(self, image_size: int) -> int:
         """Codes per side for a square image of ``image_size`` pixels (256 -> 16 for f16)."""
-        if not isinstance(image_size, int) or image_size <= 0 or image_size % self.downsample:
+        size = _as_int(image_size)
+        if size is None or size <= 0 or size % self.downsample:
             raise ConfigError(
                 f"image size {image_size!r} is not a positive multiple of {self.downsample}, "
                 f"the {self.name} tokenizer's downsampling factor"
             )
-        return image_size // self.downsample
+        return size // self.downsample
 
     # ---- the contract ----------------------------------------------------------------------
 
@@ -111,7 +137,9 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
     # ---- input checks ----------------------------------------------------------------------
 
     def check_images(self, images: Tensor) -> None:
-        """Raise :class:`ConfigError` unless ``images`` is float ``(B, C, H, W)`` that fits."""
+        """Raise :class:`ConfigError` unless ``images`` is float ``(B, C, H, W)`` that fits, with
+        finite values in ``[-1, 1]`` (up to resampling overshoot: within ``[-1.25, 1.25]``). The
+        value check reads the minimum and maximum back to the host (a sync on CUDA)."""
         if not isinstance(images, Tensor):
             raise ConfigError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4:
@@ -132,6 +160,13 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
             raise ConfigError(
                 f"image size {h}x{w} is not a multiple of {self.downsample}, the {self.name} "
                 "tokenizer's downsampling factor"
+            )
+        lo, hi = torch.stack(torch.aminmax(images.detach())).tolist()  # one host read; NaN fails both tests
+        if not (-_RANGE_LIMIT <= lo and hi <= _RANGE_LIMIT):
+            what = "not finite" if not math.isfinite(lo + hi) else f"min {lo:.4g}, max {hi:.4g}"
+            raise ConfigError(
+                f"images must be in [-1, 1] (got {what}): convert uint8 pixels with x.float() / 127.5 - 1, "
+                "[0, 1] floats with x * 2 - 1, and do not apply ImageNet mean/std normalisation"
             )
 
     def check_codes(self, codes: Tensor, grid: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -158,15 +193,17 @@ class Tokenizer(nn.Module, metaclass=abc.ABCMeta):
                     f"{n} codes per image do not form a square grid; pass grid=(h, w) for non-square images"
                 )
             grid = (side, side)
-        elif len(grid) != 2 or grid[0] * grid[1] != n:
-            raise ConfigError(f"grid {tuple(grid)} does not hold {n} codes per image")
+        else:
+            grid = _check_grid(grid)
+            if grid[0] * grid[1] != n:
+                raise ConfigError(f"grid {grid} does not hold {n} codes per image")
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= self.codebook_size:
             bad = lo if lo < 0 else hi
             raise ConfigError(
                 f"code {bad} is out of range: the {self.name} codebook has codes 0..{self.codebook_size - 1}"
             )
-        return int(grid[0]), int(grid[1])
+        return grid
 
     # ---- weights ---------------------------------------------------------------------------
 

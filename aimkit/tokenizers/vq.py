@@ -346,7 +346,7 @@ class VQModel(Tokenizer):
 
     config_cls = VQConfig
     name = "vq-f16"
-    checkpoint_prefixes = ("vqvae.",)
+    checkpoint_prefixes = ("vqvae.", "tokenizer.")  # an official AiM file; a save_pretrained one
 
     def __init__(self, config: VQConfig = VQConfig()):
         super().__init__()
