@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ _SCALARS = [f.name for f in dataclasses.fields(GeneratorConfig) if f.name not in
 
 PathLike = str | os.PathLike
 _POLICY_FIELDS = {f.name for f in dataclasses.fields(ExecutionPolicy)}
+_SAMPLING = ("fid_sampling", "pretty_sampling")
+
+
 def _swap_component(config: GeneratorConfig, kind: str, value: Any) -> ComponentSpec | None:
     """The spec for ``kind=value``: None (tokens only), a spec, or a registry name (kept with its
     config when it names the current component, else that component's defaults)."""
@@ -67,6 +71,14 @@ def _owner_of(config: GeneratorConfig, key: str, value: Any, where: str) -> str:
     raise ConfigError(f"unknown option {key!r} for {where}{did_you_mean(key, valid, cutoff=0.6)}")
 
 
+def _merged_sampling(config: GeneratorConfig, key: str, value: Any) -> Any:
+    """``fid_sampling={"cfg_scale": 4.0}``: the current settings with those fields changed (the
+    others keep the preset's values); any other override as given."""
+    if key not in _SAMPLING or not isinstance(value, Mapping):
+        return value
+    return replace_checked(getattr(config, key), where=key, **value)
+
+
 def _apply_overrides(config: GeneratorConfig, overrides: dict[str, Any], where: str) -> GeneratorConfig:
     """Route flat keyword overrides to the generator config or to the one component that owns them.
 
@@ -74,7 +86,7 @@ def _apply_overrides(config: GeneratorConfig, overrides: dict[str, Any], where: 
     ``tokenizer=None`` builds a tokens-only generator; ``d_state=64`` goes to whichever component
     config has a ``d_state`` field; ``backbone__d_state=64`` names the component explicitly.
     """
-    changes = {k: v for k, v in overrides.items() if k in _SCALARS}
+    changes = {k: _merged_sampling(config, k, v) for k, v in overrides.items() if k in _SCALARS}
     if changes.get("num_classes", config.num_classes) != config.num_classes and "class_names" not in changes:
         changes["class_names"] = None  # the preset's names belong to the classes being replaced
     changes.update({k: _swap_component(config, k, v) for k, v in overrides.items() if k in _COMPONENT_KINDS})
@@ -120,16 +132,18 @@ def resolve_config(name_or_path: PathLike, **overrides: Any) -> GeneratorConfig:
 
     ``"hf-hub:org/name"`` reads the ``config.json`` + ``generation_config.json`` of a generator
     saved on the Hub (through the hub cache; the weights are not fetched)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ConfigError(f"expected a preset name or a saved directory, got {name_or_path!r}")
     name_or_path = _hub_model_dir(name_or_path, config_only=True) or name_or_path
     path = Path(name_or_path)
-    if isinstance(name_or_path, (str, os.PathLike)) and (path / CONFIG_NAME).is_file():
+    if (path / CONFIG_NAME).is_file():
         config, where = read_saved_config(path), str(path)
     else:
-        if not isinstance(name_or_path, (str, os.PathLike)):
-            raise ConfigError(f"expected a preset name or a saved directory, got {name_or_path!r}")
         if (path / CONFIG_NAME).exists():
             raise ConfigError(f"{path / CONFIG_NAME} is not a regular file")
-        if not isinstance(name_or_path, str) or os.sep in name_or_path or path.exists():
+        # a folder that is not a saved model (a run's output, say) does not hide a preset of its name
+        preset = isinstance(name_or_path, str) and os.sep not in name_or_path and name_or_path in GENERATORS
+        if not preset and (not isinstance(name_or_path, str) or os.sep in name_or_path or path.exists()):
             what = "does not exist" if not path.exists() else "is not a directory written by Generator.save_pretrained"
             raise ConfigError(f"{os.fspath(name_or_path)!r} {what} (and is not a preset name)")
         config, where = GENERATORS.get(name_or_path)(), name_or_path
@@ -178,6 +192,8 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path | None:
             raise ConfigError(f"no published weights are known for {name!r}; pass a path instead")
         record = PUBLISHED_WEIGHTS[name]
         return _hub_download(record.repo_id, record.filename)
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise ConfigError(f"pretrained must be None, False, True, 'hf-hub:ORG/NAME' or a path, got {pretrained!r}")
     text = os.fspath(pretrained)
     if text.startswith(HUB_PREFIX):
         repo, _, filename = text[len(HUB_PREFIX):].partition("@")

@@ -391,7 +391,7 @@ class Generator(nn.Module):
             new.conversion_error = 0.0
             return new
         with torch.no_grad():
-            weight, bias = (t.detach() for t in self.conditioning.per_layer_affine())  # float32
+            weight, bias = (t.detach() for t in self.conditioning.per_layer_affine())  # float32 or float64
             new_cond, err = target_cls.from_per_layer_affine(
                 weight, bias, self.conditioning.chunks, target_config, approximate=approximate
             )
@@ -465,8 +465,9 @@ class Generator(nn.Module):
         Args:
             directory: created if missing.
             include_tokenizer: also store the tokenizer's tensors.
-            storage_dtype: cast floating tensors to this dtype in the file only (e.g. float16 to
-                halve a shipped file); ``aimkit.build`` still builds in the model's dtype.
+            storage_dtype: cast floating tensors to float16, bfloat16, float32 or float64 (a
+                dtype or its name) in the file only (e.g. float16 to halve a shipped file);
+                ``aimkit.build`` still builds in the model's dtype.
             model_card: write ``README.md`` (:func:`aimkit.hub.model_card`; it summarises a
                 ``training_record.json`` found in ``directory``); a README.md that aimkit did not
                 generate is kept.
@@ -480,6 +481,7 @@ class Generator(nn.Module):
         from .weights import save_safetensors_atomic
 
         hub.check_push_options(push_kwargs, push_to_hub)
+        storage_dtype = hub.check_storage_dtype(storage_dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.generator_state_dict()
@@ -494,10 +496,12 @@ class Generator(nn.Module):
         save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={"format": "aimkit"})
         write_text_atomic(directory / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
         write_text_atomic(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+        if push_to_hub and repo_id is None:
+            repo_id = directory.resolve().name  # named in the card's loading example too
         if model_card:
             hub.write_model_card(self, directory, repo_id=repo_id)
         if push_to_hub:
-            hub.upload_saved(directory, repo_id or directory.resolve().name, **push_kwargs)
+            hub.upload_saved(directory, repo_id, **push_kwargs)
         return directory
 
     def push_to_hub(self, repo_id: str, *, include_tokenizer: bool = True, storage_dtype: torch.dtype | None = None,

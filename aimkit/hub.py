@@ -29,6 +29,7 @@ __all__ = [
     "MODEL_FILES",
     "PUSH_OPTIONS",
     "check_push_options",
+    "check_storage_dtype",
     "architecture_differences",
     "download_model",
     "from_pretrained",
@@ -156,7 +157,10 @@ def hub_saved_config(repo_id: str, *, revision: str | None = None,
         return None
     if path.stat().st_size > _MAX_RECORD_BYTES:
         return None
-    data = read_json(path, CheckpointError)
+    try:
+        data = read_json(path, CheckpointError)
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: its JSON is nested too deeply") from None
     if not isinstance(data, dict) or "generator" not in data:
         log.debug("hub repo %s has a config.json that aimkit did not write; not checked", repo_id)
         return None
@@ -201,6 +205,8 @@ def _local_or_hub(name_or_path: PathLike, revision, token, cache_dir) -> Path:
         return download_model(text[len(HUB_PREFIX):], revision=revision, token=token, cache_dir=cache_dir)
     path = Path(text).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ConfigError(f"revision={revision!r} applies to a Hub repository, but {text!r} is a local folder")
         return path
     if path.exists():
         raise ConfigError(f"{text!r} is a file; from_pretrained takes a folder written by save_pretrained "
@@ -395,6 +401,24 @@ def check_push_options(options: dict[str, Any], push: bool) -> None:
             raise ConfigError(f"unknown option {key!r} for pushing to the Hub{did_you_mean(key, PUSH_OPTIONS)}")
     if options and not push:
         raise ConfigError(f"{', '.join(options)} only apply with push_to_hub=True")
+
+
+def check_storage_dtype(storage_dtype: Any):
+    """``save_pretrained``'s ``storage_dtype``: None, or float16, bfloat16, float32 or float64 (or its
+    name); an integer or boolean dtype would silently destroy the weights it stores, and float8
+    files do not load back."""
+    import torch
+
+    from ._saved import check_dtype
+
+    try:
+        dtype = check_dtype(storage_dtype)
+    except ConfigError:
+        dtype = torch.int8  # refused below, with the one message
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ConfigError(f"storage_dtype must be float16, bfloat16, float32 or float64 (a torch dtype or "
+                          f"its name), got {storage_dtype!r}")
+    return dtype
 
 
 def upload_saved(directory: PathLike, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,

@@ -103,14 +103,14 @@ class Registry:
 
     def get(self, name: str) -> Any:
         """Return the object registered as ``name`` or raise with the closest known names."""
-        if name not in self._entries:
-            load_plugins()
         try:
+            if name not in self._entries:
+                load_plugins()
             return self._entries[name]
-        except (KeyError, TypeError):
+        except (KeyError, TypeError):  # TypeError: an unhashable name
             pass
         known = sorted(self._entries)
-        hint = did_you_mean(name, known, cutoff=0.4)
+        hint = did_you_mean(name.lower() if isinstance(name, str) else name, known, cutoff=0.4)  # names are lower-case
         listing = ", ".join(known) if known else "none"
         broken = f" (plugins that failed to load: {', '.join(_plugin_errors)})" if _plugin_errors else ""
         raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} Known {self.kind}s: {listing}{broken}")

@@ -80,8 +80,9 @@ _PAGE = Template("""<!doctype html>
 """)
 
 
-def _options(class_names: list[str], random_value: str) -> str:
-    rows = [f'<option value="{escape(random_value)}">{escape(random_value)}</option>']
+def _options(class_names: list[str], random_label: str) -> str:
+    # blank is "a random class" whatever the classes are called (a class may be named "random")
+    rows = [f'<option value="">{escape(random_label)}</option>']
     rows += [f'<option value="{escape(name)}">{escape(name)}</option>' for name in class_names]
     return "".join(rows)
 

@@ -71,6 +71,29 @@ def model_class_names(model) -> list[str] | None:
     return [str(name) for name in names]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_names(names: Sequence[str], num_classes: int) -> None:
+    """One name per class, distinct ignoring case and surrounding spaces (the form finds them so)."""
+    if len(names) != num_classes:
+        raise ConfigError(f"got {len(names)} class names for a model of {num_classes} classes")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise ConfigError(f"class name {i} is empty; every class needs a name (blank means a random class)")
+        first = seen.setdefault(name.strip().casefold(), i)
+        if first != i:
+            raise ConfigError(f"class name {i} {name!r} repeats class name {first} {names[first]!r} "
+                              "(names must differ, ignoring case)")
+
+
+def _shown(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
 def _one_value(fields: Mapping[str, Sequence[str]], key: str) -> str:
     values = fields.get(key) or [""]
     if len(values) > 1:
@@ -110,8 +133,12 @@ class DemoApp:
         class_names: Sequence[str] | None = None,
         generate_fn: Callable[..., Any] | None = None,
     ) -> None:
-        if max_queue < 0 or max_count < 1:
-            raise ConfigError(f"max_queue must be >= 0 and max_count >= 1, got {max_queue} and {max_count}")
+        if not (_is_int(max_queue) and _is_int(max_count) and max_queue >= 0 and max_count >= 1):
+            raise ConfigError(f"max_queue must be an integer >= 0 and max_count one >= 1, got {max_queue!r} "
+                              f"and {max_count!r}")
+        if getattr(model, "tokenizer", None) is None:
+            raise ConfigError("the demo shows images, but this model has no tokenizer to decode its tokens; "
+                              "build it with one")
         if generate_fn is None:
             from ..samplers import generate as generate_fn
         self.model = model
@@ -119,8 +146,8 @@ class DemoApp:
         self.max_queue = max_queue
         self.max_count = max_count
         names = model_class_names(model) if class_names is None else [str(n) for n in class_names]
-        if names is not None and len(names) != model.num_classes:
-            raise ConfigError(f"got {len(names)} class names for a model of {model.num_classes} classes")
+        if names is not None:
+            _check_names(names, model.num_classes)
         self.named_classes = names is not None  # real names (captions show them) or just the ids
         self.class_names = names if names is not None else [str(i) for i in range(model.num_classes)]
         self.defaults = model.config.pretty_sampling
@@ -158,25 +185,28 @@ class DemoApp:
         ))
         count = 1 if not text["count"] else _number(text["count"], "count", int)
         if not 1 <= count <= self.max_count:
-            raise ConfigError(f"count must be an integer in [1, {self.max_count}], got {count}")
+            raise ConfigError(f"count must be an integer in [1, {self.max_count}], got {_shown(count)}")
         seed = secrets.randbelow(2**31) if not text["seed"] else _number(text["seed"], "seed", int)
         if not 0 <= seed < _MAX_SEED:
-            raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed}")
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {_shown(seed)}")
         label = self.class_id(text["class"])
         labels = resolve_labels(self.model, None if label is None else [label], count, seed)
         return GridRequest(tuple(labels.tolist()), *settings, seed=seed)
 
     def class_id(self, text: str) -> int | None:
-        """A class given by name (ignoring case) or by id -> its id; ``random`` or blank -> None.
+        """A class given by name (ignoring case) or by id -> its id; blank, or ``random`` where no
+        class has that name -> None.
 
         Raises:
             ConfigError: no class of that name, naming the closest ones.
         """
-        if not text or text == RANDOM_CLASS:
+        if not text:
             return None
         folded = [name.strip().casefold() for name in self.class_names]
-        if text.casefold() in folded:  # names are distinct ignoring case (GeneratorConfig checks it)
+        if text.casefold() in folded:  # names are distinct ignoring case (checked in __init__)
             return folded.index(text.casefold())
+        if text == RANDOM_CLASS:
+            return None
         if text.isascii() and text.isdigit() and int(text) < len(self.class_names):
             return int(text)
         hint = did_you_mean(text, self.class_names) if self.named_classes else ""

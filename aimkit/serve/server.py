@@ -30,12 +30,14 @@ logger = logging.getLogger("aimkit.serve")
 
 RETRY_AFTER_S = 5  # what a 429 tells the client to wait
 _MAX_FIELDS = 32  # form fields parsed at most (there are 7)
+IDLE_TIMEOUT_S = 60  # seconds a connection may wait for its next request (or the rest of one)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: DemoServer
     server_version = "aimkit-serve"
     protocol_version = "HTTP/1.1"  # keep-alive; every answer carries its Content-Length
+    timeout = IDLE_TIMEOUT_S  # a connection silent this long is closed (its thread freed)
 
     def do_GET(self) -> None:  # the name http.server calls
         url = urlsplit(self.path)

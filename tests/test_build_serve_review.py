@@ -1,0 +1,152 @@
+"""Review of building, saving and serving: overrides that must not change more than they name,
+saved folders that must come back as saved, and one clear error for each bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import aimkit
+from aimkit import hub
+from aimkit.errors import CheckpointError, ConfigError, UnknownNameError
+from aimkit.serve import DemoApp
+from aimkit.serve._page import render_page
+
+
+# ------------------------------------------------------------------ build and resolve_config
+def test_a_partial_sampling_override_keeps_the_presets_other_settings():
+    preset = aimkit.resolve_config("aim-b").pretty_sampling
+    config = aimkit.resolve_config("aim-b", pretty_sampling={"cfg_scale": 4.0})
+    assert config.pretty_sampling.cfg_scale == 4.0
+    assert (config.pretty_sampling.top_k, config.pretty_sampling.top_p) == (preset.top_k, preset.top_p)
+    with pytest.raises(ConfigError, match="top_kk"):
+        aimkit.resolve_config("aim-b", pretty_sampling={"top_kk": 1})
+
+
+@pytest.mark.parametrize("value", [3, None, 1.5, ["aim-b"]])
+def test_resolve_config_of_a_non_name_is_one_config_error(value):
+    with pytest.raises(ConfigError, match="preset name or a saved directory"):
+        aimkit.resolve_config(value)
+
+
+@pytest.mark.parametrize("value", [3, 1.5, ["x"]])
+def test_pretrained_of_a_wrong_type_is_one_config_error(value):
+    with pytest.raises(ConfigError, match="pretrained"):
+        aimkit.build("aim-test-mamba2", pretrained=value)
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_the_preset(tmp_path, monkeypatch):
+    (tmp_path / "aim-test-mamba2").mkdir()  # e.g. a run's output folder, not a saved model
+    monkeypatch.chdir(tmp_path)
+    assert aimkit.resolve_config("aim-test-mamba2").d_model == 32
+    assert aimkit.build("aim-test-mamba2").config.d_model == 32
+
+
+# ------------------------------------------------------------------ save_pretrained
+@pytest.mark.parametrize("storage_dtype", [torch.int8, torch.bool, torch.int64, torch.float8_e4m3fn, "int8", "float99"])
+def test_save_pretrained_refuses_a_storage_dtype_that_would_destroy_the_weights(tmp_path, storage_dtype):
+    gen = aimkit.build("aim-test-mamba2")
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        gen.save_pretrained(tmp_path / "out", storage_dtype=storage_dtype)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_save_pretrained_takes_a_storage_dtype_by_name(tmp_path):
+    gen = aimkit.build("aim-test-mamba2")
+    gen.save_pretrained(tmp_path / "out", storage_dtype="float16")
+    back = aimkit.build(tmp_path / "out")
+    assert back.dtype == torch.float32
+    assert torch.equal(back.tok_embed.weight, gen.tok_embed.weight.half().float())
+
+
+def test_the_card_of_a_push_without_repo_id_names_the_repo_it_is_pushed_to(tmp_path, monkeypatch):
+    pushed = []
+    monkeypatch.setattr(hub, "upload_saved", lambda folder, repo_id, **kw: pushed.append(repo_id))
+    gen = aimkit.build("aim-test-mamba2")
+    gen.save_pretrained(tmp_path / "my-model", push_to_hub=True)
+    card = (tmp_path / "my-model" / "README.md").read_text()
+    assert pushed == ["my-model"]
+    assert 'from_pretrained("my-model")' in card and "path/to/this/folder" not in card
+
+
+def test_a_deeply_nested_hub_config_is_one_error(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: str(path))
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        hub.hub_saved_config("org/name")
+
+
+def test_a_saved_generation_setting_round_trips(tmp_path):
+    gen = aimkit.build("aim-test-mamba2", pretty_sampling={"top_k": 7}, decode_position_offset=1)
+    back = aimkit.build(gen.save_pretrained(tmp_path / "out"))
+    assert back.config == gen.config and back.config.pretty_sampling.top_k == 7
+    saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert saved["generation"]["decode_position_offset"] == 1
+
+
+# ------------------------------------------------------------------ the demo
+@pytest.fixture(scope="module")
+def vq_model():
+    return aimkit.build("aim-test-vq")
+
+
+def test_a_class_named_random_is_that_class_and_the_page_still_offers_random(vq_model):
+    names = [f"c{i}" for i in range(9)] + ["random"]
+    app = DemoApp(vq_model, class_names=names)
+    assert app.parse({"class": ["random"], "count": ["3"], "seed": ["1"]}).labels == (9, 9, 9)
+    page = render_page(app)
+    assert '<option value="">random</option>' in page  # blank: a random class per image
+    assert len(app.parse({"class": [""], "count": ["3"], "seed": ["1"]}).labels) == 3
+
+
+def test_class_names_that_differ_only_in_case_are_refused(vq_model):
+    with pytest.raises(ConfigError, match="repeats"):
+        DemoApp(vq_model, class_names=["a", "A", *map(str, range(2, 10))])
+
+
+def test_a_model_without_tokenizer_is_refused_when_the_app_is_made():
+    with pytest.raises(ConfigError, match="tokenizer"):
+        DemoApp(aimkit.build("aim-test-mamba2"))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_queue": "3"}, {"max_count": 2.5}, {"max_queue": True}])
+def test_demo_sizes_of_a_wrong_type_are_one_config_error(vq_model, kwargs):
+    with pytest.raises(ConfigError, match="max_"):
+        DemoApp(vq_model, **kwargs)
+
+
+def test_demo_connections_time_out_when_idle():
+    from aimkit.serve.server import _Handler
+
+    assert _Handler.timeout is not None and 0 < _Handler.timeout <= 600
+
+
+def test_the_error_message_of_a_huge_count_stays_short(vq_model):
+    app = DemoApp(vq_model)
+    with pytest.raises(ConfigError) as err:
+        app.parse({"count": ["9" * 2000]})
+    assert len(str(err.value)) < 200
+
+
+
+
+# ------------------------------------------------------------------ registry and Hub options
+def test_an_upper_case_preset_name_suggests_the_preset():
+    with pytest.raises(UnknownNameError, match="did you mean 'aim-b'"):
+        aimkit.build("AIM-B")
+
+
+def test_an_unhashable_name_is_an_unknown_name():
+    from aimkit.registry import GENERATORS
+
+    with pytest.raises(UnknownNameError, match="unknown generator"):
+        GENERATORS.get(["aim-b"])
+
+
+def test_a_revision_for_a_local_folder_is_not_silently_ignored(tmp_path):
+    folder = aimkit.build("aim-test-mamba2").save_pretrained(tmp_path / "out")
+    with pytest.raises(ConfigError, match="revision"):
+        aimkit.Generator.from_pretrained(folder, revision="v2")
