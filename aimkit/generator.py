@@ -583,6 +583,12 @@ class Generator(nn.Module):
         state = self._without_unused(state, report)
         check_state_dict(expected, state, what=source, file_names=file_names)
         own = self.state_dict()
+        wrong_kind = [f"{(file_names or {}).get(k, k)}: {v.dtype}" for k, v in state.items()
+                      if own[k].is_floating_point() and (not v.is_floating_point() or v.is_complex())]
+        if wrong_kind:  # copy_ would cast integers, booleans or complex numbers into the weights silently
+            shown = ", ".join(wrong_kind[:5]) + (", ..." if len(wrong_kind) > 5 else "")
+            raise CheckpointError(f"{source} holds {len(wrong_kind)} tensors that are not real floating point where "
+                                  f"the model has weights ({shown})")
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)

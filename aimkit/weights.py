@@ -147,9 +147,10 @@ def first_nonfinite(tensors: Iterable[tuple[str, Tensor]]) -> tuple[str, int, in
     for name, t in tensors:
         if not (isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())) or t.numel() == 0:
             continue
-        if torch.isfinite(t.sum()).all():
+        total = t.sum() if t.element_size() > 1 else t.float().sum()  # float8 has no sum kernel on the CPU
+        if torch.isfinite(total).all():
             continue
-        bad = int((~torch.isfinite(t)).sum())
+        bad = int((~torch.isfinite(t if t.element_size() > 1 else t.float())).sum())
         if bad:
             return name, bad, t.numel()
     return None

@@ -150,3 +150,32 @@ def test_a_revision_for_a_local_folder_is_not_silently_ignored(tmp_path):
     folder = aimkit.build("aim-test-mamba2").save_pretrained(tmp_path / "out")
     with pytest.raises(ConfigError, match="revision"):
         aimkit.Generator.from_pretrained(folder, revision="v2")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
+def test_weights_that_are_not_real_floats_are_refused_not_cast(tmp_path, dtype):
+    from aimkit.weights import save_safetensors_atomic
+
+    gen = aimkit.build("aim-test-mamba2", pretrained=False)
+    state = gen.generator_state_dict()
+    state["tok_embed.weight"] = state["tok_embed.weight"].to(dtype)
+    if dtype == torch.complex64:
+        torch.save(state, tmp_path / "w.pt")
+        path = tmp_path / "w.pt"
+    else:
+        save_safetensors_atomic(state, tmp_path / "w.safetensors")
+        path = tmp_path / "w.safetensors"
+    with pytest.raises(aimkit.CheckpointError, match="not real floating point.*tok_embed.weight"):
+        aimkit.build("aim-test-mamba2", pretrained=path)
+
+
+def test_float8_weights_load_and_are_scanned_for_non_finite_values(tmp_path):
+    from aimkit.weights import first_nonfinite, save_safetensors_atomic
+
+    gen = aimkit.build("aim-test-mamba2", pretrained=False)
+    state = {k: v.to(torch.float8_e4m3fn) for k, v in gen.generator_state_dict().items()}
+    save_safetensors_atomic(state, tmp_path / "w.safetensors")
+    back = aimkit.build("aim-test-mamba2", pretrained=tmp_path / "w.safetensors")
+    assert torch.equal(back.tok_embed.weight, state["tok_embed.weight"].float())
+    bad = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)
+    assert first_nonfinite([("ok", state["tok_embed.weight"]), ("bad", bad)]) == ("bad", 1, 2)
