@@ -179,3 +179,13 @@ def test_float8_weights_load_and_are_scanned_for_non_finite_values(tmp_path):
     assert torch.equal(back.tok_embed.weight, state["tok_embed.weight"].float())
     bad = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)
     assert first_nonfinite([("ok", state["tok_embed.weight"]), ("bad", bad)]) == ("bad", 1, 2)
+
+
+def test_the_backbones_norm_eps_is_the_generators():
+    """backbone__norm_eps was stored but unused (the blocks take the generator's): refused, and
+    norm_eps reaches every RMSNorm of the transformer."""
+    with pytest.raises(ConfigError, match="pass norm_eps=0.5 instead"):
+        aimkit.build("llamagen-test", pretrained=False, backbone__norm_eps=0.5)
+    gen = aimkit.build("llamagen-test", pretrained=False, norm_eps=0.5)
+    eps = {m.eps for m in gen.modules() if isinstance(m, torch.nn.RMSNorm)}
+    assert eps == {0.5}
