@@ -19,7 +19,8 @@ from ._io import read_json
 from .config import GeneratorConfig
 from .errors import AimkitError, CheckpointError, ConfigError
 
-__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "LEGACY_RUNTIME", "check_dtype", "read_saved_config",
+__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "LEGACY_RUNTIME", "SAVE_ID_KEY", "check_dtype", "check_one_save",
+           "read_saved_config",
            "saved_dtype"]
 
 CONFIG_NAME = "config.json"
@@ -140,6 +141,33 @@ def _from_dict(data: dict[str, Any], path: Path) -> GeneratorConfig:
         return GeneratorConfig.from_dict(data)
     except AimkitError as exc:
         raise type(exc)(f"{path}: {exc}") from None
+
+
+SAVE_ID_KEY = "aimkit_save_id"  # in config.json, generation_config.json and the safetensors metadata (its one key)
+
+
+def check_one_save(directory: Path, weights: Path) -> None:
+    """Refuse a folder whose ``config.json``, ``generation_config.json`` and ``weights`` come from
+    different ``save_pretrained`` calls (one interrupted between its files, or two saving into one
+    folder at once): each file carries the id of the save that wrote it. Folders saved before the
+    id existed (no id in ``config.json``) are not checked."""
+    want = _read_saved_json(directory).get(SAVE_ID_KEY)
+    if want is None:
+        return
+    found = {CONFIG_NAME: want}
+    generation = directory / GENERATION_CONFIG_NAME
+    if generation.exists():
+        data = _read_json_limited(generation)
+        found[GENERATION_CONFIG_NAME] = data.get(SAVE_ID_KEY) if isinstance(data, dict) else None
+    if weights.is_file() and weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            found[weights.name] = (f.metadata() or {}).get(SAVE_ID_KEY)
+    if len(set(found.values())) > 1:
+        raise CheckpointError(
+            f"{directory} holds files of different saves ({', '.join(f'{k}: {v}' for k, v in found.items())}): "
+            "a save_pretrained was interrupted or two ran into this folder at once; save the model again")
 
 
 def saved_dtype(directory: Path) -> torch.dtype | None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._saved import CONFIG_NAME, LEGACY_RUNTIME, check_dtype, read_saved_config, saved_dtype
+from ._saved import CONFIG_NAME, LEGACY_RUNTIME, check_dtype, check_one_save, read_saved_config, saved_dtype
 from .config import _REGISTRIES, ComponentSpec, GeneratorConfig, replace_checked
 from .errors import AimkitError, CheckpointError, ConfigError, did_you_mean
 from .generator import Generator
@@ -533,6 +533,8 @@ def build(
     if tokenizer_weights is not None and config.tokenizer is None:
         raise ConfigError("tokenizer_weights given, but this generator has no tokenizer")
     weights = _weights_for(name_or_path, config, pretrained, saved_dir)
+    if saved_dir is not None and weights == saved_dir:
+        check_one_save(saved_dir, saved_dir / "model.safetensors")  # Generator.save_pretrained's name
     _preflight(config, dtype, device, weights, where=where)
     gen = Generator(config, device=device, dtype=dtype, policy=policy)
     if weights is not None:

@@ -189,3 +189,35 @@ def test_the_backbones_norm_eps_is_the_generators():
     gen = aimkit.build("llamagen-test", pretrained=False, norm_eps=0.5)
     eps = {m.eps for m in gen.modules() if isinstance(m, torch.nn.RMSNorm)}
     assert eps == {0.5}
+
+
+def test_a_folder_mixing_two_saves_is_refused(tmp_path):
+    """A save killed between its files (or two saves into one folder) leaves weights and configs of
+    different models: the build says so instead of loading the mix."""
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    aimkit.build("aim-test-mamba2", pretrained=False).save_pretrained(first)
+    aimkit.build("aim-test-mamba2", pretrained=False, class_dropout=0.0).save_pretrained(second)
+    aimkit.build(first)  # one save: fine
+    mixed = shutil.copytree(first, tmp_path / "mixed")
+    shutil.copy(second / "model.safetensors", mixed / "model.safetensors")
+    with pytest.raises(CheckpointError, match="files of different saves"):
+        aimkit.build(mixed)
+    shutil.copy(first / "model.safetensors", mixed / "model.safetensors")
+    shutil.copy(second / "generation_config.json", mixed / "generation_config.json")
+    with pytest.raises(CheckpointError, match="files of different saves"):
+        aimkit.build(mixed)
+    old = shutil.copytree(first, tmp_path / "old")  # saved before the id existed: not checked
+    config = json.loads((old / "config.json").read_text())
+    del config["aimkit_save_id"]
+    (old / "config.json").write_text(json.dumps(config))
+    aimkit.build(old)
+
+
+def test_the_same_model_saves_to_the_same_bytes(tmp_path):
+    gen = aimkit.build("aim-test-mamba2", pretrained=False)
+    gen.save_pretrained(tmp_path / "a")
+    gen.save_pretrained(tmp_path / "b")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
