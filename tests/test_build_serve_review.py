@@ -221,3 +221,9 @@ def test_the_same_model_saves_to_the_same_bytes(tmp_path):
     gen.save_pretrained(tmp_path / "b")
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_the_demo_page_starts_with_a_blank_seed_as_its_label_says(vq_model):
+    """'seed (blank = random)' prefilled with 0 gave the same grid at every click."""
+    page = render_page(DemoApp(vq_model))
+    assert 'name="seed" id="seed" inputmode="numeric" value=""' in page

@@ -40,7 +40,7 @@ _PAGE = Template("""<!doctype html>
   <label>temperature <input name="temperature" id="temperature" inputmode="decimal" value="$temperature"></label>
   <label>top-k (0 = all) <input name="top_k" id="top_k" inputmode="numeric" value="$top_k"></label>
   <label>top-p (1 = all) <input name="top_p" id="top_p" inputmode="decimal" value="$top_p"></label>
-  <label>seed (blank = random) <input name="seed" id="seed" inputmode="numeric" value="0"></label>
+  <label>seed (blank = random) <input name="seed" id="seed" inputmode="numeric" value=""></label>
   <label>count (1 to $max_count) <input name="count" id="count" inputmode="numeric" value="$count"></label>
   <button type="submit" id="go">Generate</button>
 </form>
