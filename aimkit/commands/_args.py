@@ -93,6 +93,15 @@ def class_labels(text: str) -> list:
     return labels
 
 
+def check_sampling_options(args, preset) -> None:
+    """``--cfg-scale/--temperature/--top-k/--top-p`` as they will run (given, else ``preset``'s, a
+    ``SamplingDefaults``), refused in one line before the slow build and before anything is written."""
+    from ..samplers.logits import check_sampling_args
+
+    keys = ("cfg_scale", "temperature", "top_k", "top_p")
+    check_sampling_args(*(getattr(preset, k) if getattr(args, k) is None else getattr(args, k) for k in keys))
+
+
 def add_weight_arguments(parser, default: str = "the weights the model ships with") -> None:
     """``--pretrained`` and ``--random-weights``, read by :func:`weights_for`."""
     parser.add_argument(

@@ -54,9 +54,8 @@ def run(args) -> int:
     from aimkit.eval.quality import evaluate_generated
     from aimkit.samplers.api import MAX_IMAGES
     from aimkit.samplers.grid import save_grid
-    from aimkit.samplers.logits import check_sampling_args
 
-    from ._args import resolve_device
+    from ._args import check_sampling_options, resolve_device
 
     if not 2 <= args.num <= MAX_IMAGES:
         raise ConfigError(f"--num must be in [2, {MAX_IMAGES}], got {args.num}")
@@ -71,8 +70,7 @@ def run(args) -> int:
     num_classes = config.num_classes
     if num_classes != len(class_names()):
         raise ConfigError(f"{args.model} has {num_classes} classes; the shapes dataset has {len(class_names())}")
-    check_sampling_args(*(getattr(config.fid_sampling, key) if getattr(args, key) is None else getattr(args, key)
-                          for key in ("cfg_scale", "temperature", "top_k", "top_p")))  # before the build
+    check_sampling_options(args, config.fid_sampling)
     pretrained = weights_for(args.model, args.pretrained, args.random_weights)
     log.debug("building %s (weights: %s) on %s", args.model, pretrained, device)
     gen = aimkit.build(args.model, pretrained=pretrained, device=device)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .._io import check_writable_dir
 from ..errors import ConfigError
-from ._args import add_device_arguments, add_weight_arguments, class_labels, weights_for
+from ._args import add_device_arguments, add_weight_arguments, check_sampling_options, class_labels, weights_for
 from ._args import positive_int as _positive_int
 from ._args import resolve_device as _device
 from ._args import seed as _seed
@@ -139,14 +139,12 @@ def _check_before_build(args, num: int):
     build; returns what ``build(pretrained=...)`` gets."""
     from ..build import resolve_config
     from ..samplers import resolve_labels
-    from ..samplers.logits import check_sampling_args
 
     config = resolve_config(args.model)
     pretrained = weights_for(args.model, args.pretrained, args.random_weights)
     resolve_labels(config, args.labels, num, args.seed)
     preset = config.fid_sampling if args.defaults == "fid" else config.pretty_sampling
-    check_sampling_args(*(getattr(preset, key) if getattr(args, key) is None else getattr(args, key)
-                          for key in ("cfg_scale", "temperature", "top_k", "top_p")))
+    check_sampling_options(args, preset)
     return pretrained
 
 

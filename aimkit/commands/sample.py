@@ -38,7 +38,7 @@ from .._io import check_writable_dir
 from .._lock import LOCK_NAME, lock_on_main_process
 from ..build import build, resolve_config
 from ..errors import ConfigError
-from ._args import add_device_arguments, add_weight_arguments, weights_for
+from ._args import add_device_arguments, add_weight_arguments, check_sampling_options, weights_for
 from ._args import positive_int as _positive_int
 from ._args import seed as _seed
 
@@ -126,15 +126,6 @@ def _paths(args):
     return out, shard_dir
 
 
-def _check_sampling(args, config) -> None:
-    """The sampling settings as they will run (given, else the preset's FID settings), one line for a bad one."""
-    from ..samplers.logits import check_sampling_args
-
-    preset = config.fid_sampling
-    check_sampling_args(*(getattr(preset, key) if getattr(args, key) is None else getattr(args, key)
-                          for key in ("cfg_scale", "temperature", "top_k", "top_p")))
-
-
 def lock_shard_dir(state, shard_dir: Path):
     """The main process takes the shard folder's lock; every process learns whether it got it
     (:func:`aimkit._lock.lock_on_main_process`)."""
@@ -156,7 +147,7 @@ def run(args) -> int:
     # before the shard folder's manifest records them (a bad value there would refuse the corrected rerun)
     config = resolve_config(args.model, **_overrides(args))
     resolve_sample_labels(labels, args.num, config.num_classes, args.seed)
-    _check_sampling(args, config)
+    check_sampling_options(args, config.fid_sampling)
 
     # one process unless started by `accelerate launch` / torchrun; on CPU, gloo joins the processes
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
