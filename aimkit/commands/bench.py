@@ -149,9 +149,22 @@ def _check_device_and_dtype(args) -> None:
 
 def _check_overrides(opts) -> None:
     """The ``--override`` values are valid for the correctness check's model (nothing is built).
-    Unknown preset names are not refused here: their rows fail and the table is kept."""
+    An unknown preset name among known ones is not refused here (its rows fail and the table is
+    kept); a run in which no name is known would measure nothing, and is refused."""
     from ..build import resolve_config
+    from ..errors import AimkitError, ConfigError
 
+    names = {*(opts.models if opts.wants("sampling") else ()), *(opts.compare_models if opts.wants("sampling") else ()),
+             *(opts.decode_models if opts.wants("decode") else ()), *(opts.train_models if opts.wants("train") else ())}
+    known = set()
+    for name in names:
+        try:
+            resolve_config(name)
+            known.add(name)
+        except AimkitError as exc:
+            last = exc
+    if names and not known:
+        raise ConfigError(f"no model to measure: {last}")
     resolve_config(opts.check_model, **{**opts.overrides, "tokenizer": None, "num_tokens": opts.tokens[0]})
 
 

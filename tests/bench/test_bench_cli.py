@@ -71,6 +71,7 @@ def test_bench_cli_decode_and_train_under_a_policy(tmp_path):
     (["--policy", "decode_grap=false"], "decode_graph"),
     (["--policy", "novalue"], "expected FIELD=VALUE"),
     (["--reference", "/nonexistent/ref.json"], "cannot read reference figures"),
+    (["--suite", "sampling", "--models", "aim-bogus"], "no model to measure: unknown generator 'aim-bogus'"),
 ])
 def test_bench_cli_refuses_bad_policy_and_reference(capsys, argv, expected):
     try:
