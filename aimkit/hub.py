@@ -425,11 +425,13 @@ def upload_saved(directory: PathLike, repo_id: str, *, token: str | bool | None 
                  commit_message: str | None = None, revision: str | None = None, create_pr: bool = False):
     """Push a ``save_pretrained`` folder to ``repo_id`` as one commit (the repository is created
     if missing): the three model files, ``README.md`` and ``training_record.json`` when present.
+    A ``training_record.json`` left in the repository by an earlier push is deleted in the same
+    commit when the folder has none (the card would otherwise describe another run's record).
 
     Returns:
         huggingface_hub's ``CommitInfo`` (``.commit_url``, ``.pr_url``).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     repo_id, directory = _check_repo_id(repo_id), Path(directory)
     missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
@@ -440,12 +442,25 @@ def upload_saved(directory: PathLike, repo_id: str, *, token: str | bool | None 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, exist_ok=True, **({} if private is None else {"private": private}))
+        if RECORD_NAME not in names and _holds(api, repo_id, RECORD_NAME, revision):
+            operations.append(CommitOperationDelete(path_in_repo=RECORD_NAME))
         return api.create_commit(repo_id, operations=operations, revision=revision, create_pr=create_pr,
                                  commit_message=commit_message or "Upload aimkit generator")
     except Exception as exc:  # hub errors come in many types
         if not _is_hub_error(exc):
             raise
         raise AimkitError(f"could not push to hub repo {repo_id!r}: {_hub_reason(exc)}") from None
+
+
+def _holds(api, repo_id: str, filename: str, revision: str | None) -> bool:
+    """Whether the repository holds ``filename`` at ``revision``; False where the hub cannot say (a
+    revision that does not exist yet holds nothing)."""
+    try:
+        return api.file_exists(repo_id, filename, revision=revision)
+    except Exception as exc:  # hub errors come in many types
+        if not _is_hub_error(exc):
+            raise
+        return False
 
 
 def push_to_hub(gen, repo_id: str, *, include_tokenizer: bool = True, storage_dtype=None, **upload_kwargs: Any):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, constants
 from huggingface_hub.errors import LocalTokenNotFoundError
 
 import aimkit
@@ -67,6 +67,7 @@ def recorded(monkeypatch, tmp_path):
     ``tmp_path/pushed`` while it exists (push_to_hub writes into a temporary folder)."""
     calls = {"create_repo": [], "create_commit": []}
     pushed = tmp_path / "pushed"
+    in_repo: set[str] = set()  # files the repository holds before the push (tests add names)
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"].append((repo_id, kwargs))
@@ -76,12 +77,20 @@ def recorded(monkeypatch, tmp_path):
         calls["create_commit"].append((repo_id, operations, kwargs))
         pushed.mkdir(exist_ok=True)
         for op in operations:
+            if isinstance(op, CommitOperationDelete):
+                assert op.path_in_repo in in_repo
+                continue
             assert isinstance(op, CommitOperationAdd)
             shutil.copyfile(op.path_or_fileobj, pushed / op.path_in_repo)
         return "commit-info"
 
+    def file_exists(self, repo_id, filename, **kwargs):
+        return filename in in_repo
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "file_exists", file_exists)
+    calls["in_repo"] = in_repo
     return calls, pushed
 
 
@@ -279,6 +288,18 @@ def test_save_pretrained_push_to_hub_uploads_the_folder_with_its_record(recorded
     assert [op.path_in_repo for op in operations] == [*MODEL_FILES, "README.md", "training_record.json"]
     assert "`generator.steps`: 7" in (pushed / "README.md").read_text()
     assert calls["create_repo"] == [("me/run", {"exist_ok": True})]
+
+
+def test_a_push_without_a_record_deletes_the_one_an_earlier_push_left(recorded, tiny_gen):
+    calls, _ = recorded
+    calls["in_repo"].add("training_record.json")
+    tiny_gen.push_to_hub("me/tiny")
+    [(_, operations, _)] = calls["create_commit"]
+    deleted = [op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)]
+    assert deleted == ["training_record.json"]
+    calls["in_repo"].clear()
+    tiny_gen.push_to_hub("me/tiny")
+    assert not any(isinstance(op, CommitOperationDelete) for op in calls["create_commit"][1][1])
 
 
 def test_save_pretrained_push_defaults_the_repo_to_the_folder_name(recorded, tiny_gen, tmp_path):
