@@ -213,12 +213,14 @@ def _hub_download(repo_id: str, filename: str | None) -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - a declared dependency
         raise ConfigError("pretrained weights from the hub need huggingface_hub: pip install huggingface_hub") from None
-    errors = []
+    from .hub import _hub_reason, hub_unreachable
+
+    errors, offline = [], hub_unreachable()
     for candidate in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
         try:
-            return Path(hf_hub_download(repo_id, candidate))
+            return Path(hf_hub_download(repo_id, candidate, local_files_only=offline))
         except Exception as exc:  # hub errors come in many types
-            errors.append(f"{candidate}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            errors.append(f"{candidate}: {_hub_reason(exc)}")
     raise CheckpointError(f"could not get weights from hub repo {repo_id!r} ({'; '.join(errors)})")
 
 

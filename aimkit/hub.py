@@ -66,6 +66,25 @@ PathLike = str | os.PathLike
 # downloads
 # --------------------------------------------------------------------------------------------
 
+def hub_unreachable() -> bool:
+    """True when the Hub endpoint's host name does not resolve (a machine without a network): hub
+    calls then read the local cache only (``local_files_only``) and fail at once, instead of after
+    huggingface_hub's ~25 s of retries. A DNS lookup, no request; asked at every call."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host or getattr(constants, "HF_HUB_OFFLINE", False):
+        return False  # nothing to resolve, or huggingface_hub already stays offline
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
+
+
 def _is_hub_error(exc: BaseException) -> bool:
     """True for the errors a Hub call raises for the user to read (not for a bug in aimkit)."""
     return isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith("huggingface_hub")
@@ -85,7 +104,7 @@ def _hub_reason(exc: BaseException) -> str:
     if name in ("LocalEntryNotFoundError", "IncompleteSnapshotError", "OfflineModeIsEnabled"):
         if getattr(constants, "HF_HUB_OFFLINE", False):
             return "not in the local hub cache, and HF_HUB_OFFLINE is set (unset it to download)"
-        return "not in the local hub cache, and the Hub could not be reached"
+        return "not in the local hub cache, and the Hub could not be reached (no network?)"
     if name == "HFValidationError":
         return "not a valid Hub repository id (expected 'org/name')"
     text = str(exc).strip().splitlines()
@@ -128,7 +147,8 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
     patterns = [CONFIG_NAME, GENERATION_CONFIG_NAME] + ([] if config_only else [WEIGHTS_NAME])
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                        allow_patterns=patterns, library_name="aimkit"))
+                                        allow_patterns=patterns, library_name="aimkit",
+                                        local_files_only=hub_unreachable()))
     except Exception as exc:  # hub errors come in many types
         if not _is_hub_error(exc):
             raise
@@ -149,7 +169,8 @@ def hub_saved_config(repo_id: str, *, revision: str | None = None,
 
     repo_id = _check_repo_id(repo_id)
     try:
-        path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, library_name="aimkit"))
+        path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, library_name="aimkit",
+                                    local_files_only=hub_unreachable()))
     except Exception as exc:  # absent, offline, unreachable: nothing to check against
         if not _is_hub_error(exc):
             raise

@@ -341,3 +341,27 @@ def test_upload_saved_refuses_an_incomplete_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="missing model.safetensors, generation_config.json"):
         hub.upload_saved(tmp_path, "me/x")
+
+
+def test_without_a_network_the_cache_answers_at_once(tmp_path, monkeypatch, saved):
+    """HF_HUB_OFFLINE unset and the Hub's host name not resolving (no network): the cached repo
+    builds, and an uncached one fails at once (huggingface_hub alone retried for ~25 s)."""
+    import socket
+    import time
+
+    cache = tmp_path / "hf-cache-online"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    gen, folder = saved
+    publish(cache, "me/tiny", folder)
+    assert_same_model(gen, aimkit.build("hf-hub:me/tiny"))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="could not be reached"):
+        aimkit.build("aim-test-mamba2", pretrained="hf-hub:me/absent")
+    assert time.perf_counter() - start < 5
