@@ -99,9 +99,6 @@ def _apply_overrides(config: GeneratorConfig, overrides: dict[str, Any], where: 
         if kind not in _COMPONENT_KINDS:
             raise ConfigError(f"unknown option {key!r} for {where}: {kind!r} is not a component kind")
         per_component[kind][field] = value
-    if "norm_eps" in per_component["backbone"]:  # a Generator hands its backbone the generator's norm_eps
-        raise ConfigError(f"{where}: the backbone's RMSNorms take the generator's norm_eps; pass "
-                          f"norm_eps={per_component['backbone']['norm_eps']!r} instead of backbone__norm_eps")
     for kind, fields in per_component.items():
         if not fields:
             continue

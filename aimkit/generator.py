@@ -20,7 +20,6 @@ The state-dict layout is aimkit's own (``tok_embed``, ``backbone.layers.i.mixer`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -122,19 +121,6 @@ def _check_policy(policy: Any) -> ExecutionPolicy:
     if not isinstance(policy, ExecutionPolicy):
         raise ConfigError(f"policy must be an ExecutionPolicy or a mapping of its fields, got {type(policy).__name__}")
     return policy
-
-
-def _content_id(state: dict[str, Tensor], *documents: dict[str, Any]) -> str:
-    """SHA-256 (32 hex digits) of tensors' names, dtypes, shapes and bytes and of JSON documents:
-    the same model saves to the same files, two different ones never share an id."""
-    digest = hashlib.sha256()
-    for doc in documents:
-        digest.update(json.dumps(doc, sort_keys=True).encode())
-    for name in sorted(state):
-        t = state[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:32]
 
 
 def _build(registry, spec: ComponentSpec, *args, **kwargs):
@@ -492,7 +478,7 @@ class Generator(nn.Module):
         """
         from . import hub
         from ._io import write_text_atomic
-        from .weights import save_safetensors_atomic
+        from .weights import content_id, save_safetensors_atomic
 
         hub.check_push_options(push_kwargs, push_to_hub)
         storage_dtype = hub.check_storage_dtype(storage_dtype)
@@ -506,7 +492,7 @@ class Generator(nn.Module):
         dtype = str(self.dtype).replace("torch.", "")
         cfg = {"aimkit_format": 1, "dtype": dtype, "generator": self.config.architecture_dict()}
         generation = {"aimkit_format": 1, "generation": self.config.generation_dict()}
-        save_id = _content_id(state, cfg, generation)  # in all three files: a mix of two saves is refused
+        save_id = content_id(state, cfg, generation)  # in all three files: a mix of two saves is refused
         cfg, generation = {**cfg, SAVE_ID_KEY: save_id}, {**generation, SAVE_ID_KEY: save_id}
         # config.json goes last: a reader that sees the new config.json also sees the new weights. One
         # metadata key: safetensors writes several in a random order, and equal models save to equal bytes

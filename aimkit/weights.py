@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,7 @@ __all__ = [
     "WRAPPER_KEYS",
     "GENERATOR_WRAPPER_KEYS",
     "check_finite",
+    "content_id",
     "first_nonfinite",
     "check_state_dict",
     "load_strict",
@@ -136,6 +139,19 @@ def weight_file(path: PathLike) -> Path:
     if path.stat().st_size == 0:
         raise CheckpointError(f"weight file {path} is empty (0 bytes): an interrupted download or copy?")
     return path
+
+
+def content_id(state: dict[str, Tensor], *documents: dict[str, Any]) -> str:
+    """SHA-256 (32 hex digits) of tensors' names, dtypes, shapes and bytes and of JSON documents:
+    the same model saves to the same files, two different ones never share an id."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(json.dumps(doc, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:32]
 
 
 def first_nonfinite(tensors: Iterable[tuple[str, Tensor]]) -> tuple[str, int, int] | None:

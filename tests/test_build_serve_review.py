@@ -182,10 +182,12 @@ def test_float8_weights_load_and_are_scanned_for_non_finite_values(tmp_path):
 
 
 def test_the_backbones_norm_eps_is_the_generators():
-    """backbone__norm_eps was stored but unused (the blocks take the generator's): refused, and
-    norm_eps reaches every RMSNorm of the transformer."""
-    with pytest.raises(ConfigError, match="pass norm_eps=0.5 instead"):
+    """The transformer's backbone__norm_eps was stored but unused (its norms take the generator's):
+    refused, and norm_eps reaches every RMSNorm of the transformer. Mamba2's is its gated norm's."""
+    with pytest.raises(ConfigError, match="set norm_eps=0.5 on the generator instead"):
         aimkit.build("llamagen-test", pretrained=False, backbone__norm_eps=0.5)
+    mamba = aimkit.build("aim-test-mamba2", pretrained=False, backbone__norm_eps=0.25)  # its gated norm's own
+    assert {layer.mixer.norm.eps for layer in mamba.backbone.layers} == {0.25}
     gen = aimkit.build("llamagen-test", pretrained=False, norm_eps=0.5)
     eps = {m.eps for m in gen.modules() if isinstance(m, torch.nn.RMSNorm)}
     assert eps == {0.5}

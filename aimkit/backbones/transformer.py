@@ -355,6 +355,12 @@ class TransformerBackbone(Backbone):
         policy: ExecutionPolicy | None = None,
     ):
         factory = {"device": device, "dtype": dtype}
+        default_eps = TransformerConfig.__dataclass_fields__["norm_eps"].default
+        if norm_eps is not None and config.norm_eps not in (norm_eps, default_eps):
+            # a Generator hands its norm_eps to every norm: the backbone's own would be stored and unused
+            raise ConfigError(f"transformer norm_eps {config.norm_eps!r} differs from the generator's norm_eps "
+                              f"{norm_eps!r}, which every RMSNorm of the stack uses; set norm_eps={config.norm_eps!r} "
+                              "on the generator instead")
         eps = config.norm_eps if norm_eps is None else norm_eps
         policy = resolve_policy(policy)  # one object, shared with every attention layer
         super().__init__(

@@ -54,7 +54,8 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--num", type=_positive_int, metavar="N",
-        help="number of images; labels repeat cyclically to this count (default: one per label, or 8)",
+        help="number of images, at least one per label; labels repeat cyclically to this count (default: one "
+        "per label, or 8)",
     )
     parser.add_argument("--cfg-scale", type=float, metavar="F", help="guidance scale, 1 = off (default: preset)")
     parser.add_argument(
