@@ -149,8 +149,9 @@ SAVE_ID_KEY = "aimkit_save_id"  # in config.json, generation_config.json and the
 def check_one_save(directory: Path, weights: Path) -> None:
     """Refuse a folder whose ``config.json``, ``generation_config.json`` and ``weights`` come from
     different ``save_pretrained`` calls (one interrupted between its files, or two saving into one
-    folder at once): each file carries the id of the save that wrote it. Folders saved before the
-    id existed (no id in ``config.json``) are not checked."""
+    folder at once): each file carries the id of the save that wrote it. A file without an id (a
+    folder saved before the id existed, weights written by another tool) is not checked, nor is a
+    weights file whose header cannot be read (loading it says why)."""
     want = _read_saved_json(directory).get(SAVE_ID_KEY)
     if want is None:
         return
@@ -162,9 +163,13 @@ def check_one_save(directory: Path, weights: Path) -> None:
     if weights.is_file() and weights.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(weights), framework="pt") as f:
-            found[weights.name] = (f.metadata() or {}).get(SAVE_ID_KEY)
-    if len(set(found.values())) > 1:
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                found[weights.name] = (f.metadata() or {}).get(SAVE_ID_KEY)
+        except Exception:  # a damaged or hostile header: the load reports it
+            pass
+    ids = {value for value in found.values() if value is not None}
+    if len(ids) > 1:
         raise CheckpointError(
             f"{directory} holds files of different saves ({', '.join(f'{k}: {v}' for k, v in found.items())}): "
             "a save_pretrained was interrupted or two ran into this folder at once; save the model again")
