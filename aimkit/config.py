@@ -368,6 +368,21 @@ class SamplingDefaults:
             raise ConfigError(f"sampling defaults top_p must be in (0, 1], got {self.top_p!r}")
 
 
+def check_class_names(names: Sequence[str], num_classes: int) -> None:
+    """One name per class, none empty, all different ignoring case and surrounding spaces (class
+    names are looked up so), or one :class:`ConfigError` naming the first problem."""
+    if len(names) != num_classes:
+        raise ConfigError(f"class_names has {len(names)} names but num_classes is {num_classes}")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise ConfigError(f"class_names[{i}] is empty; every class needs a name")
+        first = seen.setdefault(name.strip().casefold(), i)
+        if first != i:
+            raise ConfigError(f"class_names[{i}] {name!r} repeats class_names[{first}] {names[first]!r} "
+                              "(names must differ, ignoring case)")
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Everything needed to build a :class:`~aimkit.generator.Generator`.
@@ -431,16 +446,7 @@ class GeneratorConfig:
         if names is None:
             return
         object.__setattr__(self, "class_names", names)  # a list given becomes a tuple
-        if len(names) != self.num_classes:
-            raise ConfigError(f"class_names has {len(names)} names but num_classes is {self.num_classes}")
-        seen: dict[str, int] = {}
-        for i, name in enumerate(names):
-            if not name.strip():
-                raise ConfigError(f"class_names[{i}] is empty; every class needs a name")
-            first = seen.setdefault(name.strip().lower(), i)
-            if first != i:
-                raise ConfigError(f"class_names[{i}] {name!r} repeats class_names[{first}] {names[first]!r} "
-                                  "(names must differ, ignoring case)")
+        check_class_names(names, self.num_classes)
 
     def generation_dict(self) -> dict[str, Any]:
         """The sampling settings (fields declared ``generation=True``): ``generation_config.json``."""

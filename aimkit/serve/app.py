@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import check_class_names
 from ..errors import AimkitError, ConfigError, did_you_mean
 from ..samplers.api import class_names_of
 
@@ -73,20 +74,6 @@ def model_class_names(model) -> list[str] | None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_names(names: Sequence[str], num_classes: int) -> None:
-    """One name per class, distinct ignoring case and surrounding spaces (the form finds them so)."""
-    if len(names) != num_classes:
-        raise ConfigError(f"got {len(names)} class names for a model of {num_classes} classes")
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if not name.strip():
-            raise ConfigError(f"class name {i} is empty; every class needs a name (blank means a random class)")
-        first = seen.setdefault(name.strip().casefold(), i)
-        if first != i:
-            raise ConfigError(f"class name {i} {name!r} repeats class name {first} {names[first]!r} "
-                              "(names must differ, ignoring case)")
 
 
 def _shown(value: Any) -> str:
@@ -147,7 +134,7 @@ class DemoApp:
         self.max_count = max_count
         names = model_class_names(model) if class_names is None else [str(n) for n in class_names]
         if names is not None:
-            _check_names(names, model.num_classes)
+            check_class_names(names, model.num_classes)
         self.named_classes = names is not None  # real names (captions show them) or just the ids
         self.class_names = names if names is not None else [str(i) for i in range(model.num_classes)]
         self.defaults = model.config.pretty_sampling
