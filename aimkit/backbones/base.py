@@ -351,7 +351,8 @@ class Backbone(nn.Module):
             raise ValueError(f"cannot split {batch} rows into {groups} groups")
         if side_streams and len(side_streams) != groups - 1:
             raise ValueError(f"{groups} groups need {groups - 1} side streams, got {len(side_streams)}")
-        sizes = [len(r) for r in torch.arange(batch).tensor_split(groups)]
+        size, extra = divmod(batch, groups)  # the first `extra` groups take one row more
+        sizes = [size + (i < extra) for i in range(groups)]
         starts = [sum(sizes[:i]) for i in range(groups)]
         main = torch.cuda.current_stream(x.device) if side_streams else None
         for stream in side_streams:

@@ -203,13 +203,13 @@ def tokenize_folder(
 
 def _files_fingerprint(scan, data) -> str:
     """SHA-256 of the scanned images' paths (relative to ``data``), labels and sizes: a resumed run
-    into the same ``--out`` must read the same images (the folder itself may have moved)."""
-    root = Path(data).resolve()
+    into the same ``--out`` must read the same images (the folder itself may have moved). The scan's
+    paths start with ``data`` as given, so no path is resolved (one stat per image)."""
+    prefix = str(Path(data)) + os.sep
     digest = hashlib.sha256()
     for path, label in scan.files:
-        path = Path(path).resolve()
-        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
-        digest.update(f"{name}\t{label}\t{path.stat().st_size}\n".encode())
+        name = path[len(prefix):] if path.startswith(prefix) else path
+        digest.update(f"{name}\t{label}\t{os.stat(path).st_size}\n".encode())
     return digest.hexdigest()
 
 
