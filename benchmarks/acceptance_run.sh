@@ -72,7 +72,7 @@ case "${1:-}" in
     ;&
   kernels)
     [ "$(left)" -gt 30 ] || { echo "no time left for the kernel tests"; exit 0; }
-    timeout -k 10 "$(left)" python3 -m pytest -q -rfEs -p no:cacheprovider tests/kernels > "$OUT/pytest_kernels.txt" 2>&1
+    timeout -k 10 "$(left)" python3 -m pytest -rfEs -p no:cacheprovider tests/kernels > "$OUT/pytest_kernels.txt" 2>&1
     echo "kernel tests rc=$? $(elapsed)"; grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/pytest_kernels.txt" | tail -20
     ;;
 esac
