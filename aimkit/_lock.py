@@ -55,14 +55,19 @@ class FolderLock:
     Args:
         folder: the folder to guard; ``FOLDER/.aimkit.lock`` is the lock file.
         command: what the owner is doing, shown to a second writer (``"aimkit sample"``).
+        remove: delete the lock file on release, for a folder that is a deliverable (a saved
+            model): a writer that opened the file just before could then lock the deleted file
+            beside a newcomer, a narrow race that suits only folders whose files are checked
+            when read (``save_pretrained``'s save ids).
 
     Raises:
         FolderBusyError: on :meth:`acquire` (or ``with``) when another process holds the lock;
             the message names its pid, host, command and start time.
     """
 
-    def __init__(self, folder: str | os.PathLike, command: str = ""):
+    def __init__(self, folder: str | os.PathLike, command: str = "", *, remove: bool = False):
         self.folder = Path(folder)
+        self.remove = remove
         self.path = self.folder / LOCK_NAME
         self.command = command or " ".join(Path(sys.argv[0]).name.split()[:1] + sys.argv[1:2])
         self._fd: int | None = None
@@ -116,11 +121,14 @@ class FolderLock:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)  # the file stays (unlinking it would race a waiting writer)
+            if self.remove:
+                self.path.unlink(missing_ok=True)  # while still held
+            else:
+                os.ftruncate(fd, 0)  # the file stays (unlinking it would race a second writer)
         finally:
             os.close(fd)
         if fcntl is None:  # pragma: no cover
-            os.unlink(self.path)
+            self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -9,6 +9,8 @@ old default).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,15 @@ from typing import Any
 import torch
 
 from ._io import read_json
-from .config import GeneratorConfig
+from .config import ComponentSpec, GeneratorConfig, runtime_fields
 from .errors import AimkitError, CheckpointError, ConfigError
 
-__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "LEGACY_RUNTIME", "SAVE_ID_KEY", "check_dtype", "check_one_save",
-           "read_saved_config",
-           "saved_dtype"]
+__all__ = ["CONFIG_NAME", "GENERATION_CONFIG_NAME", "LEGACY_RUNTIME", "SAVE_ID_KEY", "WEIGHTS_NAME", "check_dtype",
+           "check_one_save", "read_saved_config", "saved_dtype", "write_saved"]
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
+WEIGHTS_NAME = "model.safetensors"
 # run-time settings that older aimkit versions kept in component configs -> the policy field now
 # holding each (None: removed); dropped when a saved config.json still has them
 LEGACY_RUNTIME = {"use_kernels": "scan", "state_dtype": "state_dtype", "chunk_size": "chunk_size",
@@ -32,8 +34,6 @@ LEGACY_RUNTIME = {"use_kernels": "scan", "state_dtype": "state_dtype", "chunk_si
                    "fused_sampling": "sampling", "graph_branches": None}
 LEGACY_DEFAULTS = {"use_kernels": "auto", "state_dtype": "float32", "chunk_size": 128, "fused_split_scan": True,
                     "use_cuda_graph": True, "fused_sampling": True, "graph_branches": 1}
-
-
 
 
 def check_dtype(dtype: Any) -> torch.dtype | None:
@@ -130,8 +130,32 @@ def read_saved_config(directory: Path) -> GeneratorConfig:
     # its own errors name its own file; sizes it depends on (class names per class) come from config.json
     sizes = {k: architecture[k] for k in ("num_classes",) if type(architecture.get(k)) is int}
     _from_dict({**generation, **sizes}, directory / GENERATION_CONFIG_NAME)
-    return _from_dict({**_drop_legacy_runtime(architecture, directory / CONFIG_NAME), **generation},
-                      directory / CONFIG_NAME)
+    architecture = _drop_legacy_runtime(architecture, directory / CONFIG_NAME)
+    config = _from_dict({**architecture, **generation}, directory / CONFIG_NAME)
+    _warn_defaulted(architecture, config, directory / CONFIG_NAME)
+    return config
+
+
+def _warn_defaulted(architecture: dict[str, Any], config: GeneratorConfig, path: Path) -> None:
+    """One warning naming every architecture setting that ``path`` lacks and the default that took
+    its place (``save_pretrained`` writes them all: a gap means an edited file or another writer,
+    and a default that differs from the trained value changes the model without a shape error)."""
+    generation = runtime_fields(GeneratorConfig, "generation")
+    defaulted = {f.name: getattr(config, f.name) for f in dataclasses.fields(GeneratorConfig)
+                 if f.name not in generation and f.name not in architecture}
+    for kind, entry in architecture.items():
+        spec = getattr(config, kind, None)
+        if not isinstance(spec, ComponentSpec) or spec.config is None or not isinstance(entry, dict):
+            continue
+        saved = entry.get("config")
+        saved = saved if isinstance(saved, dict) else {}
+        defaulted.update({f"{kind}.config.{f.name}": getattr(spec.config, f.name)
+                          for f in dataclasses.fields(spec.config) if f.name not in saved})
+    if defaulted:
+        listed = ", ".join(f"{k}={v.name if isinstance(v, ComponentSpec) else v!r}" for k, v in defaulted.items())
+        warnings.warn(f"{path} does not set {listed}: using these defaults. save_pretrained writes every "
+                      "setting, so the file was edited or written by another tool; if the model was trained "
+                      "with other values, its outputs will be wrong", stacklevel=3)
 
 
 def _from_dict(data: dict[str, Any], path: Path) -> GeneratorConfig:
@@ -144,6 +168,24 @@ def _from_dict(data: dict[str, Any], path: Path) -> GeneratorConfig:
 
 
 SAVE_ID_KEY = "aimkit_save_id"  # in config.json, generation_config.json and the safetensors metadata (its one key)
+
+
+def write_saved(directory: Path, state: dict[str, torch.Tensor], architecture: dict[str, Any],
+                generation: dict[str, Any]) -> None:
+    """Write a save's three files into ``directory`` (its lock held by the caller): the weights
+    ``state``, then ``generation_config.json`` from ``generation``, then ``config.json`` from
+    ``architecture``, each atomically and each carrying the save's content id (:func:`check_one_save`).
+
+    ``config.json`` goes last: a reader that sees the new one also sees the new weights. The
+    weights' metadata is that one key (safetensors writes several in a random order), so equal
+    models save to equal bytes."""
+    from ._io import write_text_atomic
+    from .weights import content_id, save_safetensors_atomic
+
+    save_id = content_id(state, architecture, generation)
+    save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={SAVE_ID_KEY: save_id})
+    for name, data in ((GENERATION_CONFIG_NAME, generation), (CONFIG_NAME, architecture)):
+        write_text_atomic(directory / name, json.dumps({**data, SAVE_ID_KEY: save_id}, indent=2) + "\n")
 
 
 def check_one_save(directory: Path, weights: Path) -> None:

@@ -20,7 +20,6 @@ The state-dict layout is aimkit's own (``tok_embed``, ``backbone.layers.i.mixer`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._saved import CONFIG_NAME, GENERATION_CONFIG_NAME, SAVE_ID_KEY
+from ._saved import write_saved
 from .backbones.base import InferenceParams, modulate
 from .conditioning.label import ClassEmbedder
 from .config import ComponentSpec, GeneratorConfig
@@ -39,8 +38,6 @@ from .policy import ExecutionPolicy, default_policy
 from .registry import BACKBONES, CONDITIONING, TOKENIZERS
 
 __all__ = ["Generator", "DecodeCondition", "FinalLayer", "token_cross_entropy"]
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 class PartsReport(NamedTuple):
@@ -477,13 +474,11 @@ class Generator(nn.Module):
                 (:func:`aimkit.hub.upload_saved`).
         """
         from . import hub
-        from ._io import write_text_atomic
-        from .weights import content_id, save_safetensors_atomic
+        from ._lock import FolderLock
 
         hub.check_push_options(push_kwargs, push_to_hub)
         storage_dtype = hub.check_storage_dtype(storage_dtype)
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = self.generator_state_dict()
         if include_tokenizer and self.tokenizer is not None:
             state.update({f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()})
@@ -492,17 +487,12 @@ class Generator(nn.Module):
         dtype = str(self.dtype).replace("torch.", "")
         cfg = {"aimkit_format": 1, "dtype": dtype, "generator": self.config.architecture_dict()}
         generation = {"aimkit_format": 1, "generation": self.config.generation_dict()}
-        save_id = content_id(state, cfg, generation)  # in all three files: a mix of two saves is refused
-        cfg, generation = {**cfg, SAVE_ID_KEY: save_id}, {**generation, SAVE_ID_KEY: save_id}
-        # config.json goes last: a reader that sees the new config.json also sees the new weights. One
-        # metadata key: safetensors writes several in a random order, and equal models save to equal bytes
-        save_safetensors_atomic(state, directory / WEIGHTS_NAME, metadata={SAVE_ID_KEY: save_id})
-        write_text_atomic(directory / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=False) + "\n")
         if push_to_hub and repo_id is None:
             repo_id = directory.resolve().name  # named in the card's loading example too
-        if model_card:
-            hub.write_model_card(self, directory, repo_id=repo_id)
+        with FolderLock(directory, command="save_pretrained", remove=True):  # a second save is refused
+            write_saved(directory, state, cfg, generation)
+            if model_card:
+                hub.write_model_card(self, directory, repo_id=repo_id)
         if push_to_hub:
             hub.upload_saved(directory, repo_id, **push_kwargs)
         return directory

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import read_json, write_text_atomic
-from ._saved import CONFIG_NAME, GENERATION_CONFIG_NAME, read_saved_config
+from ._saved import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, read_saved_config
 from .config import GeneratorConfig, runtime_fields
 from .errors import AimkitError, CheckpointError, ConfigError, did_you_mean
 
@@ -43,7 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
-WEIGHTS_NAME = "model.safetensors"  # as Generator.save_pretrained names it
 CARD_NAME = "README.md"
 RECORD_NAME = "training_record.json"
 # what save_pretrained writes, in the order it writes it

@@ -38,6 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "aimkit-serve"
     protocol_version = "HTTP/1.1"  # keep-alive; every answer carries its Content-Length
     timeout = IDLE_TIMEOUT_S  # a connection silent this long is closed (its thread freed)
+    _head_only = False  # set for a HEAD request: headers (Content-Length too) without the body
 
     def do_GET(self) -> None:  # the name http.server calls
         url = urlsplit(self.path)
@@ -47,6 +48,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._generate(url.query)
         else:
             self._text(HTTPStatus.NOT_FOUND, f"no page {url.path!r}; the demo is at /")
+
+    def do_HEAD(self) -> None:  # the page's headers without its body; /generate is not run for a HEAD
+        self._head_only = True  # this handler serves the connection's later requests too
+        try:
+            if urlsplit(self.path).path == "/generate":
+                self._text(HTTPStatus.METHOD_NOT_ALLOWED, "GET /generate makes the images; HEAD does not",
+                           {"Allow": "GET"})
+            else:
+                self.do_GET()
+        finally:
+            self._head_only = False
 
     def _generate(self, query: str) -> None:
         try:
@@ -87,7 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(body)
+            if not self._head_only:
+                self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):  # the client left before the answer
             logger.info("client %s left before the answer", self.client_address[0])
 
