@@ -26,7 +26,9 @@ Stages (each training stage is its own process, so every recipe runs exactly as 
    folder, the grid and the logs are copied to ``$OUT`` as well.
 
 Any failing stage stops the run with its error. A model below the quality target (conditional
-accuracy 0.9) is still written, and the run exits with status 3.
+accuracy 0.9) is still written, and the run exits with status 3. The run folder is locked
+(:class:`aimkit._lock.FolderLock`) for the whole build, so a second build on it stops at once; the
+export replaces the weights folder only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from aimkit._io import fsync_dir, write_text_atomic
+from aimkit._lock import LOCK_NAME, FolderBusyError, FolderLock
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "aim-tiny-shapes"
@@ -145,7 +150,10 @@ def probe_step_seconds(batch_size: int, device: str, steps: int = 15, warmup: in
 
 
 def export(final_dir: Path, assets_dir: Path) -> dict[str, Any]:
-    """Write the trained generator (tokenizer included) to ``assets_dir`` in float16."""
+    """Write the trained generator (tokenizer included) to ``assets_dir`` in float16.
+
+    The new folder is written beside ``assets_dir`` (``.NAME.new``) and swapped in only when
+    complete, so a failed or killed export leaves the previous weights where they were."""
     import aimkit
 
     gen = aimkit.build(final_dir)
@@ -155,9 +163,22 @@ def export(final_dir: Path, assets_dir: Path) -> dict[str, Any]:
             f"the trained config differs from the registered {PRESET!r} preset, so aimkit.build({PRESET!r}) "
             f"could not load it:\n trained: {gen.config}\n preset:  {preset}"
         )
+    staging, previous = assets_dir.with_name(f".{assets_dir.name}.new"), assets_dir.with_name(f".{assets_dir.name}.old")
+    if previous.exists() and not assets_dir.exists():
+        os.replace(previous, assets_dir)  # an export killed between its two renames: the old weights go back
+    for leftover in (staging, previous):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        gen.save_pretrained(staging, include_tokenizer=True, storage_dtype=EXPORT_DTYPE)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if assets_dir.exists():
-        shutil.rmtree(assets_dir)
-    gen.save_pretrained(assets_dir, include_tokenizer=True, storage_dtype=EXPORT_DTYPE)
+        os.replace(assets_dir, previous)
+    os.replace(staging, assets_dir)
+    fsync_dir(assets_dir.parent)
+    shutil.rmtree(previous)
     files = {}
     for path in sorted(assets_dir.iterdir()):
         path.chmod(0o644)  # the atomic writer creates 0600 temp files; package data must be readable
@@ -302,8 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     grid_path = (args.grid or (root / "aim_tiny_shapes_grid.png" if args.smoke
                                else REPO / "docs" / "images" / "aim_tiny_shapes_grid.png")).resolve()
     started = False
+    if root.exists() and not root.is_dir():
+        raise StageFailed(f"--out-root {root} exists and is not a folder")
+    lock = FolderLock(root, command="build_tiny_shapes")
     try:
-        if root.exists() and any(root.iterdir()) and not args.overwrite:
+        lock.acquire()  # before anything in root is looked at or deleted
+    except FolderBusyError as exc:
+        raise StageFailed(str(exc)) from None
+    try:
+        if any(entry.name != LOCK_NAME for entry in root.iterdir()) and not args.overwrite:
             raise StageFailed(f"{root} is not empty; pass --overwrite or choose a new --out-root")
         started = True
         return build(args, root, assets_dir, grid_path)
@@ -311,6 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         if started:
             salvage(root, assets_dir)
         raise
+    finally:
+        lock.release()
+
+
+def clear_run_folder(root: Path) -> None:
+    """Delete everything in ``root`` but its lock file (which the caller holds)."""
+    for entry in root.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def build(args: argparse.Namespace, root: Path, assets_dir: Path, grid_path: Path) -> int:
@@ -320,9 +361,7 @@ def build(args: argparse.Namespace, root: Path, assets_dir: Path, grid_path: Pat
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if not args.smoke and device != "cuda":
         raise StageFailed("no CUDA device: the full build needs a GPU (use --smoke for a CPU check)")
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    clear_run_folder(root)  # main() holds root's lock: the lock file stays
     say(f"{'smoke run' if args.smoke else 'full build'} on {device}; run folder {root}; assets -> {assets_dir}")
     py = sys.executable
     logs: dict[str, Path] = {}
@@ -434,9 +473,7 @@ def build(args: argparse.Namespace, root: Path, assets_dir: Path, grid_path: Pat
         "total_wall_time_s": round(time.perf_counter() - t_start, 1),
     })
     record_path = assets_dir / "training_record.json"
-    tmp = record_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, record_path)
+    write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")
     record_path.chmod(0o644)
     say(f"wrote {record_path}; total {record['total_wall_time_s']:.0f} s")
     if os.environ.get("OUT"):

@@ -9,7 +9,7 @@ Every step renders a fresh batch of procedural images (aimkit.data.shapes), so t
 dataset to download and no epoch. After training, the weights are written as safetensors, read
 back, and the reloaded model is scored on held-out images (a seed no training step uses). A
 JSON record with the settings, wall time and held-out accuracy is written next to the weights
-(same name, ``.json``).
+(same name, ``.json``). Both files are written atomically: a crash leaves each one whole.
 """
 
 import argparse
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from aimkit._io import write_text_atomic
 from aimkit.eval.classifier import (
     HELDOUT_SEED,
     evaluate_accuracy,
@@ -93,7 +94,7 @@ def main() -> None:
         "final_train_loss": history[-1]["loss"],
     }
     record_path = args.out.with_suffix(".json")
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(record_path, json.dumps(record, indent=2) + "\n")  # the old record or the new, never half
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KB) and {record_path}")
 
 

@@ -29,6 +29,10 @@ Output folder::
     OUT/tokenizer.json          the resolved config, losses, codebook usage, held-out reconstruction
                                 quality (PSNR, shapes-classifier accuracy on reconstructions), wall time
     OUT/metrics.jsonl           one line per log step
+
+The main process holds ``OUT``'s lock (:class:`aimkit._lock.FolderLock`) for the whole run, and a
+folder that already holds an earlier run's outputs is refused (there is no resume), so a second
+run never truncates the metrics of, or replaces the weights of, another one.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -50,6 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import aimkit
+from aimkit._io import write_text_atomic
+from aimkit._lock import lock_on_main_process
 from aimkit.config import config_from_dict, config_to_dict, replace_checked
 from aimkit.data.shapes import ShapesDataset, make_batch
 from aimkit.errors import AimkitError, ConfigError
@@ -60,6 +65,7 @@ from aimkit.weights import save_safetensors_atomic
 
 WEIGHTS_NAME = "tokenizer.safetensors"
 RECORD_NAME = "tokenizer.json"
+METRICS_NAME = "metrics.jsonl"
 KEY_PREFIX = "tokenizer."
 
 
@@ -356,10 +362,10 @@ def _train_loop(accelerator, model, optimizer, scheduler, loader, recipe: Tokeni
         window_counts=torch.zeros(codebook_size, dtype=torch.long, device=device),
         log_counts=torch.zeros(codebook_size, dtype=torch.long, device=device),
         restart_rng=torch.Generator().manual_seed(recipe.seed + 1),
-        metrics_path=out / "metrics.jsonl",
+        metrics_path=out / METRICS_NAME,
     )
     if accelerator.is_main_process:
-        progress.metrics_path.write_text("")
+        write_text_atomic(progress.metrics_path, "")  # the folder held no earlier run (check_fresh_output)
     for images, _labels in loader:
         result, terms, grad_norm = _optimizer_step(accelerator, model, optimizer, scheduler, recipe, images)
         progress.step += 1
@@ -407,23 +413,51 @@ def _save_and_evaluate(accelerator, model, recipe: TokenizerRecipe, out: Path, p
         "torch_version": torch.__version__,
         "aimkit_version": aimkit.__version__,
     }
-    tmp = out / (RECORD_NAME + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / RECORD_NAME)
+    write_text_atomic(out / RECORD_NAME, json.dumps(record, indent=2) + "\n")
     accelerator.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {out / RECORD_NAME}", flush=True)
     return record
 
 
+def check_fresh_output(out: Path) -> None:
+    """Refuse ``out`` when it holds an earlier run's weights, record or metric lines: this run would
+    replace them (its metrics from the first step on), and there is no resume to continue them."""
+    paths = [out / name for name in (WEIGHTS_NAME, RECORD_NAME, METRICS_NAME)]
+    earlier = [p.name for p in paths if p.exists() and not (p.is_file() and p.stat().st_size == 0)]
+    if earlier:
+        raise ConfigError(
+            f"{out} already holds {', '.join(earlier)} of an earlier run; choose another --out, "
+            "or move those files away to train again"
+        )
+
+
 def train(recipe: TokenizerRecipe, out: Path, cpu: bool = False) -> dict[str, Any]:
-    """Train, evaluate, save; returns the record written to ``OUT/tokenizer.json``."""
+    """Train, evaluate, save; returns the record written to ``OUT/tokenizer.json``.
+
+    Raises:
+        ConfigError: ``out`` holds an earlier run's outputs (:func:`check_fresh_output`).
+        FolderBusyError: another run holds ``out``. Neither error changes anything in ``out``.
+    """
     from accelerate import Accelerator
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.mixed_precision)
+    lock = lock_on_main_process(accelerator, out, "train_tokenizer")  # first, so the check below is not raced
+    try:
+        check_fresh_output(out)  # every process sees the same files: all go on, or all stop here
+        accelerator.wait_for_everyone()  # nothing is written before every process has checked
+        return _train(accelerator, recipe, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(accelerator, recipe: TokenizerRecipe, out: Path) -> dict[str, Any]:
+    """:func:`train` in a folder this run holds."""
     from accelerate.utils import set_seed
 
     start_time = time.perf_counter()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
 
     set_seed(recipe.seed)

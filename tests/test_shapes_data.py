@@ -93,7 +93,7 @@ def test_shape_is_visible_and_coloured():
 
 def test_export_image_folder(tmp_path):
     root = export_image_folder(tmp_path / "shapes", num_per_class=2, seed=4, image_size=32)
-    folders = sorted(p.name for p in root.iterdir())
+    folders = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))  # not the lock, the record
     assert folders == class_folder_names()
     assert sorted(p.name for p in (root / "05_cyan_circle").iterdir()) == ["00000.png", "00001.png"]
     ds = ShapesDataset(2 * NUM_CLASSES, seed=4, image_size=32)

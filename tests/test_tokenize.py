@@ -163,7 +163,7 @@ def test_resume_and_plan_checks(tmp_path):
 @pytest.fixture(scope="module")
 def image_tree(tmp_path_factory):
     root = export_image_folder(tmp_path_factory.mktemp("shapes"), num_per_class=1, seed=0, image_size=32)
-    first = sorted(p for p in root.iterdir())[0]
+    first = sorted(p for p in root.iterdir() if not p.name.startswith("."))[0]  # the export's record is hidden
     (first / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (first / "notes.txt").write_text("ignored: not an image extension")
     return root
@@ -224,7 +224,7 @@ def test_resuming_into_an_out_folder_of_other_images_is_refused(image_tree, tmp_
     moved = shutil.copytree(image_tree, tmp_path / "moved")
     assert tokenize_folder(moved, out, BrightnessTokenizer(), **kw).complete
     other = shutil.copytree(image_tree, tmp_path / "other")
-    first = sorted(p for p in other.rglob("*") if p.is_file())[0]
+    first = sorted(p for p in other.rglob("*") if p.is_file() and not p.name.startswith("."))[0]
     first.rename(first.with_name("renamed_" + first.name))
     with pytest.raises(ConfigError, match="tokens of other images"):
         tokenize_folder(other, out, BrightnessTokenizer(), **kw)

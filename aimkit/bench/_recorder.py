@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .._io import write_text_atomic
+from .._lock import FolderLock
 from .options import BenchOptions
 from .report import markdown
 
@@ -19,6 +20,9 @@ __all__ = ["Recorder"]
 class Recorder:
     """Rows and facts of one run, rewritten to ``bench.json`` + ``bench.md`` after every row.
 
+    The output folder is held (:class:`~aimkit._lock.FolderLock`) from construction to
+    :meth:`close`: a second run on the same folder raises ``FolderBusyError`` and changes nothing.
+
     Attributes:
         out: the output folder.
         data: what ``bench.json`` holds (``options``, ``device``, ``correctness``, ``rows``, ...).
@@ -27,8 +31,13 @@ class Recorder:
 
     def __init__(self, options: BenchOptions):
         self.out = options.out_dir()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(self.out / "bench.log", "w")  # noqa: SIM115 (open for the whole run)
+        # one run per folder: a second one stops here, before it truncates bench.log or rewrites bench.json
+        self.lock = FolderLock(self.out, command="aimkit bench").acquire()
+        try:
+            self.log_file = open(self.out / "bench.log", "w")  # noqa: SIM115 (open for the whole run)
+        except BaseException:
+            self.lock.release()
+            raise
         self.data: dict[str, Any] = {"options": options.to_dict(), "device": {}, "correctness": None, "rows": []}
         self.t0 = time.perf_counter()
 
@@ -68,4 +77,6 @@ class Recorder:
         write_text_atomic(self.out / "bench.md", markdown(self.data))
 
     def close(self) -> None:
+        """Close the log and release the folder (again: a no-op)."""
         self.log_file.close()
+        self.lock.release()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write
 from .report import reference_images_per_s
 
 __all__ = ["plots"]
@@ -42,9 +43,12 @@ def _finish(plt, fig, ax, path: Path, xs: list[int], xlabel: str, ylabel: str, t
 
 
 def _save(plt, fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Write ``fig`` as a PNG atomically (an earlier plot stays whole if this write fails), close it."""
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path.name
 
 

@@ -141,15 +141,26 @@ def _finish(report: Recorder) -> None:
 
 def run(opts: BenchOptions) -> int:
     """Run the benchmark; returns the exit status (1 when the correctness check fails, 3 when
-    ``require_kernels`` stops it on CUDA)."""
+    ``require_kernels`` stops it on CUDA).
+
+    Raises:
+        FolderBusyError: another run holds the output folder (nothing in it is touched).
+    """
     opts = opts.resolved()
     device = _check_options(opts)
     reference = load_reference(opts.reference) if opts.reference else None
-    report = Recorder(opts)
+    report = Recorder(opts)  # holds the output folder until closed
+    try:
+        return _run_all(opts, device, report, reference)
+    finally:
+        report.close()
+
+
+def _run_all(opts: BenchOptions, device: torch.device, report: Recorder, reference: Any) -> int:
+    """The rows of :func:`run`, recorded in ``report``; the exit status."""
     report.data["reference"] = reference
     report.log(f"aimkit bench: suite {opts.suite}, out {report.out}")
     if not _device_row(opts, device, report):
-        report.close()
         return 3
     status = _correctness_row(opts, report) if opts.check else 0
     for kind, job in plan(opts):

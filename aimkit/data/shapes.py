@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from .._io import atomic_path, write_text_atomic
+from .._lock import LOCK_NAME, FolderLock
 from ..errors import ConfigError
 
 __all__ = [
@@ -291,26 +294,77 @@ def export_image_folder(out_dir: str | Path, num_per_class: int, seed: int = 0, 
     Layout: ``out_dir/<class_idx:02d>_<colour>_<shape>/<i:05d>.png``. Image ``i`` of class
     ``c`` is item ``i * NUM_CLASSES + c`` of ``ShapesDataset(.., seed, image_size)``.
 
+    Every PNG is written atomically (a kill never leaves a truncated image under its final
+    name), the export holds :class:`~aimkit._lock.FolderLock` on ``out_dir`` while it writes, and
+    its settings are recorded in ``out_dir/.shapes_export.json`` first. A rerun with the same
+    settings resumes: images already there are kept, the missing ones are written. A folder
+    holding anything else (another export's images, unrelated files) is refused, so images of
+    two exports are never mixed and nothing in the folder is overwritten.
+
     Args:
-        out_dir: Root directory (created if missing; existing files of the same name are
-            overwritten).
+        out_dir: Root directory (created if missing; must be empty or hold an interrupted or
+            finished export with the same settings).
         num_per_class: Images per class.
         seed: Dataset seed.
         image_size: Side length in pixels.
 
     Returns:
         The root directory as a :class:`~pathlib.Path`.
+
+    Raises:
+        ConfigError: a bad setting, or ``out_dir`` holds something other than this export.
+        FolderBusyError: another process is writing ``out_dir``.
     """
     if num_per_class < 0:
         raise ConfigError(f"num_per_class must be >= 0, got {num_per_class}")
     size = _check_image_size(image_size)
     root = Path(out_dir)
-    folders = [root / name for name in class_folder_names()]
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-    for i in range(num_per_class):
-        for c, folder in enumerate(folders):
-            index = i * NUM_CLASSES + c
-            pixels = render(c, np.random.default_rng([seed, index]), size)
-            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"cannot export shapes to {root}: it exists and is not a folder")
+    settings = {
+        "format": "aimkit-shapes-export",
+        "num_per_class": int(num_per_class),
+        "seed": int(seed),
+        "image_size": size,
+    }
+    with FolderLock(root, command="export_image_folder", remove=True):  # a data set, not a run folder
+        _claim_export_folder(root, settings)
+        folders = [root / name for name in class_folder_names()]
+        for folder in folders:
+            folder.mkdir(exist_ok=True)
+            for stale in folder.glob(".?????.png.*.tmp"):  # temp files of a killed export; we hold the lock
+                stale.unlink(missing_ok=True)
+        for i in range(num_per_class):
+            for c, folder in enumerate(folders):
+                path = folder / f"{i:05d}.png"
+                if path.is_file():  # written (atomically) by an interrupted run with these settings
+                    continue
+                pixels = render(c, np.random.default_rng([seed, i * NUM_CLASSES + c]), size)
+                with atomic_path(path) as tmp:
+                    Image.fromarray(pixels).save(tmp, format="PNG")
     return root
+
+
+_EXPORT_RECORD = ".shapes_export.json"  # hidden: the image-folder scan skips dot files
+
+
+def _claim_export_folder(root: Path, settings: dict) -> None:
+    """Record ``settings`` in an empty ``root``, or check that ``root`` holds an export with them."""
+    record = root / _EXPORT_RECORD
+    if record.is_file():
+        try:
+            earlier = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if earlier == settings:
+            return
+        if not isinstance(earlier, dict):
+            raise ConfigError(f"{record} is damaged; export into an empty folder")
+        changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in settings.items() if earlier.get(k) != v)
+        raise ConfigError(
+            f"{root} holds a shapes export with other settings ({changed}); "
+            "rerun with the same settings to resume, or export into an empty folder"
+        )
+    if any(entry.name != LOCK_NAME for entry in root.iterdir()):
+        raise ConfigError(f"{root} is not empty and holds no shapes export; export into an empty folder")
+    write_text_atomic(record, json.dumps(settings, indent=1) + "\n")

@@ -268,7 +268,8 @@ def evaluate_accuracy(
 
 
 def save_classifier(model: ShapesClassifier, path: str | Path) -> Path:
-    """Write weights and config to a safetensors file.
+    """Write weights and config to a safetensors file, atomically: the file at ``path`` is the old
+    one or the new one, never a partial write (see :func:`aimkit.weights.save_safetensors_atomic`).
 
     Args:
         model: The classifier.
@@ -277,14 +278,11 @@ def save_classifier(model: ShapesClassifier, path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    from safetensors.torch import save_file
+    from ..weights import save_safetensors_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": _FORMAT, "config": json.dumps(config_to_dict(model.config))}
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return save_safetensors_atomic(tensors, path, metadata=metadata)
 
 
 def _read_metadata(data: bytes, source: str) -> dict[str, str]:
