@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -221,7 +222,8 @@ def _hub_download(repo_id: str, filename: str | None) -> Path:
     raise CheckpointError(f"could not get weights from hub repo {repo_id!r} ({'; '.join(errors)})")
 
 
-def _to_aimkit_layout(gen: Generator, state: dict, headers_only: bool = False) -> tuple[dict, dict | None]:
+def _to_aimkit_layout(gen: Generator, state: dict, headers_only: bool = False,
+                      source: str = "checkpoint") -> tuple[dict, dict | None]:
     """``state`` renamed to aimkit's keys when it is an official AiM or a LlamaGen checkpoint, and
     the names (aimkit -> file) for messages; None when the file already has aimkit's names.
     ``headers_only``: the values are meta tensors (a tied pair is not compared)."""
@@ -233,16 +235,32 @@ def _to_aimkit_layout(gen: Generator, state: dict, headers_only: bool = False) -
             state.pop("mamba.lm_head.weight", None)  # tied; from_official would compare the values
         return from_official(gen, state), official_key_map(gen)
     if is_llamagen(state):
-        return from_llamagen(gen, state), llamagen_key_map(gen)
+        return from_llamagen(gen, state, source=source), llamagen_key_map(gen)
     return state, None
+
+
+@contextlib.contextmanager
+def _explained(gen: Generator, file_state: dict):
+    """A weights misfit of a LlamaGen file also says which model the file holds (its sizes)."""
+    try:
+        yield
+    except CheckpointError as exc:
+        from .llamagen import describe_misfit, is_llamagen
+
+        why = describe_misfit(gen, file_state) if is_llamagen(file_state) else None
+        if why is None:
+            raise
+        raise CheckpointError(f"{exc}; {why}") from None
 
 
 def load_weights_into(gen: Generator, path: PathLike) -> None:
     """Load official AiM, LlamaGen or aimkit-layout weights into ``gen`` strictly, reporting absent parts."""
     from .weights import GENERATOR_WRAPPER_KEYS, read_state_dict
 
-    state, file_names = _to_aimkit_layout(gen, read_state_dict(path, wrappers=GENERATOR_WRAPPER_KEYS))
-    parts = gen.load_aimkit_state_dict(state, source=str(path), file_names=file_names)
+    file_state = read_state_dict(path, wrappers=GENERATOR_WRAPPER_KEYS)
+    state, file_names = _to_aimkit_layout(gen, dict(file_state), source=str(path))
+    with _explained(gen, file_state):
+        parts = gen.load_aimkit_state_dict(state, source=str(path), file_names=file_names)
     for part in parts.missing:
         warnings.warn(f"{path} holds no {part} weights; the {part} keeps its random initialisation", stacklevel=3)
     for part in parts.unused:
@@ -447,9 +465,10 @@ def _check_weights_fit(meta: Generator, path: PathLike) -> None:
     from .weights import GENERATOR_WRAPPER_KEYS, read_tensor_shapes
 
     shapes = read_tensor_shapes(path, wrappers=GENERATOR_WRAPPER_KEYS)
-    state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
-    state, file_names = _to_aimkit_layout(meta, state, headers_only=True)
-    meta.check_aimkit_state_dict(state, source=str(path), file_names=file_names)
+    file_state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    state, file_names = _to_aimkit_layout(meta, dict(file_state), headers_only=True, source=str(path))
+    with _explained(meta, file_state):
+        meta.check_aimkit_state_dict(state, source=str(path), file_names=file_names)
 
 
 def _preflight(config: GeneratorConfig, dtype, device, weights: Path | None, where: str) -> None:

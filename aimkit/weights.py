@@ -66,7 +66,8 @@ GENERATOR_WRAPPER_KEYS: tuple[str, ...] = ("model", "module", "state_dict", "ema
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIX = ".safetensors"
 # Files searched in a folder, in order; a glob that matches several files is ambiguous.
-_DIR_CANDIDATES = ("model.safetensors", "pytorch_model.bin", "*.safetensors", "*.pt")
+# consolidated.pth: an FSDP checkpoint folder of LlamaGen (beside its optimizer.*-of-*.pth shards).
+_DIR_CANDIDATES = ("model.safetensors", "pytorch_model.bin", "consolidated.pth", "*.safetensors", "*.pt")
 # Harmless classes that training scripts commonly pickle next to the weights (LlamaGen stores
 # its argparse arguments); they are allowed by the weights-only unpickler.
 _SAFE_GLOBALS = (argparse.Namespace,)
@@ -84,9 +85,9 @@ def read_state_dict(path: PathLike, key: str | None = None, check_values: bool =
 
     Args:
         path: a ``.safetensors`` file, a PyTorch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``),
-            or a folder holding ``model.safetensors``, ``pytorch_model.bin``, or exactly one
-            ``*.safetensors`` / ``*.pt`` file. Files with another suffix are recognised by
-            their first bytes.
+            or a folder holding ``model.safetensors``, ``pytorch_model.bin``, ``consolidated.pth``
+            (FSDP), or exactly one ``*.safetensors`` / ``*.pt`` file. Files with another suffix
+            are recognised by their first bytes.
         key: the entry of a wrapping dict to use (``"model"``); by default the first of
             ``wrappers`` present is taken, repeatedly, until a flat tensor dict is found.
         check_values: refuse floating tensors holding NaN or infinity (:func:`check_finite`).
