@@ -35,6 +35,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
     return module
 
 
+def llamagen_reference(seed: int = 11):
+    """A random ``llamagen-test`` generator, codes (2, 16), labels (2,) and its teacher-forced logits."""
+    import aimkit
+
+    gen = randomize_(aimkit.build("llamagen-test"), seed=seed).eval()
+    codes, labels = torch.randint(64, (2, 16)), torch.tensor([3, 10])
+    with torch.no_grad():
+        logits = gen(codes, labels)
+    return gen, codes, labels, logits
+
+
 # overrides giving a fast Mamba2 generator without a tokenizer: aimkit.build("aim-b", **TINY_MAMBA) is the
 # registered preset aimkit.build("aim-test-mamba2"); new tests use the preset or tiny_generator() below
 TINY_MAMBA = dict(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import llamagen_reference, randomize_
 
 import aimkit
 from aimkit.errors import CheckpointError
@@ -32,11 +32,7 @@ def llamagen_freqs_cis(grid: int, head_dim: int = HEAD_DIM, base: float = 10000.
 
 @pytest.fixture
 def reference():
-    gen = randomize_(aimkit.build("llamagen-test"), seed=11).eval()
-    codes, labels = torch.randint(64, (2, 16)), torch.tensor([3, 10])
-    with torch.no_grad():
-        logits = gen(codes, labels)
-    return gen, codes, labels, logits
+    return llamagen_reference()
 
 
 def _load(tmp_path, obj, name="c2i.pt", **overrides):

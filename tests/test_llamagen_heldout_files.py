@@ -15,7 +15,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import llamagen_reference, randomize_
 
 import aimkit
 from aimkit.errors import CheckpointError
@@ -24,11 +24,7 @@ from aimkit.llamagen import is_llamagen, to_llamagen
 
 @pytest.fixture
 def reference():
-    gen = randomize_(aimkit.build("llamagen-test"), seed=12).eval()
-    codes, labels = torch.randint(64, (2, 16)), torch.tensor([0, 10])
-    with torch.no_grad():
-        logits = gen(codes, labels)
-    return gen, codes, labels, logits
+    return llamagen_reference()
 
 
 def test_an_fsdp_checkpoint_folder_loads_through_its_consolidated_file(tmp_path, reference):
