@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import llamagen_reference, randomize_
+from conftest import llamagen_reference
 
 import aimkit
 from aimkit.errors import CheckpointError

@@ -15,7 +15,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import llamagen_reference, randomize_
+from conftest import llamagen_reference
 
 import aimkit
 from aimkit.errors import CheckpointError
