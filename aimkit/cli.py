@@ -107,9 +107,20 @@ def _log_level(parser: argparse.ArgumentParser, args) -> int:
     return logging.DEBUG if verbose else logging.INFO
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``PROG: error: ...``, with exit code 2 (no usage dump).
+
+    ``error_prog`` names the program in errors when it differs from ``prog`` (the usage's)."""
+
+    def __init__(self, *args, error_prog: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_prog = error_prog
+
+    def error(self, message: str):
+        self.exit(2, f"{self.error_prog or self.prog}: error: {message}\n")
+
+
+_Parser = OneLineParser
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -139,8 +150,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list) and not any(a.startswith("-") for a in extra):
         args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # named after the subcommand that did not take them
+        command = getattr(args, "command", None)
+        prog = f"{parser.prog} {command}" if command else parser.prog
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)}\n")
     return args
 
 

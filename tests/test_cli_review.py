@@ -167,7 +167,7 @@ def test_train_overrides_may_follow_the_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--config", "tiny_test", "--print-config", "lr=0.1", "--bogus"])
     assert info.value.code == 2
-    assert "unrecognized arguments: --bogus" in _one_line(capsys, "aimkit: error: ")
+    assert "unrecognized arguments: --bogus" in _one_line(capsys, "aimkit train: error: ")
 
 
 def test_python_m_aimkit_training_takes_overrides_after_its_options(tmp_path, capsys):
@@ -176,6 +176,23 @@ def test_python_m_aimkit_training_takes_overrides_after_its_options(tmp_path, ca
     assert training_main(["--config", "tiny_test", f"output_dir={tmp_path}", "--print-config", "lr=0.125"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.125" in out and f"output_dir: {tmp_path}" in out
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], [], ["--config", "tiny_test", "--resume"]])
+def test_python_m_aimkit_training_says_a_usage_error_in_one_line(capsys, argv):
+    from aimkit.training.cli import main as training_main
+
+    with pytest.raises(SystemExit) as info:
+        training_main(argv)
+    assert info.value.code == 2
+    _one_line(capsys, "aimkit train: error: ")
+
+
+def test_an_unknown_option_of_a_subcommand_is_named_after_it(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["list", "--nmu", "4"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --nmu" in _one_line(capsys, "aimkit list: error: ")
 
 
 def test_train_quiet_turns_the_progress_bar_off(tmp_path, monkeypatch):

@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m aimkit.training``: errors caused by the input are one line and exit code 2."""
-    parser = argparse.ArgumentParser(prog="python -m aimkit.training", description=SUMMARY)
+    from ..cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m aimkit.training", description=SUMMARY, error_prog="aimkit train")
     add_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE may also follow the options
     try:
