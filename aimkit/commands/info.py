@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from . import _args
 
-HELP = "show a model's components, size, weights and execution policy"
+HELP = "show a model's components, size and execution policy"
 DESCRIPTION = (
-    "Show a preset's or saved model's components, parameter count and weight source, and the execution "
+    "Show a preset's or saved model's components, size and parameter count, and the execution "
     "policy it would run with on DEVICE: for each operation, whether its kernel or its PyTorch reference "
     "runs. Nothing is allocated (the model is built on PyTorch's meta device)."
 )
