@@ -55,6 +55,8 @@ _MAX_SHOWN = 60
 def _check_keys(cls: type, keys, where: str) -> None:
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in keys:
+        if key not in valid and not valid:
+            raise ConfigError(f"unknown {where} option {key!r}: {where} takes no options")
         if key not in valid:
             hint = did_you_mean(key, valid)
             raise ConfigError(

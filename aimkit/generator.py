@@ -363,53 +363,22 @@ class Generator(nn.Module):
     def convert_conditioning(self, kind: str, approximate: bool = False, **kwargs: Any) -> Generator:
         """A copy of this generator with another conditioning kind (``"adaln"``, ``"adaln-group"``, ...).
 
-        Conversions to a more expressive kind (single → group → per-layer adaLN) are exact (in
-        float32; a bfloat16 model rounds the merged maps, which is reported in ``conversion_error``
-        with a warning). The reverse is exact only when the layers that would share a projection have equal weights;
-        otherwise a :class:`~aimkit.conditioning.adaln.InexactConversionError` is raised, unless
-        ``approximate=True``, which averages the weights and records the largest weight change in
-        ``result.conversion_error`` (and warns). Between ``class-token`` and the adaLN kinds no
-        exact conversion exists (the adaLN kinds modulate a final norm the other lacks): refused.
+        Exact (``conversion_error`` 0.0, the same maps; logits equal up to the float rounding of
+        another summation order) whenever the layers that the target makes share a projection
+        already have equal weights: always from a kind to a finer one (single → group(G) →
+        group(k·G) → per-layer adaLN). Projections the target keeps are copied bit for bit with
+        their bias split, so converting back gives the original tensors (a group's bias folded into
+        per-layer biases comes back in the tables). Otherwise an
+        :class:`~aimkit.conditioning.adaln.InexactConversionError`, unless ``approximate=True``,
+        which averages the weights and records the largest change in ``result.conversion_error``
+        (with a warning). A bfloat16 or float16 model that must merge a bias into one tensor rounds
+        it: reported the same way. Between ``class-token`` and the adaLN kinds no exact conversion
+        exists (the adaLN kinds modulate a final norm the other lacks): refused, approximate or not.
+        On the meta device only conversions exact by structure are made.
         """
-        import copy
-        import warnings
+        from .conditioning._convert import convert_conditioning
 
-        from .conditioning.adaln import InexactConversionError
-        from .config import config_from_dict
-
-        target_cls = CONDITIONING.get(kind)
-        target_config = config_from_dict(target_cls.config_cls, kwargs, where=f"conditioning {kind!r}")
-        if target_cls.final_modulation != self.conditioning.final_modulation:
-            raise InexactConversionError(
-                f"cannot convert {self.config.conditioning.name} conditioning to {kind}: one modulates a final "
-                "adaLN layer and the other has none, so no conversion reproduces the model exactly")
-        if not target_cls.final_modulation:  # class-token to class-token: nothing to map (no (L, cD, D) zeros)
-            new = copy.deepcopy(self)
-            new.conversion_error = 0.0
-            return new
-        with torch.no_grad():
-            weight, bias = (t.detach() for t in self.conditioning.per_layer_affine())  # float32 or float64
-            new_cond, err = target_cls.from_per_layer_affine(
-                weight, bias, self.conditioning.chunks, target_config, approximate=approximate
-            )
-            model_dtype = self.dtype
-            new_cond = new_cond.to(model_dtype)
-            # a low-precision model rounds the merged maps (e.g. bias + table in bfloat16)
-            w2, b2 = new_cond.per_layer_affine()
-            rounding = max((w2 - weight).abs().max().item(), (b2 - bias).abs().max().item())
-        new = copy.deepcopy(self)
-        new.conditioning = new_cond
-        new.config = type(self.config)(**{**self.config.__dict__, "conditioning": ComponentSpec(kind, target_config)})
-        new.conversion_error = max(err, rounding)
-        if err > 0:
-            warnings.warn(f"approximate conversion to {kind}: max abs weight change {err:.4g}", stacklevel=2)
-        elif rounding > 0 and model_dtype in (torch.bfloat16, torch.float16):
-            warnings.warn(
-                f"conversion to {kind} is exact in float32, but storing it in {model_dtype} rounds the "
-                f"modulation maps by up to {rounding:.3g}; convert in float32 for identical logits",
-                stacklevel=2,
-            )
-        return new
+        return convert_conditioning(self, kind, approximate, **kwargs)
 
     # ------------------------------------------------------------------ generation
     def generate(self, labels=None, **kwargs):

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from ._args import positive_int
+
+log = logging.getLogger(__name__)
 
 HELP = "convert official AiM or LlamaGen weights into an aimkit save_pretrained directory"
 DESCRIPTION = (
     "Load a checkpoint strictly into a preset (official AiM layout with mamba./vqvae. keys, a LlamaGen GPT "
     "checkpoint into a llamagen-* preset, LlamaGen's VQ file via --tokenizer-weights, or aimkit's layout) "
-    "and write config.json + model.safetensors, "
-    "which aimkit.build(DIR) loads. Optionally change the conditioning kind exactly (--conditioning). "
-    "DIR must be new or empty (--force writes into a non-empty one); it appears complete or not at all."
+    "and write a save_pretrained folder (config.json, generation_config.json, model.safetensors and the "
+    "model card README.md), which aimkit.build(DIR) loads. Optionally change the conditioning kind exactly "
+    "(--conditioning). DIR must be new or empty, and then appears complete or not at all (--force writes "
+    "into a non-empty one, replacing those files one by one)."
 )
 
-__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "conditioning_options", "run"]
 
 
 def add_arguments(parser) -> None:
@@ -30,12 +36,18 @@ def add_arguments(parser) -> None:
                              "none and the preset has a tokenizer (LlamaGen GPT checkpoints)")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="save the generator alone (the saved model then samples tokens, not pixels)")
-    parser.add_argument("--conditioning", default=None, help="convert to this conditioning kind, e.g. adaln")
+    parser.add_argument("--conditioning", default=None,
+                        help="convert to this conditioning kind (adaln, adaln-single, adaln-group); refused "
+                             "unless exact")
     parser.add_argument("--num-groups", type=positive_int, default=None,
                         help="groups for --conditioning adaln-group")
+    parser.add_argument("--approximate", action="store_true",
+                        help="with --conditioning: where layers would share a projection whose weights differ, "
+                             "average them (changes the model; the largest weight change is printed)")
     parser.add_argument("--force", action="store_true",
-                        help="write into OUT even when it already holds files (config.json and "
-                             "model.safetensors are replaced, other files are left alone)")
+                        help="write into OUT even when it already holds files (config.json, "
+                             "generation_config.json, model.safetensors and an aimkit-generated README.md "
+                             "are replaced, other files are left alone)")
 
 
 def check_target(out: Path, force: bool) -> None:
@@ -100,13 +112,40 @@ def check_tokenizer_source(args) -> None:
                           "--tokenizer-weights FILE (LlamaGen's vq_ds16_c2i.pt) or --no-tokenizer")
 
 
+def conditioning_options(args) -> dict:
+    """The ``convert_conditioning`` options of ``--conditioning``/``--num-groups``, checked
+    before any weights are read (an unknown kind or option, or more groups than layers)."""
+    from ..build import resolve_config
+    from ..config import config_from_dict
+    from ..errors import ConfigError
+    from ..registry import CONDITIONING
+
+    if args.conditioning is None:
+        for flag, given in (("--num-groups", args.num_groups is not None), ("--approximate", args.approximate)):
+            if given:
+                raise ConfigError(f"{flag} needs --conditioning (e.g. --conditioning adaln-group)")
+        return {}
+    if not args.conditioning.strip():
+        raise ConfigError(f"--conditioning must name a kind ({', '.join(CONDITIONING.names())}), got an empty value")
+    config_cls = CONDITIONING.get(args.conditioning).config_cls
+    options = {} if args.num_groups is None else {"num_groups": args.num_groups}
+    if options and "num_groups" not in {f.name for f in dataclasses.fields(config_cls)}:
+        raise ConfigError(f"--num-groups does not apply to --conditioning {args.conditioning} (it has no groups)")
+    config = config_from_dict(config_cls, options, where=f"--conditioning {args.conditioning}")
+    groups = getattr(config, "num_groups", None)
+    n_layer = resolve_config(args.model).n_layer if isinstance(groups, int) else None
+    if n_layer is not None and groups > n_layer:
+        raise ConfigError(f"--num-groups {groups} is more than {args.model}'s {n_layer} layers"
+                          + ("" if args.num_groups is not None else " (the default; pass --num-groups)"))
+    return options
+
+
 def run(args) -> int:
     import aimkit
 
     from ..errors import ConfigError
 
-    if args.num_groups is not None and not args.conditioning:
-        raise ConfigError("--num-groups needs --conditioning (e.g. --conditioning adaln-group)")
+    options = conditioning_options(args)
     if args.no_tokenizer and args.tokenizer_weights:
         raise ConfigError("--no-tokenizer and --tokenizer-weights exclude each other")
     out = Path(args.out)
@@ -114,9 +153,12 @@ def run(args) -> int:
     check_tokenizer_source(args)
     kwargs = {"tokenizer": None} if args.no_tokenizer else {"tokenizer_weights": args.tokenizer_weights}
     gen = aimkit.build(args.model, pretrained=args.weights, **kwargs)
-    if args.conditioning:
-        kwargs = {} if args.num_groups is None else {"num_groups": args.num_groups}
-        gen = gen.convert_conditioning(args.conditioning, **kwargs)
+    if args.conditioning is not None:
+        with warnings.catch_warnings(record=True) as caught:  # each as one line on stderr
+            warnings.simplefilter("always")
+            gen = gen.convert_conditioning(args.conditioning, approximate=args.approximate, **options)
+        for w in caught:
+            log.warning("warning: %s", w.message)
     check_target(out, args.force)  # still new or empty after the conversion?
     save_atomically(gen, out)
     print(f"wrote {out} ({gen.num_params():,} generator parameters)")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..registry import CONDITIONING
-from .adaln import AdaLNBase, InexactConversionError
+from .adaln import AdaLNBase, InexactConversionError, _affine
 
 __all__ = ["ClassTokenConfig", "ClassToken"]
 
@@ -64,18 +64,24 @@ class ClassToken(AdaLNBase):
         rows = self.rows.to(c.dtype).expand(c.shape[0], self.chunks, self.d_model)
         return [rows] * self.n_layer
 
-    def per_layer_affine(self) -> tuple[Tensor, Tensor]:
-        weight = torch.zeros(self.n_layer, self.chunks * self.d_model, self.d_model, device=self.rows.device)
-        bias = self.rows.float().reshape(1, -1).expand(self.n_layer, -1).clone()
-        return weight, bias
+    def per_layer_parts(self) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        rows = _affine(self.rows)
+        weight = rows.new_zeros(self.n_layer, self.chunks * self.d_model, self.d_model)
+        bias = rows.reshape(1, -1).expand(self.n_layer, -1).clone()
+        return weight, bias, torch.zeros_like(bias), [0] * self.n_layer
 
     @classmethod
-    def from_per_layer_affine(cls, weight, bias, chunks, config=ClassTokenConfig(), approximate=False):
+    def from_per_layer_affine(cls, weight, bias, chunks, config=ClassTokenConfig(), approximate=False, *,
+                              table=None, shared=None):
         """Exact only for maps that are already the identity modulation (another class-token
         module's); anything that depends on the class is refused, ``approximate`` or not."""
         n_layer, _, d = weight.shape
-        identity = identity_rows(chunks, d, device=bias.device).reshape(1, -1)
-        if weight.count_nonzero() or not torch.equal(bias, identity.expand_as(bias)):
+        if weight.is_meta:
+            raise InexactConversionError("cannot convert to class-token conditioning on the meta device: whether "
+                                         "the modulation is the identity needs the weights' values")
+        total = bias if table is None else bias + table
+        identity = identity_rows(chunks, d, device=bias.device, dtype=total.dtype).reshape(1, -1)
+        if weight.count_nonzero() or not torch.equal(total, identity.expand_as(total)):
             raise InexactConversionError(
                 "cannot convert to class-token conditioning: the modulation depends on the class or is not the "
                 "identity, and class-token blocks are unmodulated (no exact conversion; none is approximated)")
