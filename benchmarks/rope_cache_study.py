@@ -149,6 +149,13 @@ def _max_error(fn, qkv, position) -> float:
     return max((a.float() - b.float()).abs().max().item() for a, b in ((got, want), (got_k, want_k), (got_v, want_v)))
 
 
+def _save(record: dict, out: Path) -> Path:
+    """``out/rope_cache_study.json`` (the folder created), written atomically; its path."""
+    path = out / "rope_cache_study.json"
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="512,32", help="decode rows (2 x images with guidance)")
@@ -173,10 +180,7 @@ def main() -> None:
                                                  calls=args.layers) * 1e6
             record["rows"].append(row)
             print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "rope_cache_study.json", json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out / 'rope_cache_study.json'}")
+    print(f"wrote {_save(record, Path(args.out))}")
 
 
 if __name__ == "__main__":

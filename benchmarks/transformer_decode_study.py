@@ -190,10 +190,9 @@ def main() -> None:
             record["ffn"] += rows_timed
             for row in rows_timed:
                 print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "transformer_decode_study.json", json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out / 'transformer_decode_study.json'}")
+    path = Path(args.out) / "transformer_decode_study.json"
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")  # creates the folder
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
