@@ -101,6 +101,7 @@ class TrainConfig:
 
 _FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 _REQUIRED = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("required")]
+_PATH_KEYS = ("output_dir", "data", "init_from", "model")  # values that may name a file or folder
 _RETIRED = {  # key -> what to write instead
     "cuda_graph": "config key 'cuda_graph' is gone: the execution policy chooses the step; write "
                   "`policy: {train_step: graph}` (command line: policy.train_step=graph) instead of "
@@ -269,6 +270,10 @@ def train_config_from_dict(data: dict[str, Any], where: str = "config") -> Train
             raise ConfigError(f"missing required config key {key!r} in {where} (set it there or pass {key}=...)")
     hints = typing.get_type_hints(TrainConfig)
     cfg = TrainConfig(**{key: _check_field(key, value, hints[key]) for key, value in data.items()})
+    for key in _PATH_KEYS:  # `output_dir: ~/runs/b` in a YAML file means the home folder, not ./~
+        value = getattr(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, key, os.path.expanduser(value))
     _check_numbers(cfg, where)
     _check_combinations(cfg, where)
     ExecutionPolicy.from_dict(cfg.policy)  # names a bad policy field now, not after the model is built

@@ -46,7 +46,7 @@ import torch
 
 from .._distributed import distributed_cpu, launched_as_main
 from .._io import check_writable_dir, write_text_atomic
-from .._lock import FolderLock
+from .._lock import LOCK_NAME, FolderLock
 from ..errors import ConfigError, did_you_mean
 from ._guards import StopSignal, TrainingStopped, check_finite, check_replicas, signal_on_any_process
 from ._metrics import MetricsFile, StepWindow
@@ -103,7 +103,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
     out = Path(cfg.output_dir)
     pretrained = pretrained_weights(cfg.init_from)  # checked before anything is written
     main_env = launched_as_main()
-    lock = None
+    lock, created, writing = None, _missing_dirs(out), False
+    lock_was_there = (out / LOCK_NAME).exists()
     if main_env:
         check_writable_dir(out, "output_dir", error=ConfigError)
         lock = FolderLock(out, command="aimkit train").acquire()
@@ -115,11 +116,34 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
             raise search.failure()
         trainer = Trainer(cfg, pretrained)
         trainer.setup()
+        writing = True  # resume() sets stale checkpoints aside and writes config.yaml
         trainer.resume(search, resume_from)
         return trainer.fit()
     finally:
         if lock is not None:
+            # refused during setup (a bad model_args, batch layout or data): leave no trace
+            lock.remove = not (writing or lock_was_there)
             lock.release()
+            if not writing:
+                _remove_empty(created)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders that creating ``path`` would add, deepest first."""
+    missing, path = [], path.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that a refused run created, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): written by someone else meanwhile
+            return
 
 
 def pretrained_weights(init_from: str | None) -> Any:
@@ -190,6 +214,9 @@ class Trainer:
         self.policy = execution_policy(cfg)
         self.acc = Accelerator(cpu=distributed_cpu(), mixed_precision=cfg.mixed_precision, log_with=cfg.log_with,
                                project_dir=str(self.out), dynamo_backend="inductor" if cfg.compile else None)
+        if precision == "fp16" and self.acc.scaler is None:  # accelerate neither autocasts nor scales there
+            raise ConfigError(f"mixed_precision fp16 needs a CUDA device (this run is on {self.acc.device.type}, "
+                              f"where it would train in float32); use mixed_precision=bf16 or no")
         self.rank, self.world, self.main = self.acc.process_index, self.acc.num_processes, self.acc.is_main_process
         self.micro, self.accum = batch_layout(cfg, self.world)
         self.say = self.acc.print
@@ -262,6 +289,9 @@ class Trainer:
             checkpoint, self.run_state = search.load(checkpoint, self.acc, self.gen, self.optimizer, self.scheduler,
                                                      self.ema)
             self.step = self.run_state["step"]
+            if self.step > self.total_steps:  # it would export a model trained longer than asked
+                raise ConfigError(f"{checkpoint} is at step {self.step}, past this run's {self.total_steps} steps; "
+                                  "raise max_steps (or epochs), or pass --resume with an earlier checkpoint")
             old_batch = self.run_state.get("global_batch_size")
             if old_batch != self.cfg.global_batch_size:
                 self.say(f"warning: global_batch_size changed ({old_batch} -> {self.cfg.global_batch_size}); "
