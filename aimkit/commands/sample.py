@@ -141,13 +141,14 @@ def run(args) -> int:
     from ..eval.fid_sampling import resolve_sample_labels
 
     weights_for(args.model, args.pretrained, args.random_weights)  # a model without weights: refused first
-    out, shard_dir = _paths(args)
     labels = args.labels if args.labels in ("balanced", "random") else Path(args.labels)
-    # check the labels and the sampling settings against the config before the (slow) model build and
-    # before the shard folder's manifest records them (a bad value there would refuse the corrected rerun)
+    # check the labels and the sampling settings against the config before the (slow) model build, before
+    # the shard folder's manifest records them (a bad value there would refuse the corrected rerun) and
+    # before _paths creates the folders (a refused command leaves no empty shard folder behind)
     config = resolve_config(args.model, **_overrides(args))
     resolve_sample_labels(labels, args.num, config.num_classes, args.seed)
     check_sampling_options(args, config.fid_sampling)
+    out, shard_dir = _paths(args)
 
     # one process unless started by `accelerate launch` / torchrun; on CPU, gloo joins the processes
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())

@@ -88,11 +88,18 @@ def class_id(name: str, names: Sequence[str] | None) -> int:
 
 
 def _label_value(value: Any, names: Sequence[str] | None, labels: Any) -> int:
+    if _is_scalar_array(value):  # an element of list(tensor): one id (or name), checked below
+        value = value.item()
     if isinstance(value, str):
         return class_id(value, names)
     if not _is_int(value):
         raise _bad_labels(labels)
     return int(value)
+
+
+def _is_scalar_array(value: Any) -> bool:
+    """A 0-d tensor or numpy array (``labels[0]``, ``np.array(3)``): one label, like an int."""
+    return (torch.is_tensor(value) or isinstance(value, np.ndarray)) and value.ndim == 0
 
 
 def _labels_from_items(labels: Any, num_classes: int, names: Sequence[str] | None = None) -> Tensor:
@@ -130,7 +137,8 @@ def resolve_labels(
 
     Args:
         model: gives ``num_classes`` and ``config.class_names`` (a config works too).
-        labels: an int, a class name, a sequence / array / tensor of ints in ``[0, num_classes)``
+        labels: an int (a 0-d integer tensor or array too), a class name, a sequence / array /
+            tensor of ints in ``[0, num_classes)``
             or of class names (``config.class_names``, matched ignoring case; ints and names may
             mix), or None for ``num_images`` uniformly random labels (drawn from ``seed`` when
             given). Mappings and sets are refused.
@@ -169,6 +177,8 @@ def _given_labels(labels: Any, num_classes: int, names: Sequence[str] | None) ->
     """Caller-given labels (int, name, sequence, array or tensor) as a checked (n,) int64 CPU tensor."""
     if _is_int(labels):
         labels = [labels]
+    if _is_scalar_array(labels):  # one label; its dtype is checked as a 1-D one's
+        labels = labels.reshape(1)
     if torch.is_tensor(labels) and labels.dtype not in _SIGNED_OR_BYTE:  # uint16..uint64: no min/max kernels
         if labels.dim() != 1 or not _integer_dtype(labels.dtype):
             raise _bad_labels(labels)
