@@ -249,8 +249,10 @@ def test_serve_command_serves_the_page_until_interrupted():
         status, _, body = fetch(url)
         assert status == 200 and b"aim-tiny-shapes" in body
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-        assert "stopped" in proc.stdout.read()
+        code = proc.wait(60)
+        rest = proc.stdout.read()
+        assert code == 0, rest  # the server's last words, if it died
+        assert "stopped" in rest
     finally:
         killer.cancel()
         if proc.poll() is None:

@@ -14,8 +14,10 @@ Requests are logged through :mod:`logging` (logger ``aimkit.serve``), not printe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -116,10 +118,35 @@ class DemoServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True  # connection threads never keep the process alive after shutdown
+    CLOSE_WAIT_S = 2.0  # how long server_close waits for each open connection's thread to end
 
     def __init__(self, address: tuple[str, int], app: DemoApp | None = None) -> None:
+        # before binding: a failed bind calls server_close
+        self._connections: dict[threading.Thread, socket.socket] = {}  # open ones, by their thread
+        self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
         self.app = app
+
+    def process_request_thread(self, request, client_address) -> None:  # runs in the connection's thread
+        with self._connections_lock:
+            self._connections[threading.current_thread()] = request
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(threading.current_thread(), None)
+
+    def server_close(self) -> None:
+        """Stop listening, end the open connections (an idle keep-alive one would wait its timeout)
+        and wait for their threads, so none still runs (or writes a log line) while the process exits."""
+        super().server_close()
+        with self._connections_lock:
+            open_now = list(self._connections.items())
+        for _thread, request in open_now:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+        for thread, _request in open_now:
+            thread.join(self.CLOSE_WAIT_S)
 
     @property
     def url(self) -> str:
