@@ -120,16 +120,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.error_prog or self.prog}: error: {message}\n")
 
 
-_Parser = OneLineParser
-
-
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="aimkit", description="Autoregressive image generation with Mamba (AiM).")
+    parser = OneLineParser(prog="aimkit", description="Autoregressive image generation with Mamba (AiM).")
     parser.add_argument("--version", action="version", version=f"aimkit {__version__}")
     _add_verbosity(parser, False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, module_name in COMMANDS.items():
         try:
             module = importlib.import_module(module_name)
